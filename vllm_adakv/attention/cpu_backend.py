@@ -1,0 +1,202 @@
+"""CPU attention backend with compression: vLLM's CPU_ATTN plus head-wise paged KV.
+
+Uncompressed requests run vLLM's own CPU kernel unchanged. For compressible
+requests the backend also (1) keeps the observation-window queries while the
+prompt is prefilled, (2) compresses each layer right after the attention of
+the step that completes the prompt, and (3) serves every later query of those
+requests with the head-wise reference kernel (kept head-pages + tail).
+With ``--kv-compression none`` every method defers to the parent class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from vllm_adakv import kernels
+from vllm_adakv.attention.batch import StepPlan, build_step_plan
+from vllm_adakv.attention.compressor import CompressionStore
+from vllm_adakv.attention.settings import compression_of, model_settings, remember_model_settings
+from vllm_adakv.core.spec import CompressedAttentionSpec
+
+# Per-head-page layouts this backend can read and write (see logical_kv_views).
+SUPPORTED_ISAS = ("vec", "vec16")
+
+_STORE: CompressionStore | None = None
+
+
+def compression_store(spec: CompressedAttentionSpec) -> CompressionStore:
+    global _STORE
+    if _STORE is None or _STORE.cfg != spec.compression:
+        _STORE = CompressionStore(spec.compression)
+    return _STORE
+
+
+def logical_kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value caches as logical ``[num_blocks, H, block_size, D]`` views.
+
+    vLLM's CPU cache is ``[num_blocks, H, block_size, 2 * D]``: each head-page
+    holds block_size keys then block_size values. With the vec/vec16 ISAs the
+    keys of a head-page are stored transposed (``[D, block_size]``), values not.
+    """
+    if isa not in SUPPORTED_ISAS:
+        raise NotImplementedError(
+            f"vllm-adakv: the CPU attention ISA {isa!r} packs keys in a layout this "
+            f"version cannot compact (supported: {SUPPORTED_ISAS}); run with "
+            "--dtype float32 or float16"
+        )
+    num_blocks, heads, block_size, two_d = kv_cache.shape
+    dim = two_d // 2
+    kv = kv_cache.view(num_blocks, heads, 2 * block_size, dim)
+    value_cache = kv[:, :, block_size:]
+    key_cache = torch.as_strided(
+        kv, (num_blocks, heads, block_size, dim), (kv.stride(0), kv.stride(1), 1, block_size),
+        kv.storage_offset(),
+    )
+    return key_cache, value_cache
+
+
+@dataclass
+class AdaKVCPUMetadata(CPUAttentionMetadata):
+    """CPU metadata for the dense kernel, plus this step's compression plan."""
+
+    step: StepPlan | None = None
+    true_seq_lens: torch.Tensor | None = None
+
+
+class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.compressed = isinstance(kv_cache_spec, CompressedAttentionSpec)
+        if self.compressed:
+            if self.kv_cache_dtype not in ("auto", None) and "fp8" in str(self.kv_cache_dtype):
+                raise NotImplementedError("vllm-adakv: fp8 KV cache is not supported yet")
+            if self.isa not in SUPPORTED_ISAS:
+                logical_kv_views(torch.empty(1, 1, 32, 2), self.isa)  # raises the clear error
+            self.store = compression_store(kv_cache_spec)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CPUAttentionMetadata:
+        if not self.compressed:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        seq_lens_cpu = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
+                        else cm.seq_lens.cpu())
+        num_reqs = cm.num_reqs
+        step = build_step_plan(
+            num_reqs, cm.query_start_loc_cpu, seq_lens_cpu[:num_reqs], spec.plan
+        )
+        self.store.begin_step(step)
+        true_seq_lens = cm.seq_lens
+        decode_rows = step.decode_rows
+        if decode_rows:
+            # Released blocks must not be read by the dense kernel: let it see only
+            # the query tokens themselves (its output for these rows is replaced).
+            clamped = cm.seq_lens.clone()
+            for r in decode_rows:
+                clamped[r.row] = r.query_len
+            cm = replace(cm, seq_lens=clamped, max_seq_len=int(clamped.max().item()))
+        dense = super().build(common_prefix_len, cm, fast_build)
+        base = {f.name: getattr(dense, f.name) for f in fields(CPUAttentionMetadata)}
+        return AdaKVCPUMetadata(**base, step=step, true_seq_lens=true_seq_lens)
+
+
+class AdaKVCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        remember_model_settings()
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                        output_scale, output_block_scale)
+        if not isinstance(attn_metadata, AdaKVCPUMetadata) or attn_metadata.step is None:
+            return output
+        step = attn_metadata.step
+        if step.is_empty():
+            return output
+        store = _STORE
+        assert store is not None
+        layer_name = layer.layer_name
+        layer_idx = extract_layer_index(layer_name)
+        key_cache, value_cache = logical_kv_views(kv_cache, layer.isa)
+        qsl = attn_metadata.query_start_loc.tolist()
+        block_table = attn_metadata.block_table
+        headwise_rows = []
+        for row in step.rows:
+            if row.compressed_before:
+                headwise_rows.append((row, 0))
+                continue
+            store.stash_window_queries(row, layer_name, query, qsl[row.row])
+            if row.completes_prompt:
+                store.compress_layer(row, layer_name, layer_idx, key_cache, value_cache,
+                                     block_table[row.row], self.scale)
+                if row.seq_len > row.prompt_len:  # resumed request: later tokens in this chunk
+                    headwise_rows.append((row, row.prompt_len - row.context_start))
+        if headwise_rows:
+            self._headwise(store, layer_name, headwise_rows, query, key_cache, value_cache,
+                           block_table, qsl, output)
+        return output
+
+    def _headwise(self, store, layer_name, rows, query, key_cache, value_cache, block_table,
+                  qsl, output) -> None:
+        """Attention over kept pages + tail for the given rows' queries (from a skip offset)."""
+        heads = key_cache.shape[1]
+        pages = [store.pages_of(r.req_id, layer_name) for r, _ in rows]
+        max_pages = max(p.page_table.shape[1] for p in pages)
+        page_table = torch.full((len(rows), heads, max_pages), -1, dtype=torch.int32)
+        counts = torch.empty((len(rows), heads), dtype=torch.int32)
+        token_idx, starts = [], [0]
+        for i, ((row, skip), p) in enumerate(zip(rows, pages, strict=True)):
+            page_table[i, :, : p.page_table.shape[1]] = p.page_table
+            counts[i] = p.counts
+            begin = qsl[row.row] + skip
+            token_idx.append(torch.arange(begin, qsl[row.row] + row.query_len))
+            starts.append(starts[-1] + row.query_len - skip)
+        idx = torch.cat(token_idx)
+        num_q = query.shape[1] if query.dim() == 3 else self.num_heads
+        q = query[idx].view(-1, num_q, self.head_size)
+        out = torch.empty_like(q)
+        kernels.headwise_attention(
+            q, key_cache, value_cache, page_table, counts,
+            block_table[[r.row for r, _ in rows]],
+            torch.tensor([r.prompt_len for r, _ in rows]),
+            torch.tensor([r.seq_len for r, _ in rows]),
+            torch.tensor(starts), self.scale, out,
+        )
+        output.view(output.shape[0], -1)[idx] = out.reshape(len(idx), -1).to(output.dtype)
+
+
+class AdaKVCPUBackend(CPUAttentionBackend):
+    """Registered in place of CPU_ATTN (the CPU platform always asks for that member)."""
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        spec = super().customize_spec(spec)
+        cfg, num_layers = model_settings()
+        if not cfg.enabled or type(spec) is not FullAttentionSpec or spec.sliding_window:
+            return spec
+        return CompressedAttentionSpec.wrap(spec, cfg, num_layers)
+
+    @staticmethod
+    def get_impl_cls() -> type[AdaKVCPUImpl]:
+        return AdaKVCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AdaKVCPUMetadataBuilder]:
+        return AdaKVCPUMetadataBuilder
+
+
+__all__ = ["AdaKVCPUBackend", "compression_of"]

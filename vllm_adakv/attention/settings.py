@@ -1,0 +1,43 @@
+"""Read the compression settings from the vLLM config of this process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_adakv.config import KVCompressionConfig
+
+
+def compression_of(vllm_config: Any) -> KVCompressionConfig:
+    if vllm_config is None:
+        return KVCompressionConfig()
+    return KVCompressionConfig.from_additional_config(vllm_config.additional_config)
+
+
+_MODEL_SETTINGS: tuple[KVCompressionConfig, int] | None = None
+
+
+def remember_model_settings() -> None:
+    """Record the settings of the model being built in this process.
+
+    Called while vLLM constructs the attention layers (the current VllmConfig is
+    set then); ``customize_spec`` runs later, outside that context.
+    """
+    global _MODEL_SETTINGS
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return
+    _MODEL_SETTINGS = (compression_of(vllm_config), num_model_layers(vllm_config))
+
+
+def model_settings() -> tuple[KVCompressionConfig, int]:
+    """(compression config, number of model layers) of the model built in this process."""
+    if _MODEL_SETTINGS is None:
+        return KVCompressionConfig(), 1
+    return _MODEL_SETTINGS
+
+
+def num_model_layers(vllm_config: Any) -> int:
+    """Layers of the whole model (the pyramid schedule spans all of them)."""
+    return int(vllm_config.model_config.hf_text_config.num_hidden_layers)

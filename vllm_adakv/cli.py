@@ -1,0 +1,74 @@
+"""``--kv-*`` flags on ``vllm serve`` / EngineArgs, folded into ``additional_config``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vllm_adakv.config import (
+    ADDITIONAL_CONFIG_KEY,
+    GQA_REDUCES,
+    METHODS,
+    POOLINGS,
+    KVCompressionConfig,
+)
+
+# dest -> KVCompressionConfig field
+FLAG_DESTS: dict[str, str] = {
+    "kv_compression": "method",
+    "kv_budget": "budget",
+    "kv_window": "window",
+    "kv_pooling": "pooling",
+    "kv_pool_kernel": "pool_kernel",
+    "kv_alpha": "alpha",
+    "kv_gqa_reduce": "gqa_reduce",
+    "kv_sink_tokens": "sink_tokens",
+    "kv_pyramid_beta": "pyramid_beta",
+}
+
+
+def add_kv_compression_args(parser: Any) -> Any:
+    """Add the flags (idempotent: a parser that has them is returned unchanged)."""
+    if any("--kv-compression" in a.option_strings for a in parser._actions):
+        return parser
+    d = KVCompressionConfig()
+    group = parser.add_argument_group(
+        title="KV compression (vllm-adakv)",
+        description="Compress each request's KV cache after prefill and free the memory "
+        "per attention head. Same settings: --additional-config "
+        "'{\"kv_compression\": {\"method\": \"adakv\", \"budget\": 1024}}'.",
+    )
+    group.add_argument("--kv-compression", choices=METHODS, default=None,
+                       help=f"Compression policy (default: {d.method}).")
+    group.add_argument("--kv-budget", type=int, default=None,
+                       help=f"Mean tokens kept per KV head, window included (default: {d.budget}).")
+    group.add_argument("--kv-window", type=int, default=None,
+                       help=f"Observation window: last prompt tokens always kept (default: "
+                       f"{d.window}).")
+    group.add_argument("--kv-pooling", choices=POOLINGS, default=None,
+                       help=f"Pooling of scores along positions (default: {d.pooling}).")
+    group.add_argument("--kv-pool-kernel", type=int, default=None,
+                       help=f"Odd pooling kernel size (default: {d.pool_kernel}).")
+    group.add_argument("--kv-alpha", type=float, default=None,
+                       help=f"Ada-KV safeguard: share of the budget every head keeps, in [0, 1] "
+                       f"(default: {d.alpha}).")
+    group.add_argument("--kv-gqa-reduce", choices=GQA_REDUCES, default=None,
+                       help=f"Reduce scores over a GQA group (default: {d.gqa_reduce}).")
+    group.add_argument("--kv-sink-tokens", type=int, default=None,
+                       help=f"StreamingLLM sink tokens (default: {d.sink_tokens}).")
+    group.add_argument("--kv-pyramid-beta", type=float, default=None,
+                       help=f"PyramidKV: last layer keeps budget/beta (default: {d.pyramid_beta}).")
+    return parser
+
+
+def fold_into_additional_config(args: argparse.Namespace, additional_config: dict | None) -> dict:
+    """additional_config with the flags merged over any ``kv_compression`` dict; validated."""
+    merged: dict[str, Any] = dict(additional_config or {})
+    section = dict(merged.get(ADDITIONAL_CONFIG_KEY) or {})
+    for dest, field_name in FLAG_DESTS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            section[field_name] = value
+    if section:
+        merged[ADDITIONAL_CONFIG_KEY] = KVCompressionConfig.from_dict(section).to_dict()
+    return merged

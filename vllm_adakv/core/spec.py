@@ -1,0 +1,100 @@
+"""Scheduler side: a full-attention KV spec whose manager releases compressed blocks.
+
+vLLM picks the block manager of a KV cache group from the class of its spec
+(``KVCacheSpecRegistry``). Our attention backend turns each layer's
+``FullAttentionSpec`` into :class:`CompressedAttentionSpec` (``customize_spec``);
+the registry maps that class to :class:`CompressedKVManager`, which, once a
+request's prompt is fully processed, replaces the blocks in
+``[kept_blocks, tail_block)`` by the null block and returns them to the
+``BlockPool`` (the same mechanism vLLM's R-SWA manager uses for its middle gap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.memory import CompressionPlan, plan_compression
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressedAttentionSpec(FullAttentionSpec):
+    """FullAttentionSpec plus what the scheduler needs to size compressed requests."""
+
+    compression: KVCompressionConfig = KVCompressionConfig()
+    num_layers: int = 1
+
+    @classmethod
+    def wrap(
+        cls, spec: FullAttentionSpec, compression: KVCompressionConfig, num_layers: int
+    ) -> CompressedAttentionSpec:
+        base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+        return cls(**base, compression=compression, num_layers=num_layers)
+
+    @classmethod
+    def merge(cls, specs: list[CompressedAttentionSpec]) -> CompressedAttentionSpec:  # type: ignore[override]
+        if not all(isinstance(s, CompressedAttentionSpec) for s in specs):
+            raise ValueError("cannot merge compressed and uncompressed attention layers")
+        settings = {(s.compression, s.num_layers) for s in specs}
+        if len(settings) != 1:
+            raise ValueError(f"attention layers disagree on compression settings: {settings}")
+        merged = FullAttentionSpec.merge(list(specs))
+        return cls.wrap(merged, specs[0].compression, specs[0].num_layers)
+
+    def plan(self, prompt_len: int) -> CompressionPlan | None:
+        return plan_compression(
+            self.compression, prompt_len, self.num_kv_heads, self.block_size, self.num_layers
+        )
+
+
+class CompressedKVManager(FullAttentionManager):
+    """Full-attention manager that frees the blocks compression made redundant."""
+
+    def __init__(self, kv_cache_spec: CompressedAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self._released: set[str] = set()
+        self.num_released_blocks_total = 0
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        if num_prompt_tokens is None or request_id in self._released:
+            return
+        # The worker compacts in the forward pass that computes the last prompt
+        # token; only once that step is processed are the blocks safe to free.
+        if processed_computed_tokens < num_prompt_tokens:
+            return
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        plan = spec.plan(num_prompt_tokens)
+        self._released.add(request_id)
+        if plan is None:
+            return
+        before = self.block_pool.get_num_free_blocks()
+        self._remove_blocks_in_range(request_id, plan.kept_blocks, plan.tail_block)
+        self.num_released_blocks_total += self.block_pool.get_num_free_blocks() - before
+
+    def pop_blocks_for_free(self, request_id: str):  # noqa: ANN201 (vLLM's type)
+        self._released.discard(request_id)
+        return super().pop_blocks_for_free(request_id)
+
+
+def register_spec() -> None:
+    """Map CompressedAttentionSpec to its manager (idempotent)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    # Built-in specs register lazily only while the registry is empty: fill it
+    # first, or adding ours would keep vLLM's own specs from ever registering.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        CompressedAttentionSpec,
+        CompressedKVManager,
+        uniform_type_base_spec=FullAttentionSpec,
+    )

@@ -1,0 +1,94 @@
+"""Per-head paged attention for compressed requests.
+
+Torch reference. For request r and KV head h the keys are the ``kept_counts[r, h]``
+tokens in the head-pages ``page_table[r, h]`` (all older than the prompt end),
+followed by the tail: positions [tail_start[r], seq_lens[r]) in the normal
+layout through ``block_table[r]``. A query at position p sees the kept tokens
+and the tail up to p. Query tokens of row r are the last
+``query_start_loc[r+1] - query_start_loc[r]`` positions before ``seq_lens[r]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _row_keys_values(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    pages: torch.Tensor,
+    counts: torch.Tensor,
+    block_row: torch.Tensor,
+    tail_start: int,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    max_pages = pages.shape[1]
+    safe = pages.clamp(min=0).long()
+    k_kept = key_cache[safe // heads, safe % heads]  # [H, P, bs, D]
+    v_kept = value_cache[safe // heads, safe % heads]
+    dim = k_kept.shape[-1]
+    k_kept = k_kept.reshape(heads, max_pages * block_size, dim)
+    v_kept = v_kept.reshape(heads, max_pages * block_size, dim)
+    kept_valid = torch.arange(max_pages * block_size, device=pages.device)[None, :] < counts[
+        :, None
+    ].long()
+    tail_pos = torch.arange(tail_start, seq_len, device=pages.device)
+    tail_blocks = block_row.long()[tail_pos // block_size]
+    k_tail = key_cache[tail_blocks, :, tail_pos % block_size].transpose(0, 1)  # [H, T, D]
+    v_tail = value_cache[tail_blocks, :, tail_pos % block_size].transpose(0, 1)
+    keys = torch.cat([k_kept, k_tail], dim=1)
+    values = torch.cat([v_kept, v_tail], dim=1)
+    return keys, values, kept_valid, tail_pos
+
+
+def headwise_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    tail_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over kept head-pages plus the shared tail, written into ``out``.
+
+    query/out: ``[T, Hq, D]``; key_cache/value_cache: logical ``[nb, H, bs, D]``;
+    page_table: ``[R, H, P]`` int32 virtual page ids (block * H + slot, -1 pad);
+    kept_counts: ``[R, H]``; block_table: ``[R, NB]``; tail_start, seq_lens: ``[R]``;
+    query_start_loc: ``[R + 1]``. Computes in fp32, stores in ``out.dtype``.
+    """
+    heads = key_cache.shape[1]
+    num_q_heads, dim = query.shape[1], query.shape[2]
+    group = num_q_heads // heads
+    qsl = query_start_loc.tolist()
+    for r in range(page_table.shape[0]):
+        q_start, q_end = qsl[r], qsl[r + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        seq_len = int(seq_lens[r])
+        keys, values, kept_valid, tail_pos = _row_keys_values(
+            key_cache, value_cache, page_table[r], kept_counts[r], block_table[r],
+            int(tail_start[r]), seq_len,
+        )
+        q = query[q_start:q_end].float().reshape(q_len, heads, group, dim).permute(1, 2, 0, 3)
+        logits = torch.einsum("hgqd,hnd->hgqn", q, keys.float()) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        tail_valid = tail_pos[None, :] <= q_pos[:, None]  # [q, T]
+        valid = torch.cat(
+            [
+                kept_valid[:, None, :].expand(heads, q_len, -1),
+                tail_valid[None].expand(heads, -1, -1),
+            ],
+            dim=-1,
+        )  # [H, q, N]
+        logits = logits.masked_fill(~valid[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        o = torch.einsum("hgqn,hnd->hgqd", probs, values.float())  # [H, G, q, D]
+        out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, dim).to(out.dtype)
+    return out

@@ -1,0 +1,26 @@
+"""Entry point ``vllm.general_plugins`` -> :func:`register` (runs in every vLLM process)."""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    """Install the backend override, the KV spec/manager pair and the flags (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from vllm_adakv.core.spec import register_spec
+    from vllm_adakv.patches import patch_engine_args, patch_model_runner
+
+    # The CPU platform always asks for CPU_ATTN (it ignores --attention-backend), so
+    # the override goes on that member; with compression off it behaves identically.
+    register_backend(
+        AttentionBackendEnum.CPU_ATTN, "vllm_adakv.attention.cpu_backend.AdaKVCPUBackend"
+    )
+    register_spec()
+    patch_engine_args()
+    patch_model_runner()
+    _registered = True

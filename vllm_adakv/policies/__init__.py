@@ -1,0 +1,128 @@
+"""Compression policies: per-head keep sets from (pooled, GQA-reduced) scores.
+
+Pure torch, no vLLM imports. Notation: ``H`` KV heads, prompt length ``L``, window ``w``
+(the last ``w`` prompt tokens, always kept), candidates ``0..C-1`` with ``C = L - w``,
+``layer_budget`` = tokens kept per head on average *including* the window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adakv import adakv_counts
+from .common import check_int, check_scores, topk_mask
+from .pyramidkv import pyramid_layer_budgets
+from .snapkv import snapkv_counts
+from .streamingllm import streamingllm_mask
+
+METHODS = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm")
+SCORED_METHODS = ("snapkv", "adakv", "pyramidkv")
+
+__all__ = [
+    "METHODS",
+    "SCORED_METHODS",
+    "adakv_counts",
+    "keep_counts",
+    "layer_budget",
+    "pyramid_layer_budgets",
+    "select_keep_mask",
+    "snapkv_counts",
+    "streamingllm_mask",
+    "topk_mask",
+]
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; expected one of {METHODS}")
+
+
+def layer_budget(method: str, budget: int, layer_idx: int, num_layers: int, window: int,
+                 beta: float = 20.0) -> int:
+    """Budget (tokens per head incl. window) of layer ``layer_idx`` under ``method``."""
+    _check_method(method)
+    num_layers = check_int("num_layers", num_layers, 1)
+    layer_idx = check_int("layer_idx", layer_idx, 0)
+    if layer_idx >= num_layers:
+        raise ValueError(f"layer_idx {layer_idx} out of range for num_layers={num_layers}")
+    if method == "pyramidkv":
+        return pyramid_layer_budgets(budget, num_layers, window, beta)[layer_idx]
+    return check_int("budget", budget, 0)
+
+
+def _validate(method: str, scores: torch.Tensor | None, num_heads: int, prompt_len: int,
+              window: int, layer_budget: int) -> tuple[int, int]:
+    """Check the common arguments; return ``(num_candidates, selectable)``."""
+    _check_method(method)
+    num_heads = check_int("num_heads", num_heads, 1)
+    prompt_len = check_int("prompt_len", prompt_len, 1)
+    window = check_int("window", window, 0)
+    if prompt_len <= window:
+        raise ValueError(f"prompt_len ({prompt_len}) must exceed window ({window})")
+    num_candidates = prompt_len - window
+    if method == "none":
+        return num_candidates, num_candidates
+    layer_budget = check_int("layer_budget", layer_budget, 0)
+    if layer_budget < window:
+        raise ValueError(
+            f"layer_budget ({layer_budget}) must be >= window ({window}): the budget "
+            f"includes the window"
+        )
+    if method in SCORED_METHODS:
+        if scores is None:
+            raise ValueError(f"method {method!r} needs scores of shape [H, prompt_len - window]")
+        check_scores(scores, num_heads, num_candidates)
+    return num_candidates, layer_budget - window
+
+
+def _device(scores: torch.Tensor | None, device: torch.device | str | None):
+    if device is not None:
+        return device
+    return scores.device if scores is not None else None
+
+
+def keep_counts(method: str, scores: torch.Tensor | None, *, num_heads: int, prompt_len: int,
+                window: int, layer_budget: int, alpha: float, sink_tokens: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Tokens kept per KV head, window included: LongTensor ``[H]``.
+
+    Equals ``select_keep_mask(...).sum(1)`` for the same arguments.
+    """
+    num_candidates, selectable = _validate(method, scores, num_heads, prompt_len, window,
+                                           layer_budget)
+    dev = _device(scores, device)
+    if method == "adakv":
+        return window + adakv_counts(scores, selectable, alpha).to(dev)
+    if method == "streamingllm":
+        check_int("sink_tokens", sink_tokens, 0)
+        if sink_tokens > selectable:
+            raise ValueError(f"streamingllm needs layer_budget - window >= sink_tokens "
+                             f"({layer_budget} - {window} < {sink_tokens})")
+    # none / snapkv / pyramidkv / streamingllm: uniform
+    return window + snapkv_counts(num_heads, num_candidates, selectable, device=dev)
+
+
+def select_keep_mask(method: str, scores: torch.Tensor | None, *, num_heads: int,
+                     prompt_len: int, window: int, layer_budget: int, alpha: float,
+                     sink_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool mask ``[H, prompt_len]`` (True = kept) for one layer.
+
+    Window positions ``[L - w, L)`` are always kept. ``scores`` (``[H, L - w]``) are needed
+    for the scored methods and ignored otherwise. Ties prefer the lower position index.
+    The mask lives on ``device`` if given, else on ``scores.device`` (CPU without scores).
+    """
+    num_candidates, selectable = _validate(method, scores, num_heads, prompt_len, window,
+                                           layer_budget)
+    dev = _device(scores, device)
+    if method == "none":
+        return torch.ones(num_heads, prompt_len, dtype=torch.bool, device=dev)
+    if method == "streamingllm":
+        cand = streamingllm_mask(num_heads, num_candidates, selectable, sink_tokens, device=dev)
+    else:
+        if method == "adakv":
+            counts = adakv_counts(scores, selectable, alpha)
+        else:
+            counts = snapkv_counts(num_heads, num_candidates, selectable, device=scores.device)
+        cand = topk_mask(scores, counts).to(dev)
+    window_mask = torch.ones(num_heads, window, dtype=torch.bool, device=dev)
+    return torch.cat([cand, window_mask], dim=1)

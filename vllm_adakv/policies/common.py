@@ -1,0 +1,78 @@
+"""Shared helpers for the compression policies (pure torch, no vLLM imports)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def check_int(name: str, value: object, minimum: int = 0) -> int:
+    """Return ``value`` as an int, raising ValueError unless it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_scores(scores: object, num_heads: int | None = None,
+                 num_candidates: int | None = None) -> torch.Tensor:
+    """Validate a ``[H, C]`` floating-point score tensor; optionally check its shape."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(
+            f"scores must be 2-D [num_heads, num_candidates], got {tuple(scores.shape)}"
+        )
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    expected = (
+        scores.shape[0] if num_heads is None else num_heads,
+        scores.shape[1] if num_candidates is None else num_candidates,
+    )
+    if tuple(scores.shape) != expected:
+        raise ValueError(
+            f"scores shape {tuple(scores.shape)} does not match expected "
+            f"[num_heads, prompt_len - window] = {list(expected)}"
+        )
+    return scores
+
+
+def sanitize(scores: torch.Tensor) -> torch.Tensor:
+    """Map NaN scores to -inf so they are never preferred (no host sync)."""
+    return torch.where(torch.isnan(scores), float("-inf"), scores)
+
+
+def ties_to_lower(x: torch.Tensor, thr: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Keep entries ``> thr`` plus the first ``need`` entries ``== thr`` along the last dim.
+
+    ``thr`` / ``need`` broadcast against ``x`` with a trailing dim of 1. This is what a stable
+    descending sort would keep, at the cost of a selection instead of a sort.
+    """
+    equal = x == thr
+    return (x > thr) | (equal & (equal.cumsum(-1) <= need))
+
+
+def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask ``[H, C]``: head ``h`` keeps its top ``counts[h]`` candidates.
+
+    Vectorised over heads (one ``topk`` for the threshold, exact tie handling); ties prefer
+    the lower position index, so the result is deterministic. Counts are clamped to
+    ``[0, C]``. NaN scores rank below everything.
+    """
+    check_scores(scores)
+    num_heads, num_candidates = scores.shape
+    counts = torch.as_tensor(counts, device=scores.device).long().reshape(-1)
+    if counts.numel() != num_heads:
+        raise ValueError(f"counts has {counts.numel()} entries, expected {num_heads}")
+    counts = counts.clamp(0, num_candidates)
+    kmax = int(counts.max()) if num_heads else 0
+    if kmax == 0:
+        return torch.zeros(num_heads, num_candidates, dtype=torch.bool, device=scores.device)
+    x = sanitize(scores)
+    top = torch.topk(x, kmax, dim=1, sorted=True).values
+    thr = top.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
+    need = counts.unsqueeze(1) - (x > thr).sum(1, keepdim=True)
+    return ties_to_lower(x, thr, need)
