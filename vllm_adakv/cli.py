@@ -38,25 +38,25 @@ def add_kv_compression_args(parser: Any) -> Any:
         "per attention head. Same settings: --additional-config "
         "'{\"kv_compression\": {\"method\": \"adakv\", \"budget\": 1024}}'.",
     )
-    group.add_argument("--kv-compression", choices=METHODS, default=None,
+    group.add_argument("--kv-compression", choices=METHODS, default=argparse.SUPPRESS,
                        help=f"Compression policy (default: {d.method}).")
-    group.add_argument("--kv-budget", type=int, default=None,
+    group.add_argument("--kv-budget", type=int, default=argparse.SUPPRESS,
                        help=f"Mean tokens kept per KV head, window included (default: {d.budget}).")
-    group.add_argument("--kv-window", type=int, default=None,
+    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS,
                        help=f"Observation window: last prompt tokens always kept (default: "
                        f"{d.window}).")
-    group.add_argument("--kv-pooling", choices=POOLINGS, default=None,
+    group.add_argument("--kv-pooling", choices=POOLINGS, default=argparse.SUPPRESS,
                        help=f"Pooling of scores along positions (default: {d.pooling}).")
-    group.add_argument("--kv-pool-kernel", type=int, default=None,
+    group.add_argument("--kv-pool-kernel", type=int, default=argparse.SUPPRESS,
                        help=f"Odd pooling kernel size (default: {d.pool_kernel}).")
-    group.add_argument("--kv-alpha", type=float, default=None,
+    group.add_argument("--kv-alpha", type=float, default=argparse.SUPPRESS,
                        help=f"Ada-KV safeguard: share of the budget every head keeps, in [0, 1] "
                        f"(default: {d.alpha}).")
-    group.add_argument("--kv-gqa-reduce", choices=GQA_REDUCES, default=None,
+    group.add_argument("--kv-gqa-reduce", choices=GQA_REDUCES, default=argparse.SUPPRESS,
                        help=f"Reduce scores over a GQA group (default: {d.gqa_reduce}).")
-    group.add_argument("--kv-sink-tokens", type=int, default=None,
+    group.add_argument("--kv-sink-tokens", type=int, default=argparse.SUPPRESS,
                        help=f"StreamingLLM sink tokens (default: {d.sink_tokens}).")
-    group.add_argument("--kv-pyramid-beta", type=float, default=None,
+    group.add_argument("--kv-pyramid-beta", type=float, default=argparse.SUPPRESS,
                        help=f"PyramidKV: last layer keeps budget/beta (default: {d.pyramid_beta}).")
     return parser
 
@@ -64,7 +64,10 @@ def add_kv_compression_args(parser: Any) -> Any:
 def fold_into_additional_config(args: argparse.Namespace, additional_config: dict | None) -> dict:
     """additional_config with the flags merged over any ``kv_compression`` dict; validated."""
     merged: dict[str, Any] = dict(additional_config or {})
-    section = dict(merged.get(ADDITIONAL_CONFIG_KEY) or {})
+    raw = merged.get(ADDITIONAL_CONFIG_KEY)
+    if raw is not None and not isinstance(raw, dict):
+        KVCompressionConfig.from_dict(raw)  # raises the "must be a dict" error
+    section = dict(raw or {})
     for dest, field_name in FLAG_DESTS.items():
         value = getattr(args, dest, None)
         if value is not None:

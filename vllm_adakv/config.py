@@ -7,6 +7,7 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -133,7 +134,7 @@ def validate(cfg: KVCompressionConfig) -> None:
             f"--kv-budget must be greater than --kv-window "
             f"(got budget={cfg.budget}, window={cfg.window})"
         )
-    if not 0.0 <= cfg.alpha <= 1.0:
+    if not (math.isfinite(cfg.alpha) and 0.0 <= cfg.alpha <= 1.0):
         raise KVCompressionConfigError(f"--kv-alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.pool_kernel < 1 or cfg.pool_kernel % 2 == 0:
         raise KVCompressionConfigError(
@@ -146,7 +147,7 @@ def validate(cfg: KVCompressionConfig) -> None:
             f"--kv-sink-tokens ({cfg.sink_tokens}) must not exceed "
             f"--kv-budget minus --kv-window ({cfg.selectable}) for streamingllm"
         )
-    if cfg.pyramid_beta < 1.0:
+    if not (math.isfinite(cfg.pyramid_beta) and cfg.pyramid_beta >= 1.0):
         raise KVCompressionConfigError(
-            f"--kv-pyramid-beta must be >= 1, got {cfg.pyramid_beta}"
+            f"--kv-pyramid-beta must be a finite number >= 1, got {cfg.pyramid_beta}"
         )

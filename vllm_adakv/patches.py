@@ -15,7 +15,8 @@ from typing import Any
 from vllm_adakv.cli import add_kv_compression_args, fold_into_additional_config
 from vllm_adakv.config import ADDITIONAL_CONFIG_KEY, KVCompressionConfig, KVCompressionConfigError
 
-logger = logging.getLogger("vllm_adakv")
+# Under the "vllm" namespace so that vLLM's logging configuration prints it.
+logger = logging.getLogger("vllm.adakv")
 
 _MARK = "_vllm_adakv_patched"
 

@@ -26,16 +26,22 @@ def small_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fat_kv_model(tmp_path_factory) -> Path:
-    """Large KV per token (4 layers x 8 KV heads x d=256, fp32: 64 KiB/token), so that
-    VLLM_CPU_KVCACHE_SPACE=1 holds only 16k tokens and memory binds in a test."""
+    """Large KV per token (4 layers x 16 KV heads x d=256, fp32: 128 KiB/token), so that
+    VLLM_CPU_KVCACHE_SPACE=1 holds only 8k tokens and memory binds in a test."""
     return make_tiny_llama(tmp_path_factory.mktemp("fat"), num_layers=4, hidden_size=128,
-                           num_heads=16, num_kv_heads=8, head_dim=256, random_weights=True)
+                           num_heads=16, num_kv_heads=16, head_dim=256, random_weights=True)
 
 
-def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900) -> dict:
+# VLLM_PLUGINS is vLLM's allow-list of plugins: naming only a built-in one keeps
+# vllm-adakv out of the process entirely (vanilla vLLM, as without the package).
+WITHOUT_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}
+
+
+def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900,
+                 env: dict[str, str] | None = None) -> dict:
     """Run tests/e2e/driver.py in a fresh process and return its JSON result."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO))
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.driver", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():

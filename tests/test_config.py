@@ -1,0 +1,283 @@
+"""KVCompressionConfig: defaults, validation (each error names its flag), from_dict typing."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+
+import pytest
+
+from vllm_adakv.config import (
+    ADDITIONAL_CONFIG_KEY,
+    FLAG_OF_FIELD,
+    GQA_REDUCES,
+    METHODS,
+    POOLINGS,
+    KVCompressionConfig,
+    KVCompressionConfigError,
+)
+
+
+def _raises_naming(flag: str, **kwargs):
+    with pytest.raises(KVCompressionConfigError, match=re.escape(flag)) as info:
+        KVCompressionConfig(**kwargs)
+    return info.value
+
+
+def test_defaults_are_valid_and_disabled():
+    cfg = KVCompressionConfig()
+    assert cfg.method == "none"
+    assert not cfg.enabled
+    assert cfg.budget > cfg.window >= 1
+    assert cfg.selectable == cfg.budget - cfg.window
+    assert cfg.pooling in POOLINGS and cfg.gqa_reduce in GQA_REDUCES
+    assert cfg.pool_kernel % 2 == 1 and cfg.pool_kernel > 0
+    assert 0.0 <= cfg.alpha <= 1.0
+    assert cfg.sink_tokens >= 0 and cfg.pyramid_beta >= 1.0
+
+
+def test_error_is_a_value_error():
+    assert issubclass(KVCompressionConfigError, ValueError)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_valid_with_defaults(method):
+    cfg = KVCompressionConfig(method=method)
+    assert cfg.enabled == (method != "none")
+
+
+@pytest.mark.parametrize("flag,kwargs", [
+    ("--kv-compression", {"method": "h2o"}),
+    ("--kv-compression", {"method": "AdaKV"}),
+    ("--kv-compression", {"method": ""}),
+    ("--kv-pooling", {"pooling": "min"}),
+    ("--kv-gqa-reduce", {"gqa_reduce": "sum"}),
+    ("--kv-window", {"window": 0}),
+    ("--kv-window", {"window": -3}),
+    ("--kv-budget", {"budget": 32, "window": 32}),
+    ("--kv-budget", {"budget": 10, "window": 32}),
+    ("--kv-budget", {"budget": 0}),
+    ("--kv-budget", {"budget": -5}),
+    ("--kv-alpha", {"alpha": -0.01}),
+    ("--kv-alpha", {"alpha": 1.0001}),
+    ("--kv-alpha", {"alpha": float("nan")}),
+    ("--kv-pool-kernel", {"pool_kernel": 4}),
+    ("--kv-pool-kernel", {"pool_kernel": 2}),
+    ("--kv-pool-kernel", {"pool_kernel": 0}),
+    ("--kv-pool-kernel", {"pool_kernel": -1}),
+    ("--kv-pool-kernel", {"pool_kernel": -7}),
+    ("--kv-sink-tokens", {"sink_tokens": -1}),
+    ("--kv-sink-tokens", {"method": "streamingllm", "budget": 64, "window": 32,
+                          "sink_tokens": 33}),
+    ("--kv-pyramid-beta", {"pyramid_beta": 0.5}),
+    ("--kv-pyramid-beta", {"pyramid_beta": 0.0}),
+    ("--kv-pyramid-beta", {"pyramid_beta": -2.0}),
+])
+def test_bad_value_names_its_flag(flag, kwargs):
+    _raises_naming(flag, **kwargs)
+
+
+def test_streamingllm_sink_limit_is_budget_minus_window():
+    # sink_tokens == budget - window is the largest allowed value ...
+    cfg = KVCompressionConfig(method="streamingllm", budget=64, window=32, sink_tokens=32)
+    assert cfg.sink_tokens == cfg.selectable == 32
+    # ... and the limit only applies to streamingllm.
+    for method in ("none", "snapkv", "adakv", "pyramidkv"):
+        assert KVCompressionConfig(method=method, budget=64, window=32, sink_tokens=1000)
+    err = _raises_naming("--kv-sink-tokens", method="streamingllm", budget=64, window=32,
+                         sink_tokens=33)
+    assert "--kv-budget" in str(err) and "--kv-window" in str(err)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"alpha": 0.0}, {"alpha": 1.0}, {"pool_kernel": 1}, {"pool_kernel": 3},
+    {"sink_tokens": 0}, {"pyramid_beta": 1.0}, {"budget": 2, "window": 1},
+    {"pooling": "avg"}, {"gqa_reduce": "max"},
+])
+def test_boundary_values_accepted(kwargs):
+    cfg = KVCompressionConfig(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(cfg, key) == value
+
+
+def test_error_message_lists_allowed_choices():
+    err = _raises_naming("--kv-compression", method="bogus")
+    for m in METHODS:
+        assert m in str(err)
+    assert "'bogus'" in str(err)
+
+
+def test_flag_of_field_covers_every_field():
+    assert set(FLAG_OF_FIELD) == set(KVCompressionConfig().to_dict())
+    assert all(flag.startswith("--kv-") for flag in FLAG_OF_FIELD.values())
+
+
+# ---------------------------------------------------------------- from_dict
+
+def test_from_dict_none_gives_defaults():
+    assert KVCompressionConfig.from_dict(None) == KVCompressionConfig()
+
+
+def test_from_dict_empty_gives_defaults():
+    assert KVCompressionConfig.from_dict({}) == KVCompressionConfig()
+
+
+def test_from_dict_passes_config_through():
+    cfg = KVCompressionConfig(method="adakv", budget=128)
+    assert KVCompressionConfig.from_dict(cfg) is cfg
+
+
+def test_from_dict_does_not_mutate_input():
+    raw = {"method": "snapkv", "alpha": 1}
+    snapshot = copy.deepcopy(raw)
+    cfg = KVCompressionConfig.from_dict(raw)
+    assert raw == snapshot
+    assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float)
+
+
+@pytest.mark.parametrize("raw", [
+    {"methd": "adakv"},
+    {"method": "adakv", "budgett": 3},
+    {"kv_budget": 100},
+    {"enabled": True},
+    {"selectable": 10},
+])
+def test_from_dict_rejects_unknown_keys(raw):
+    with pytest.raises(KVCompressionConfigError, match="unknown key") as info:
+        KVCompressionConfig.from_dict(raw)
+    bad = sorted(set(raw) - set(FLAG_OF_FIELD))
+    assert str(bad) in str(info.value)
+    assert ADDITIONAL_CONFIG_KEY in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["adakv", ["method", "adakv"], 3, 1.5, True, ("a", 1)])
+def test_from_dict_rejects_non_dict(raw):
+    with pytest.raises(KVCompressionConfigError, match="must be a dict") as info:
+        KVCompressionConfig.from_dict(raw)
+    assert type(raw).__name__ in str(info.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("budget", True),
+    ("budget", False),
+    ("budget", "256"),
+    ("budget", 256.0),
+    ("budget", None),
+    ("window", True),
+    ("window", 32.5),
+    ("pool_kernel", True),
+    ("pool_kernel", "7"),
+    ("sink_tokens", False),
+    ("sink_tokens", 4.0),
+    ("alpha", True),
+    ("alpha", "0.2"),
+    ("alpha", None),
+    ("pyramid_beta", False),
+    ("pyramid_beta", "20"),
+    ("method", 1),
+    ("method", None),
+    ("method", True),
+    ("pooling", ["max"]),
+    ("gqa_reduce", 0),
+])
+def test_from_dict_rejects_wrong_types(key, value):
+    with pytest.raises(KVCompressionConfigError, match=re.escape(FLAG_OF_FIELD[key])):
+        KVCompressionConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("alpha", 1, 1.0), ("alpha", 0, 0.0), ("pyramid_beta", 5, 5.0), ("pyramid_beta", 2.5, 2.5),
+])
+def test_from_dict_numbers_become_floats(key, value, expected):
+    cfg = KVCompressionConfig.from_dict({key: value})
+    got = getattr(cfg, key)
+    assert got == expected and type(got) is float
+
+
+def test_from_dict_still_validates_values():
+    with pytest.raises(KVCompressionConfigError, match="--kv-pool-kernel"):
+        KVCompressionConfig.from_dict({"pool_kernel": 8})
+    with pytest.raises(KVCompressionConfigError, match="--kv-budget"):
+        KVCompressionConfig.from_dict({"budget": 16, "window": 32})
+
+
+@pytest.mark.parametrize("additional", [None, {}, {"other_plugin": {"x": 1}}])
+def test_from_additional_config_without_section_is_none(additional):
+    cfg = KVCompressionConfig.from_additional_config(additional)
+    assert cfg.method == "none" and not cfg.enabled
+    assert cfg == KVCompressionConfig()
+
+
+def test_from_additional_config_with_null_section_is_none():
+    assert KVCompressionConfig.from_additional_config({ADDITIONAL_CONFIG_KEY: None}) == (
+        KVCompressionConfig()
+    )
+
+
+def test_from_additional_config_reads_section():
+    cfg = KVCompressionConfig.from_additional_config(
+        {"foo": 1, ADDITIONAL_CONFIG_KEY: {"method": "pyramidkv", "budget": 512}}
+    )
+    assert cfg == KVCompressionConfig(method="pyramidkv", budget=512)
+
+
+def test_from_additional_config_rejects_bad_section():
+    with pytest.raises(KVCompressionConfigError, match="must be a dict"):
+        KVCompressionConfig.from_additional_config({ADDITIONAL_CONFIG_KEY: "adakv"})
+    with pytest.raises(KVCompressionConfigError, match="--kv-alpha"):
+        KVCompressionConfig.from_additional_config({ADDITIONAL_CONFIG_KEY: {"alpha": 2.0}})
+
+
+# ------------------------------------------------- round trip, hashing, pickling
+
+_SAMPLES = [
+    KVCompressionConfig(),
+    KVCompressionConfig(method="adakv", budget=256, window=16, alpha=0.5, pooling="avg"),
+    KVCompressionConfig(method="pyramidkv", budget=64, window=8, pyramid_beta=4.0,
+                        gqa_reduce="max", pool_kernel=1),
+    KVCompressionConfig(method="streamingllm", budget=40, window=8, sink_tokens=32),
+    KVCompressionConfig(method="snapkv", budget=2, window=1, pool_kernel=15),
+]
+
+
+@pytest.mark.parametrize("cfg", _SAMPLES)
+def test_round_trip_to_dict_from_dict(cfg):
+    raw = cfg.to_dict()
+    assert set(raw) == set(FLAG_OF_FIELD)
+    back = KVCompressionConfig.from_dict(raw)
+    assert back == cfg
+    assert back.to_dict() == raw
+
+
+@pytest.mark.parametrize("cfg", _SAMPLES)
+def test_to_dict_is_json_round_trippable(cfg):
+    import json
+
+    assert KVCompressionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("cfg", _SAMPLES)
+def test_hashable_and_picklable(cfg):
+    twin = KVCompressionConfig(**cfg.to_dict())
+    assert hash(twin) == hash(cfg)
+    assert len({cfg, twin}) == 1
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(cfg, protocol=proto))
+        assert back == cfg and hash(back) == hash(cfg)
+    assert copy.deepcopy(cfg) == cfg
+
+
+def test_distinct_configs_differ():
+    assert len(set(_SAMPLES)) == len(_SAMPLES)
+
+
+def test_frozen():
+    cfg = KVCompressionConfig()
+    with pytest.raises(AttributeError):
+        cfg.budget = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("beta", [float("nan"), float("inf")])
+def test_non_finite_pyramid_beta_rejected(beta):
+    _raises_naming("--kv-pyramid-beta", method="pyramidkv", pyramid_beta=beta)
