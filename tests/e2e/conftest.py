@@ -42,6 +42,7 @@ def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900
     """Run tests/e2e/driver.py in a fresh process and return its JSON result."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
                VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO), **(env or {}))
+    env.pop("TRITON_INTERPRET", None)  # set by the Triton kernel tests; not for vLLM
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.driver", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():

@@ -1,0 +1,344 @@
+"""Per-head paged attention for compressed requests: Triton kernels.
+
+Same signature and semantics as ``decode.headwise_attention_reference`` (plus the
+optional ``num_splits``). For request row r and KV head h the keys are the
+``kept_counts[r, h]`` tokens of the head-pages ``page_table[r, h]`` followed by
+the tail positions ``[tail_start[r], seq_lens[r])`` read through
+``block_table[r]``; a query at position p sees every kept token and the tail up
+to p.
+
+Design (split-K flash decoding):
+
+* ``_headwise_fwd``, grid ``(R, H, num_splits)``: one program per (request row,
+  KV head, split). It handles all ``G = Hq // H`` query heads of the group and
+  the row's query tokens together: a tile of ``BLOCK_M = BLOCK_G * BLOCK_Q``
+  query rows (query head x query token), looping over the row's tokens in
+  chunks of ``BLOCK_Q`` (one chunk for decode). The (r, h) key sequence is cut
+  into iterations of one page each: ``ceil(kept / bs)`` kept head-pages, then
+  the tail blocks. Split s takes a contiguous range of those iterations
+  (``ceil(n_iter / num_splits)`` each) and runs an fp32 online softmax (log2
+  domain) over it. With one split it normalises and writes ``out`` directly;
+  otherwise it writes its partial (max, sum of exp, unnormalised acc).
+* ``_headwise_reduce``, grid ``(T, Hq)``: combines the partials of the splits
+  of one query token and head and stores ``out`` in its dtype. Tokens outside
+  ``[query_start_loc[0], query_start_loc[R])`` are left untouched, as the
+  reference does.
+
+The grid depends on shapes only (R, H, T, Hq and ``num_splits``); per-row
+lengths are read inside the kernels, so nothing synchronises with the device.
+Key/value caches are logical ``[nb, H, bs, D]`` views with arbitrary strides
+(e.g. keys stored transposed per head-page).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _headwise_fwd(
+    q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, tail_ptr, seq_ptr, qsl_ptr,
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pr, stride_ph, stride_pp,
+    stride_cr, stride_ch,
+    stride_br, stride_bb,
+    stride_ot, stride_oh, stride_od,
+    stride_mt, stride_mh, stride_ms,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_M: tl.constexpr = BLOCK_G * BLOCK_Q
+
+    q_start = tl.load(qsl_ptr + row).to(tl.int32)
+    q_len = tl.load(qsl_ptr + row + 1).to(tl.int32) - q_start
+    seq_len = tl.load(seq_ptr + row).to(tl.int32)
+    tail_start = tl.load(tail_ptr + row).to(tl.int32)
+    kept = tl.load(cnt_ptr + row * stride_cr + head * stride_ch).to(tl.int32)
+
+    # Iteration space of (row, head): kept head-pages, then the tail blocks.
+    n_pages = (kept + BLOCK_SIZE - 1) // BLOCK_SIZE
+    first_tail_block = tail_start // BLOCK_SIZE
+    n_tail = tl.maximum((seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE - first_tail_block, 0)
+    n_tail = tl.where(seq_len > tail_start, n_tail, 0)
+    n_iter = n_pages + n_tail
+    per_split = (n_iter + NUM_SPLITS - 1) // NUM_SPLITS
+    it_lo = tl.minimum(split * per_split, n_iter)
+    it_hi = tl.minimum(it_lo + per_split, n_iter)
+    kept_lo = tl.minimum(it_lo, n_pages)
+    kept_hi = tl.minimum(it_hi, n_pages)
+    tail_lo = tl.maximum(it_lo, n_pages) - n_pages
+    tail_hi = tl.maximum(it_hi, n_pages) - n_pages
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_g = offs_m // BLOCK_Q
+    offs_qi = offs_m % BLOCK_Q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_n = offs_n < BLOCK_SIZE
+    q_heads = head * GROUP + offs_g
+
+    pt_row = pt_ptr + row * stride_pr + head * stride_ph
+    bt_row = bt_ptr + row * stride_br
+    # Offsets inside a head-page (token n, dim d), for K loaded as [D, N] and V as [N, D].
+    k_in_page = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_in_page = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    kv_mask_t = mask_d[:, None] & mask_n[None, :]
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+
+    for q0 in range(0, q_len, BLOCK_Q):
+        qi = q0 + offs_qi
+        mask_m = (offs_g < GROUP) & (qi < q_len)
+        q_pos = seq_len - q_len + qi
+        tok = (q_start + qi).to(tl.int64)
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_qt + q_heads[:, None] * stride_qh
+            + offs_d[None, :] * stride_qd,
+            mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+        )
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        for it in tl.static_range(2):
+            # it == 0: kept head-pages; it == 1: tail blocks in the normal layout.
+            if it == 0:
+                lo = kept_lo
+                hi = kept_hi
+            else:
+                lo = tail_lo
+                hi = tail_hi
+            for i in range(lo, hi):
+                if it == 0:
+                    page = tl.load(pt_row + i * stride_pp).to(tl.int64)
+                    block = page // NUM_KV_HEADS
+                    slot = page % NUM_KV_HEADS
+                    tok_idx = i * BLOCK_SIZE + offs_n
+                    valid_n = mask_n & (tok_idx < kept)
+                    valid = mask_m[:, None] & valid_n[None, :]
+                else:
+                    tb = first_tail_block + i
+                    block = tl.load(bt_row + tb * stride_bb).to(tl.int64)
+                    slot = head.to(tl.int64)
+                    pos = tb * BLOCK_SIZE + offs_n
+                    valid_n = mask_n & (pos >= tail_start) & (pos < seq_len)
+                    valid = (mask_m[:, None] & valid_n[None, :]) & (pos[None, :] <= q_pos[:, None])
+                k_base = k_ptr + block * stride_kb + slot * stride_kh
+                v_base = v_ptr + block * stride_vb + slot * stride_vh
+                kt = tl.load(k_base + k_in_page, mask=kv_mask_t & valid_n[None, :], other=0.0)
+                v = tl.load(v_base + v_in_page, mask=kv_mask & valid_n[:, None], other=0.0)
+                if DOT_FP32:
+                    s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+                elif USE_DOT:
+                    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+                else:
+                    s = tl.sum(q.to(tl.float32)[:, :, None] * kt.to(tl.float32)[None, :, :], 1)
+                s = tl.where(valid, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if DOT_FP32:
+                    pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                input_precision="ieee")
+                elif USE_DOT:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                else:
+                    pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+
+        if NUM_SPLITS == 1:
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            tl.store(
+                out_ptr + tok[:, None] * stride_ot + q_heads[:, None] * stride_oh
+                + offs_d[None, :] * stride_od,
+                o.to(out_ptr.dtype.element_ty),
+                mask=mask_m[:, None] & mask_d[None, :],
+            )
+        else:
+            mid = tok * stride_mt + q_heads * stride_mh + split * stride_ms
+            tl.store(mid_m_ptr + mid, m_i, mask=mask_m)
+            tl.store(mid_l_ptr + mid, l_i, mask=mask_m)
+            tl.store(
+                mid_acc_ptr + mid[:, None] * BLOCK_D + offs_d[None, :], acc,
+                mask=mask_m[:, None],
+            )
+
+
+@triton.jit
+def _headwise_reduce(
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, qsl_ptr,
+    stride_ot, stride_oh, stride_od,
+    stride_mt, stride_mh, stride_ms,
+    NUM_ROWS,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    qh = tl.program_id(1)
+    first = tl.load(qsl_ptr).to(tl.int32)
+    last = tl.load(qsl_ptr + NUM_ROWS).to(tl.int32)
+    if (tok >= first) & (tok < last):
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_s = offs_s < NUM_SPLITS
+        mid = tok.to(tl.int64) * stride_mt + qh * stride_mh + offs_s * stride_ms
+        m = tl.load(mid_m_ptr + mid, mask=mask_s, other=float("-inf"))
+        ls = tl.load(mid_l_ptr + mid, mask=mask_s, other=0.0)
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)
+        denom = tl.sum(ls * w, 0)
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        acc = tl.load(mid_acc_ptr + mid[:, None] * BLOCK_D + offs_d[None, :],
+                      mask=mask_s[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + qh * stride_oh + offs_d * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_programs_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
+
+
+def default_num_splits(num_rows: int, num_kv_heads: int, max_pages: int, max_blocks: int,
+                       device: torch.device) -> int:
+    """Splits per (row, head) from shapes only: enough programs to fill the device,
+    at least 4 pages per split on the longest possible sequence (``P + NB`` pages)."""
+    programs = max(num_rows * num_kv_heads, 1)
+    want = triton.cdiv(_num_programs_target(device), programs)
+    longest = triton.cdiv(max_pages + max_blocks, 4)
+    return max(1, min(want, longest, _MAX_SPLITS))
+
+
+def headwise_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    tail_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention over kept head-pages plus the shared tail, written into ``out``.
+
+    Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
+    (row, head) key sequence over that many programs (default: from shapes).
+    """
+    num_tokens, num_q_heads, dim = query.shape
+    _, heads, block_size, kdim = key_cache.shape
+    assert kdim == dim and value_cache.shape == key_cache.shape
+    assert num_q_heads % heads == 0
+    assert out.shape == query.shape
+    num_rows, _, max_pages = page_table.shape
+    group = num_q_heads // heads
+    if num_rows == 0 or num_tokens == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(num_rows, heads, max_pages, block_table.shape[1],
+                                        query.device)
+    num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
+
+    tail_start = tail_start.contiguous()
+    seq_lens = seq_lens.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+
+    block_g = triton.next_power_of_2(group)
+    block_q = max(1, 16 // block_g)
+    block_n = triton.next_power_of_2(block_size)
+    block_d = max(16, triton.next_power_of_2(dim))
+    use_dot = block_n >= 16
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # The Triton interpreter (CPU tensors) multiplies bf16 tl.dot operands as raw bits:
+    # there, dots run on fp32 copies of the same rounded values.
+    dot_fp32 = use_dot and query.device.type != "cuda"
+
+    if num_splits > 1:
+        dev = query.device
+        mid_m = torch.empty(num_tokens, num_q_heads, num_splits, dtype=torch.float32, device=dev)
+        mid_l = torch.empty_like(mid_m)
+        mid_acc = torch.empty(num_tokens, num_q_heads, num_splits, block_d,
+                              dtype=torch.float32, device=dev)
+        mid_strides = mid_m.stride()
+    else:
+        mid_m = mid_l = mid_acc = out  # unused
+        mid_strides = (0, 0, 0)
+
+    _headwise_fwd[(num_rows, heads, num_splits)](
+        query, key_cache, value_cache, page_table, kept_counts, block_table,
+        tail_start, seq_lens, query_start_loc,
+        out, mid_acc, mid_m, mid_l,
+        float(scale) * _LOG2E,
+        *query.stride(),
+        *key_cache.stride(),
+        *value_cache.stride(),
+        *page_table.stride(),
+        *kept_counts.stride(),
+        *block_table.stride(),
+        *out.stride(),
+        *mid_strides,
+        NUM_KV_HEADS=heads,
+        GROUP=group,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_G=block_g,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        USE_DOT=use_dot,
+        DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32,
+    )
+    if num_splits > 1:
+        _headwise_reduce[(num_tokens, num_q_heads)](
+            out, mid_acc, mid_m, mid_l, query_start_loc,
+            *out.stride(),
+            *mid_strides,
+            num_rows,
+            HEAD_DIM=dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )
+    return out
