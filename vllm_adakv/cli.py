@@ -7,23 +7,16 @@ from typing import Any
 
 from vllm_adakv.config import (
     ADDITIONAL_CONFIG_KEY,
+    FLAG_OF_FIELD,
     GQA_REDUCES,
     METHODS,
     POOLINGS,
     KVCompressionConfig,
 )
 
-# dest -> KVCompressionConfig field
+# argparse dest (--kv-budget -> kv_budget) -> KVCompressionConfig field
 FLAG_DESTS: dict[str, str] = {
-    "kv_compression": "method",
-    "kv_budget": "budget",
-    "kv_window": "window",
-    "kv_pooling": "pooling",
-    "kv_pool_kernel": "pool_kernel",
-    "kv_alpha": "alpha",
-    "kv_gqa_reduce": "gqa_reduce",
-    "kv_sink_tokens": "sink_tokens",
-    "kv_pyramid_beta": "pyramid_beta",
+    flag.removeprefix("--").replace("-", "_"): field for field, flag in FLAG_OF_FIELD.items()
 }
 
 

@@ -15,6 +15,7 @@ inputs, so they agree on ``kept_blocks`` without talking to each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.policies import layer_budget
@@ -60,6 +61,8 @@ def max_head_pages(
     return min(bound, num_kv_heads * cdiv(prompt_len, block_size))
 
 
+# Pure and called for every compressible row of every step: cache by its inputs.
+@lru_cache(maxsize=8192)
 def plan_compression(
     cfg: KVCompressionConfig,
     prompt_len: int,

@@ -81,7 +81,6 @@ def patch_engine_args() -> None:
                 )
         return vllm_config
 
-    add_cli_args.__wrapped__ = orig_add  # type: ignore[attr-defined]
     for fn in (add_cli_args, from_cli_args, create_engine_config):
         setattr(fn, _MARK, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]

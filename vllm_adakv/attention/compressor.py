@@ -45,9 +45,7 @@ class CompressionStore:
             del self.requests[req_id]
         for row in step.rows:
             state = self.requests.get(row.req_id)
-            if state is None or (row.context_start < row.prompt_len and (
-                row.context_start == 0 or state.prompt_len != row.prompt_len
-            )):
+            if state is None or row.context_start == 0 or state.prompt_len != row.prompt_len:
                 self.requests[row.req_id] = RequestKV(prompt_len=row.prompt_len)
 
     def stash_window_queries(self, row: RowPlan, layer: str, query: torch.Tensor,

@@ -26,7 +26,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm_adakv import kernels
 from vllm_adakv.attention.batch import StepPlan, build_step_plan
 from vllm_adakv.attention.compressor import CompressionStore
-from vllm_adakv.attention.settings import compression_of, model_settings, remember_model_settings
+from vllm_adakv.attention.settings import model_settings, remember_model_settings
 from vllm_adakv.core.spec import CompressedAttentionSpec
 
 # Per-head-page layouts this backend can read and write (see logical_kv_views).
@@ -71,7 +71,6 @@ class AdaKVCPUMetadata(CPUAttentionMetadata):
     """CPU metadata for the dense kernel, plus this step's compression plan."""
 
     step: StepPlan | None = None
-    true_seq_lens: torch.Tensor | None = None
 
 
 class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -99,7 +98,6 @@ class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_reqs, cm.query_start_loc_cpu, seq_lens_cpu[:num_reqs], spec.plan
         )
         self.store.begin_step(step)
-        true_seq_lens = cm.seq_lens
         decode_rows = step.decode_rows
         if decode_rows:
             # Released blocks must not be read by the dense kernel: let it see only
@@ -110,7 +108,7 @@ class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             cm = replace(cm, seq_lens=clamped, max_seq_len=int(clamped.max().item()))
         dense = super().build(common_prefix_len, cm, fast_build)
         base = {f.name: getattr(dense, f.name) for f in fields(CPUAttentionMetadata)}
-        return AdaKVCPUMetadata(**base, step=step, true_seq_lens=true_seq_lens)
+        return AdaKVCPUMetadata(**base, step=step)
 
 
 class AdaKVCPUImpl(CPUAttentionBackendImpl):
@@ -166,8 +164,7 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
             token_idx.append(torch.arange(begin, qsl[row.row] + row.query_len))
             starts.append(starts[-1] + row.query_len - skip)
         idx = torch.cat(token_idx)
-        num_q = query.shape[1] if query.dim() == 3 else self.num_heads
-        q = query[idx].view(-1, num_q, self.head_size)
+        q = query[idx].view(-1, self.num_heads, self.head_size)
         out = torch.empty_like(q)
         kernels.headwise_attention(
             q, key_cache, value_cache, page_table, counts,
@@ -199,4 +196,4 @@ class AdaKVCPUBackend(CPUAttentionBackend):
         return AdaKVCPUMetadataBuilder
 
 
-__all__ = ["AdaKVCPUBackend", "compression_of"]
+__all__ = ["AdaKVCPUBackend"]
