@@ -6,6 +6,8 @@ bash scripts/setup-cpu.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 ruff check .
+# The image is linted, not built, here (no Docker engine on the dev/CI machines).
+hadolint --failure-threshold info docker/Dockerfile
 set +e
 python -m pytest -q -ra --durations=15 "$@"
 rc=$?

@@ -76,6 +76,23 @@ def test_all_flags_parse_with_types():
     assert args.kv_pyramid_beta == 8.0 and isinstance(args.kv_pyramid_beta, float)
 
 
+def test_gvote_flags_parse_with_types():
+    args = _parser().parse_args([
+        "--kv-compression", "gvote", "--kv-gvote-samples", "16", "--kv-gvote-p", "0.9",
+        "--kv-gvote-seed", "7", "--kv-max-budget", "512", "--kv-min-compression", "4",
+    ])
+    assert args.kv_compression == "gvote"
+    assert args.kv_gvote_samples == 16 and isinstance(args.kv_gvote_samples, int)
+    assert args.kv_gvote_p == 0.9 and isinstance(args.kv_gvote_p, float)
+    assert args.kv_gvote_seed == 7 and isinstance(args.kv_gvote_seed, int)
+    assert args.kv_max_budget == 512 and isinstance(args.kv_max_budget, int)
+    assert args.kv_min_compression == 4.0 and isinstance(args.kv_min_compression, float)
+    cfg = fold_into_additional_config(args, None)[ADDITIONAL_CONFIG_KEY]
+    assert cfg == KVCompressionConfig(method="gvote", gvote_samples=16, gvote_p=0.9,
+                                      gvote_seed=7, max_budget=512,
+                                      min_compression=4.0).to_dict()
+
+
 @pytest.mark.parametrize("argv", [
     ["--kv-compression", "h2o"],
     ["--kv-pooling", "min"],
@@ -144,10 +161,15 @@ def test_section_without_flags_is_validated_and_normalised():
     ("--kv-gqa-reduce", "max", "gqa_reduce", "max"),
     ("--kv-sink-tokens", "0", "sink_tokens", 0),
     ("--kv-pyramid-beta", "3.5", "pyramid_beta", 3.5),
+    ("--kv-gvote-samples", "3", "gvote_samples", 3),
+    ("--kv-gvote-p", "0.5", "gvote_p", 0.5),
+    ("--kv-gvote-seed", "11", "gvote_seed", 11),
 ])
 def test_each_flag_overrides_its_field(flag, value, field, expected):
     base = {"method": "snapkv", "budget": 64, "window": 8, "pooling": "max", "pool_kernel": 3,
-            "alpha": 0.1, "gqa_reduce": "mean", "sink_tokens": 4, "pyramid_beta": 10.0}
+            "alpha": 0.1, "gqa_reduce": "mean", "sink_tokens": 4, "pyramid_beta": 10.0,
+            "gvote_samples": 2, "gvote_p": 0.8, "gvote_seed": 5, "max_budget": 0,
+            "min_compression": 1.0}
     out = _fold([flag, value], {ADDITIONAL_CONFIG_KEY: dict(base)})[ADDITIONAL_CONFIG_KEY]
     assert out == {**base, field: expected}
 
@@ -160,6 +182,14 @@ def test_each_flag_overrides_its_field(flag, value, field, expected):
     (["--kv-alpha", "1.5"], None, "--kv-alpha"),
     (["--kv-sink-tokens", "-1"], None, "--kv-sink-tokens"),
     (["--kv-pyramid-beta", "0.5"], None, "--kv-pyramid-beta"),
+    (["--kv-compression", "gvote", "--kv-gvote-p", "0"], None, "--kv-gvote-p"),
+    (["--kv-compression", "gvote", "--kv-gvote-samples", "-1"], None, "--kv-gvote-samples"),
+    (["--kv-compression", "gvote", "--kv-max-budget", "32"], None, "--kv-max-budget"),
+    (["--kv-compression", "gvote", "--kv-min-compression", "0.5"], None,
+     "--kv-min-compression"),
+    (["--kv-compression", "adakv", "--kv-max-budget", "512"], None, "--kv-max-budget"),
+    (["--kv-min-compression", "2"], {ADDITIONAL_CONFIG_KEY: {"method": "snapkv"}},
+     "--kv-min-compression"),
     (["--kv-compression", "streamingllm", "--kv-budget", "40", "--kv-window", "32",
       "--kv-sink-tokens", "9"], None, "--kv-sink-tokens"),
     # Valid flag, but the merged combination with the section is not.
@@ -230,7 +260,8 @@ def test_vllm_flags_fold_into_additional_config(vllm_parsers, cls_name):
         ADDITIONAL_CONFIG_KEY: {
             "method": "adakv", "budget": 256, "window": 32, "pooling": "max",
             "pool_kernel": 7, "alpha": 0.2, "gqa_reduce": "mean", "sink_tokens": 4,
-            "pyramid_beta": 20.0,
+            "pyramid_beta": 20.0, "gvote_samples": 8, "gvote_p": 0.95, "gvote_seed": 0,
+            "max_budget": 0, "min_compression": 1.0,
         },
     }
 
@@ -275,6 +306,7 @@ def test_vllm_underscore_and_equals_spellings(vllm_parsers, cls_name):
       "--kv-budget", "64"], "--kv-budget"),
     (["--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: {"methd": "adakv"}})],
      "unknown key"),
+    (["--kv-compression", "gvote", "--kv-max-budget", "8"], "--kv-max-budget"),
 ])
 def test_vllm_bad_combination_exits_2(vllm_parsers, cls_name, argv, flag, capsys):
     with pytest.raises(SystemExit) as info:

@@ -73,6 +73,16 @@ def test_every_method_valid_with_defaults(method):
     ("--kv-pyramid-beta", {"pyramid_beta": 0.5}),
     ("--kv-pyramid-beta", {"pyramid_beta": 0.0}),
     ("--kv-pyramid-beta", {"pyramid_beta": -2.0}),
+    ("--kv-gvote-samples", {"method": "gvote", "gvote_samples": -1}),
+    ("--kv-gvote-p", {"method": "gvote", "gvote_p": 0.0}),
+    ("--kv-gvote-p", {"method": "gvote", "gvote_p": 1.01}),
+    ("--kv-gvote-p", {"method": "gvote", "gvote_p": float("nan")}),
+    ("--kv-gvote-seed", {"gvote_seed": -1}),
+    ("--kv-gvote-seed", {"gvote_seed": 2**63}),
+    ("--kv-max-budget", {"method": "gvote", "max_budget": -1}),
+    ("--kv-max-budget", {"method": "gvote", "max_budget": 32, "window": 32}),
+    ("--kv-min-compression", {"method": "gvote", "min_compression": 0.99}),
+    ("--kv-min-compression", {"method": "gvote", "min_compression": float("inf")}),
 ])
 def test_bad_value_names_its_flag(flag, kwargs):
     _raises_naming(flag, **kwargs)
@@ -94,6 +104,9 @@ def test_streamingllm_sink_limit_is_budget_minus_window():
     {"alpha": 0.0}, {"alpha": 1.0}, {"pool_kernel": 1}, {"pool_kernel": 3},
     {"sink_tokens": 0}, {"pyramid_beta": 1.0}, {"budget": 2, "window": 1},
     {"pooling": "avg"}, {"gqa_reduce": "max"},
+    {"gvote_samples": 0}, {"gvote_p": 1.0}, {"gvote_seed": 2**63 - 1},
+    {"method": "gvote", "max_budget": 33, "window": 32},
+    {"method": "gvote", "min_compression": 1.0}, {"method": "gvote", "min_compression": 1e6},
 ])
 def test_boundary_values_accepted(kwargs):
     cfg = KVCompressionConfig(**kwargs)
@@ -180,6 +193,11 @@ def test_from_dict_rejects_non_dict(raw):
     ("method", True),
     ("pooling", ["max"]),
     ("gqa_reduce", 0),
+    ("gvote_samples", 8.0),
+    ("gvote_seed", True),
+    ("max_budget", "512"),
+    ("gvote_p", "0.9"),
+    ("min_compression", None),
 ])
 def test_from_dict_rejects_wrong_types(key, value):
     with pytest.raises(KVCompressionConfigError, match=re.escape(FLAG_OF_FIELD[key])):
@@ -188,6 +206,7 @@ def test_from_dict_rejects_wrong_types(key, value):
 
 @pytest.mark.parametrize("key,value,expected", [
     ("alpha", 1, 1.0), ("alpha", 0, 0.0), ("pyramid_beta", 5, 5.0), ("pyramid_beta", 2.5, 2.5),
+    ("gvote_p", 1, 1.0), ("min_compression", 1, 1.0),
 ])
 def test_from_dict_numbers_become_floats(key, value, expected):
     cfg = KVCompressionConfig.from_dict({key: value})
@@ -238,6 +257,8 @@ _SAMPLES = [
                         gqa_reduce="max", pool_kernel=1),
     KVCompressionConfig(method="streamingllm", budget=40, window=8, sink_tokens=32),
     KVCompressionConfig(method="snapkv", budget=2, window=1, pool_kernel=15),
+    KVCompressionConfig(method="gvote", gvote_samples=4, gvote_p=0.9, gvote_seed=3,
+                        max_budget=300, min_compression=2.5),
 ]
 
 
@@ -281,3 +302,25 @@ def test_frozen():
 @pytest.mark.parametrize("beta", [float("nan"), float("inf")])
 def test_non_finite_pyramid_beta_rejected(beta):
     _raises_naming("--kv-pyramid-beta", method="pyramidkv", pyramid_beta=beta)
+
+
+def test_gvote_cap_errors_name_both_sides():
+    err = _raises_naming("--kv-max-budget", method="gvote", max_budget=16, window=32)
+    assert "--kv-window" in str(err) and "0" in str(err)
+
+
+@pytest.mark.parametrize("raw,flag", [
+    ({"method": "adakv", "max_budget": 512}, "--kv-max-budget"),
+    ({"method": "snapkv", "min_compression": 2.0}, "--kv-min-compression"),
+    ({"min_compression": 2.0}, "--kv-min-compression"),
+])
+def test_gvote_caps_rejected_for_other_methods_in_user_settings(raw, flag):
+    with pytest.raises(KVCompressionConfigError, match=re.escape(flag)) as info:
+        KVCompressionConfig.from_dict(raw)
+    assert "gvote" in str(info.value) and repr(raw.get("method", "none")) in str(info.value)
+    # a per-request switch (dataclasses.replace) of a capped gvote config is allowed:
+    # other methods ignore the cap
+    import dataclasses
+
+    capped = KVCompressionConfig(method="gvote", max_budget=512, min_compression=2.0)
+    assert dataclasses.replace(capped, method=raw.get("method", "none")).max_budget == 512

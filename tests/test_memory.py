@@ -253,3 +253,72 @@ def test_random_sweep(rnd):
             _check_adakv_bound(rnd, seed, prompt_len, budget, heads, bs, plan.kept_blocks, 20)
         # Deterministic: scheduler and workers must agree.
         assert plan_compression(cfg, prompt_len, heads, bs, layers) == plan, ctx
+
+
+# ------------------------------------------------------------------ gvote: planned at its cap
+
+
+def _gvote(**kw) -> KVCompressionConfig:
+    return KVCompressionConfig(method="gvote", **kw)
+
+
+def test_gvote_cap_definition(rnd):
+    from vllm_adakv.memory import gvote_cap
+
+    seed = rnd.seed_value
+    for _ in range(300):
+        window = rnd.randint(1, 64)
+        max_budget = rnd.choice([0, window + rnd.randint(1, 500)])
+        ratio = rnd.choice([1.0, 1.5, 2.0, 4.0, 7.3, 20.0])
+        budget = window + rnd.randint(1, 500)
+        prompt_len = rnd.randint(1, 3000)
+        cfg = _gvote(budget=budget, window=window, max_budget=max_budget, min_compression=ratio)
+        caps = ([max_budget] if max_budget else []) + ([int(prompt_len // ratio)]
+                                                        if ratio > 1 else [])
+        expected = max(window, min(prompt_len, min(caps) if caps else budget))
+        assert gvote_cap(cfg, prompt_len) == expected, (seed, cfg, prompt_len)
+
+
+@pytest.mark.parametrize("kw,prompt_len,cap", [
+    ({"max_budget": 256}, 1000, 256),
+    ({"min_compression": 4.0}, 1000, 250),
+    ({"max_budget": 200, "min_compression": 4.0}, 1000, 200),
+    ({"max_budget": 300, "min_compression": 4.0}, 1000, 250),
+    ({"budget": 130}, 1000, 130),  # neither cap: --kv-budget
+    ({"min_compression": 40.0}, 1000, 32),  # never below the window
+])
+def test_gvote_plans_every_layer_at_its_cap(kw, prompt_len, cap):
+    bs, heads, layers = 16, 4, 3
+    plan = plan_compression(_gvote(**kw), prompt_len, heads, bs, layers)
+    assert plan is not None
+    assert plan.layer_budgets == (cap,) * layers
+    assert plan.kept_blocks == ceil_div(cap, bs)  # each head holds up to cap tokens
+    assert plan.tail_block == prompt_len // bs
+
+
+def test_gvote_no_plan_when_the_cap_covers_the_prompt_or_frees_nothing():
+    assert plan_compression(_gvote(max_budget=500), 500, 2, 16, 2) is None
+    assert plan_compression(_gvote(min_compression=1.0, budget=1024), 1000, 2, 16, 2) is None
+    # cap 100 needs 4 blocks of 32; a 159-token prompt has tail block 4: nothing to free
+    assert plan_compression(_gvote(max_budget=100), 159, 2, 32, 2) is None
+    assert plan_compression(_gvote(max_budget=100), 160, 2, 32, 2).released_blocks == 1
+
+
+def test_page_usage_counts_reserved_and_filled_pages():
+    from vllm_adakv.memory import page_usage
+
+    plan = plan_compression(_gvote(max_budget=64, window=8), 1000, 2, 16, 3)
+    assert plan.kept_blocks == 4
+    # layer 0 full at the cap, layer 1 partly, layer 2 only the window
+    usage = page_usage(plan, [[64, 64], [17, 33], [8, 8]])
+    assert usage.reserved_pages == 4 * 2 * 3
+    assert usage.used_pages == 8 + (2 + 3) + 2
+    assert usage.kept_tokens == 64 + 64 + 17 + 33 + 8 + 8
+    assert usage.waste == pytest.approx(1 - 15 / 24)
+    assert usage.slot_waste == pytest.approx(1 - 194 / (24 * 16))
+    assert usage.max_head_tokens == 64
+    assert usage.layer_pages == (8, 5, 2)
+    assert usage.exact_blocks == 4  # layer 0 fills its 4 blocks
+    assert usage.pooled_blocks == ceil_div(15, 2 * 3)
+    low = page_usage(plan, [[20, 1], [8, 8], [8, 8]])
+    assert low.layer_pages == (3, 2, 2) and low.exact_blocks == 2 and low.pooled_blocks == 2

@@ -51,6 +51,20 @@ def add_kv_compression_args(parser: Any) -> Any:
                        help=f"StreamingLLM sink tokens (default: {d.sink_tokens}).")
     group.add_argument("--kv-pyramid-beta", type=float, default=argparse.SUPPRESS,
                        help=f"PyramidKV: last layer keeps budget/beta (default: {d.pyramid_beta}).")
+    group.add_argument("--kv-gvote-samples", type=int, default=argparse.SUPPRESS,
+                       help=f"GVote: synthetic future queries per query head (default: "
+                       f"{d.gvote_samples}).")
+    group.add_argument("--kv-gvote-p", type=float, default=argparse.SUPPRESS,
+                       help=f"GVote: nucleus mass in (0, 1]; higher keeps more (default: "
+                       f"{d.gvote_p}).")
+    group.add_argument("--kv-gvote-seed", type=int, default=argparse.SUPPRESS,
+                       help=f"GVote: seed of the synthetic queries (default: {d.gvote_seed}).")
+    group.add_argument("--kv-max-budget", type=int, default=argparse.SUPPRESS,
+                       help="GVote cap: at most N tokens per KV head and layer, window "
+                       "included; memory is reserved for it (default: 0 = no such cap).")
+    group.add_argument("--kv-min-compression", type=float, default=argparse.SUPPRESS,
+                       help="GVote cap: keep at most prompt_len / R tokens per KV head and "
+                       "layer (default: 1 = no such cap). With neither cap, --kv-budget.")
     return parser
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS: tuple[str, ...] = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm")
+METHODS: tuple[str, ...] = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm", "gvote")
 POOLINGS: tuple[str, ...] = ("max", "avg")
 GQA_REDUCES: tuple[str, ...] = ("mean", "max")
 
@@ -28,7 +28,16 @@ FLAG_OF_FIELD: dict[str, str] = {
     "gqa_reduce": "--kv-gqa-reduce",
     "sink_tokens": "--kv-sink-tokens",
     "pyramid_beta": "--kv-pyramid-beta",
+    "gvote_samples": "--kv-gvote-samples",
+    "gvote_p": "--kv-gvote-p",
+    "gvote_seed": "--kv-gvote-seed",
+    "max_budget": "--kv-max-budget",
+    "min_compression": "--kv-min-compression",
 }
+
+INT_FIELDS = ("budget", "window", "pool_kernel", "sink_tokens", "gvote_samples", "gvote_seed",
+              "max_budget")
+FLOAT_FIELDS = ("alpha", "pyramid_beta", "gvote_p", "min_compression")
 
 
 class KVCompressionConfigError(ValueError):
@@ -42,6 +51,10 @@ class KVCompressionConfig:
     budget: mean tokens kept per KV head (window included) per layer.
     window: the last ``window`` prompt tokens are always kept; their queries
         score the older tokens (SnapKV observation window).
+    gvote_*: GVote's synthetic queries (samples), nucleus mass (p) and seed.
+    max_budget / min_compression: GVote's cap per KV head and layer, window
+        included: at most ``max_budget`` tokens (0: no such cap) and at most
+        ``prompt_len / min_compression`` (1: no such cap); with neither, ``budget``.
     """
 
     method: str = "none"
@@ -53,6 +66,11 @@ class KVCompressionConfig:
     gqa_reduce: str = "mean"
     sink_tokens: int = 4
     pyramid_beta: float = 20.0
+    gvote_samples: int = 8
+    gvote_p: float = 0.95
+    gvote_seed: int = 0
+    max_budget: int = 0
+    min_compression: float = 1.0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -88,7 +106,9 @@ class KVCompressionConfig:
                 f"unknown key(s) {unknown} in additional_config['{ADDITIONAL_CONFIG_KEY}']; "
                 f"allowed: {sorted(known)}"
             )
-        return cls(**_coerce(raw))
+        cfg = cls(**_coerce(raw))
+        check_caps_apply(cfg)
+        return cfg
 
     @classmethod
     def from_additional_config(
@@ -102,10 +122,10 @@ def _coerce(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         flag = FLAG_OF_FIELD[key]
-        if key in ("budget", "window", "pool_kernel", "sink_tokens"):
+        if key in INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise KVCompressionConfigError(f"{flag} must be an integer, got {value!r}")
-        elif key in ("alpha", "pyramid_beta"):
+        elif key in FLOAT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise KVCompressionConfigError(f"{flag} must be a number, got {value!r}")
             value = float(value)
@@ -150,4 +170,37 @@ def validate(cfg: KVCompressionConfig) -> None:
     if not (math.isfinite(cfg.pyramid_beta) and cfg.pyramid_beta >= 1.0):
         raise KVCompressionConfigError(
             f"--kv-pyramid-beta must be a finite number >= 1, got {cfg.pyramid_beta}"
+        )
+    _validate_gvote(cfg)
+
+
+def _validate_gvote(cfg: KVCompressionConfig) -> None:
+    if cfg.gvote_samples < 0:
+        raise KVCompressionConfigError(
+            f"--kv-gvote-samples must be >= 0, got {cfg.gvote_samples}")
+    if not (math.isfinite(cfg.gvote_p) and 0.0 < cfg.gvote_p <= 1.0):
+        raise KVCompressionConfigError(f"--kv-gvote-p must be in (0, 1], got {cfg.gvote_p}")
+    if not 0 <= cfg.gvote_seed < 2**63:
+        raise KVCompressionConfigError(
+            f"--kv-gvote-seed must be in [0, 2**63), got {cfg.gvote_seed}")
+    if cfg.max_budget != 0 and cfg.max_budget <= cfg.window:
+        raise KVCompressionConfigError(
+            f"--kv-max-budget must be 0 (no cap) or greater than --kv-window "
+            f"(got max_budget={cfg.max_budget}, window={cfg.window})"
+        )
+    if not (math.isfinite(cfg.min_compression) and cfg.min_compression >= 1.0):
+        raise KVCompressionConfigError(
+            f"--kv-min-compression must be a finite number >= 1, got {cfg.min_compression}")
+
+
+def check_caps_apply(cfg: KVCompressionConfig) -> None:
+    """Reject a GVote cap set for another method (user-facing settings only).
+
+    Not part of ``validate``: a per-request override may switch a capped gvote
+    server's request to another method, which then simply ignores the cap.
+    """
+    if cfg.method != "gvote" and (cfg.max_budget != 0 or cfg.min_compression != 1.0):
+        raise KVCompressionConfigError(
+            "--kv-max-budget and --kv-min-compression only apply to --kv-compression gvote "
+            f"(got method={cfg.method!r}); other methods keep exactly --kv-budget"
         )

@@ -14,6 +14,7 @@ inputs, so they agree on ``kept_blocks`` without talking to each other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,6 +28,8 @@ def cdiv(a: int, b: int) -> int:
 
 # Methods whose heads all keep the same number of tokens within a layer.
 UNIFORM_METHODS = ("snapkv", "pyramidkv", "streamingllm")
+# Methods whose kept set is unknown before compression: planned at their cap.
+CAPPED_METHODS = ("gvote",)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class CompressionPlan:
     prompt_len: int
     block_size: int
     num_kv_heads: int
-    layer_budgets: tuple[int, ...]  # mean tokens kept per head, window included
+    layer_budgets: tuple[int, ...]  # mean tokens kept per head, window included (gvote: cap)
     kept_blocks: int  # blocks [0, kept_blocks) hold the compacted head-pages
     tail_block: int  # prompt_len // block_size: first block of the uncompressed tail
 
@@ -61,6 +64,22 @@ def max_head_pages(
     return min(bound, num_kv_heads * cdiv(prompt_len, block_size))
 
 
+def gvote_cap(cfg: KVCompressionConfig, prompt_len: int) -> int:
+    """Most tokens a GVote head may keep in any layer (window included) for this prompt.
+
+    ``min(max_budget, floor(prompt_len / min_compression))`` over the caps that are set
+    (``budget`` when none is), clamped to ``[window, prompt_len]``: the window is always
+    kept, so prompts shorter than ``window * min_compression`` compress less than asked.
+    """
+    caps = []
+    if cfg.max_budget:
+        caps.append(cfg.max_budget)
+    if cfg.min_compression > 1.0:
+        caps.append(math.floor(prompt_len / cfg.min_compression))
+    cap = min(caps) if caps else cfg.budget
+    return max(cfg.window, min(prompt_len, cap))
+
+
 # Pure and called for every compressible row of every step: cache by its inputs.
 @lru_cache(maxsize=8192)
 def plan_compression(
@@ -76,16 +95,26 @@ def plan_compression(
     pages fit in fewer blocks than the prompt's full blocks (so at least one block
     goes back to the pool). Otherwise the request runs exactly as vanilla vLLM.
     """
-    if not cfg.enabled or prompt_len <= cfg.budget:
+    if not cfg.enabled:
         return None
-    budgets = tuple(
-        min(
-            prompt_len,
-            layer_budget(cfg.method, cfg.budget, i, num_layers, cfg.window, cfg.pyramid_beta),
+    if cfg.method in CAPPED_METHODS:
+        # Worst case: every head of every layer keeps its cap (the worker trims to it).
+        cap = gvote_cap(cfg, prompt_len)
+        if prompt_len <= cap:
+            return None
+        budgets = (cap,) * num_layers
+    else:
+        if prompt_len <= cfg.budget:
+            return None
+        budgets = tuple(
+            min(
+                prompt_len,
+                layer_budget(cfg.method, cfg.budget, i, num_layers, cfg.window,
+                             cfg.pyramid_beta),
+            )
+            for i in range(num_layers)
         )
-        for i in range(num_layers)
-    )
-    uniform = cfg.method in UNIFORM_METHODS
+    uniform = cfg.method in UNIFORM_METHODS or cfg.method in CAPPED_METHODS
     pages = max(
         max_head_pages(num_kv_heads, b, prompt_len, block_size, uniform) for b in budgets
     )
@@ -100,4 +129,64 @@ def plan_compression(
         layer_budgets=budgets,
         kept_blocks=kept_blocks,
         tail_block=tail_block,
+    )
+
+
+@dataclass(frozen=True)
+class PageUsage:
+    """Head-pages a compressed request reserves vs fills, over all its layers.
+
+    A kept block holds ``H`` head-pages in *every* layer's cache, so a request
+    reserves ``kept_blocks * H * num_layers`` head-pages; layer ``l``, head ``h``
+    fills ``ceil(n[l,h] / block_size)`` of them.
+    """
+
+    block_size: int
+    num_kv_heads: int
+    kept_blocks: int  # what the plan reserved
+    layer_pages: tuple[int, ...]  # filled head-pages per layer (sum over heads)
+    kept_tokens: int  # sum of n[l,h]
+    max_head_tokens: int  # largest n[l,h]
+
+    @property
+    def reserved_pages(self) -> int:
+        return self.kept_blocks * self.num_kv_heads * len(self.layer_pages)
+
+    @property
+    def used_pages(self) -> int:
+        return sum(self.layer_pages)
+
+    @property
+    def waste(self) -> float:
+        """Share of reserved head-pages that hold no kept token."""
+        return 1.0 - self.used_pages / self.reserved_pages if self.reserved_pages else 0.0
+
+    @property
+    def slot_waste(self) -> float:
+        """Share of reserved token slots that hold no kept token (includes partial pages)."""
+        slots = self.reserved_pages * self.block_size
+        return 1.0 - self.kept_tokens / slots if slots else 0.0
+
+    @property
+    def exact_blocks(self) -> int:
+        """Blocks needed had the scheduler known the counts (layers still share blocks)."""
+        return max(1, cdiv(max(self.layer_pages, default=0), self.num_kv_heads))
+
+    @property
+    def pooled_blocks(self) -> int:
+        """Blocks needed with known counts and head-pages pooled across layers."""
+        per_block = self.num_kv_heads * len(self.layer_pages)
+        return max(1, cdiv(self.used_pages, per_block)) if per_block else 0
+
+
+def page_usage(plan: CompressionPlan, kept_per_layer: list[list[int]]) -> PageUsage:
+    """Usage of one request from its kept-token counts ``n[l][h]`` (one list per layer)."""
+    bs = plan.block_size
+    return PageUsage(
+        block_size=bs,
+        num_kv_heads=plan.num_kv_heads,
+        kept_blocks=plan.kept_blocks,
+        layer_pages=tuple(sum(cdiv(n, bs) for n in layer) for layer in kept_per_layer),
+        kept_tokens=sum(n for layer in kept_per_layer for n in layer),
+        max_head_tokens=max((n for layer in kept_per_layer for n in layer), default=0),
     )

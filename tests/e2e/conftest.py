@@ -37,12 +37,23 @@ def fat_kv_model(tmp_path_factory) -> Path:
 WITHOUT_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900,
                  env: dict[str, str] | None = None) -> dict:
     """Run tests/e2e/driver.py in a fresh process and return its JSON result."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO), **(env or {}))
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=path, **(env or {}))
     env.pop("TRITON_INTERPRET", None)  # set by the Triton kernel tests; not for vLLM
+    if _cuda():
+        # Same scenarios on a CUDA build of vLLM: the KV space becomes a fixed byte count.
+        engine = {"kv_cache_memory_bytes": kv_space_gib << 30, "gpu_memory_utilization": 0.5}
+        spec = {**spec, "engine": {**engine, **spec.get("engine", {})}}
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.driver", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():

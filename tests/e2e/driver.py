@@ -80,6 +80,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError("scenario did not finish")
     mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     return {
+        "page_usage": _page_usage(),
         "outputs": outputs,
         "finish_reasons": finished_reasons,
         "free_start": free_start,
@@ -92,6 +93,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": step,
         "trace": trace if spec.get("trace") else [],
     }
+
+
+def _page_usage() -> dict[str, dict[str, int]]:
+    """Per compressed request: head-pages reserved vs filled (in-process worker only)."""
+    from vllm_adakv.attention import cpu_backend
+
+    store = cpu_backend._STORE
+    if store is None:
+        return {}
+    return {rid: {"reserved_pages": u.reserved_pages, "used_pages": u.used_pages,
+                  "kept_tokens": u.kept_tokens, "max_head_tokens": u.max_head_tokens,
+                  "kept_blocks": u.kept_blocks, "exact_blocks": u.exact_blocks,
+                  "pooled_blocks": u.pooled_blocks, "layer_pages": list(u.layer_pages)}
+            for rid, u in store.page_usage.items()}
 
 
 if __name__ == "__main__":

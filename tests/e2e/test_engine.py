@@ -61,7 +61,10 @@ def test_blocks_released_after_prefill(fat_kv_model):
     free = [t["free"] for t in res["trace"]]
     total = res["free_start"]
     assert total - free[0] == -(-1000 // 32)  # the prefill holds the whole prompt
-    assert free[1] - free[0] == plan.released_blocks
+    # The first change after the prefill is the release (one step later under async
+    # scheduling, where a step's output is processed after the next one is scheduled).
+    changes = [b - a for a, b in zip(free, free[1:], strict=False) if b != a]
+    assert changes[0] == plan.released_blocks
     assert res["released_blocks"] == plan.released_blocks
     assert res["free_end"] == res["free_start"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_adakv.policies import (
-    METHODS,
+    BUDGET_METHODS,
     SCORED_METHODS,
     keep_counts,
     select_keep_mask,
@@ -18,7 +18,7 @@ def _call(fn, method, scores, heads, prompt_len, window, budget, alpha=0.2, sink
               layer_budget=budget, alpha=alpha, sink_tokens=sink)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", BUDGET_METHODS)
 @pytest.mark.parametrize("heads,prompt_len,window,budget", [
     (8, 300, 32, 64), (1, 40, 8, 12), (4, 20, 16, 40), (2, 9, 8, 8), (3, 50, 0, 10),
 ])
@@ -47,7 +47,7 @@ def test_random_configs_all_methods(rng):
         sink = rng.randint(0, budget - window)
         alpha = float(torch.rand(1, generator=rng.gen))
         scores = rng.randn(heads, prompt_len - window)
-        for method in METHODS:
+        for method in BUDGET_METHODS:
             msg = f"{rng} trial={trial} {method} H={heads} L={prompt_len} w={window} B={budget}"
             mask = _call(select_keep_mask, method, scores, heads, prompt_len, window, budget,
                          alpha, sink)
@@ -81,6 +81,7 @@ def test_explicit_device():
 
 @pytest.mark.parametrize("method,scores,kw,match", [
     ("h2o", torch.zeros(2, 8), {}, "unknown compression method"),
+    ("gvote", torch.zeros(2, 8), {}, "gvote_keep_mask"),
     ("snapkv", None, {}, "needs scores"),
     ("adakv", torch.zeros(2, 7), {}, "shape"),
     ("snapkv", torch.zeros(3, 8), {}, "shape"),

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan
+from vllm_adakv.overrides import Overrides, overrides_of
 
 _RUNNER: weakref.ReferenceType[Any] | None = None
 
@@ -39,6 +41,8 @@ class RowPlan:
     context_start: int  # tokens already in the cache before this step
     query_len: int
     plan: CompressionPlan
+    # The request's own settings when its vllm_xargs override the server's; else None.
+    cfg: KVCompressionConfig | None = None
 
     @property
     def seq_len(self) -> int:
@@ -80,19 +84,41 @@ def live_request_ids() -> frozenset[str]:
     return frozenset(linked_model_runner().requests.keys())
 
 
+def request_overrides(req_id: str) -> Overrides:
+    """The compression keys of a request's vllm_xargs (SamplingParams.extra_args)."""
+    state = linked_model_runner().requests.get(req_id)
+    params = getattr(state, "sampling_params", None)
+    return overrides_of(getattr(params, "extra_args", None))
+
+
+def _plan_row(planner: Any, prompt_len: int, overrides: Overrides
+              ) -> tuple[CompressionPlan | None, KVCompressionConfig | None]:
+    """Plan (and effective config) of a row; the planner gets overrides only if any."""
+    if not overrides:
+        return planner(prompt_len), None
+    plan = planner(prompt_len, overrides)
+    config_for = getattr(getattr(planner, "__self__", None), "config_for", None)
+    return plan, (config_for(prompt_len, overrides) if config_for is not None else None)
+
+
 def build_step_plan(
     num_reqs: int,
     query_start_loc_cpu: torch.Tensor,
     seq_lens_cpu: torch.Tensor,
     planner: Any,
 ) -> StepPlan:
-    """Rows whose request is compressible (``planner(prompt_len)`` is not None)."""
+    """Rows whose request is compressible (the planner's plan is not None).
+
+    ``planner(prompt_len)`` plans with the server's settings; for requests whose
+    vllm_xargs override them it is called as ``planner(prompt_len, overrides)``
+    (``CompressedAttentionSpec.plan``), and the row carries the request's config.
+    """
     req_ids, prompt_lens = read_batch(num_reqs)
     qsl = query_start_loc_cpu.tolist()
     seq = seq_lens_cpu.tolist()
     rows: list[RowPlan] = []
     for i in range(num_reqs):
-        plan = planner(prompt_lens[i])
+        plan, cfg = _plan_row(planner, prompt_lens[i], request_overrides(req_ids[i]))
         if plan is None:
             continue
         q_len = qsl[i + 1] - qsl[i]
@@ -104,6 +130,7 @@ def build_step_plan(
                 context_start=seq[i] - q_len,
                 query_len=q_len,
                 plan=plan,
+                cfg=cfg,
             )
         )
     return StepPlan(rows=rows, live_req_ids=live_request_ids())

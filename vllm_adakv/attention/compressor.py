@@ -6,19 +6,40 @@ Everything here is backend-neutral: it sees a layer's caches as logical
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from vllm_adakv import kernels
+from vllm_adakv import kernels, metrics
 from vllm_adakv.attention.batch import RowPlan, StepPlan
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.policies import SCORED_METHODS, select_keep_mask
+from vllm_adakv.memory import PageUsage, page_usage
+from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_mask
+
+# Page usage of the most recent compressed requests kept for inspection (bounded).
+MAX_USAGE_RECORDS = 4096
+
+# Debug hook: if set to a folder, every compressed (request, layer) keep mask [H, L] is
+# saved there as ``<request id>.L<layer index>.pt`` (torch.save of a CPU bool tensor).
+# Read once per store; unset costs one attribute test per compressed layer.
+RECORD_KEPT_ENV = "VLLM_ADAKV_RECORD_KEPT"
+
+
+def record_kept(folder: str, req_id: str, layer_idx: int, mask: torch.Tensor) -> None:
+    """Save one layer's keep mask of one request (see ``RECORD_KEPT_ENV``)."""
+    name = re.sub(r"[^\w.-]", "_", req_id)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.L{layer_idx:03d}.pt")
+    torch.save(mask.detach().to("cpu", torch.bool), path)
 
 
 @dataclass
 class LayerPages:
-    page_table: torch.Tensor  # [H, P] int32 virtual page ids (block * H + slot)
+    page_table: torch.Tensor  # [H, P] int32 page ids (block * H + slot), or [H] first pages
     counts: torch.Tensor  # [H] int32 kept tokens per head
 
 
@@ -29,6 +50,20 @@ class RequestKV:
     prompt_len: int
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
+    # Compression time and kept tokens summed over layers, reported to the metrics once
+    # all layers are done (or, where a worker holds only some layers, at the next step).
+    compress_seconds: float = 0.0
+    kept_tokens: int = 0
+    unreported: bool = False
+    method: str = ""  # the request's effective method
+
+    def report(self) -> None:
+        if self.unreported and self.pages:
+            heads = next(iter(self.pages.values())).counts.numel()
+            mean_kept = self.kept_tokens / (heads * len(self.pages))
+            metrics.record_compression(self.method, self.prompt_len, mean_kept,
+                                       self.compress_seconds)
+        self.unreported = False
 
 
 class CompressionStore:
@@ -38,9 +73,18 @@ class CompressionStore:
         self.cfg = cfg
         self.requests: dict[str, RequestKV] = {}
         self.num_compressed_layers = 0
+        # req_id -> reserved vs filled head-pages, once all its layers are compacted
+        self.page_usage: OrderedDict[str, PageUsage] = OrderedDict()
+        self.record_dir = os.environ.get(RECORD_KEPT_ENV) or None
 
     def begin_step(self, step: StepPlan) -> None:
-        """Drop finished requests; restart requests whose prefill starts over (preemption)."""
+        """Drop finished requests; restart requests whose prefill starts over (preemption).
+
+        Requests compressed in the previous step and not yet reported (a worker
+        holding only some of the layers) are reported to the metrics here.
+        """
+        for state in self.requests.values():
+            state.report()
         for req_id in [r for r in self.requests if r not in step.live_req_ids]:
             del self.requests[req_id]
         for row in step.rows:
@@ -51,7 +95,7 @@ class CompressionStore:
     def stash_window_queries(self, row: RowPlan, layer: str, query: torch.Tensor,
                              token_offset: int) -> None:
         """Keep this chunk's queries of the observation window [L - w, L)."""
-        w = self.cfg.window
+        w = (row.cfg or self.cfg).window
         lo = max(row.context_start, row.prompt_len - w)
         hi = min(row.seq_len, row.prompt_len)
         if lo >= hi:
@@ -66,8 +110,15 @@ class CompressionStore:
 
     def keep_mask(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
                   block_ids: torch.Tensor, scale: float) -> torch.Tensor:
-        cfg = self.cfg
+        cfg = row.cfg or self.cfg
         heads = key_cache.shape[1]
+        if cfg.method == "gvote":
+            keys = kernels.gather_prompt_keys(key_cache, block_ids, row.prompt_len)
+            return gvote_keep_mask(
+                self.requests[row.req_id].window_queries[layer], keys, scale=scale,
+                num_samples=cfg.gvote_samples, nucleus_p=cfg.gvote_p, seed=cfg.gvote_seed,
+                layer_idx=layer_idx, max_keep=row.plan.layer_budgets[layer_idx],
+            )
         scores = None
         if cfg.method in SCORED_METHODS:
             scores = kernels.score_window(
@@ -78,20 +129,47 @@ class CompressionStore:
         return select_keep_mask(
             cfg.method, scores, num_heads=heads, prompt_len=row.prompt_len, window=cfg.window,
             layer_budget=row.plan.layer_budgets[layer_idx], alpha=cfg.alpha,
-            sink_tokens=cfg.sink_tokens,
+            sink_tokens=cfg.sink_tokens, device=key_cache.device,
         )
 
     def compress_layer(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, block_ids: torch.Tensor, scale: float) -> None:
-        """Score, select and compact one layer of a request whose prompt just completed."""
+                       value_cache: torch.Tensor, block_ids: torch.Tensor, scale: float,
+                       compact=None) -> LayerPages:
+        """Score, select and compact one layer of a request whose prompt just completed.
+
+        ``compact`` defaults to ``kernels.compact`` (explicit page tables); the CUDA
+        backend passes ``kernels.compact_ranges`` (``page_table`` is then each head's
+        first page index, ``[H]``).
+        """
+        start = time.perf_counter()
         mask = self.keep_mask(row, layer, layer_idx, key_cache, block_ids, scale)
-        page_table, counts = kernels.compact(
+        if self.record_dir is not None:
+            record_kept(self.record_dir, row.req_id, layer_idx, mask)
+        page_table, counts = (compact or kernels.compact)(
             key_cache, value_cache, block_ids, mask, row.plan.kept_blocks
         )
         state = self.requests[row.req_id]
         state.pages[layer] = LayerPages(page_table=page_table, counts=counts)
         state.window_queries.pop(layer, None)
         self.num_compressed_layers += 1
+        state.compress_seconds += time.perf_counter() - start
+        state.kept_tokens += int(counts.sum())
+        state.unreported = True
+        state.method = (row.cfg or self.cfg).method
+        if len(state.pages) == len(row.plan.layer_budgets):  # all layers: report now
+            state.report()
+        self._record_usage(row, state)
+        return state.pages[layer]
+
+    def _record_usage(self, row: RowPlan, state: RequestKV) -> None:
+        """Once every layer of the request is compacted: reserved vs filled head-pages."""
+        if len(state.pages) != len(row.plan.layer_budgets):
+            return
+        counts = [p.counts.tolist() for p in state.pages.values()]
+        self.page_usage[row.req_id] = page_usage(row.plan, counts)
+        self.page_usage.move_to_end(row.req_id)
+        while len(self.page_usage) > MAX_USAGE_RECORDS:
+            self.page_usage.popitem(last=False)
 
     def pages_of(self, req_id: str, layer: str) -> LayerPages:
         state = self.requests.get(req_id)

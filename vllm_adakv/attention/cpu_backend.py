@@ -21,12 +21,12 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_adakv import kernels
 from vllm_adakv.attention.batch import StepPlan, build_step_plan
 from vllm_adakv.attention.compressor import CompressionStore
-from vllm_adakv.attention.settings import model_settings, remember_model_settings
+from vllm_adakv.attention.settings import compressible_spec, remember_model_settings
 from vllm_adakv.core.spec import CompressedAttentionSpec
 
 # Per-head-page layouts this backend can read and write (see logical_kv_views).
@@ -181,11 +181,7 @@ class AdaKVCPUBackend(CPUAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        spec = super().customize_spec(spec)
-        cfg, num_layers = model_settings()
-        if not cfg.enabled or type(spec) is not FullAttentionSpec or spec.sliding_window:
-            return spec
-        return CompressedAttentionSpec.wrap(spec, cfg, num_layers)
+        return compressible_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls() -> type[AdaKVCPUImpl]:

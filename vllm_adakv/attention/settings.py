@@ -41,3 +41,19 @@ def model_settings() -> tuple[KVCompressionConfig, int]:
 def num_model_layers(vllm_config: Any) -> int:
     """Layers of the whole model (the pyramid schedule spans all of them)."""
     return int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+
+
+def compressible_spec(spec: Any) -> Any:
+    """``spec`` as a CompressedAttentionSpec when this model compresses it, else unchanged.
+
+    Full-attention layers without a sliding window are compressed; every other
+    kind (sliding window, Mamba, cross attention, ...) is left to vLLM.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_adakv.core.spec import CompressedAttentionSpec
+
+    cfg, num_layers = model_settings()
+    if not cfg.enabled or type(spec) is not FullAttentionSpec or spec.sliding_window:
+        return spec
+    return CompressedAttentionSpec.wrap(spec, cfg, num_layers)

@@ -16,8 +16,25 @@ from dataclasses import dataclass, fields
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_adakv import metrics
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan, plan_compression
+from vllm_adakv.overrides import Overrides, overrides_of, resolve
+
+# Scheduler side: request id -> its vllm_xargs compression keys, recorded when the
+# scheduler admits the request and dropped when it frees it (patches.patch_scheduler).
+# Only requests that set such keys are recorded.
+_REQUEST_OVERRIDES: dict[str, Overrides] = {}
+
+
+def record_request(request_id: str, extra_args: dict | None) -> None:
+    overrides = overrides_of(extra_args)
+    if overrides:
+        _REQUEST_OVERRIDES[request_id] = overrides
+
+
+def forget_request(request_id: str) -> None:
+    _REQUEST_OVERRIDES.pop(request_id, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +61,14 @@ class CompressedAttentionSpec(FullAttentionSpec):
         merged = FullAttentionSpec.merge(list(specs))
         return cls.wrap(merged, specs[0].compression, specs[0].num_layers)
 
-    def plan(self, prompt_len: int) -> CompressionPlan | None:
+    def config_for(self, prompt_len: int, overrides: Overrides = ()) -> KVCompressionConfig:
+        """The effective config of a request (the server's, or its vllm_xargs over it)."""
+        return resolve(self.compression, overrides, prompt_len)
+
+    def plan(self, prompt_len: int, overrides: Overrides = ()) -> CompressionPlan | None:
         return plan_compression(
-            self.compression, prompt_len, self.num_kv_heads, self.block_size, self.num_layers
+            self.config_for(prompt_len, overrides), prompt_len, self.num_kv_heads,
+            self.block_size, self.num_layers,
         )
 
 
@@ -73,13 +95,16 @@ class CompressedKVManager(FullAttentionManager):
             return
         spec = self.kv_cache_spec
         assert isinstance(spec, CompressedAttentionSpec)
-        plan = spec.plan(num_prompt_tokens)
+        plan = spec.plan(num_prompt_tokens, _REQUEST_OVERRIDES.get(request_id, ()))
         self._released.add(request_id)
         if plan is None:
+            metrics.record_skipped()
             return
         before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, plan.kept_blocks, plan.tail_block)
-        self.num_released_blocks_total += self.block_pool.get_num_free_blocks() - before
+        released = self.block_pool.get_num_free_blocks() - before
+        self.num_released_blocks_total += released
+        metrics.record_released_blocks(released)
 
     def pop_blocks_for_free(self, request_id: str):  # noqa: ANN201 (vLLM's type)
         self._released.discard(request_id)

@@ -1,20 +1,72 @@
 """Compression kernels. Each has one signature; the torch reference is the first
-implementation and the one the CPU path runs (Triton versions for CUDA share it)."""
+implementation and the one the CPU path runs. The dispatchers below run the
+Triton version on CUDA tensors and the reference elsewhere."""
 
-from vllm_adakv.kernels.compaction import assign_head_pages, compact_reference
-from vllm_adakv.kernels.decode import headwise_attention_reference
+from __future__ import annotations
+
+import torch
+
+from vllm_adakv.kernels.compaction import (
+    assign_head_pages,
+    compact_ranges_reference,
+    compact_reference,
+)
+from vllm_adakv.kernels.decode import (
+    headwise_attention_ranges_reference,
+    headwise_attention_reference,
+)
 from vllm_adakv.kernels.scoring import gather_prompt_keys, pool_scores, score_window_reference
 
-score_window = score_window_reference
 compact = compact_reference
-headwise_attention = headwise_attention_reference
+
+
+def compact_ranges(key_cache: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compact_ranges_reference``'s contract; Triton (no host sync) on CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_compaction import compact_ranges_triton
+
+        return compact_ranges_triton(key_cache, *args, **kwargs)
+    return compact_ranges_reference(key_cache, *args, **kwargs)
+
+
+def score_window(window_query: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
+                 ) -> torch.Tensor:
+    """``score_window_reference``'s contract; Triton on CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_scoring import score_window_triton
+
+        return score_window_triton(window_query, key_cache, *args, **kwargs)
+    return score_window_reference(window_query, key_cache, *args, **kwargs)
+
+
+def headwise_attention(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``headwise_attention_reference``'s contract; Triton on CUDA."""
+    if query.is_cuda:
+        from vllm_adakv.kernels.triton_decode import headwise_attention_triton
+
+        return headwise_attention_triton(query, *args, **kwargs)
+    return headwise_attention_reference(query, *args, **kwargs)
+
+
+def headwise_attention_ranges(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``headwise_attention_ranges_reference``'s contract; Triton on CUDA."""
+    if query.is_cuda:
+        from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
+
+        return headwise_attention_ranges_triton(query, *args, **kwargs)
+    return headwise_attention_ranges_reference(query, *args, **kwargs)
+
 
 __all__ = [
     "assign_head_pages",
     "compact",
+    "compact_ranges",
+    "compact_ranges_reference",
     "compact_reference",
     "gather_prompt_keys",
     "headwise_attention",
+    "headwise_attention_ranges",
+    "headwise_attention_ranges_reference",
     "headwise_attention_reference",
     "pool_scores",
     "score_window",

@@ -33,26 +33,30 @@ def assign_head_pages(
     return page_table, offset
 
 
-def compact_reference(
+def compact_ranges_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_ids: torch.Tensor,
     keep_mask: torch.Tensor,
     kept_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact one request's kept tokens of one layer, in place.
+    """Compact one request's kept tokens of one layer, in place; pages as ranges.
 
     key_cache/value_cache: logical ``[num_blocks, H, bs, D]`` views of the layer.
     block_ids: the request's block table row (positions -> blocks, as vLLM has it).
     keep_mask: ``[H, L]`` bool over prompt positions.
     kept_blocks: pages must fit in the request's first ``kept_blocks`` blocks.
-    Returns (page_table ``[H, max_pages]`` int32 virtual page ids, counts ``[H]`` int32).
+    Returns (page_start ``[H]`` int32: index of each head's first page in the
+    request's head-page sequence, entry i being block ``block_ids[i // H]``, slot
+    ``i % H``; counts ``[H]`` int32 kept tokens per head). A head's pages follow
+    one another in that sequence.
     """
     heads, _ = keep_mask.shape
     block_size = key_cache.shape[2]
     counts = keep_mask.sum(dim=1)
-    page_table, offset = assign_head_pages(counts, block_ids, heads, block_size)
-    total_pages = int(((counts + block_size - 1) // block_size).sum().item())
+    pages = (counts + block_size - 1) // block_size
+    offset = torch.cumsum(pages, 0) - pages
+    total_pages = int(pages.sum().item())
     if total_pages > kept_blocks * heads:
         raise RuntimeError(
             f"compaction needs {total_pages} head-pages but only {kept_blocks} blocks "
@@ -71,4 +75,22 @@ def compact_reference(
     dst_off = rank % block_size
     key_cache[dst_block, dst_slot, dst_off] = k_sel
     value_cache[dst_block, dst_slot, dst_off] = v_sel
-    return page_table, counts.to(torch.int32)
+    return offset.to(torch.int32), counts.to(torch.int32)
+
+
+def compact_reference(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    keep_mask: torch.Tensor,
+    kept_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``compact_ranges_reference``, with each head's pages listed explicitly.
+
+    Returns (page_table ``[H, max_pages]`` int32 virtual page ids, -1 padded;
+    counts ``[H]`` int32).
+    """
+    _, counts = compact_ranges_reference(key_cache, value_cache, block_ids, keep_mask,
+                                         kept_blocks)
+    page_table, _ = assign_head_pages(counts, block_ids, keep_mask.shape[0], key_cache.shape[2])
+    return page_table, counts

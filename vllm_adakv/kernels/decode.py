@@ -92,3 +92,47 @@ def headwise_attention_reference(
         o = torch.einsum("hgqn,hnd->hgqd", probs, values.float())  # [H, G, q, D]
         out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, dim).to(out.dtype)
     return out
+
+
+def headwise_attention_ranges_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    num_row_tokens: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Head-wise attention for selected batch rows, with pages given as ranges.
+
+    page_start/kept_counts: ``[S, H]``: head h of the request in slot s owns the
+    ``ceil(kept_counts[s, h] / bs)`` head-pages starting at entry
+    ``page_start[s, h]`` of its head-page sequence (entry i = block
+    ``block_table[b, i // H]``, slot ``i % H``). block_table: ``[B, NB]`` of the
+    whole batch. rows: int32 ``[R, 7]`` (batch row, slot, q_start, q_end,
+    tail_start, seq_len, scratch offset; see ``triton_decode.row_table``).
+    ``num_row_tokens`` (scratch size of the Triton version) is unused here.
+    Only the rows' query tokens ``out[q_start:q_end]`` are written.
+    """
+    del num_row_tokens
+    heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    for b, s, q0, q1, tail, seq, _ in rows.tolist():
+        counts = kept_counts[s].long()
+        pages = (counts + block_size - 1) // block_size
+        width = max(int(pages.max().item()), 1)
+        j = torch.arange(width, device=counts.device)
+        idx = page_start[s].long()[:, None] + j[None, :]
+        valid = j[None, :] < pages[:, None]
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        block_row = block_table[b].long()
+        virt = block_row[idx // heads] * heads + idx % heads
+        table = torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
+        headwise_attention_reference(
+            query, key_cache, value_cache, table[None], kept_counts[s][None],
+            block_table[b][None], torch.tensor([tail]), torch.tensor([seq]),
+            torch.tensor([q0, q1]), scale, out,
+        )
+    return out

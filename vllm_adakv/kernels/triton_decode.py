@@ -38,11 +38,13 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
+# Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
+ROW_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
 @triton.jit
 def _headwise_fwd(
-    q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, tail_ptr, seq_ptr, qsl_ptr,
+    q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_qd,
@@ -58,6 +60,7 @@ def _headwise_fwd(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PAGE_RANGES: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -66,16 +69,20 @@ def _headwise_fwd(
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    r = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     BLOCK_M: tl.constexpr = BLOCK_G * BLOCK_Q
 
-    q_start = tl.load(qsl_ptr + row).to(tl.int32)
-    q_len = tl.load(qsl_ptr + row + 1).to(tl.int32) - q_start
-    seq_len = tl.load(seq_ptr + row).to(tl.int32)
-    tail_start = tl.load(tail_ptr + row).to(tl.int32)
-    kept = tl.load(cnt_ptr + row * stride_cr + head * stride_ch).to(tl.int32)
+    meta = rows_ptr + r * ROW_FIELDS
+    batch_row = tl.load(meta + 0).to(tl.int64)
+    slot_row = tl.load(meta + 1).to(tl.int64)
+    q_start = tl.load(meta + 2).to(tl.int32)
+    q_len = tl.load(meta + 3).to(tl.int32) - q_start
+    tail_start = tl.load(meta + 4).to(tl.int32)
+    seq_len = tl.load(meta + 5).to(tl.int32)
+    mid_start = tl.load(meta + 6).to(tl.int32)
+    kept = tl.load(cnt_ptr + slot_row * stride_cr + head * stride_ch).to(tl.int32)
 
     # Iteration space of (row, head): kept head-pages, then the tail blocks.
     n_pages = (kept + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -100,8 +107,10 @@ def _headwise_fwd(
     mask_n = offs_n < BLOCK_SIZE
     q_heads = head * GROUP + offs_g
 
-    pt_row = pt_ptr + row * stride_pr + head * stride_ph
-    bt_row = bt_ptr + row * stride_br
+    pt_row = pt_ptr + slot_row * stride_pr + head * stride_ph
+    bt_row = bt_ptr + batch_row * stride_br
+    if PAGE_RANGES:
+        first_page = tl.load(pt_row).to(tl.int64)
     # Offsets inside a head-page (token n, dim d), for K loaded as [D, N] and V as [N, D].
     k_in_page = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_in_page = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -132,9 +141,17 @@ def _headwise_fwd(
                 hi = tail_hi
             for i in range(lo, hi):
                 if it == 0:
-                    page = tl.load(pt_row + i * stride_pp).to(tl.int64)
-                    block = page // NUM_KV_HEADS
-                    slot = page % NUM_KV_HEADS
+                    if PAGE_RANGES:
+                        # Page i of the head is entry first_page + i of the request's
+                        # head-page sequence (block j, slot s) -> j * H + s.
+                        seq_idx = first_page + i
+                        block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb)
+                        block = block.to(tl.int64)
+                        slot = seq_idx % NUM_KV_HEADS
+                    else:
+                        page = tl.load(pt_row + i * stride_pp).to(tl.int64)
+                        block = page // NUM_KV_HEADS
+                        slot = page % NUM_KV_HEADS
                     tok_idx = i * BLOCK_SIZE + offs_n
                     valid_n = mask_n & (tok_idx < kept)
                     valid = mask_m[:, None] & valid_n[None, :]
@@ -181,7 +198,8 @@ def _headwise_fwd(
                 mask=mask_m[:, None] & mask_d[None, :],
             )
         else:
-            mid = tok * stride_mt + q_heads * stride_mh + split * stride_ms
+            mtok = (mid_start + qi).to(tl.int64)
+            mid = mtok * stride_mt + q_heads * stride_mh + split * stride_ms
             tl.store(mid_m_ptr + mid, m_i, mask=mask_m)
             tl.store(mid_l_ptr + mid, l_i, mask=mask_m)
             tl.store(
@@ -192,24 +210,27 @@ def _headwise_fwd(
 
 @triton.jit
 def _headwise_reduce(
-    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, qsl_ptr,
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, rows_ptr,
     stride_ot, stride_oh, stride_od,
     stride_mt, stride_mh, stride_ms,
-    NUM_ROWS,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tok = tl.program_id(0)
+    r = tl.program_id(0)
     qh = tl.program_id(1)
-    first = tl.load(qsl_ptr).to(tl.int32)
-    last = tl.load(qsl_ptr + NUM_ROWS).to(tl.int32)
-    if (tok >= first) & (tok < last):
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_s = offs_s < NUM_SPLITS
-        mid = tok.to(tl.int64) * stride_mt + qh * stride_mh + offs_s * stride_ms
+    meta = rows_ptr + r * ROW_FIELDS
+    q_start = tl.load(meta + 2).to(tl.int32)
+    q_end = tl.load(meta + 3).to(tl.int32)
+    mid_start = tl.load(meta + 6).to(tl.int32)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    for i in range(0, q_end - q_start):
+        tok = (q_start + i).to(tl.int64)
+        mid = ((mid_start + i).to(tl.int64) * stride_mt + qh * stride_mh
+               + offs_s * stride_ms)
         m = tl.load(mid_m_ptr + mid, mask=mask_s, other=float("-inf"))
         ls = tl.load(mid_l_ptr + mid, mask=mask_s, other=0.0)
         m_max = tl.max(m, 0)
@@ -220,7 +241,7 @@ def _headwise_reduce(
         acc = tl.load(mid_acc_ptr + mid[:, None] * BLOCK_D + offs_d[None, :],
                       mask=mask_s[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], 0) / denom
-        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + qh * stride_oh + offs_d * stride_od,
+        tl.store(out_ptr + tok * stride_ot + qh * stride_oh + offs_d * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
@@ -236,14 +257,105 @@ def _num_programs_target(device: torch.device) -> int:
     return 2 * _SM_COUNT[idx]
 
 
-def default_num_splits(num_rows: int, num_kv_heads: int, max_pages: int, max_blocks: int,
+def default_num_splits(num_rows: int, num_kv_heads: int, max_iters: int,
                        device: torch.device) -> int:
     """Splits per (row, head) from shapes only: enough programs to fill the device,
-    at least 4 pages per split on the longest possible sequence (``P + NB`` pages)."""
+    at least 4 pages per split on the longest possible key sequence (``max_iters`` pages)."""
     programs = max(num_rows * num_kv_heads, 1)
     want = triton.cdiv(_num_programs_target(device), programs)
-    longest = triton.cdiv(max_pages + max_blocks, 4)
+    longest = triton.cdiv(max_iters, 4)
     return max(1, min(want, longest, _MAX_SPLITS))
+
+
+def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
+              q_end: torch.Tensor, tail_start: torch.Tensor, seq_lens: torch.Tensor
+              ) -> torch.Tensor:
+    """Per-row int32 table ``[R, 7]`` the kernels read, from ``[R]`` tensors:
+    batch row (block table row), slot (row of the page/count tables), query token
+    range ``[q_start, q_end)``, tail start, sequence length, and the row's first
+    index in the split-K scratch (its queries, counted from row 0)."""
+    q_len = (q_end - q_start).to(torch.int64)
+    mid_start = torch.cumsum(q_len, 0) - q_len
+    cols = (batch_rows, slots, q_start, q_end, tail_start, seq_lens, mid_start)
+    return torch.stack([c.to(device=batch_rows.device, dtype=torch.int32) for c in cols], 1)
+
+
+def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
+            scale, out, num_splits, page_ranges: bool, max_iters: int) -> torch.Tensor:
+    num_tokens, num_q_heads, dim = query.shape
+    _, heads, block_size, kdim = key_cache.shape
+    assert kdim == dim and value_cache.shape == key_cache.shape
+    assert num_q_heads % heads == 0
+    assert out.shape == query.shape
+    assert rows.dtype == torch.int32 and rows.is_contiguous() and rows.shape[1] == 7
+    num_rows = rows.shape[0]
+    group = num_q_heads // heads
+    if num_rows == 0 or num_tokens == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(num_rows, heads, max_iters, query.device)
+    num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
+
+    block_g = triton.next_power_of_2(group)
+    block_q = max(1, 16 // block_g)
+    block_n = triton.next_power_of_2(block_size)
+    block_d = max(16, triton.next_power_of_2(dim))
+    use_dot = block_n >= 16
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # The Triton interpreter (CPU tensors) multiplies bf16 tl.dot operands as raw bits:
+    # there, dots run on fp32 copies of the same rounded values.
+    dot_fp32 = use_dot and query.device.type != "cuda"
+
+    if num_splits > 1:
+        dev = query.device
+        mid_m = torch.empty(max(num_mid_tokens, 1), num_q_heads, num_splits,
+                            dtype=torch.float32, device=dev)
+        mid_l = torch.empty_like(mid_m)
+        mid_acc = torch.empty(max(num_mid_tokens, 1), num_q_heads, num_splits, block_d,
+                              dtype=torch.float32, device=dev)
+        mid_strides = mid_m.stride()
+    else:
+        mid_m = mid_l = mid_acc = out  # unused
+        mid_strides = (0, 0, 0)
+    page_strides = pages.stride() if pages.dim() == 3 else (*pages.stride(), 0)
+
+    _headwise_fwd[(num_rows, heads, num_splits)](
+        query, key_cache, value_cache, pages, counts, block_table, rows,
+        out, mid_acc, mid_m, mid_l,
+        float(scale) * _LOG2E,
+        *query.stride(),
+        *key_cache.stride(),
+        *value_cache.stride(),
+        *page_strides,
+        *counts.stride(),
+        *block_table.stride(),
+        *out.stride(),
+        *mid_strides,
+        NUM_KV_HEADS=heads,
+        GROUP=group,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=dim,
+        NUM_SPLITS=num_splits,
+        PAGE_RANGES=page_ranges,
+        BLOCK_G=block_g,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        USE_DOT=use_dot,
+        DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32,
+    )
+    if num_splits > 1:
+        _headwise_reduce[(num_rows, num_q_heads)](
+            out, mid_acc, mid_m, mid_l, rows,
+            *out.stride(),
+            *mid_strides,
+            HEAD_DIM=dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )
+    return out
 
 
 def headwise_attention_triton(
@@ -265,80 +377,37 @@ def headwise_attention_triton(
     Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
     (row, head) key sequence over that many programs (default: from shapes).
     """
-    num_tokens, num_q_heads, dim = query.shape
-    _, heads, block_size, kdim = key_cache.shape
-    assert kdim == dim and value_cache.shape == key_cache.shape
-    assert num_q_heads % heads == 0
-    assert out.shape == query.shape
-    num_rows, _, max_pages = page_table.shape
-    group = num_q_heads // heads
-    if num_rows == 0 or num_tokens == 0:
-        return out
-    if num_splits is None:
-        num_splits = default_num_splits(num_rows, heads, max_pages, block_table.shape[1],
-                                        query.device)
-    num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
+    num_rows = page_table.shape[0]
+    idx = torch.arange(num_rows, device=query.device)
+    qsl = query_start_loc.to(query.device)
+    rows = row_table(idx, idx, qsl[:-1], qsl[1:], tail_start.to(query.device),
+                     seq_lens.to(query.device))
+    return _launch(query, key_cache, value_cache, page_table, kept_counts,
+                   block_table, rows, query.shape[0], scale, out, num_splits,
+                   page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1])
 
-    tail_start = tail_start.contiguous()
-    seq_lens = seq_lens.contiguous()
-    query_start_loc = query_start_loc.contiguous()
 
-    block_g = triton.next_power_of_2(group)
-    block_q = max(1, 16 // block_g)
-    block_n = triton.next_power_of_2(block_size)
-    block_d = max(16, triton.next_power_of_2(dim))
-    use_dot = block_n >= 16
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    # The Triton interpreter (CPU tensors) multiplies bf16 tl.dot operands as raw bits:
-    # there, dots run on fp32 copies of the same rounded values.
-    dot_fp32 = use_dot and query.device.type != "cuda"
+def headwise_attention_ranges_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    num_row_tokens: int,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Head-wise attention for selected batch rows, pages given as ranges.
 
-    if num_splits > 1:
-        dev = query.device
-        mid_m = torch.empty(num_tokens, num_q_heads, num_splits, dtype=torch.float32, device=dev)
-        mid_l = torch.empty_like(mid_m)
-        mid_acc = torch.empty(num_tokens, num_q_heads, num_splits, block_d,
-                              dtype=torch.float32, device=dev)
-        mid_strides = mid_m.stride()
-    else:
-        mid_m = mid_l = mid_acc = out  # unused
-        mid_strides = (0, 0, 0)
-
-    _headwise_fwd[(num_rows, heads, num_splits)](
-        query, key_cache, value_cache, page_table, kept_counts, block_table,
-        tail_start, seq_lens, query_start_loc,
-        out, mid_acc, mid_m, mid_l,
-        float(scale) * _LOG2E,
-        *query.stride(),
-        *key_cache.stride(),
-        *value_cache.stride(),
-        *page_table.stride(),
-        *kept_counts.stride(),
-        *block_table.stride(),
-        *out.stride(),
-        *mid_strides,
-        NUM_KV_HEADS=heads,
-        GROUP=group,
-        BLOCK_SIZE=block_size,
-        HEAD_DIM=dim,
-        NUM_SPLITS=num_splits,
-        BLOCK_G=block_g,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        USE_DOT=use_dot,
-        DOT_PRECISION=precision,
-        DOT_FP32=dot_fp32,
-    )
-    if num_splits > 1:
-        _headwise_reduce[(num_tokens, num_q_heads)](
-            out, mid_acc, mid_m, mid_l, query_start_loc,
-            *out.stride(),
-            *mid_strides,
-            num_rows,
-            HEAD_DIM=dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
-        )
-    return out
+    Same contract as ``decode.headwise_attention_ranges_reference``: head h of the
+    request in slot s owns the ``ceil(kept_counts[s, h] / bs)`` head-pages that
+    start at entry ``page_start[s, h]`` of its block row's head-page sequence.
+    ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
+    Only the rows' query tokens of ``out`` are written.
+    """
+    return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
+                   rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
+                   max_iters=block_table.shape[1] + 1)

@@ -11,19 +11,28 @@ import torch
 
 from .adakv import adakv_counts
 from .common import check_int, check_scores, topk_mask
+from .gvote import gvote_keep_mask, layer_seed
 from .pyramidkv import pyramid_layer_budgets
 from .snapkv import snapkv_counts
 from .streamingllm import streamingllm_mask
 
-METHODS = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm")
+# Methods with a fixed per-layer budget: select_keep_mask / keep_counts handle them.
+BUDGET_METHODS = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm")
+# Budget-free methods: the keep-set comes from queries and keys (gvote_keep_mask).
+VOTE_METHODS = ("gvote",)
+METHODS = BUDGET_METHODS + VOTE_METHODS
 SCORED_METHODS = ("snapkv", "adakv", "pyramidkv")
 
 __all__ = [
+    "BUDGET_METHODS",
     "METHODS",
     "SCORED_METHODS",
+    "VOTE_METHODS",
     "adakv_counts",
+    "gvote_keep_mask",
     "keep_counts",
     "layer_budget",
+    "layer_seed",
     "pyramid_layer_budgets",
     "select_keep_mask",
     "snapkv_counts",
@@ -54,6 +63,9 @@ def _validate(method: str, scores: torch.Tensor | None, num_heads: int, prompt_l
               window: int, layer_budget: int) -> tuple[int, int]:
     """Check the common arguments; return ``(num_candidates, selectable)``."""
     _check_method(method)
+    if method in VOTE_METHODS:
+        raise ValueError(f"{method!r} has no fixed budget and votes with queries and keys: "
+                         f"call gvote_keep_mask")
     num_heads = check_int("num_heads", num_heads, 1)
     prompt_len = check_int("prompt_len", prompt_len, 1)
     window = check_int("window", window, 0)

@@ -56,9 +56,13 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
 
     # Layer-wide top-T; ties go to the lower flat index (lower head, then lower position).
     flat = sanitize(scores).reshape(-1)
-    thr = torch.kthvalue(flat, flat.numel() - total + 1).values
+    # The total-th largest score (a sort: far faster than kthvalue on CUDA).
+    thr = torch.sort(flat, descending=True).values[total - 1]
     need = total - (flat > thr).sum()
     hits = ties_to_lower(flat, thr, need).view(num_heads, num_candidates).sum(1)
+    # The rest works on [H]-sized vectors: on the host, one small copy instead of
+    # a few dozen tiny device kernels.
+    hits = hits.cpu()
 
     quota = alpha * s + (1.0 - alpha) * hits.double()
     lower = math.floor(alpha * s)
@@ -67,4 +71,4 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
     diff = total - caps.sum()
     give = _spread(diff.clamp(min=0), num_candidates - caps, _stable_order(frac, hits))
     take = _spread((-diff).clamp(min=0), caps - lower, _stable_order(caps - lower, -frac))
-    return caps + give - take
+    return (caps + give - take).to(device)

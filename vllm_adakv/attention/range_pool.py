@@ -1,0 +1,53 @@
+"""Device tables of each compressed request's head-page ranges, by slot.
+
+After compaction, head h of layer l of a request owns the head-pages
+``page_start .. page_start + ceil(kept / bs) - 1`` of the request's head-page
+sequence (entry i = block ``block_table[i // H]``, slot ``i % H``). The decode
+kernel reads ``page_start`` and ``kept`` from two ``[slots, layers, H]`` int32
+tables that live on the device for the whole run, so a step only uploads one
+small per-row table (batch row -> slot), never per-layer page tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RangePool:
+    """Slots for the requests of this worker, and their per-layer page ranges."""
+
+    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int,
+                 device: torch.device | str) -> None:
+        shape = (num_slots, num_layers, num_kv_heads)
+        self.page_start = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.kept_counts = torch.zeros(shape, dtype=torch.int32, device=device)
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.page_start.shape)  # type: ignore[return-value]
+
+    def retain(self, live_req_ids: frozenset[str]) -> None:
+        """Free the slots of requests that are gone from the worker."""
+        for req_id in [r for r in self._slot_of if r not in live_req_ids]:
+            self._free.append(self._slot_of.pop(req_id))
+
+    def slot(self, req_id: str) -> int:
+        """The request's slot, assigned on first use."""
+        slot = self._slot_of.get(req_id)
+        if slot is None:
+            if not self._free:
+                raise RuntimeError(
+                    f"vllm-adakv: no free page-range slot for request {req_id!r} "
+                    f"({self.shape[0]} slots, one per running request)"
+                )
+            slot = self._free.pop()
+            self._slot_of[req_id] = slot
+        return slot
+
+    def store(self, req_id: str, layer: int, page_start: torch.Tensor,
+              kept_counts: torch.Tensor) -> None:
+        slot = self.slot(req_id)
+        self.page_start[slot, layer] = page_start
+        self.kept_counts[slot, layer] = kept_counts
