@@ -134,7 +134,7 @@ def test_range_decode_low_precision(dtype):
     torch.testing.assert_close(out[written].float(), want[written], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,dim", [(2, 64), (8, 128)])
 def test_triton_compaction_matches_reference(dtype, heads, dim):
     from vllm_adakv.kernels.triton_compaction import compact_ranges_triton
