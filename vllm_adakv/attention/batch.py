@@ -91,34 +91,26 @@ def request_overrides(req_id: str) -> Overrides:
     return overrides_of(getattr(params, "extra_args", None))
 
 
-def _plan_row(planner: Any, prompt_len: int, overrides: Overrides
-              ) -> tuple[CompressionPlan | None, KVCompressionConfig | None]:
-    """Plan (and effective config) of a row; the planner gets overrides only if any."""
-    if not overrides:
-        return planner(prompt_len), None
-    plan = planner(prompt_len, overrides)
-    config_for = getattr(getattr(planner, "__self__", None), "config_for", None)
-    return plan, (config_for(prompt_len, overrides) if config_for is not None else None)
-
-
 def build_step_plan(
     num_reqs: int,
     query_start_loc_cpu: torch.Tensor,
     seq_lens_cpu: torch.Tensor,
-    planner: Any,
+    spec: Any,
 ) -> StepPlan:
-    """Rows whose request is compressible (the planner's plan is not None).
+    """Rows whose request is compressible (``spec.plan(...)`` is not None).
 
-    ``planner(prompt_len)`` plans with the server's settings; for requests whose
-    vllm_xargs override them it is called as ``planner(prompt_len, overrides)``
-    (``CompressedAttentionSpec.plan``), and the row carries the request's config.
+    ``spec`` is the layer group's ``CompressedAttentionSpec``: it plans each request
+    with the server's settings or, where the request's vllm_xargs override them,
+    with the request's own (then carried by the row as ``cfg``).
     """
     req_ids, prompt_lens = read_batch(num_reqs)
     qsl = query_start_loc_cpu.tolist()
     seq = seq_lens_cpu.tolist()
     rows: list[RowPlan] = []
     for i in range(num_reqs):
-        plan, cfg = _plan_row(planner, prompt_lens[i], request_overrides(req_ids[i]))
+        overrides = request_overrides(req_ids[i])
+        plan = spec.plan(prompt_lens[i], overrides)
+        cfg = spec.config_for(prompt_lens[i], overrides) if overrides else None
         if plan is None:
             continue
         q_len = qsl[i + 1] - qsl[i]

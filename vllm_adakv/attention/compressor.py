@@ -50,17 +50,17 @@ class RequestKV:
     prompt_len: int
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
-    # Compression time and kept tokens summed over layers, reported to the metrics once
-    # all layers are done (or, where a worker holds only some layers, at the next step).
+    # Compression time summed over layers, reported to the metrics with the kept tokens
+    # once all layers are done (or, where a worker holds only some layers, next step).
     compress_seconds: float = 0.0
-    kept_tokens: int = 0
     unreported: bool = False
     method: str = ""  # the request's effective method
 
     def report(self) -> None:
         if self.unreported and self.pages:
-            heads = next(iter(self.pages.values())).counts.numel()
-            mean_kept = self.kept_tokens / (heads * len(self.pages))
+            # One device-to-host read per request, not one per layer.
+            counts = torch.stack([p.counts for p in self.pages.values()])
+            mean_kept = float(counts.float().mean())
             metrics.record_compression(self.method, self.prompt_len, mean_kept,
                                        self.compress_seconds)
         self.unreported = False
@@ -153,7 +153,6 @@ class CompressionStore:
         state.window_queries.pop(layer, None)
         self.num_compressed_layers += 1
         state.compress_seconds += time.perf_counter() - start
-        state.kept_tokens += int(counts.sum())
         state.unreported = True
         state.method = (row.cfg or self.cfg).method
         if len(state.pages) == len(row.plan.layer_budgets):  # all layers: report now

@@ -95,7 +95,7 @@ class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                         else cm.seq_lens.cpu())
         num_reqs = cm.num_reqs
         step = build_step_plan(
-            num_reqs, cm.query_start_loc_cpu, seq_lens_cpu[:num_reqs], spec.plan
+            num_reqs, cm.query_start_loc_cpu, seq_lens_cpu[:num_reqs], spec
         )
         self.store.begin_step(step)
         decode_rows = step.decode_rows

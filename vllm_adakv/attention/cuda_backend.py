@@ -105,7 +105,7 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                         else cm.seq_lens.cpu())
         qsl = cm.query_start_loc_cpu.tolist()
         step = build_step_plan(cm.num_reqs, cm.query_start_loc_cpu,
-                               seq_lens_cpu[: cm.num_reqs], spec.plan)
+                               seq_lens_cpu[: cm.num_reqs], spec)
         self.store.begin_step(step)
         self.pool.retain(step.live_req_ids)
 
