@@ -61,9 +61,23 @@ def run_point(spec: dict) -> dict:
     peak, blocks_peak, out_tokens = 0, 0, 0
     preempted: dict[str, int] = {}
     total_blocks = pool.num_gpu_blocks
+    # What each step scheduled (tokens, requests), to split step times by kind.
+    scheduled: list[tuple[int, int]] = []
+    schedule = scheduler.schedule
+
+    def recording_schedule(*a, **kw):
+        out = schedule(*a, **kw)
+        scheduled.append((out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)))
+        return out
+
+    scheduler.schedule = recording_schedule
+    step_s: list[float] = []
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        ts = time.perf_counter()
+        outs = engine.step()
+        step_s.append(time.perf_counter() - ts)
+        for out in outs:
             if out.finished:
                 out_tokens += len(out.outputs[0].token_ids)
         peak = max(peak, len(scheduler.running))
@@ -72,11 +86,33 @@ def run_point(spec: dict) -> dict:
                 preempted[req_id] = max(preempted.get(req_id, 0), req.num_preemptions)
         blocks_peak = max(blocks_peak, total_blocks - pool.get_num_free_blocks())
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "out_tokens": out_tokens, "out_tok_s": out_tokens / wall,
+    scheduler.schedule = schedule
+    return {**step_breakdown(step_s, scheduled), "wall_s": wall, "out_tokens": out_tokens,
+            "out_tok_s": out_tokens / wall,
             "total_tok_s": (out_tokens + spec["num_prompts"] * spec["input_len"]) / wall,
             "peak_concurrency": peak, "preemptions": sum(preempted.values()),
             "max_num_seqs": kwargs["max_num_seqs"], "peak_kv_blocks": blocks_peak,
             "kv_blocks_total": total_blocks, "block_size": scheduler.block_size}
+
+
+def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dict:
+    """Median step time of decode-only steps (one token per request) and of mixed steps.
+
+    With async scheduling a step's wall time may belong to the step scheduled just before;
+    over hundreds of steps of each kind the medians still tell them apart.
+    """
+    import numpy as np
+
+    n = min(len(step_s), len(scheduled))
+    decode = [(t, r) for t, (tok, r) in zip(step_s[:n], scheduled[:n], strict=True)
+              if tok == r and r > 0]
+    mixed = [t for t, (tok, r) in zip(step_s[:n], scheduled[:n], strict=True) if tok != r]
+    return {"decode_steps": len(decode),
+            "decode_step_ms_median": float(np.median([t for t, _ in decode]) * 1e3)
+            if decode else None,
+            "decode_batch_median": float(np.median([r for _, r in decode])) if decode else None,
+            "mixed_steps": len(mixed),
+            "mixed_step_ms_median": float(np.median(mixed) * 1e3) if mixed else None}
 
 
 def spawn(spec: dict) -> dict:
@@ -92,6 +128,26 @@ def spawn(spec: dict) -> dict:
     return {"error": proc.stderr[-3000:]}
 
 
+def kv_bytes_per_token(model_dir: str) -> int:
+    """bf16 K and V of every layer for one token."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 2
+
+
+def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
+    """``--max-num-seqs`` for a compressed point; 'auto' sizes it for the end of generation:
+    each request then holds its kept tokens, its output and up to two partial blocks, next
+    to one whole prompt being prefilled."""
+    if args.max_num_seqs != "auto":
+        return int(args.max_num_seqs)
+    if not args.kv_cache_gib:
+        raise SystemExit("--max-num-seqs auto needs --kv-cache-gib")
+    tokens = int(args.kv_cache_gib * (1 << 30)) // kv_bytes_per_token(args.model)
+    per_request = budget + args.output_len + 32
+    return max(1, min(256, (tokens - args.input_len) // per_request))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", help=argparse.SUPPRESS)
@@ -103,6 +159,10 @@ def main() -> None:
     ap.add_argument("--ratios", default="1,8,64")
     ap.add_argument("--method", default="adakv")
     ap.add_argument("--kv-cache-gib", type=float, default=None)
+    ap.add_argument("--max-num-seqs", default="256",
+                    help="for the compressed points: a number, or 'auto' = the requests the "
+                         "KV space holds at the end of generation (needs --kv-cache-gib)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.point:
@@ -116,10 +176,28 @@ def main() -> None:
     if "error" in vanilla or "error" in prefill:
         raise SystemExit("vanilla runs failed")
     bound = vanilla["wall_s"] / prefill["wall_s"]
-    points = []
+    import torch
+
+    gpu = torch.cuda.get_device_name()
+    date = dt.date.today().isoformat()
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"throughput-{tag}-{date}-{args.regime}{args.input_len}{args.suffix}.json"
+    points: list[dict] = []
+
+    def save() -> None:  # after every point: a run cut short keeps what it measured
+        path.write_text(json.dumps({
+            "gpu": gpu, "date": date, "command": "python -m benchmarks.throughput "
+            + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
+            "kv_cache_gib": args.kv_cache_gib, "vanilla": vanilla, "prefill_only": prefill,
+            "points": points}, indent=1))
+
+    save()
     for ratio in [int(r) for r in args.ratios.split(",")]:
+        seqs = max_num_seqs(args, args.input_len // ratio)
         res = spawn({**base, "method": args.method, "ratio": ratio,
-                     "max_tokens": args.output_len})
+                     "max_tokens": args.output_len, "max_num_seqs": seqs})
         if "error" in res:
             continue
         point = {"regime": args.regime, "input_len": args.input_len,
@@ -129,19 +207,7 @@ def main() -> None:
                  "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
         print(json.dumps(point), flush=True)
         points.append(point)
-    import torch
-
-    gpu = torch.cuda.get_device_name()
-    date = dt.date.today().isoformat()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"throughput-{tag}-{date}-{args.regime}{args.input_len}.json"
-    path.write_text(json.dumps({
-        "gpu": gpu, "date": date, "command": "python -m benchmarks.throughput "
-        + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
-        "kv_cache_gib": args.kv_cache_gib, "vanilla": vanilla, "prefill_only": prefill,
-        "points": points}, indent=1))
+        save()
     print(f"wrote {path}")
 
 

@@ -138,6 +138,36 @@ def patch_model_runner() -> None:
 
     setattr(initialize_kv_cache, _MARK, True)
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache  # type: ignore[method-assign]
+    _keep_prompt_steps_out_of_full_graphs(GPUModelRunner)
+
+
+def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
+    """A step with a prompt token never replays a full CUDA graph when compressing.
+
+    Why: the CUDA backend stashes window queries and compresses in Python inside
+    the attention forward, which a full-graph replay skips. vLLM picks a full graph
+    for any batch with one token per row, which includes a prompt whose last chunk
+    is one token; no attention-builder hook can veto that (cascade attention, the
+    old veto, is gone), so such steps are dispatched as mixed batches here.
+    """
+    from vllm_adakv.attention.settings import decode_graphs_need_prompt_free_steps
+
+    orig = runner_cls._determine_batch_execution_and_padding
+    if _already(orig):
+        return
+
+    def determine(self, *args: Any, **kwargs: Any):
+        if (kwargs.get("force_uniform_decode") is None
+                and decode_graphs_need_prompt_free_steps()):
+            num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
+            batch = self.input_batch
+            computed = batch.num_computed_tokens_cpu[:num_reqs]
+            if (computed < batch.num_prompt_tokens[:num_reqs]).any():
+                kwargs["force_uniform_decode"] = False
+        return orig(self, *args, **kwargs)
+
+    setattr(determine, _MARK, True)
+    runner_cls._determine_batch_execution_and_padding = determine
 
 
 def patch_input_processor() -> None:

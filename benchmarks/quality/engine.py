@@ -5,7 +5,8 @@ Run in its own process so that every (method, budget) gets a fresh engine and KV
     python -m benchmarks.quality.engine JOB.json RESULT.json
 
 JOB: ``{"model", "device", "dtype", "max_model_len", "compression": {...} | null,
-"requests": [{"id", "prompt": [ids], "forced": [ids], "max_tokens"}]}``.
+"requests": [{"id", "prompt": [ids], "forced": [ids], "max_tokens", "xargs"?}]}``
+(``xargs``: the request's vllm_xargs, e.g. its own ``kv_compression`` and ``kv_budget``).
 RESULT: ``{"outputs": {id: [generated ids after the forced ones]}, "wall_s", "load_s"}``.
 Generation is greedy with ``ignore_eos`` (fixed length; the caller cuts at the first
 end-of-turn token), so that forced end-of-turn tokens in the question do not stop it.
@@ -46,9 +47,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     for r in job["requests"]:
         forced = list(r.get("forced", []))
         prompts.append(TokensPrompt(prompt_token_ids=list(r["prompt"])))
+        extra = {**r.get("xargs", {}), **({EXTRA_ARG: forced} if forced else {})}
         params.append(SamplingParams(
             temperature=0.0, max_tokens=len(forced) + r["max_tokens"], ignore_eos=True,
-            extra_args={EXTRA_ARG: forced} if forced else None, detokenize=False,
+            extra_args=extra or None, detokenize=False,
         ))
     t1 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

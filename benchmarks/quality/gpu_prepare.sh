@@ -26,7 +26,8 @@ mkdir -p "$STASH"
 
 stash() {
   shopt -s nullglob
-  for f in "$SRC"/*.part[0-9][0-9][0-9] "$SRC"/MANIFEST; do mv -f "$f" "$STASH/"; done
+  for f in "$SRC"/*.part[0-9][0-9][0-9]; do mv -f "$f" "$STASH/"; done
+  if [ -f "$SRC/MANIFEST" ]; then mv -f "$SRC/MANIFEST" "$STASH/"; fi
   if [ -d "$SRC/wheels" ]; then mkdir -p "$STASH/wheels"; mv -f "$SRC"/wheels/* "$STASH/wheels/" 2>/dev/null || true; fi
   status
 }

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compression-extra", default="{}",
                     help="JSON merged into every kv_compression dict, e.g. '{\"alpha\": 0.2}'")
     ap.add_argument("--engine-extra", default="{}", help="JSON of extra LLM(...) arguments")
+    ap.add_argument("--one-engine", action="store_true",
+                    help="one engine for every (method, budget): each request carries its own "
+                         "kv_compression / kv_budget (vllm_xargs); 'none' opts out")
     ap.add_argument("--notes", default="")
     ap.add_argument("--out", default=None, help="JSON path (PNG written next to it)")
     ap.add_argument("--log", default=None, help="append the engines' stdout here")
@@ -213,28 +216,58 @@ def main(argv: list[str] | None = None) -> int:
                   "details": details}
         out.write_text(json.dumps(result, indent=1) + "\n")
 
+    def cell_requests(cell: Cell, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        batch = [s for (c, _r) in pairs for t in tasks for s in samples[(t, c)]]
+        return requests_for(batch, modes)
+
+    def run_engine(comp: dict[str, Any] | None, requests: list[dict[str, Any]], tmp: str,
+                   label: dict[str, Any]) -> dict[str, Any]:
+        job = {"model": str(model), "dtype": dtype, "max_model_len": longest + 64,
+               "compression": comp, "requests": requests,
+               "engine": json.loads(args.engine_extra)}
+        t0 = time.perf_counter()
+        res = run_in_subprocess(job, Path(tmp), kv_space_gib=args.kv_space, log=log)
+        engines.append({**label, "requests": len(requests), "load_s": round(res["load_s"], 1),
+                        "generate_s": round(res["wall_s"], 1),
+                        "total_s": round(time.perf_counter() - t0, 1)})
+        print(f"engine {label}: {engines[-1]}", file=sys.stderr, flush=True)
+        return res["outputs"]
+
+    shared: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="adakv-quality-") as tmp:
+        if args.one_engine:
+            # The server's own settings only matter for what a request does not set.
+            compressed = [c for c in cells if c.method != "none"]
+            server = None if not compressed else {
+                "method": compressed[0].method, "budget": compressed[0].budget,
+                "window": args.window, **extra}
+            requests = []
+            for cell, pairs in cells.items():
+                xargs = {"kv_compression": cell.method}
+                if cell.budget is not None:
+                    xargs["kv_budget"] = cell.budget
+                for r in cell_requests(cell, pairs):
+                    requests.append({**r, "id": f"{cell.method}:{cell.budget}:{r['id']}",
+                                     "xargs": xargs})
+            shared = run_engine(server, requests, tmp, {"method": "per-request",
+                                                        "server": server})
         for cell, pairs in cells.items():
-            comp = None if cell.method == "none" else {
-                "method": cell.method, "budget": cell.budget, "window": args.window, **extra}
-            batch = [s for (c, _r) in pairs for t in tasks for s in samples[(t, c)]]
-            job = {"model": str(model), "dtype": dtype, "max_model_len": longest + 64,
-                   "compression": comp, "requests": requests_for(batch, modes),
-                   "engine": json.loads(args.engine_extra)}
-            t0 = time.perf_counter()
-            res = run_in_subprocess(job, Path(tmp), kv_space_gib=args.kv_space, log=log)
-            engines.append({"method": cell.method, "budget": cell.budget,
-                            "requests": len(job["requests"]), "load_s": round(res["load_s"], 1),
-                            "generate_s": round(res["wall_s"], 1),
-                            "total_s": round(time.perf_counter() - t0, 1)})
-            print(f"engine {cell}: {engines[-1]}", file=sys.stderr, flush=True)
+            if args.one_engine:
+                prefix = f"{cell.method}:{cell.budget}:"
+                outputs = {k[len(prefix):]: v for k, v in shared.items() if k.startswith(prefix)}
+            else:
+                comp = None if cell.method == "none" else {
+                    "method": cell.method, "budget": cell.budget, "window": args.window,
+                    **extra}
+                outputs = run_engine(comp, cell_requests(cell, pairs), tmp,
+                                     {"method": cell.method, "budget": cell.budget})
             for c, r in pairs:
                 for t in tasks:
                     for mode in modes:
                         ok = 0
                         for s in samples[(t, c)]:
                             text = decode_answer(
-                                tok, res["outputs"][f"{t}/{c}/{s.index}/{mode}"], stop)
+                                tok, outputs[f"{t}/{c}/{s.index}/{mode}"], stop)
                             good = is_correct(t, s.answers, text)
                             ok += good
                             details.append({"task": t, "context": c, "mode": mode,

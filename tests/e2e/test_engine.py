@@ -137,3 +137,23 @@ def test_chunked_prefill_selects_the_same_tokens(small_model):
                                 "engine": {"max_num_batched_tokens": 40, "max_num_seqs": 8}})
         assert chunked["steps"] > whole["steps"] + 30
         assert chunked["outputs"] == whole["outputs"], method
+
+
+def test_one_token_last_prompt_chunk_with_graphs(small_model):
+    """A prompt whose last chunk is one token, next to a decoding request: the step looks
+    like a pure decode batch (one token per row). With vLLM's default compile mode (full
+    CUDA graphs for decode batches on GPU) it must still stash that query and compress.
+
+    Chunks with a 400-token budget: step 1 = 100 (A) + 300 (B), step 2 = 1 (A) + 399 (B),
+    step 3 = 1 (A) + 1 (B): B's prompt of 700 completes with a one-token chunk.
+    """
+    requests = [{"len": 100, "seed": 1, "max_tokens": 16},
+                {"len": 700, "seed": 2, "max_tokens": 16}]
+    base = {"model_dir": str(small_model), "requests": requests,
+            "compression": {**ADAKV, "window": 32}}
+    whole = run_scenario({**base, "engine": {"max_num_batched_tokens": 4096}})
+    chunked = run_scenario({**base, "engine": {"max_num_batched_tokens": 400, "max_num_seqs": 4,
+                                               "enforce_eager": False}})
+    assert chunked["steps"] == whole["steps"] + 2
+    assert chunked["released_blocks"] == whole["released_blocks"] > 0
+    assert chunked["outputs"] == whole["outputs"]

@@ -109,15 +109,17 @@ def _written(rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("pages_per_iter", [1, None])
 @pytest.mark.parametrize("group,dim,num_splits", [(1, 64, 1), (4, 128, 3), (8, 64, None)])
-def test_range_decode_matches_page_tables(impl, group, dim, num_splits):
+def test_range_decode_matches_page_tables(impl, group, dim, num_splits, pages_per_iter):
     args = _batch(group, dim, torch.float32)
     want = _page_table_reference(args)
     out = torch.full_like(args["query"], float("nan"))
     if impl == "reference":
         headwise_attention_ranges_reference(**args, out=out)
     else:
-        headwise_attention_ranges_triton(**args, out=out, num_splits=num_splits)
+        headwise_attention_ranges_triton(**args, out=out, num_splits=num_splits,
+                                         pages_per_iter=pages_per_iter)
     written = _written(args["rows"], out.shape[0])
     assert not torch.isnan(out[written]).any(), "row tokens not fully written"
     assert torch.isnan(out[~written]).all(), "tokens of other rows must be left untouched"

@@ -107,13 +107,14 @@ def _poison_unread(args) -> None:
         vc[block, :, : tail % BLOCK_SIZE] = float("nan")
 
 
-def _check(args, num_splits, atol, rtol, pad_tokens=0):
+def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None):
     query = args["query"]
     want = torch.full(query.shape, float("nan"), dtype=torch.float32)
     headwise_attention_reference(**args, out=want)
     _poison_unread(args)
     out = torch.full_like(query, float("nan"))
-    got = headwise_attention_triton(**args, out=out, num_splits=num_splits)
+    got = headwise_attention_triton(**args, out=out, num_splits=num_splits,
+                                    pages_per_iter=pages_per_iter)
     assert got is out
     n = query.shape[0] - pad_tokens
     assert not torch.isnan(out[:n]).any(), "output not fully written"
@@ -121,12 +122,15 @@ def _check(args, num_splits, atol, rtol, pad_tokens=0):
     torch.testing.assert_close(out[:n].float(), want[:n], atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("pages_per_iter", [1, 4])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_fp32_matches_reference(group, dim):
+def test_fp32_matches_reference(group, dim, pages_per_iter):
+    """One head-page per loop iteration, and tiles of 4 (pages of a head, or tail blocks,
+    that straddle a tile's end are masked)."""
     num_splits = 1 if dim == 64 else 3
     args = _build(group, dim, torch.float32, [1, 3, 1])
-    _check(args, num_splits, atol=1e-4, rtol=1e-4)
+    _check(args, num_splits, atol=1e-4, rtol=1e-4, pages_per_iter=pages_per_iter)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4, None])
@@ -143,13 +147,14 @@ def test_low_precision(dtype, num_splits):
     _check(args, num_splits, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("pages_per_iter", [1, 2])
 @pytest.mark.parametrize("num_splits", [1, 5])
-def test_head_without_kept_tokens_and_padding(num_splits):
+def test_head_without_kept_tokens_and_padding(num_splits, pages_per_iter):
     """Row 0 has a head with no kept token (the tail only), row 1 has no query
     token at all, and two padding tokens past query_start_loc[-1] stay untouched."""
     args = _build(8, 128, torch.float32, [3, 0, 1], empty_head=1, pad_tokens=2)
     assert int(args["kept_counts"][0, 1]) == 0
-    _check(args, num_splits, atol=1e-4, rtol=1e-4, pad_tokens=2)
+    _check(args, num_splits, atol=1e-4, rtol=1e-4, pad_tokens=2, pages_per_iter=pages_per_iter)
 
 
 def test_decode_only_batch_default_splits():

@@ -76,3 +76,16 @@ def test_topk_mask_heavy_ties_match_stable_sort(rng):
         counts = torch.randint(0, cand + 1, (heads,), generator=rng.gen)
         expected = _stable_sort_mask(scores, counts)
         assert torch.equal(topk_mask(scores, counts), expected), f"{rng} trial={trial}"
+
+
+@pytest.mark.parametrize("bound_extra", [0, 3, 10_000])
+def test_topk_mask_host_bound_gives_the_same_mask(rng, bound_extra):
+    """``max_count`` (no device read-back) only changes how far topk looks, not the mask."""
+    heads, cand = 5, 97
+    scores = torch.randint(0, 6, (heads, cand), generator=rng.gen).float()  # many ties
+    counts = torch.randint(0, cand + 1, (heads,), generator=rng.gen)
+    counts[0] = 0
+    expected = topk_mask(scores, counts)
+    got = topk_mask(scores, counts, max_count=int(counts.max()) + bound_extra)
+    assert torch.equal(got, expected), str(rng)
+    assert torch.equal(got.sum(1), counts), str(rng)

@@ -104,6 +104,8 @@ def build_step_plan(
     with the request's own (then carried by the row as ``cfg``).
     """
     req_ids, prompt_lens = read_batch(num_reqs)
+    # A full CUDA graph pads the batch with empty rows past the runner's requests.
+    num_reqs = len(req_ids)
     qsl = query_start_loc_cpu.tolist()
     seq = seq_lens_cpu.tolist()
     rows: list[RowPlan] = []

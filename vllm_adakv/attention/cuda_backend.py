@@ -12,9 +12,14 @@ prompt completes in this step (Triton scoring, torch selection and
 compaction), and (3) serves compressed rows with the Triton head-wise kernel
 over their kept head-pages and tail.
 
-The per-step Python work needs eager attention: the builder reports no CUDA
-graph support for compressed layers, so vLLM keeps piecewise graphs (every
-other op of the model stays captured).
+CUDA graphs: decode-only steps (one query token per row, no prompt token in the
+batch) run in vLLM's full graphs. Their per-step state lives in persistent
+device buffers that the builder rewrites every step (the dense kernel's
+clamped ``seq_lens`` and a row table with one row per batch row, empty rows
+for requests that are not compressed), so the captured launches read the
+current step. Steps with prompt tokens need Python per layer (window queries,
+compression) and run with piecewise graphs; ``patches.patch_model_runner``
+keeps them out of full graphs even when every row has one token.
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ from vllm_adakv import kernels
 from vllm_adakv.attention.batch import RowPlan, StepPlan, build_step_plan
 from vllm_adakv.attention.compressor import CompressionStore
 from vllm_adakv.attention.range_pool import RangePool
-from vllm_adakv.attention.settings import compressible_spec, remember_model_settings
+from vllm_adakv.attention.settings import (
+    compressible_spec,
+    mark_decode_graphs_need_prompt_free_steps,
+    remember_model_settings,
+)
 from vllm_adakv.core.spec import CompressedAttentionSpec
-from vllm_adakv.kernels.triton_decode import row_table
+from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
 
 _STORE: CompressionStore | None = None
 _POOL: RangePool | None = None
@@ -74,10 +83,10 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        # The per-step row plan and per-layer compression run in Python: eager
-        # attention (piecewise graphs) for compressed layers.
+        # Decode-only steps read persistent buffers (full graphs); steps with
+        # prompt tokens run Python per layer (piecewise graphs).
         if isinstance(kv_cache_spec, CompressedAttentionSpec):
-            return AttentionCGSupport.NEVER
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
@@ -90,9 +99,29 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                     f"vllm-adakv: KV cache dtype {cache_dtype!r} is not supported with "
                     "compression yet (use --kv-cache-dtype auto)"
                 )
-            self.store, self.pool = _worker_state(
-                kv_cache_spec, vllm_config.scheduler_config.max_num_seqs, device
-            )
+            max_rows = vllm_config.scheduler_config.max_num_seqs
+            self.store, self.pool = _worker_state(kv_cache_spec, max_rows, device)
+            # Persistent per-step state read by captured decode graphs.
+            self.decode_rows = torch.zeros(max_rows, ROW_COLUMNS, dtype=torch.int32,
+                                           device=device)
+            self.dense_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            mark_decode_graphs_need_prompt_free_steps()
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> TritonAttentionMetadata:
+        if not self.compressed:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        # A decode-only batch with no compressed request: the captured launches
+        # are the same as for any decode step; only the buffers' contents change.
+        cm = common_attn_metadata
+        n = cm.seq_lens.shape[0]
+        seq_lens = self.dense_seq_lens[:n]
+        seq_lens.fill_(1)
+        rows = self.decode_rows[:n]
+        rows.zero_()
+        dense = TritonAttentionMetadataBuilder.build(self, 0, replace(cm, seq_lens=seq_lens))
+        return self._metadata(dense, step=None, prefill_rows=None, qsl=None,
+                              rows=rows, num_tokens=n)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TritonAttentionMetadata:
@@ -123,26 +152,60 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                 continue
             table.append((r.row, self.pool.slot(r.req_id), first, qsl[r.row + 1],
                           r.prompt_len, r.seq_len))
-        if hidden:
+        decode_only = cm.max_query_len == 1
+        n = cm.seq_lens.shape[0]  # padded to the graph's batch size in full graphs
+        if hidden or decode_only:
             # Released blocks must not be read by the dense kernel: it sees only
             # the query tokens of these rows (its output for them is replaced).
-            idx, q_lens = (torch.tensor(c, dtype=torch.int64) for c in zip(*hidden, strict=True))
-            clamped = cm.seq_lens.clone()
-            clamped[idx.to(clamped.device, non_blocking=True)] = q_lens.to(
-                clamped.device, dtype=clamped.dtype, non_blocking=True)
-            cm = replace(cm, seq_lens=clamped)
+            cm = replace(cm, seq_lens=self._dense_seq_lens(cm.seq_lens, hidden))
         dense = super().build(common_prefix_len, cm, fast_build)
-        base = {f.name: getattr(dense, f.name) for f in fields(TritonAttentionMetadata)}
+        prefill_rows = [r for r in step.rows if not r.compressed_before]
+        if decode_only:
+            # Every batch row gets a table row (empty when not head-wise), so a
+            # captured graph of this batch size reads the whole current table.
+            rows = self.decode_rows[:n]
+            rows.copy_(_row_table_padded(table, n).to(self.device, non_blocking=True))
+            return self._metadata(dense, step, prefill_rows, qsl, rows, n)
         rows = None
         num_tokens = 0
         if table:
-            cols = torch.tensor(table, dtype=torch.int64).T
-            rows = row_table(*cols).to(self.device, non_blocking=True)
-            num_tokens = int((cols[3] - cols[2]).sum())
-        prefill_rows = [r for r in step.rows if not r.compressed_before]
+            rows = _row_table_padded(table, len(table)).to(self.device, non_blocking=True)
+            num_tokens = sum(t[3] - t[2] for t in table)
+        return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
+
+    def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
+                        ) -> torch.Tensor:
+        """``seq_lens`` with the head-wise rows' lengths cut to their query lengths,
+        in the persistent buffer (a full graph reads that buffer)."""
+        n = seq_lens.shape[0]
+        out = self.dense_seq_lens[:n]
+        if not hidden:
+            out.copy_(seq_lens)
+            return out
+        clamp = torch.full((n,), -1, dtype=torch.int32)
+        for row, q_len in hidden:
+            clamp[row] = q_len
+        clamp = clamp.to(self.device, non_blocking=True)
+        torch.where(clamp >= 0, clamp, seq_lens.to(torch.int32), out=out)
+        return out
+
+    @staticmethod
+    def _metadata(dense: TritonAttentionMetadata, step: StepPlan | None,
+                  prefill_rows: list[RowPlan] | None, qsl: list[int] | None,
+                  rows: torch.Tensor | None, num_tokens: int) -> AdaKVTritonMetadata:
+        base = {f.name: getattr(dense, f.name) for f in fields(TritonAttentionMetadata)}
         return AdaKVTritonMetadata(**base, step=step, prefill_rows=prefill_rows,
-                                   query_start_cpu=qsl,
-                                   headwise_rows=rows, num_headwise_tokens=num_tokens)
+                                   query_start_cpu=qsl, headwise_rows=rows,
+                                   num_headwise_tokens=num_tokens)
+
+
+def _row_table_padded(table: list[tuple[int, int, int, int, int, int]], n: int
+                      ) -> torch.Tensor:
+    """int32 ``[n, ROW_COLUMNS]`` host table: ``table``'s rows, then empty rows."""
+    cols = torch.zeros(6, n, dtype=torch.int64)
+    if table:
+        cols[:, : len(table)] = torch.tensor(table, dtype=torch.int64).T
+    return row_table(*cols)
 
 
 class AdaKVTritonImpl(TritonAttentionImpl):
@@ -154,8 +217,10 @@ class AdaKVTritonImpl(TritonAttentionImpl):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                         output_scale, output_block_scale)
-        if not isinstance(attn_metadata, AdaKVTritonMetadata) or attn_metadata.step is None:
+        if not isinstance(attn_metadata, AdaKVTritonMetadata):
             return output
+        # Under a full CUDA graph only the launches below replay: decode-only steps
+        # have no prefill rows, and their row table lives in a persistent buffer.
         if not attn_metadata.prefill_rows and attn_metadata.headwise_rows is None:
             return output
         assert _STORE is not None and _POOL is not None
@@ -166,9 +231,9 @@ class AdaKVTritonImpl(TritonAttentionImpl):
         key_cache = kv_cache[..., : self.head_size]
         value_cache = kv_cache[..., self.head_size :]
         qsl = attn_metadata.query_start_cpu
-        assert qsl is not None
         block_table = attn_metadata.block_table
         for row in attn_metadata.prefill_rows or ():
+            assert qsl is not None
             store.stash_window_queries(row, layer_name, query, qsl[row.row])
             if row.completes_prompt:
                 pages = store.compress_layer(row, layer_name, layer_idx, key_cache, value_cache,

@@ -57,3 +57,18 @@ def compressible_spec(spec: Any) -> Any:
     if not cfg.enabled or type(spec) is not FullAttentionSpec or spec.sliding_window:
         return spec
     return CompressedAttentionSpec.wrap(spec, cfg, num_layers)
+
+
+_PROMPT_FREE_DECODE_GRAPHS = False
+
+
+def mark_decode_graphs_need_prompt_free_steps() -> None:
+    """Called by the CUDA builder of a compressed layer group in this process."""
+    global _PROMPT_FREE_DECODE_GRAPHS
+    _PROMPT_FREE_DECODE_GRAPHS = True
+
+
+def decode_graphs_need_prompt_free_steps() -> bool:
+    """Whether a step with prompt tokens must stay out of full CUDA graphs here
+    (its per-layer compression work runs in Python)."""
+    return _PROMPT_FREE_DECODE_GRAPHS

@@ -14,8 +14,9 @@ Design (split-K flash decoding):
   the row's query tokens together: a tile of ``BLOCK_M = BLOCK_G * BLOCK_Q``
   query rows (query head x query token), looping over the row's tokens in
   chunks of ``BLOCK_Q`` (one chunk for decode). The (r, h) key sequence is cut
-  into iterations of one page each: ``ceil(kept / bs)`` kept head-pages, then
-  the tail blocks. Split s takes a contiguous range of those iterations
+  into iterations of ``PAGES`` pages each (about 64 tokens: several independent
+  page loads in flight): ``ceil(kept / bs)`` kept head-pages, then the tail
+  blocks. Split s takes a contiguous range of those iterations
   (``ceil(n_iter / num_splits)`` each) and runs an fp32 online softmax (log2
   domain) over it. With one split it normalises and writes ``out`` directly;
   otherwise it writes its partial (max, sum of exp, unnormalised acc).
@@ -39,7 +40,8 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
-ROW_FIELDS: tl.constexpr = tl.constexpr(7)
+ROW_COLUMNS = 7
+ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
 @triton.jit
@@ -61,6 +63,7 @@ def _headwise_fwd(
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PAGE_RANGES: tl.constexpr,
+    PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,24 +87,29 @@ def _headwise_fwd(
     mid_start = tl.load(meta + 6).to(tl.int32)
     kept = tl.load(cnt_ptr + slot_row * stride_cr + head * stride_ch).to(tl.int32)
 
-    # Iteration space of (row, head): kept head-pages, then the tail blocks.
+    # Iteration space of (row, head): kept head-pages, then the tail blocks, PAGES
+    # pages (or blocks) per iteration.
     n_pages = (kept + BLOCK_SIZE - 1) // BLOCK_SIZE
     first_tail_block = tail_start // BLOCK_SIZE
     n_tail = tl.maximum((seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE - first_tail_block, 0)
     n_tail = tl.where(seq_len > tail_start, n_tail, 0)
-    n_iter = n_pages + n_tail
+    n_kept_it = (n_pages + PAGES - 1) // PAGES
+    n_iter = n_kept_it + (n_tail + PAGES - 1) // PAGES
     per_split = (n_iter + NUM_SPLITS - 1) // NUM_SPLITS
     it_lo = tl.minimum(split * per_split, n_iter)
     it_hi = tl.minimum(it_lo + per_split, n_iter)
-    kept_lo = tl.minimum(it_lo, n_pages)
-    kept_hi = tl.minimum(it_hi, n_pages)
-    tail_lo = tl.maximum(it_lo, n_pages) - n_pages
-    tail_hi = tl.maximum(it_hi, n_pages) - n_pages
+    kept_lo = tl.minimum(it_lo, n_kept_it)
+    kept_hi = tl.minimum(it_hi, n_kept_it)
+    tail_lo = tl.maximum(it_lo, n_kept_it) - n_kept_it
+    tail_hi = tl.maximum(it_hi, n_kept_it) - n_kept_it
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_g = offs_m // BLOCK_Q
     offs_qi = offs_m % BLOCK_Q
-    offs_n = tl.arange(0, BLOCK_N)
+    # A tile is PAGES head-pages of BLOCK_N // PAGES slots (the block size, padded).
+    offs_t = tl.arange(0, BLOCK_N)
+    page_of_t = offs_t // (BLOCK_N // PAGES)
+    offs_n = offs_t % (BLOCK_N // PAGES)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     mask_n = offs_n < BLOCK_SIZE
@@ -114,8 +122,6 @@ def _headwise_fwd(
     # Offsets inside a head-page (token n, dim d), for K loaded as [D, N] and V as [N, D].
     k_in_page = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_in_page = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    kv_mask_t = mask_d[:, None] & mask_n[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
 
     for q0 in range(0, q_len, BLOCK_Q):
         qi = q0 + offs_qi
@@ -141,31 +147,37 @@ def _headwise_fwd(
                 hi = tail_hi
             for i in range(lo, hi):
                 if it == 0:
+                    pg = i * PAGES + page_of_t  # the head's page of each tile slot
+                    tok_idx = pg * BLOCK_SIZE + offs_n
+                    valid_n = mask_n & (tok_idx < kept)
                     if PAGE_RANGES:
-                        # Page i of the head is entry first_page + i of the request's
+                        # Page pg of the head is entry first_page + pg of the request's
                         # head-page sequence (block j, slot s) -> j * H + s.
-                        seq_idx = first_page + i
-                        block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb)
+                        seq_idx = first_page + pg
+                        block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb,
+                                        mask=valid_n, other=0)
                         block = block.to(tl.int64)
                         slot = seq_idx % NUM_KV_HEADS
                     else:
-                        page = tl.load(pt_row + i * stride_pp).to(tl.int64)
+                        page = tl.load(pt_row + pg * stride_pp, mask=valid_n, other=0)
+                        page = page.to(tl.int64)
                         block = page // NUM_KV_HEADS
                         slot = page % NUM_KV_HEADS
-                    tok_idx = i * BLOCK_SIZE + offs_n
-                    valid_n = mask_n & (tok_idx < kept)
                     valid = mask_m[:, None] & valid_n[None, :]
                 else:
-                    tb = first_tail_block + i
-                    block = tl.load(bt_row + tb * stride_bb).to(tl.int64)
-                    slot = head.to(tl.int64)
+                    tb = first_tail_block + i * PAGES + page_of_t
                     pos = tb * BLOCK_SIZE + offs_n
                     valid_n = mask_n & (pos >= tail_start) & (pos < seq_len)
+                    block = tl.load(bt_row + tb * stride_bb, mask=valid_n, other=0)
+                    block = block.to(tl.int64)
+                    slot = tl.zeros_like(block) + head
                     valid = (mask_m[:, None] & valid_n[None, :]) & (pos[None, :] <= q_pos[:, None])
-                k_base = k_ptr + block * stride_kb + slot * stride_kh
-                v_base = v_ptr + block * stride_vb + slot * stride_vh
-                kt = tl.load(k_base + k_in_page, mask=kv_mask_t & valid_n[None, :], other=0.0)
-                v = tl.load(v_base + v_in_page, mask=kv_mask & valid_n[:, None], other=0.0)
+                k_base = block * stride_kb + slot * stride_kh  # per tile slot
+                v_base = block * stride_vb + slot * stride_vh
+                kt = tl.load(k_ptr + k_base[None, :] + k_in_page,
+                             mask=mask_d[:, None] & valid_n[None, :], other=0.0)
+                v = tl.load(v_ptr + v_base[:, None] + v_in_page,
+                            mask=valid_n[:, None] & mask_d[None, :], other=0.0)
                 if DOT_FP32:
                     s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
                 elif USE_DOT:
@@ -280,25 +292,35 @@ def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tens
     return torch.stack([c.to(device=batch_rows.device, dtype=torch.int32) for c in cols], 1)
 
 
+def default_pages_per_iter(block_size: int) -> int:
+    """Head-pages per loop iteration: tiles of about 64 tokens (more loads in flight)."""
+    return max(1, 64 // triton.next_power_of_2(block_size))
+
+
 def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
-            scale, out, num_splits, page_ranges: bool, max_iters: int) -> torch.Tensor:
+            scale, out, num_splits, page_ranges: bool, max_iters: int,
+            pages_per_iter: int | None = None) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
     assert num_q_heads % heads == 0
     assert out.shape == query.shape
-    assert rows.dtype == torch.int32 and rows.is_contiguous() and rows.shape[1] == 7
+    assert rows.dtype == torch.int32 and rows.is_contiguous() and rows.shape[1] == ROW_COLUMNS
     num_rows = rows.shape[0]
     group = num_q_heads // heads
     if num_rows == 0 or num_tokens == 0:
         return out
+    if pages_per_iter is None:
+        pages_per_iter = default_pages_per_iter(block_size)
+    pages_per_iter = triton.next_power_of_2(max(1, int(pages_per_iter)))
     if num_splits is None:
-        num_splits = default_num_splits(num_rows, heads, max_iters, query.device)
+        num_splits = default_num_splits(num_rows, heads, triton.cdiv(max_iters, pages_per_iter),
+                                        query.device)
     num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
 
     block_g = triton.next_power_of_2(group)
     block_q = max(1, 16 // block_g)
-    block_n = triton.next_power_of_2(block_size)
+    block_n = triton.next_power_of_2(block_size) * pages_per_iter
     block_d = max(16, triton.next_power_of_2(dim))
     use_dot = block_n >= 16
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
@@ -337,6 +359,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         HEAD_DIM=dim,
         NUM_SPLITS=num_splits,
         PAGE_RANGES=page_ranges,
+        PAGES=pages_per_iter,
         BLOCK_G=block_g,
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
@@ -371,11 +394,13 @@ def headwise_attention_triton(
     scale: float,
     out: torch.Tensor,
     num_splits: int | None = None,
+    pages_per_iter: int | None = None,
 ) -> torch.Tensor:
     """Attention over kept head-pages plus the shared tail, written into ``out``.
 
     Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
-    (row, head) key sequence over that many programs (default: from shapes).
+    (row, head) key sequence over that many programs (default: from shapes);
+    ``pages_per_iter`` head-pages are read per loop iteration (default: 64-token tiles).
     """
     num_rows = page_table.shape[0]
     idx = torch.arange(num_rows, device=query.device)
@@ -384,7 +409,8 @@ def headwise_attention_triton(
                      seq_lens.to(query.device))
     return _launch(query, key_cache, value_cache, page_table, kept_counts,
                    block_table, rows, query.shape[0], scale, out, num_splits,
-                   page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1])
+                   page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1],
+                   pages_per_iter=pages_per_iter)
 
 
 def headwise_attention_ranges_triton(
@@ -399,6 +425,7 @@ def headwise_attention_ranges_triton(
     scale: float,
     out: torch.Tensor,
     num_splits: int | None = None,
+    pages_per_iter: int | None = None,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -410,4 +437,4 @@ def headwise_attention_ranges_triton(
     """
     return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
                    rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
-                   max_iters=block_table.shape[1] + 1)
+                   max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter)

