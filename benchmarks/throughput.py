@@ -42,7 +42,9 @@ def run_point(spec: dict) -> dict:
         kwargs["attention_backend"] = "TRITON_ATTN"
     else:
         kwargs["additional_config"] = {"kv_compression": {
-            "method": spec["method"], "budget": spec["input_len"] // spec["ratio"]}}
+            "method": spec["method"], "budget": spec["input_len"] // spec["ratio"],
+            "reserve_output": spec.get("reserve_output", 0)}}
+    kwargs.update(spec.get("engine", {}))
     llm = LLM(**kwargs)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
@@ -92,7 +94,9 @@ def run_point(spec: dict) -> dict:
             "total_tok_s": (out_tokens + spec["num_prompts"] * spec["input_len"]) / wall,
             "peak_concurrency": peak, "preemptions": sum(preempted.values()),
             "max_num_seqs": kwargs["max_num_seqs"], "peak_kv_blocks": blocks_peak,
-            "kv_blocks_total": total_blocks, "block_size": scheduler.block_size}
+            "kv_blocks_total": total_blocks, "block_size": scheduler.block_size,
+            "engine_extra": spec.get("engine", {}),
+            "reserve_output": spec.get("reserve_output", 0)}
 
 
 def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dict:
@@ -162,6 +166,11 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", default="256",
                     help="for the compressed points: a number, or 'auto' = the requests the "
                          "KV space holds at the end of generation (needs --kv-cache-gib)")
+    ap.add_argument("--reserve-output", type=int, default=0,
+                    help="--kv-reserve-output of the compressed points (0: none)")
+    ap.add_argument("--engine-extra", default="{}",
+                    help="JSON of extra LLM(...) arguments for the compressed points, "
+                         "e.g. '{\"watermark\": 0.3}' (vLLM's admission headroom)")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -197,7 +206,9 @@ def main() -> None:
     for ratio in [int(r) for r in args.ratios.split(",")]:
         seqs = max_num_seqs(args, args.input_len // ratio)
         res = spawn({**base, "method": args.method, "ratio": ratio,
-                     "max_tokens": args.output_len, "max_num_seqs": seqs})
+                     "max_tokens": args.output_len, "max_num_seqs": seqs,
+                     "reserve_output": args.reserve_output,
+                     "engine": json.loads(args.engine_extra)})
         if "error" in res:
             continue
         point = {"regime": args.regime, "input_len": args.input_len,

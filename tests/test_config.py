@@ -68,6 +68,7 @@ def test_every_method_valid_with_defaults(method):
     ("--kv-pool-kernel", {"pool_kernel": -1}),
     ("--kv-pool-kernel", {"pool_kernel": -7}),
     ("--kv-sink-tokens", {"sink_tokens": -1}),
+    ("--kv-reserve-output", {"reserve_output": -1}),
     ("--kv-sink-tokens", {"method": "streamingllm", "budget": 64, "window": 32,
                           "sink_tokens": 33}),
     ("--kv-pyramid-beta", {"pyramid_beta": 0.5}),

@@ -65,6 +65,11 @@ def add_kv_compression_args(parser: Any) -> Any:
     group.add_argument("--kv-min-compression", type=float, default=argparse.SUPPRESS,
                        help="GVote cap: keep at most prompt_len / R tokens per KV head and "
                        "layer (default: 1 = no such cap). With neither cap, --kv-budget.")
+    group.add_argument("--kv-reserve-output", type=int, default=argparse.SUPPRESS,
+                       help="Admission headroom: a new request is admitted only if the "
+                       "blocks every compressed running request still needs for up to N "
+                       "more output tokens (at most its max_tokens) stay free (default: 0 = "
+                       "vLLM's admission, no reserve).")
     return parser
 
 

@@ -33,10 +33,11 @@ FLAG_OF_FIELD: dict[str, str] = {
     "gvote_seed": "--kv-gvote-seed",
     "max_budget": "--kv-max-budget",
     "min_compression": "--kv-min-compression",
+    "reserve_output": "--kv-reserve-output",
 }
 
 INT_FIELDS = ("budget", "window", "pool_kernel", "sink_tokens", "gvote_samples", "gvote_seed",
-              "max_budget")
+              "max_budget", "reserve_output")
 FLOAT_FIELDS = ("alpha", "pyramid_beta", "gvote_p", "min_compression")
 
 
@@ -55,6 +56,10 @@ class KVCompressionConfig:
     max_budget / min_compression: GVote's cap per KV head and layer, window
         included: at most ``max_budget`` tokens (0: no such cap) and at most
         ``prompt_len / min_compression`` (1: no such cap); with neither, ``budget``.
+    reserve_output: when the scheduler admits a new request, it keeps free the blocks
+        each compressed running request still needs for up to this many output tokens
+        (at most its max_tokens): compressed requests then grow into room of their own
+        instead of being preempted. 0: vLLM's admission, no reserve.
     """
 
     method: str = "none"
@@ -71,6 +76,7 @@ class KVCompressionConfig:
     gvote_seed: int = 0
     max_budget: int = 0
     min_compression: float = 1.0
+    reserve_output: int = 0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -171,6 +177,9 @@ def validate(cfg: KVCompressionConfig) -> None:
         raise KVCompressionConfigError(
             f"--kv-pyramid-beta must be a finite number >= 1, got {cfg.pyramid_beta}"
         )
+    if cfg.reserve_output < 0:
+        raise KVCompressionConfigError(
+            f"--kv-reserve-output must be >= 0 (tokens), got {cfg.reserve_output}")
     _validate_gvote(cfg)
 
 

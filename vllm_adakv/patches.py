@@ -8,6 +8,7 @@ or giving an attention backend the request ids of its batch rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -156,6 +157,7 @@ def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
     if _already(orig):
         return
 
+    @functools.wraps(orig)
     def determine(self, *args: Any, **kwargs: Any):
         if (kwargs.get("force_uniform_decode") is None
                 and decode_graphs_need_prompt_free_steps()):
@@ -228,7 +230,8 @@ def patch_scheduler() -> None:
 
     def add_request(self, request, *a, **kw):
         params = request.sampling_params
-        record_request(request.request_id, params.extra_args if params is not None else None)
+        record_request(request.request_id, params.extra_args if params is not None else None,
+                       params.max_tokens if params is not None else None)
         return orig_add(self, request, *a, **kw)
 
     def _free_blocks(self, request, *a, **kw):

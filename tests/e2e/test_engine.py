@@ -122,6 +122,14 @@ def test_preemption_gives_same_outputs(fat_kv_model):
     assert pressed["max_preemptions"] > 0, "scenario did not preempt"
     assert pressed["outputs"] == calm["outputs"]
     assert pressed["free_end"] == pressed["free_start"]
+    # --kv-reserve-output: admissions leave room for the compressed requests' remaining
+    # output, so the same load runs without preemption, still more requests at once.
+    reserved = run_scenario({**base, "compression": {**compression, "reserve_output": 200},
+                             "engine": {"max_num_seqs": 64}})
+    assert reserved["max_preemptions"] == 0
+    assert reserved["max_running"] > calm["max_running"]
+    assert reserved["outputs"] == calm["outputs"]
+    assert reserved["free_end"] == reserved["free_start"]
 
 
 def test_chunked_prefill_selects_the_same_tokens(small_model):

@@ -17,7 +17,7 @@ import torch
 from vllm_adakv import kernels, metrics
 from vllm_adakv.attention.batch import RowPlan, StepPlan
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.memory import PageUsage, page_usage
+from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
 from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_mask
 
 # Page usage of the most recent compressed requests kept for inspection (bounded).
@@ -56,14 +56,39 @@ class RequestKV:
     unreported: bool = False
     method: str = ""  # the request's effective method
 
-    def report(self) -> None:
-        if self.unreported and self.pages:
-            # One device-to-host read per request, not one per layer.
-            counts = torch.stack([p.counts for p in self.pages.values()])
-            mean_kept = float(counts.float().mean())
-            metrics.record_compression(self.method, self.prompt_len, mean_kept,
-                                       self.compress_seconds)
-        self.unreported = False
+
+
+@dataclass
+class _KeptCounts:
+    """Kept tokens per (layer, head) of one compressed request, on their way to the host.
+
+    The copy is queued behind the compaction (a non-blocking copy and an event on CUDA),
+    so reporting never makes the host wait for the GPU in the middle of a forward."""
+
+    req_id: str
+    method: str
+    prompt_len: int
+    seconds: float
+    plan: CompressionPlan | None  # set when every layer of the request is in ``counts``
+    counts: torch.Tensor  # [layers, H] on the host once ``event`` has completed
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, req_id: str, state: RequestKV, plan: CompressionPlan | None
+              ) -> _KeptCounts:
+        counts = torch.stack([p.counts for p in state.pages.values()])
+        event = None
+        if counts.is_cuda:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            counts = host
+        return cls(req_id, state.method, state.prompt_len, state.compress_seconds, plan,
+                   counts, event)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
 
 
 class CompressionStore:
@@ -74,17 +99,54 @@ class CompressionStore:
         self.requests: dict[str, RequestKV] = {}
         self.num_compressed_layers = 0
         # req_id -> reserved vs filled head-pages, once all its layers are compacted
-        self.page_usage: OrderedDict[str, PageUsage] = OrderedDict()
+        self._page_usage: OrderedDict[str, PageUsage] = OrderedDict()
+        self._pending: list[_KeptCounts] = []
         self.record_dir = os.environ.get(RECORD_KEPT_ENV) or None
+
+    @property
+    def page_usage(self) -> OrderedDict[str, PageUsage]:
+        """Reserved vs filled head-pages of the most recent compressed requests."""
+        self._drain(wait=True)
+        return self._page_usage
+
+    def _report(self, req_id: str, state: RequestKV, plan: CompressionPlan | None) -> None:
+        """Queue the request's kept counts for the metrics (and page usage, given ``plan``).
+
+        Host tensors are recorded at once; device counts when their copy has landed, at
+        a later step's ``begin_step`` (so on a GPU the metrics trail by about a step)."""
+        if state.unreported and state.pages:
+            self._pending.append(_KeptCounts.start(req_id, state, plan))
+            self._drain(wait=False)
+        state.unreported = False
+
+    def _drain(self, wait: bool) -> None:
+        """Report the queued counts that reached the host (all of them if ``wait``)."""
+        keep = []
+        for item in self._pending:
+            if not (wait or item.ready()):
+                keep.append(item)
+                continue
+            if item.event is not None:
+                item.event.synchronize()
+            metrics.record_compression(item.method, item.prompt_len,
+                                       float(item.counts.float().mean()), item.seconds)
+            if item.plan is not None:
+                self._page_usage[item.req_id] = page_usage(item.plan, item.counts.tolist())
+                self._page_usage.move_to_end(item.req_id)
+                while len(self._page_usage) > MAX_USAGE_RECORDS:
+                    self._page_usage.popitem(last=False)
+        self._pending = keep
 
     def begin_step(self, step: StepPlan) -> None:
         """Drop finished requests; restart requests whose prefill starts over (preemption).
 
         Requests compressed in the previous step and not yet reported (a worker
-        holding only some of the layers) are reported to the metrics here.
+        holding only some of the layers) are reported to the metrics here, and counts
+        queued earlier that have reached the host are recorded.
         """
-        for state in self.requests.values():
-            state.report()
+        for req_id, state in self.requests.items():
+            self._report(req_id, state, plan=None)
+        self._drain(wait=False)
         for req_id in [r for r in self.requests if r not in step.live_req_ids]:
             del self.requests[req_id]
         for row in step.rows:
@@ -156,19 +218,8 @@ class CompressionStore:
         state.unreported = True
         state.method = (row.cfg or self.cfg).method
         if len(state.pages) == len(row.plan.layer_budgets):  # all layers: report now
-            state.report()
-        self._record_usage(row, state)
+            self._report(row.req_id, state, row.plan)
         return state.pages[layer]
-
-    def _record_usage(self, row: RowPlan, state: RequestKV) -> None:
-        """Once every layer of the request is compacted: reserved vs filled head-pages."""
-        if len(state.pages) != len(row.plan.layer_budgets):
-            return
-        counts = [p.counts.tolist() for p in state.pages.values()]
-        self.page_usage[row.req_id] = page_usage(row.plan, counts)
-        self.page_usage.move_to_end(row.req_id)
-        while len(self.page_usage) > MAX_USAGE_RECORDS:
-            self.page_usage.popitem(last=False)
 
     def pages_of(self, req_id: str, layer: str) -> LayerPages:
         state = self.requests.get(req_id)

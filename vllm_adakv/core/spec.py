@@ -12,7 +12,9 @@ request's prompt is fully processed, replaces the blocks in
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -21,20 +23,25 @@ from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan, plan_compression
 from vllm_adakv.overrides import Overrides, overrides_of, resolve
 
-# Scheduler side: request id -> its vllm_xargs compression keys, recorded when the
-# scheduler admits the request and dropped when it frees it (patches.patch_scheduler).
-# Only requests that set such keys are recorded.
+# Scheduler side: request id -> its vllm_xargs compression keys (only requests that set
+# such keys) and its max_tokens, recorded when the scheduler admits the request and
+# dropped when it frees it (patches.patch_scheduler).
 _REQUEST_OVERRIDES: dict[str, Overrides] = {}
+_REQUEST_MAX_TOKENS: dict[str, int] = {}
 
 
-def record_request(request_id: str, extra_args: dict | None) -> None:
+def record_request(request_id: str, extra_args: dict | None,
+                   max_tokens: int | None = None) -> None:
     overrides = overrides_of(extra_args)
     if overrides:
         _REQUEST_OVERRIDES[request_id] = overrides
+    if max_tokens is not None:
+        _REQUEST_MAX_TOKENS[request_id] = max_tokens
 
 
 def forget_request(request_id: str) -> None:
     _REQUEST_OVERRIDES.pop(request_id, None)
+    _REQUEST_MAX_TOKENS.pop(request_id, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +86,25 @@ class CompressedKVManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self._released: set[str] = set()
         self.num_released_blocks_total = 0
+        # Compressed running requests -> tokens their reserve covers (--kv-reserve-output).
+        self._reserve_until: dict[str, int] = {}
+
+    def reserved_blocks(self) -> int:
+        """Blocks the compressed running requests still need for their reserved output."""
+        total = 0
+        for request_id, tokens in self._reserve_until.items():
+            held = len(self.req_to_blocks.get(request_id, ()))
+            total += max(0, cdiv(tokens, self.block_size) - held)
+        return total
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
+                                   *args: Any, **kwargs: Any) -> int:
+        """vLLM's count, plus the reserve when ``request_id`` is being admitted (it holds
+        no block yet): running requests grow into the reserve, new ones never take it."""
+        needed = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
+        if self._reserve_until and not self.req_to_blocks.get(request_id):
+            needed += self.reserved_blocks()
+        return needed
 
     def remove_skipped_blocks(
         self,
@@ -105,9 +131,15 @@ class CompressedKVManager(FullAttentionManager):
         released = self.block_pool.get_num_free_blocks() - before
         self.num_released_blocks_total += released
         metrics.record_released_blocks(released)
+        reserve = spec.compression.reserve_output
+        if reserve > 0:
+            limit = _REQUEST_MAX_TOKENS.get(request_id)
+            tokens = reserve if limit is None else min(reserve, limit)
+            self._reserve_until[request_id] = num_prompt_tokens + tokens
 
     def pop_blocks_for_free(self, request_id: str):  # noqa: ANN201 (vLLM's type)
         self._released.discard(request_id)
+        self._reserve_until.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 
