@@ -36,6 +36,8 @@ def run_point(spec: dict) -> dict:
                   skip_tokenizer_init=True,
                   max_model_len=spec["input_len"] + spec["output_len"] + 16,
                   max_num_seqs=spec.get("max_num_seqs", 256))
+    if spec.get("tp", 1) > 1:
+        kwargs["tensor_parallel_size"] = spec["tp"]
     if spec.get("kv_cache_gib"):
         kwargs["kv_cache_memory_bytes"] = int(spec["kv_cache_gib"] * (1 << 30))
     if spec["method"] == "none":
@@ -95,7 +97,7 @@ def run_point(spec: dict) -> dict:
             "peak_concurrency": peak, "preemptions": sum(preempted.values()),
             "max_num_seqs": kwargs["max_num_seqs"], "peak_kv_blocks": blocks_peak,
             "kv_blocks_total": total_blocks, "block_size": scheduler.block_size,
-            "engine_extra": spec.get("engine", {}),
+            "engine_extra": spec.get("engine", {}), "tp": spec.get("tp", 1),
             "reserve_output": spec.get("reserve_output", 0)}
 
 
@@ -147,7 +149,8 @@ def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
         return int(args.max_num_seqs)
     if not args.kv_cache_gib:
         raise SystemExit("--max-num-seqs auto needs --kv-cache-gib")
-    tokens = int(args.kv_cache_gib * (1 << 30)) // kv_bytes_per_token(args.model)
+    # --kv-cache-gib is per GPU; each of the tp GPUs holds 1/tp of the KV heads.
+    tokens = int(args.kv_cache_gib * (1 << 30)) * args.tp // kv_bytes_per_token(args.model)
     per_request = budget + args.output_len + 32
     return max(1, min(256, (tokens - args.input_len) // per_request))
 
@@ -166,6 +169,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", default="256",
                     help="for the compressed points: a number, or 'auto' = the requests the "
                          "KV space holds at the end of generation (needs --kv-cache-gib)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor_parallel_size of every point (KV space is per GPU)")
     ap.add_argument("--reserve-output", type=int, default=0,
                     help="--kv-reserve-output of the compressed points (0: none)")
     ap.add_argument("--engine-extra", default="{}",
@@ -178,7 +183,7 @@ def main() -> None:
         print("@@POINT@@" + json.dumps(run_point(json.loads(args.point))), flush=True)
         return
     base = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
-            "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib}
+            "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib, "tp": args.tp}
     vanilla = spawn({**base, "method": "none", "max_tokens": args.output_len})
     prefill = spawn({**base, "method": "none", "max_tokens": 1})
     print("vanilla", json.dumps(vanilla), "\nprefill-only", json.dumps(prefill), flush=True)

@@ -7,7 +7,8 @@ Run in its own process so that every (method, budget) gets a fresh engine and KV
 JOB: ``{"model", "device", "dtype", "max_model_len", "compression": {...} | null,
 "requests": [{"id", "prompt": [ids], "forced": [ids], "max_tokens", "xargs"?}]}``
 (``xargs``: the request's vllm_xargs, e.g. its own ``kv_compression`` and ``kv_budget``).
-RESULT: ``{"outputs": {id: [generated ids after the forced ones]}, "wall_s", "load_s"}``.
+RESULT: ``{"outputs": {id: [generated ids after the forced ones]}, "kept_per_head":
+{id: mean kept tokens per (layer, KV head)} (compressed requests), "wall_s", "load_s"}``.
 Generation is greedy with ``ignore_eos`` (fixed length; the caller cuts at the first
 end-of-turn token), so that forced end-of-turn tokens in the question do not stop it.
 """
@@ -56,13 +57,38 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall_s = time.perf_counter() - t1
     result: dict[str, list[int]] = {}
+    kept: dict[str, float] = {}
+    usage = _page_usage()
     for r, out in zip(job["requests"], outs, strict=True):
         ids = list(out.outputs[0].token_ids)
         forced = list(r.get("forced", []))
         if ids[: len(forced)] != forced:
             raise RuntimeError(f"request {r['id']}: forced question tokens were not followed")
         result[str(r["id"])] = ids[len(forced):]
-    return {"outputs": result, "wall_s": wall_s, "load_s": load_s}
+        u = usage.get(out.request_id)
+        if u is not None:
+            kept[str(r["id"])] = u.kept_tokens / (len(u.layer_pages) * u.num_kv_heads)
+    return {"outputs": result, "kept_per_head": kept, "wall_s": wall_s, "load_s": load_s}
+
+
+def _page_usage() -> dict[str, Any]:
+    """The in-process worker's page usage by LLM request id (compressed requests only):
+    kept tokens per (layer, head), the memory a request actually holds."""
+    import torch
+
+    from vllm_adakv.attention import cpu_backend
+
+    stores = [cpu_backend._STORE]
+    if torch.cuda.is_available():
+        from vllm_adakv.attention import cuda_backend
+
+        stores.append(cuda_backend._STORE)
+    usage: dict[str, Any] = {}
+    for store in stores:
+        if store is not None:
+            # The engine's ids carry a random suffix ("<LLM id>-<8 chars>").
+            usage.update({rid.rsplit("-", 1)[0]: u for rid, u in store.page_usage.items()})
+    return usage
 
 
 def run_in_subprocess(job: dict[str, Any], workdir: Path, *, kv_space_gib: int = 2,

@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         "generate_s": round(res["wall_s"], 1),
                         "total_s": round(time.perf_counter() - t0, 1)})
         print(f"engine {label}: {engines[-1]}", file=sys.stderr, flush=True)
-        return res["outputs"]
+        return res
 
-    shared: dict[str, list[int]] = {}
+    shared: dict[str, Any] = {"outputs": {}, "kept_per_head": {}}
     with tempfile.TemporaryDirectory(prefix="adakv-quality-") as tmp:
         if args.one_engine:
             # The server's own settings only matter for what a request does not set.
@@ -254,31 +254,41 @@ def main(argv: list[str] | None = None) -> int:
         for cell, pairs in cells.items():
             if args.one_engine:
                 prefix = f"{cell.method}:{cell.budget}:"
-                outputs = {k[len(prefix):]: v for k, v in shared.items() if k.startswith(prefix)}
+                res = {key: {k[len(prefix):]: v for k, v in shared[key].items()
+                             if k.startswith(prefix)} for key in ("outputs", "kept_per_head")}
             else:
                 comp = None if cell.method == "none" else {
                     "method": cell.method, "budget": cell.budget, "window": args.window,
                     **extra}
-                outputs = run_engine(comp, cell_requests(cell, pairs), tmp,
-                                     {"method": cell.method, "budget": cell.budget})
+                res = run_engine(comp, cell_requests(cell, pairs), tmp,
+                                 {"method": cell.method, "budget": cell.budget})
+            outputs, kept = res["outputs"], res.get("kept_per_head", {})
             for c, r in pairs:
                 for t in tasks:
                     for mode in modes:
-                        ok = 0
+                        ok, fractions = 0, []
                         for s in samples[(t, c)]:
-                            text = decode_answer(
-                                tok, outputs[f"{t}/{c}/{s.index}/{mode}"], stop)
+                            rid = f"{t}/{c}/{s.index}/{mode}"
+                            text = decode_answer(tok, outputs[rid], stop)
                             good = is_correct(t, s.answers, text)
                             ok += good
+                            # Memory held: kept tokens per (layer, head) over the prompt
+                            # (1 where the request was not compressed).
+                            prompt = len(s.prefix_ids) + (len(s.question_ids)
+                                                          if mode == "aware" else 0)
+                            fraction = kept[rid] / prompt if rid in kept else 1.0
+                            fractions.append(fraction)
                             details.append({"task": t, "context": c, "mode": mode,
                                             "method": cell.method, "budget": cell.budget,
                                             "index": s.index, "prompt_len": s.prompt_len,
+                                            "kept_fraction": fraction,
                                             "correct": good, "answers": list(s.answers),
                                             "output": text})
                         n = len(samples[(t, c)])
                         rows.append({"task": t, "context": c, "mode": mode,
                                      "method": cell.method, "budget": cell.budget,
-                                     "compression": r, "n": n, "accuracy": ok / n})
+                                     "compression": r, "n": n, "accuracy": ok / n,
+                                     "kept_fraction": sum(fractions) / n})
             save(complete=False)  # partial results survive an interrupted sweep
     save(complete=True)
     png = out.with_suffix(".png")
