@@ -27,6 +27,8 @@ def test_no_override_is_the_server_config():
     ({"kv_compression": "none"}, "method", "none"),
     ({"kv_compression_ratio": 4}, "budget", 250),
     ({"kv_compression_ratio": 1000}, "budget", 17),  # clamped above the window
+    ({"kv_gvote_p": 0.5}, "gvote_p", 0.5),
+    ({"kv_gvote_p": 1}, "gvote_p", 1.0),
 ])
 def test_override_changes_one_field(xargs, field, value):
     overrides = overrides_of(xargs)
@@ -57,6 +59,10 @@ def test_opt_out_plans_nothing():
     ({"kv_compression_ratio": float("inf")}, "kv_compression_ratio"),
     ({"kv_compression_ratio": "2"}, "kv_compression_ratio"),
     ({"kv_compression_ratio": 2, "kv_budget": 64}, "kv_compression_ratio"),
+    ({"kv_gvote_p": 0}, "kv_gvote_p"),
+    ({"kv_gvote_p": 1.5}, "kv_gvote_p"),
+    ({"kv_gvote_p": "0.9"}, "kv_gvote_p"),
+    ({"kv_gvote_p": True}, "kv_gvote_p"),
 ])
 def test_bad_values_name_their_key(xargs, field):
     with pytest.raises(RequestOverrideError) as info:

@@ -6,7 +6,7 @@ and the workers (the model runner's request table). Keys read here:
 
 ``kv_compression`` (method, ``"none"`` opts the request out), ``kv_budget``,
 ``kv_compression_ratio`` (budget = prompt tokens / ratio; not with ``kv_budget``),
-``kv_window``. Every other key of ``extra_args`` is left alone.
+``kv_window``, ``kv_gvote_p`` (a number). Every other key of ``extra_args`` is left alone.
 Nothing here imports vLLM.
 """
 
@@ -24,7 +24,10 @@ XARG_FIELDS: dict[str, str] = {
     "kv_compression": "method",
     "kv_budget": "budget",
     "kv_window": "window",
+    "kv_gvote_p": "gvote_p",
 }
+# Keys whose value is a number (the others but kv_compression are integers).
+FLOAT_XARGS = ("kv_gvote_p",)
 RATIO_KEY = "kv_compression_ratio"
 XARG_KEYS: tuple[str, ...] = (*XARG_FIELDS, RATIO_KEY)
 
@@ -58,6 +61,12 @@ def _int(key: str, value: Any) -> int:
     return value
 
 
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestOverrideError(key, f"must be a number, got {value!r}")
+    return float(value)
+
+
 def check_overrides(server: KVCompressionConfig, overrides: Overrides,
                     max_model_len: int | None = None) -> None:
     """Raise RequestOverrideError (naming the key) unless the overrides are usable here."""
@@ -88,6 +97,10 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
             raise RequestOverrideError(RATIO_KEY, f"must be a number, got {ratio!r}")
         if not (math.isfinite(ratio) and ratio >= 1.0):
             raise RequestOverrideError(RATIO_KEY, f"must be a finite number >= 1, got {ratio!r}")
+    # Types first, uncached: resolve's cache takes True for 1 (equal and same hash).
+    for key, field in XARG_FIELDS.items():
+        if key in given and field != "method":
+            (_number if key in FLOAT_XARGS else _int)(key, given[key])
     # Validate the combination with a prompt long enough for any ratio to apply.
     resolve(server, overrides, prompt_len=1 << 30)
 
@@ -99,7 +112,12 @@ def _override_config(server: KVCompressionConfig, overrides: Overrides,
     for key, field in XARG_FIELDS.items():
         if key in given:
             value = given[key]
-            changes[field] = value if field == "method" else _int(key, value)
+            if field == "method":
+                changes[field] = value
+            elif key in FLOAT_XARGS:
+                changes[field] = _number(key, value)
+            else:
+                changes[field] = _int(key, value)
     if not isinstance(changes.get("method", ""), str):
         raise RequestOverrideError("kv_compression", f"must be a string, got {changes['method']!r}")
     if RATIO_KEY in given:

@@ -48,6 +48,17 @@ class Cell:
     budget: int | None
 
 
+def method_settings(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"gvote@0.9"`` -> ("gvote", {"gvote_p": 0.9}, {"kv_gvote_p": 0.9}): a method label,
+    optionally with GVote's nucleus mass, as config keys and as vllm_xargs."""
+    name, _, p = label.partition("@")
+    if not p:
+        return name, {}, {}
+    if name != "gvote":
+        raise ValueError(f"{label!r}: only gvote takes '@p' (its nucleus mass)")
+    return name, {"gvote_p": float(p)}, {"kv_gvote_p": float(p)}
+
+
 def _csv(value: str, cast=str) -> list:
     return [cast(v) for v in value.split(",") if v.strip()]
 
@@ -155,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--samples", type=int, default=8, help="samples per task and context")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
-                    help="comma list; any method vLLM's kv_compression accepts")
+                    help="comma list; any method vLLM's kv_compression accepts; gvote@P "
+                         "sets GVote's nucleus mass (its budget is then the cap)")
     ap.add_argument("--ratios", default="2,4,8,16")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--window", type=int, default=32)
@@ -238,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.one_engine:
             # The server's own settings only matter for what a request does not set.
             compressed = [c for c in cells if c.method != "none"]
-            server = None if not compressed else {
-                "method": compressed[0].method, "budget": compressed[0].budget,
-                "window": args.window, **extra}
+            server = None
+            if compressed:
+                name, cfg_extra, _ = method_settings(compressed[0].method)
+                server = {"method": name, "budget": compressed[0].budget,
+                          "window": args.window, **extra, **cfg_extra}
             requests = []
             for cell, pairs in cells.items():
-                xargs = {"kv_compression": cell.method}
+                name, _, xargs_extra = method_settings(cell.method)
+                xargs = {"kv_compression": name, **xargs_extra}
                 if cell.budget is not None:
                     xargs["kv_budget"] = cell.budget
                 for r in cell_requests(cell, pairs):
@@ -257,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                 res = {key: {k[len(prefix):]: v for k, v in shared[key].items()
                              if k.startswith(prefix)} for key in ("outputs", "kept_per_head")}
             else:
-                comp = None if cell.method == "none" else {
-                    "method": cell.method, "budget": cell.budget, "window": args.window,
-                    **extra}
+                name, cfg_extra, _ = method_settings(cell.method)
+                comp = None if name == "none" else {
+                    "method": name, "budget": cell.budget, "window": args.window,
+                    **extra, **cfg_extra}
                 res = run_engine(comp, cell_requests(cell, pairs), tmp,
                                  {"method": cell.method, "budget": cell.budget})
             outputs, kept = res["outputs"], res.get("kept_per_head", {})

@@ -57,3 +57,12 @@ def test_agnostic_requests_force_the_question(tok):
     aware, agnostic = requests_for([s], ["aware", "agnostic"])
     assert aware["prompt"] == agnostic["prompt"] + agnostic["forced"]
     assert aware["forced"] == [] and agnostic["forced"] == s.question_ids
+
+
+def test_method_labels_carry_gvote_p():
+    from benchmarks.quality.run import method_settings
+
+    assert method_settings("adakv") == ("adakv", {}, {})
+    assert method_settings("gvote@0.9") == ("gvote", {"gvote_p": 0.9}, {"kv_gvote_p": 0.9})
+    with pytest.raises(ValueError, match="only gvote"):
+        method_settings("snapkv@0.9")
