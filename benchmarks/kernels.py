@@ -39,9 +39,9 @@ DTYPE = torch.bfloat16
 PROFILE = False
 
 
-def bench(fn) -> float:
-    """Median time in microseconds."""
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+def bench(fn, rep: int = 200) -> float:
+    """Median time in microseconds (``rep`` milliseconds of repeats)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
 
 
 def copy_bandwidth_gbs() -> float:
@@ -60,33 +60,45 @@ def uneven_counts(batch: int, ctx: int, keep: float) -> torch.Tensor:
     return counts.clamp(1, ctx)
 
 
-def decode_point(batch: int, ctx: int, keep: float) -> dict:
-    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-
+def decode_inputs(batch: int, ctx: int, keep: float) -> dict:
+    """Caches, tables and queries of one decode point (compressed and uncompressed views)."""
     blocks_per_row = ctx // BS + 1  # the prompt, then the tail block of the new token
     num_blocks = batch * blocks_per_row + 1
     kv = torch.randn(num_blocks, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
-    key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
     table = (torch.randperm(num_blocks - 1, device="cuda") + 1).int().view(batch, -1)
-    query = torch.randn(batch, Q_HEADS, DIM, device="cuda", dtype=DTYPE)
-    scale = DIM**-0.5
-    seq = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-
     # Ours: head h owns the pages after those of heads < h, in the row's own blocks.
     counts = uneven_counts(batch, ctx, keep)
     pages = (counts + BS - 1) // BS
-    starts = (pages.cumsum(1) - pages).int().cuda()
     idx = torch.arange(batch)
-    rows = row_table(idx, idx, idx, idx + 1, torch.full((batch,), ctx),
-                     torch.full((batch,), ctx + 1)).cuda()
-    counts_dev = counts.int().cuda()
-    out = torch.empty_like(query)
-    ours = bench(lambda: headwise_attention_ranges_triton(
-        query, key_cache, value_cache, starts, counts_dev, table, rows, batch, scale, out))
+    return {
+        "kv": kv, "table": table,
+        "query": torch.randn(batch, Q_HEADS, DIM, device="cuda", dtype=DTYPE),
+        "starts": (pages.cumsum(1) - pages).int().cuda(),
+        "rows": row_table(idx, idx, idx, idx + 1, torch.full((batch,), ctx),
+                          torch.full((batch,), ctx + 1)).cuda(),
+        "counts": counts.int().cuda(),
+        "kept_bytes": (int(counts.sum()) + batch * KV_HEADS) * DIM * 2 * kv.element_size(),
+    }
 
-    # vLLM's TRITON_ATTN decode on the uncompressed cache (its [nb, bs, H, D] views).
-    k_view, v_view = kv.transpose(1, 2).split(DIM, dim=-1)
+
+def ours_decode(x: dict, **config):
+    """A closure running our head-wise decode on ``decode_inputs``' tensors."""
+    kv, query = x["kv"], x["query"]
+    out = torch.empty_like(query)
+    return lambda: headwise_attention_ranges_triton(
+        query, kv[..., :DIM], kv[..., DIM:], x["starts"], x["counts"], x["table"], x["rows"],
+        query.shape[0], DIM**-0.5, out, **config)
+
+
+def vllm_decode(x: dict, ctx: int):
+    """A closure running vLLM's TRITON_ATTN decode on the uncompressed cache."""
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    kv, query, table = x["kv"], x["query"], x["table"]
+    batch = query.shape[0]
+    seq = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    k_view, v_view = kv.transpose(1, 2).split(DIM, dim=-1)  # its [nb, bs, H, D] views
     segments = 16
     threshold = 128 // KV_HEADS
     seg_out = torch.empty(threshold, Q_HEADS, segments, DIM, device="cuda", dtype=torch.float32)
@@ -94,18 +106,53 @@ def decode_point(batch: int, ctx: int, keep: float) -> dict:
     seg_sum = torch.empty_like(seg_max)
     descale = torch.ones(1, device="cuda", dtype=torch.float32).expand(batch, KV_HEADS)
     out_v = torch.empty_like(query)
-    vllm_us = bench(lambda: unified_attention(
+    return lambda: unified_attention(
         q=query, k=k_view, v=v_view, out=out_v, cu_seqlens_q=qsl, max_seqlen_q=1,
-        seqused_k=seq, max_seqlen_k=ctx + 1, softmax_scale=scale, causal=True,
+        seqused_k=seq, max_seqlen_k=ctx + 1, softmax_scale=DIM**-0.5, causal=True,
         window_size=(-1, -1), block_table=table, softcap=0, q_descale=None,
         k_descale=descale, v_descale=descale, seq_threshold_3D=threshold,
         num_par_softmax_segments=segments, softmax_segm_output=seg_out,
-        softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum))
-    kept_bytes = (int(counts.sum()) + batch * KV_HEADS) * DIM * 2 * kv.element_size()
-    del kv
+        softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum)
+
+
+def decode_point(batch: int, ctx: int, keep: float) -> dict:
+    x = decode_inputs(batch, ctx, keep)
+    ours = bench(ours_decode(x))
+    vllm_us = bench(vllm_decode(x, ctx))
     return {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
-            "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
-            "kept_bytes": kept_bytes}
+            "vllm_triton_us": vllm_us, "ours_gbs": x["kept_bytes"] / (ours * 1e-6) / 1e9,
+            "kept_bytes": x["kept_bytes"]}
+
+
+SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192, 1.0),
+                (256, 32768, 1.0), (256, 32768, 1 / 16), (1, 32768, 1.0)]
+
+
+def decode_sweep(copy_bw: float) -> list[dict]:
+    """Time launch configurations of our decode on a few shapes (to set the defaults)."""
+    rows = []
+    for batch, ctx, keep in SWEEP_SHAPES:
+        x = decode_inputs(batch, ctx, keep)
+        base = {"batch": batch, "context": ctx, "keep_ratio": keep,
+                "vllm_triton_us": bench(vllm_decode(x, ctx)), "default_us": bench(ours_decode(x))}
+        for splits in (1, 2, 4, 8, 16):
+            for pages in (2, 4, 8):
+                for warps, stages in ((4, 2), (4, 3), (8, 2)):
+                    cfg = {"num_splits": splits, "pages_per_iter": pages,
+                           "launch": {"num_warps": warps, "num_stages": stages}}
+                    t = bench(ours_decode(x, **cfg), rep=40)
+                    rows.append({**base, **cfg, "us": t,
+                                 "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9
+                                 / copy_bw})
+        best = min((r for r in rows if r["batch"] == batch and r["context"] == ctx
+                    and r["keep_ratio"] == keep), key=lambda r: r["us"])
+        print(f"sweep {batch}x{ctx} keep {keep:.3f}: default {base['default_us']:.1f} us, "
+              f"vllm {base['vllm_triton_us']:.1f} us, best {best['us']:.1f} us "
+              f"({best['pct_of_copy_bw']:.0f}% copy) with splits {best['num_splits']} pages "
+              f"{best['pages_per_iter']} {best['launch']}", flush=True)
+        del x
+        torch.cuda.empty_cache()
+    return rows
 
 
 def prefill_layer_us(ctx: int) -> float:
@@ -159,6 +206,7 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32) -> dict:
                 compress()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     layer = prefill_layer(ctx)
     t_layer = bench(layer)
 
@@ -181,6 +229,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="one small point of each (quick check)")
     ap.add_argument("--profile", action="store_true", help="profile one compression at 8k")
     ap.add_argument("--compress-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time decode launch configurations on a few shapes")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     args = ap.parse_args()
     global PROFILE
@@ -190,7 +240,7 @@ def main() -> None:
     batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
     if args.smoke:
         batches, contexts, keeps = [32], [2048], [1.0, 1 / 16]
-    if args.compress_only:
+    if args.compress_only or args.sweep:
         batches = []
     decode = []
     for ctx in contexts:
@@ -201,13 +251,17 @@ def main() -> None:
                 decode.append(point)
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
-    compress = [compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
+    sweep = decode_sweep(copy_bw) if args.sweep else []
+    compress = [] if args.sweep else [
+        compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
     date = dt.date.today().isoformat()
     tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "-").lower()
     result = {"gpu": gpu, "date": date, "command": " ".join(["python -m benchmarks.kernels",
                                                               *sys.argv[1:]]),
               "torch": torch.__version__, "triton": triton.__version__,
               "copy_bandwidth_gbs": copy_bw, "decode": decode, "compress": compress}
+    if sweep:
+        result["decode_sweep"] = sweep
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kernels-{tag}-{date}{args.suffix}.json").write_text(json.dumps(result, indent=1))

@@ -3,12 +3,16 @@
     python -m benchmarks.throughput --model CONFIG_DIR --regime B --input-len 6000 \
         --output-len 500 --num-prompts 64 --ratios 1,8,64 [--kv-cache-gib 8] [--out DIR]
 
-Every point runs in a fresh process (one engine each): random-token prompts,
-``max_tokens = output_len`` with ``ignore_eos``, weights ``--load-format dummy``,
-bf16, default compilation (CUDA graphs on). Vanilla = vLLM with TRITON_ATTN and
-no plugin; ours = ``--kv-compression adakv --kv-budget input_len / ratio``.
-``bound_speedup`` = T_vanilla / T_prefill, where T_prefill is vanilla on the same
-prompts with ``max_tokens = 1``: compression after prefill cannot beat it.
+Random-token prompts, ``max_tokens = output_len`` with ``ignore_eos``, weights
+``--load-format dummy``, bf16, default compilation (CUDA graphs on). Vanilla = vLLM
+with TRITON_ATTN and no plugin; ours = ``--kv-compression adakv``, each point's
+requests carrying their budget ``input_len / ratio`` (vllm_xargs ``kv_budget``), so
+all compressed points share one engine (one start, one compilation) and run one
+after another; vanilla and the prefill-only run (vanilla with ``max_tokens = 1``)
+share another. ``--fresh-engines`` starts one engine per point instead. Each point
+draws its own prompts (seeded by its index: the engines' prefix caches never hit),
+after an untimed warm-up request of ``input_len`` tokens. ``bound_speedup`` =
+T_vanilla / T_prefill: compression after prefill cannot beat it.
 The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the same for
 every point) so the scheduler's running set and block pool are sampled each step.
 """
@@ -27,12 +31,13 @@ from pathlib import Path
 NO_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's allow-list: ours left out
 
 
-def run_point(spec: dict) -> dict:
-    """In the child process: one engine, all prompts, step loop with sampling."""
-    import numpy as np
-    from vllm import LLM, SamplingParams
+def make_engine(spec: dict):
+    """The engine of ``spec`` (vanilla for method 'none', plugin loaded without
+    compression for 'off', else compression with the spec's default budget)."""
+    from vllm import LLM
 
-    kwargs = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0,
+    kwargs = dict(model=spec["model"], load_format="dummy", dtype=spec.get("dtype", "bfloat16"),
+                  seed=0,
                   skip_tokenizer_init=True,
                   max_model_len=spec["input_len"] + spec["output_len"] + 16,
                   max_num_seqs=spec.get("max_num_seqs", 256))
@@ -40,29 +45,61 @@ def run_point(spec: dict) -> dict:
         kwargs["tensor_parallel_size"] = spec["tp"]
     if spec.get("kv_cache_gib"):
         kwargs["kv_cache_memory_bytes"] = int(spec["kv_cache_gib"] * (1 << 30))
-    if spec["method"] == "none":
+    if spec["method"] in ("none", "off"):
         kwargs["attention_backend"] = "TRITON_ATTN"
     else:
         kwargs["additional_config"] = {"kv_compression": {
-            "method": spec["method"], "budget": spec["input_len"] // spec["ratio"],
+            "method": spec["method"], "budget": spec["budget"],
             "reserve_output": spec.get("reserve_output", 0)}}
     kwargs.update(spec.get("engine", {}))
-    llm = LLM(**kwargs)
+    return LLM(**kwargs), kwargs
+
+
+def run_engine(spec: dict) -> list[dict]:
+    """In the child process: one engine, then each of ``spec["points"]`` in turn."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    llm, kwargs = make_engine(spec)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    rng = np.random.default_rng(0)
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
-                            detokenize=False)
-    prompts = [rng.integers(min(100, vocab // 2), vocab, spec["input_len"]).tolist()
-               for _ in range(spec["num_prompts"])]
-    # warm-up request (not timed): compiles kernels for the shapes of a step
-    warm = SamplingParams(max_tokens=4, detokenize=False)
-    llm.generate([{"prompt_token_ids": prompts[0][:256]}], warm, use_tqdm=False)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    peak, blocks_peak, out_tokens = 0, 0, 0
+
+    def prompts(seed: int, n: int) -> list[list[int]]:
+        rng = np.random.default_rng(seed)
+        return [rng.integers(min(100, vocab // 2), vocab, spec["input_len"]).tolist()
+                for _ in range(n)]
+
+    def params(max_tokens: int, budget: int | None) -> SamplingParams:
+        extra = {"kv_budget": budget} if budget else None
+        return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                              detokenize=False, extra_args=extra)
+
+    # Untimed warm-up: one full-length request (compressed on our engine, at its default
+    # budget), so that nothing left to initialise lands in the first timed point.
+    llm.generate([{"prompt_token_ids": prompts(10_000, 1)[0]}], params(8, spec.get("budget")),
+                 use_tqdm=False)
+    results = []
+    for index, point in enumerate(spec["points"]):
+        sp = params(point["max_tokens"], point.get("budget"))
+        for i, ids in enumerate(prompts(index, spec["num_prompts"])):
+            engine.add_request(f"{index}-{i}", {"prompt_token_ids": ids}, sp)
+        res = measure(engine, scheduler, pool)
+        res.update({
+            "total_tok_s": (res["out_tokens"] + spec["num_prompts"] * spec["input_len"])
+            / res["wall_s"], "max_num_seqs": kwargs["max_num_seqs"],
+            "engine_extra": spec.get("engine", {}), "tp": spec.get("tp", 1),
+            "reserve_output": spec.get("reserve_output", 0), "prompt_seed": index,
+            "engine_points": len(spec["points"])})
+        results.append(res)
+        print(f"@@DONE@@ {json.dumps({**point, 'wall_s': res['wall_s']})}", flush=True)
+    return results
+
+
+def measure(engine, scheduler, pool) -> dict:
+    """Step the engine until every request has finished; what the run did."""
+    peak, blocks_peak, out_tokens, blocks_sum = 0, 0, 0, 0
     preempted: dict[str, int] = {}
     total_blocks = pool.num_gpu_blocks
     # What each step scheduled (tokens, requests), to split step times by kind.
@@ -88,17 +125,16 @@ def run_point(spec: dict) -> dict:
         for req_id, req in scheduler.requests.items():
             if req.num_preemptions:
                 preempted[req_id] = max(preempted.get(req_id, 0), req.num_preemptions)
-        blocks_peak = max(blocks_peak, total_blocks - pool.get_num_free_blocks())
+        in_use = total_blocks - pool.get_num_free_blocks()
+        blocks_peak = max(blocks_peak, in_use)
+        blocks_sum += in_use
     wall = time.perf_counter() - t0
     scheduler.schedule = schedule
     return {**step_breakdown(step_s, scheduled), "wall_s": wall, "out_tokens": out_tokens,
-            "out_tok_s": out_tokens / wall,
-            "total_tok_s": (out_tokens + spec["num_prompts"] * spec["input_len"]) / wall,
-            "peak_concurrency": peak, "preemptions": sum(preempted.values()),
-            "max_num_seqs": kwargs["max_num_seqs"], "peak_kv_blocks": blocks_peak,
-            "kv_blocks_total": total_blocks, "block_size": scheduler.block_size,
-            "engine_extra": spec.get("engine", {}), "tp": spec.get("tp", 1),
-            "reserve_output": spec.get("reserve_output", 0)}
+            "out_tok_s": out_tokens / wall, "peak_concurrency": peak,
+            "preemptions": sum(preempted.values()), "peak_kv_blocks": blocks_peak,
+            "mean_kv_blocks": blocks_sum / max(len(step_s), 1),
+            "kv_blocks_total": total_blocks, "block_size": scheduler.block_size}
 
 
 def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dict:
@@ -121,17 +157,18 @@ def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dic
             "mixed_step_ms_median": float(np.median(mixed) * 1e3) if mixed else None}
 
 
-def spawn(spec: dict) -> dict:
+def spawn(spec: dict) -> list[dict]:
+    """Run ``run_engine(spec)`` in a fresh process; one result (or error) per point."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if spec["method"] == "none":
         env.update(NO_PLUGIN)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--point",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--engine",
                            json.dumps(spec)], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
-        if line.startswith("@@POINT@@"):
-            return json.loads(line[len("@@POINT@@"):])
-    print(f"point {spec} failed:\n{proc.stderr[-3000:]}", flush=True)
-    return {"error": proc.stderr[-3000:]}
+        if line.startswith("@@POINTS@@"):
+            return json.loads(line[len("@@POINTS@@"):])
+    print(f"engine {spec} failed:\n{proc.stderr[-3000:]}", flush=True)
+    return [{"error": proc.stderr[-3000:]} for _ in spec["points"]]
 
 
 def kv_bytes_per_token(model_dir: str) -> int:
@@ -157,7 +194,7 @@ def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--model")
     ap.add_argument("--regime", choices=["A", "B", "C"], default="A")
     ap.add_argument("--input-len", type=int, default=6000)
@@ -168,7 +205,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=None)
     ap.add_argument("--max-num-seqs", default="256",
                     help="for the compressed points: a number, or 'auto' = the requests the "
-                         "KV space holds at the end of generation (needs --kv-cache-gib)")
+                         "KV space holds at the end of generation (needs --kv-cache-gib; "
+                         "with a shared engine, sized for the smallest ratio above 1)")
     ap.add_argument("--tp", type=int, default=1,
                     help="tensor_parallel_size of every point (KV space is per GPU)")
     ap.add_argument("--reserve-output", type=int, default=0,
@@ -176,53 +214,88 @@ def main() -> None:
     ap.add_argument("--engine-extra", default="{}",
                     help="JSON of extra LLM(...) arguments for the compressed points, "
                          "e.g. '{\"watermark\": 0.3}' (vLLM's admission headroom)")
+    ap.add_argument("--all-engines-extra", default="{}",
+                    help="JSON of extra LLM(...) arguments for every engine, vanilla included")
+    ap.add_argument("--fresh-engines", action="store_true",
+                    help="one engine per point instead of one per method")
+    ap.add_argument("--flag-off", action="store_true",
+                    help="also run the plugin loaded with compression off (vs vanilla)")
+    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    if args.point:
-        print("@@POINT@@" + json.dumps(run_point(json.loads(args.point))), flush=True)
+    if args.engine:
+        print("@@POINTS@@" + json.dumps(run_engine(json.loads(args.engine))), flush=True)
         return
     base = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
-            "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib, "tp": args.tp}
-    vanilla = spawn({**base, "method": "none", "max_tokens": args.output_len})
-    prefill = spawn({**base, "method": "none", "max_tokens": 1})
+            "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib, "tp": args.tp,
+            "dtype": args.dtype, "engine": json.loads(args.all_engines_extra)}
+    out_len = args.output_len
+    if args.fresh_engines:
+        vanilla, = spawn({**base, "method": "none", "points": [{"max_tokens": out_len}]})
+        prefill, = spawn({**base, "method": "none", "points": [{"max_tokens": 1}]})
+    else:
+        vanilla, prefill = spawn({**base, "method": "none",
+                                  "points": [{"max_tokens": out_len}, {"max_tokens": 1}]})
     print("vanilla", json.dumps(vanilla), "\nprefill-only", json.dumps(prefill), flush=True)
     if "error" in vanilla or "error" in prefill:
         raise SystemExit("vanilla runs failed")
     bound = vanilla["wall_s"] / prefill["wall_s"]
     import torch
 
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     date = dt.date.today().isoformat()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[0].lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"throughput-{tag}-{date}-{args.regime}{args.input_len}{args.suffix}.json"
     points: list[dict] = []
+    flag_off: dict | None = None
 
-    def save() -> None:  # after every point: a run cut short keeps what it measured
+    def save() -> None:  # after every engine: a run cut short keeps what it measured
         path.write_text(json.dumps({
             "gpu": gpu, "date": date, "command": "python -m benchmarks.throughput "
             + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
-            "kv_cache_gib": args.kv_cache_gib, "vanilla": vanilla, "prefill_only": prefill,
+            "kv_cache_gib": args.kv_cache_gib,
+            "engines": "one per point" if args.fresh_engines else "one per method",
+            "vanilla": vanilla, "prefill_only": prefill, "flag_off": flag_off,
             "points": points}, indent=1))
 
-    save()
-    for ratio in [int(r) for r in args.ratios.split(",")]:
-        seqs = max_num_seqs(args, args.input_len // ratio)
-        res = spawn({**base, "method": args.method, "ratio": ratio,
-                     "max_tokens": args.output_len, "max_num_seqs": seqs,
-                     "reserve_output": args.reserve_output,
-                     "engine": json.loads(args.engine_extra)})
+    def add(ratio: int, res: dict) -> None:
         if "error" in res:
-            continue
+            return
         point = {"regime": args.regime, "input_len": args.input_len,
-                 "output_len": args.output_len, "num_prompts": args.num_prompts,
+                 "output_len": out_len, "num_prompts": args.num_prompts,
                  "method": args.method, "ratio": ratio, "budget": args.input_len // ratio,
                  **res, "vanilla_out_tok_s": vanilla["out_tok_s"],
                  "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
         print(json.dumps(point), flush=True)
         points.append(point)
+
+    save()
+    if args.flag_off:
+        flag_off, = spawn({**base, "method": "off", "points": [{"max_tokens": out_len}]})
+        if "error" not in flag_off:
+            flag_off["speedup"] = flag_off["out_tok_s"] / vanilla["out_tok_s"]
+        save()
+    ratios = [int(r) for r in args.ratios.split(",")]
+    ours = {**base, "method": args.method, "reserve_output": args.reserve_output,
+            "engine": {**base["engine"], **json.loads(args.engine_extra)}}
+    if args.fresh_engines:
+        for ratio in ratios:
+            budget = args.input_len // ratio
+            res, = spawn({**ours, "budget": budget, "max_num_seqs": max_num_seqs(args, budget),
+                          "points": [{"max_tokens": out_len, "budget": budget}]})
+            add(ratio, res)
+            save()
+    else:
+        budgets = [args.input_len // r for r in ratios]
+        sizing = min((b for r, b in zip(ratios, budgets, strict=True) if r > 1),
+                     default=budgets[0], key=lambda b: -b)
+        results = spawn({**ours, "budget": sizing, "max_num_seqs": max_num_seqs(args, sizing),
+                         "points": [{"max_tokens": out_len, "budget": b} for b in budgets]})
+        for ratio, res in zip(ratios, results, strict=True):
+            add(ratio, res)
         save()
     print(f"wrote {path}")
 

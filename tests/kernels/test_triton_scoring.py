@@ -25,9 +25,9 @@ from vllm_adakv.kernels.triton_scoring import score_window_triton  # noqa: E402
 BLOCK_SIZE = 16
 
 
-def _case(group: int, dim: int, dtype: torch.dtype, window: int):
+def _case(group: int, dim: int, dtype: torch.dtype, window: int, max_len: int = 200):
     heads = 2 if group == 8 else 4 if group == 1 else 2
-    length = int(torch.randint(window + 20, 200, ()).item())
+    length = int(torch.randint(window + 20, max_len, ()).item())
     table, nblocks = random_block_tables([length], BLOCK_SIZE)
     kc = torch.full((nblocks, heads, BLOCK_SIZE, dim), float("nan")).to(dtype)
     vc = torch.full_like(kc, float("nan"))
@@ -66,6 +66,25 @@ def test_low_precision(dtype):
     want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
     got = score_window_triton(q, kc, blocks, length, 0.125, **kw)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7, None])
+def test_position_splits(num_splits):
+    """Window statistics split over position ranges (some empty, some holding only keys
+    after a window query) combine to the unsplit result."""
+    q, kc, blocks, length = _case(4, 64, torch.float32, window=40, max_len=700)
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
+    got = score_window_triton(q, kc, blocks, length, 0.125, num_splits=num_splits, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_more_splits_than_tiles():
+    q, kc, blocks, length = _case(1, 64, torch.float32, window=8)
+    kw = dict(gqa_reduce="max", pooling="max", pool_kernel=3)
+    want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
+    got = score_window_triton(q, kc, blocks, length, 0.125, num_splits=16, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_rejects_unknown_reduction():

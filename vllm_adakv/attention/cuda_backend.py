@@ -24,6 +24,7 @@ keeps them out of full graphs even when every row has one token.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -51,6 +52,7 @@ from vllm_adakv.attention.settings import (
 from vllm_adakv.core.spec import CompressedAttentionSpec
 from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
 
+logger = logging.getLogger("vllm.adakv")
 _STORE: CompressionStore | None = None
 _POOL: RangePool | None = None
 
@@ -106,6 +108,7 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                                            device=device)
             self.dense_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
             mark_decode_graphs_need_prompt_free_steps()
+            _warm_up_kernels(kv_cache_spec, vllm_config, device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> TritonAttentionMetadata:
@@ -197,6 +200,20 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         return AdaKVTritonMetadata(**base, step=step, prefill_rows=prefill_rows,
                                    query_start_cpu=qsl, headwise_rows=rows,
                                    num_headwise_tokens=num_tokens)
+
+
+def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None:
+    """Compile the compressed path's Triton kernels now, not in the first requests."""
+    from vllm_adakv.kernels.warmup import warm_up
+
+    cfg = spec.compression
+    model = vllm_config.model_config
+    seconds = warm_up(
+        torch.device(device), model.dtype,
+        model.get_num_attention_heads(vllm_config.parallel_config), spec.num_kv_heads,
+        spec.head_size, spec.block_size, cfg.window, cfg.gqa_reduce, cfg.pooling,
+        cfg.pool_kernel, cfg.alpha)
+    logger.info("vllm-adakv: compiled the compression kernels in %.1f s", seconds)
 
 
 def _row_table_padded(table: list[tuple[int, int, int, int, int, int]], n: int

@@ -14,7 +14,7 @@ Design (split-K flash decoding):
   the row's query tokens together: a tile of ``BLOCK_M = BLOCK_G * BLOCK_Q``
   query rows (query head x query token), looping over the row's tokens in
   chunks of ``BLOCK_Q`` (one chunk for decode). The (r, h) key sequence is cut
-  into iterations of ``PAGES`` pages each (about 64 tokens: several independent
+  into iterations of ``PAGES`` pages each (about 128 tokens: several independent
   page loads in flight): ``ceil(kept / bs)`` kept head-pages, then the tail
   blocks. Split s takes a contiguous range of those iterations
   (``ceil(n_iter / num_splits)`` each) and runs an fp32 online softmax (log2
@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.jit import jit_unspecialized
+
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
@@ -44,11 +46,12 @@ ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
-@triton.jit
+@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms"],
+                   pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr,
-    qk_scale,
+    qk_scale, num_splits,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -61,7 +64,7 @@ def _headwise_fwd(
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     PAGE_RANGES: tl.constexpr,
     PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -95,7 +98,7 @@ def _headwise_fwd(
     n_tail = tl.where(seq_len > tail_start, n_tail, 0)
     n_kept_it = (n_pages + PAGES - 1) // PAGES
     n_iter = n_kept_it + (n_tail + PAGES - 1) // PAGES
-    per_split = (n_iter + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = (n_iter + num_splits - 1) // num_splits
     it_lo = tl.minimum(split * per_split, n_iter)
     it_hi = tl.minimum(it_lo + per_split, n_iter)
     kept_lo = tl.minimum(it_lo, n_kept_it)
@@ -200,7 +203,7 @@ def _headwise_fwd(
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
 
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
             tl.store(
@@ -220,13 +223,13 @@ def _headwise_fwd(
             )
 
 
-@triton.jit
+@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms"],
+                   pointers=["out_ptr"])
 def _headwise_reduce(
-    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, rows_ptr,
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, rows_ptr, num_splits,
     stride_ot, stride_oh, stride_od,
     stride_mt, stride_mh, stride_ms,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -238,7 +241,7 @@ def _headwise_reduce(
     mid_start = tl.load(meta + 6).to(tl.int32)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     for i in range(0, q_end - q_start):
         tok = (q_start + i).to(tl.int64)
         mid = ((mid_start + i).to(tl.int64) * stride_mt + qh * stride_mh
@@ -260,23 +263,36 @@ def _headwise_reduce(
 _SM_COUNT: dict[int, int] = {}
 
 
-def _num_programs_target(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (8 under the interpreter, on CPU tensors)."""
     if device.type != "cuda":
-        return 16
+        return 8
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
+    return _SM_COUNT[idx]
+
+
+def num_programs_target(device: torch.device) -> int:
+    """Programs that fill the device: twice its SM count."""
+    return 2 * sm_count(device)
 
 
 def default_num_splits(num_rows: int, num_kv_heads: int, max_iters: int,
                        device: torch.device) -> int:
-    """Splits per (row, head) from shapes only: enough programs to fill the device,
-    at least 4 pages per split on the longest possible key sequence (``max_iters`` pages)."""
+    """Splits per (row, head), from shapes only; a power of two.
+
+    Split-K only pays when the (row, head) programs are fewer than the SMs: then enough
+    splits to give each SM one program, with at least 4 iterations per split on the
+    longest possible key sequence (``max_iters`` iterations). Measured on an H200
+    (benchmarks/results/kernels-h200-2026-12-01-sweep.json): one split is fastest from
+    32 rows x 8 heads up; 16 splits at 1 row x 8 heads.
+    """
     programs = max(num_rows * num_kv_heads, 1)
-    want = triton.cdiv(_num_programs_target(device), programs)
-    longest = triton.cdiv(max_iters, 4)
-    return max(1, min(want, longest, _MAX_SPLITS))
+    want = max(1, sm_count(device) // programs)
+    longest = max(1, triton.cdiv(max_iters, 4))
+    splits = max(1, min(want, longest, _MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)
 
 
 def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
@@ -293,13 +309,14 @@ def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tens
 
 
 def default_pages_per_iter(block_size: int) -> int:
-    """Head-pages per loop iteration: tiles of about 64 tokens (more loads in flight)."""
-    return max(1, 64 // triton.next_power_of_2(block_size))
+    """Head-pages per loop iteration: tiles of about 128 tokens (more loads in flight;
+    8 pages of 16 beat 4 and 2 at every swept shape on an H200)."""
+    return max(1, 128 // triton.next_power_of_2(block_size))
 
 
 def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
             scale, out, num_splits, page_ranges: bool, max_iters: int,
-            pages_per_iter: int | None = None) -> torch.Tensor:
+            pages_per_iter: int | None = None, launch: dict | None = None) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
@@ -344,7 +361,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     _headwise_fwd[(num_rows, heads, num_splits)](
         query, key_cache, value_cache, pages, counts, block_table, rows,
         out, mid_acc, mid_m, mid_l,
-        float(scale) * _LOG2E,
+        float(scale) * _LOG2E, num_splits,
         *query.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
@@ -357,7 +374,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         GROUP=group,
         BLOCK_SIZE=block_size,
         HEAD_DIM=dim,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         PAGE_RANGES=page_ranges,
         PAGES=pages_per_iter,
         BLOCK_G=block_g,
@@ -367,14 +384,14 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         USE_DOT=use_dot,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
+        **(launch or {}),
     )
     if num_splits > 1:
         _headwise_reduce[(num_rows, num_q_heads)](
-            out, mid_acc, mid_m, mid_l, rows,
+            out, mid_acc, mid_m, mid_l, rows, num_splits,
             *out.stride(),
             *mid_strides,
             HEAD_DIM=dim,
-            NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
         )
@@ -426,6 +443,7 @@ def headwise_attention_ranges_triton(
     out: torch.Tensor,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
+    launch: dict | None = None,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -433,8 +451,10 @@ def headwise_attention_ranges_triton(
     request in slot s owns the ``ceil(kept_counts[s, h] / bs)`` head-pages that
     start at entry ``page_start[s, h]`` of its block row's head-page sequence.
     ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
-    Only the rows' query tokens of ``out`` are written.
+    Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
+    ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults.
     """
     return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
                    rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
-                   max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter)
+                   max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
+                   launch=launch)

@@ -60,11 +60,29 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
     thr = torch.sort(flat, descending=True).values[total - 1]
     need = total - (flat > thr).sum()
     hits = ties_to_lower(flat, thr, need).view(num_heads, num_candidates).sum(1)
-    # The rest works on [H]-sized vectors, on the device: tiny kernels, but no host
-    # sync, so on a GPU they queue behind the prefill instead of stalling it.
+    if hits.is_cuda:
+        # One program instead of ~75 tiny launches on [H] vectors (same result).
+        from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton
 
-    quota = alpha * s + (1.0 - alpha) * hits.double()
-    lower = math.floor(alpha * s)
+        return safeguard_caps_triton(hits, s, alpha, num_candidates)
+    return safeguard_caps_reference(hits, s, alpha, num_candidates)
+
+
+def safeguard_caps_reference(hits: torch.Tensor, selectable: int, alpha: float,
+                             num_candidates: int) -> torch.Tensor:
+    """Ada-KV's safeguard: per-head caps from the layer-wide top-T ``hits``.
+
+    ``selectable`` is ``s = min(budget - window, C)`` with ``0 < s < C``, ``T = H * s``.
+    Quota ``q[h] = alpha * s + (1 - alpha) * hits[h]``, floored and clamped to
+    ``[floor(alpha * s), C]``, then rounded by largest remainder (ties: more hits, then
+    lower head) so that the caps sum to ``T``; units taken back go first from the heads
+    with most room above the floor (ties: smaller remainder, then lower head). The rest
+    works on [H]-sized vectors on the device: no host sync.
+    """
+    num_heads = hits.numel()
+    total = num_heads * selectable
+    quota = alpha * selectable + (1.0 - alpha) * hits.double()
+    lower = math.floor(alpha * selectable)
     caps = quota.floor().long().clamp(lower, num_candidates)
     frac = quota - caps.double()
     diff = total - caps.sum()

@@ -77,7 +77,11 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor, max_count: int | None 
     if kmax == 0:
         return torch.zeros(num_heads, num_candidates, dtype=torch.bool, device=scores.device)
     x = sanitize(scores)
-    top = torch.topk(x, kmax, dim=1, sorted=True).values
+    if 2 * kmax > num_candidates:
+        # Most of each row: one sort is cheaper than a top-k this large (on CUDA).
+        top = torch.sort(x, dim=1, descending=True).values
+    else:
+        top = torch.topk(x, kmax, dim=1, sorted=True).values
     thr = top.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
     need = counts.unsqueeze(1) - (x > thr).sum(1, keepdim=True)
     return ties_to_lower(x, thr, need)

@@ -1,0 +1,163 @@
+"""Where a compressed engine's step time goes: host syncs, GPU busy time, top kernels.
+
+    python -m benchmarks.profile_steps --model CONFIG_DIR [--method adakv --ratio 8]
+        [--num-prompts 12 --input-len 6000 --output-len 48 --kv-cache-gib 8] [--out DIR]
+
+Runs the same workload twice in one in-process engine (dummy weights, CUDA graphs on):
+the first pass pays every run-time compilation, the second is measured. During the
+second pass PyTorch's sync debug mode reports every synchronising CUDA call (grouped by
+the innermost call site in vllm / vllm_adakv), and the torch profiler records kernel
+times; the summary gives the GPU busy share of mixed and decode-only steps and the
+kernels that cost the most. Writes ``profile-steps-<method>-<date>.json`` and the
+profiler's table as text next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+
+def _call_site() -> str:
+    """Innermost frame of vllm or vllm_adakv in the current stack."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        name = frame.filename
+        if "vllm_adakv" in name or ("/vllm/" in name and "warnings" not in name):
+            short = name.split("site-packages/")[-1].split("/main/")[-1]
+            return f"{short}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+def run_pass(llm, prompts, params, profile: bool) -> dict:
+    import torch
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": ids}, params)
+    kinds: list[str] = []
+    schedule = scheduler.schedule
+
+    def recording_schedule(*a, **kw):
+        out = schedule(*a, **kw)
+        tok, rows = out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)
+        kinds.append("decode" if tok == rows and rows else "mixed")
+        return out
+
+    scheduler.schedule = recording_schedule
+    syncs: collections.Counter[str] = collections.Counter()
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        prof.__enter__()
+        torch.cuda.set_sync_debug_mode("warn")
+    step_s: list[float] = []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                syncs[_call_site()] += 1
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            while engine.has_unfinished_requests():
+                ts = time.perf_counter()
+                engine.step()
+                step_s.append(time.perf_counter() - ts)
+        finally:
+            warnings.showwarning = original
+            if profile:
+                torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    scheduler.schedule = schedule
+    result = {"wall_s": wall, "steps": len(step_s),
+              "mixed_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"),
+              "decode_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "decode"),
+              "mixed_steps": kinds.count("mixed"), "decode_steps": kinds.count("decode"),
+              "syncs": dict(syncs.most_common(40))}
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        events = prof.key_averages()
+        kernels = sorted((e for e in events if e.device_time_total > 0),
+                         key=lambda e: -e.self_device_time_total)
+        busy_us = sum(e.self_device_time_total for e in kernels)
+        result["gpu_busy_share"] = busy_us * 1e-6 / wall
+        result["top_kernels"] = [
+            {"name": e.key[:120], "count": e.count, "total_ms": e.self_device_time_total / 1e3}
+            for e in kernels[:40]]
+        result["table"] = events.table(sort_by="self_cuda_time_total", row_limit=60)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--method", default="adakv")
+    ap.add_argument("--ratio", type=int, default=8)
+    ap.add_argument("--num-prompts", type=int, default=12)
+    ap.add_argument("--input-len", type=int, default=6000)
+    ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--kv-cache-gib", type=float, default=8.0)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import numpy as np
+    import torch
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=args.model, load_format="dummy", dtype="bfloat16", seed=0,
+                  skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len + 16,
+                  kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)))
+    if args.method == "none":
+        kwargs["attention_backend"] = "TRITON_ATTN"
+    else:
+        kwargs["additional_config"] = {"kv_compression": {
+            "method": args.method, "budget": args.input_len // args.ratio}}
+    llm = LLM(**kwargs)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, vocab, args.input_len).tolist()
+               for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                            detokenize=False)
+    first = run_pass(llm, prompts, params, profile=False)
+    second = run_pass(llm, prompts, params, profile=False)
+    profiled = run_pass(llm, prompts, params, profile=True)
+    table = profiled.pop("table", "")
+    result = {"gpu": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
+              "command": " ".join(["python -m benchmarks.profile_steps", *sys.argv[1:]]),
+              "args": vars(args), "first_pass": first, "second_pass": second,
+              "profiled_pass": profiled}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile-steps-{args.method}-{result['date']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.txt").write_text(table)
+    for name, p in (("first", first), ("second", second), ("profiled", profiled)):
+        print(f"{name}: wall {p['wall_s']:.2f} s, mixed {p['mixed_steps']} steps "
+              f"{p['mixed_s']:.2f} s, decode {p['decode_steps']} steps {p['decode_s']:.2f} s")
+    print("gpu busy share (profiled pass):", round(profiled.get("gpu_busy_share", 0), 3))
+    print("syncs:", json.dumps(profiled["syncs"], indent=0)[:3000])
+    for k in profiled.get("top_kernels", [])[:25]:
+        print(f"{k['total_ms']:9.2f} ms {k['count']:6d}x {k['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
