@@ -8,7 +8,7 @@ the first pass pays every run-time compilation, the second is measured. During t
 second pass PyTorch's sync debug mode reports every synchronising CUDA call (grouped by
 the innermost call site in vllm / vllm_adakv), and the torch profiler records kernel
 times; the summary gives the GPU busy share of mixed and decode-only steps and the
-kernels that cost the most. Writes ``profile-steps-<method>-<date>.json`` and the
+kernels that cost the most. Writes ``profile-steps-<method>-<gpu>-<date>.json`` and the
 profiler's table as text next to it.
 """
 
@@ -147,7 +147,9 @@ def main() -> None:
               "profiled_pass": profiled}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-steps-{args.method}-{result['date']}"
+    gpu = result["gpu"]
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[0].lower()
+    stem = f"profile-steps-{args.method}-{tag}-{result['date']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.txt").write_text(table)
     for name, p in (("first", first), ("second", second), ("profiled", profiled)):

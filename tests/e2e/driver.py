@@ -59,7 +59,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             r = requests[idx]
             ids = tiny_prompt_token_ids(r["len"], seed=r.get("seed", idx), vocab_size=vocab)
             params = SamplingParams(temperature=0, max_tokens=r.get("max_tokens", 16),
-                                    ignore_eos=True)
+                                    ignore_eos=True,
+                                    extra_args=spec.get("request_extra_args", {}).get(str(idx)))
             engine.add_request(str(idx), {"prompt_token_ids": ids}, params)
         if step in aborts:
             engine.abort_request([str(i) for i in aborts[step]])

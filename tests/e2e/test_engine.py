@@ -165,3 +165,31 @@ def test_one_token_last_prompt_chunk_with_graphs(small_model):
     assert chunked["steps"] == whole["steps"] + 2
     assert chunked["released_blocks"] == whole["released_blocks"] > 0
     assert chunked["outputs"] == whole["outputs"]
+
+
+def test_requests_compressed_together_keep_what_they_keep_alone(small_model, tmp_path):
+    """Prompts completing in one step share each compression launch; every request keeps
+    exactly the tokens it keeps when compressed alone (all methods with scores, and
+    per-request budgets in the same step)."""
+    import torch
+
+    lengths = [333, 700, 512, 901, 420, 640]
+    budgets = [96, 128, 160, 96, 200, 128]
+    for method in ("adakv", "snapkv"):
+        requests = [{"len": n, "seed": i, "max_tokens": 4} for i, n in enumerate(lengths)]
+        kept = {}
+        for mode, arrivals in (("together", {"0": list(range(6))}),
+                               ("alone", {str(8 * i): [i] for i in range(6)})):
+            folder = tmp_path / f"{method}-{mode}"
+            spec = {"model_dir": str(small_model), "requests": requests,
+                    "arrive_at_step": arrivals, "compression": {**ADAKV, "method": method},
+                    "request_extra_args": {str(i): {"kv_budget": b}
+                                           for i, b in enumerate(budgets)}}
+            run_scenario(spec, env={"VLLM_ADAKV_RECORD_KEPT": str(folder)})
+            # Files are <request id>.L<layer>.pt; vLLM suffixes our ids ("3-<random>").
+            kept[mode] = {p.name.split("-")[0] + p.suffixes[0]: torch.load(p)
+                          for p in sorted(folder.glob("*.pt"))}
+        assert len(kept["alone"]) == 6 * 2  # 6 requests x 2 layers
+        assert kept["together"].keys() == kept["alone"].keys()
+        for name, mask in kept["alone"].items():
+            assert torch.equal(kept["together"][name], mask), (method, name)

@@ -153,3 +153,42 @@ def test_triton_compaction_matches_reference(dtype, heads, dim):
     got = compact_ranges_triton(kc, vc, table[0], keep, length // BS)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(kv, want_kv), "caches differ after compaction (exact copy expected)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_compaction_rows_match_reference(dtype):
+    """Several requests in one launch set: rows of a shared block table in shuffled order,
+    different lengths, each with exactly the blocks its pages need (tight capacity)."""
+    from vllm_adakv.kernels.compaction import compact_rows_reference
+    from vllm_adakv.kernels.triton_compaction import compact_rows_triton
+
+    heads, dim = 4, 64
+    lengths = [int(torch.randint(40, 260, ())) for _ in range(4)]
+    table, nb = random_block_tables(lengths, BS)
+    kv = torch.randn(nb, heads, BS, 2 * dim).to(dtype)
+    masks = torch.zeros(len(lengths), heads, max(lengths), dtype=torch.bool)
+    order = [3, 1, 0, 2]
+    kept = []
+    for r, b in enumerate(order):
+        keep = _random_keep(heads, lengths[b], lengths[b] // BS)
+        if r == 1:
+            keep[2, : lengths[b] - WINDOW] = False  # a head keeping only the window
+        masks[r, :, : lengths[b]] = keep
+        pages = int(((keep.sum(1) + BS - 1) // BS).sum())
+        kept.append(-(-pages // heads))
+    want_kv = kv.clone()
+    want = compact_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, order, masks,
+                                  kept)
+    got = compact_rows_triton(kv[..., :dim], kv[..., dim:], table, order, masks, kept)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(kv, want_kv), "caches differ after compaction (exact copy expected)"
+
+
+def test_triton_compaction_refuses_overflow():
+    from vllm_adakv.kernels.triton_compaction import compact_ranges_triton
+
+    table, nb = random_block_tables([100], BS)
+    kv = torch.randn(nb, 2, BS, 64)
+    keep = torch.ones(2, 100, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="head-pages more"):
+        compact_ranges_triton(kv[..., :32], kv[..., 32:], table[0], keep, kept_blocks=3)

@@ -36,16 +36,29 @@ def test_matches_reference(heads, alpha):
         candidates = int(torch.randint(8, 60, ()))
         selectable = int(torch.randint(1, candidates, ()))
         hits = _random_hits(heads, selectable, candidates, clumped)
-        want = safeguard_caps_reference(hits, selectable, alpha, candidates)
-        got = safeguard_caps_triton(hits, selectable, alpha, candidates)
-        assert got.dtype == torch.int64
+        want = safeguard_caps_reference(hits[None], [selectable], alpha, [candidates])
+        got = safeguard_caps_triton(hits[None], [selectable], alpha, [candidates])
+        assert got.dtype == torch.int64 and got.shape == (1, heads)
         assert torch.equal(got, want), (hits, selectable, alpha, candidates, got, want)
         assert int(got.sum()) == heads * selectable
+
+
+def test_rows_are_independent():
+    """Several rows in one launch: each equals its own single-row result."""
+    heads, rows = 8, 5
+    cands = [int(torch.randint(8, 60, ())) for _ in range(rows)]
+    sels = [int(torch.randint(1, c, ())) for c in cands]
+    hits = torch.stack([_random_hits(heads, s, c, bool(r % 2))
+                        for r, (s, c) in enumerate(zip(sels, cands, strict=True))])
+    got = safeguard_caps_triton(hits, sels, 0.2, cands)
+    for r in range(rows):
+        want = safeguard_caps_reference(hits[r:r + 1], [sels[r]], 0.2, [cands[r]])
+        assert torch.equal(got[r:r + 1], want)
 
 
 def test_ties_everywhere():
     """Equal hits on every head: the order falls back to the head index."""
     hits = torch.full((8,), 5, dtype=torch.long)
     for alpha in (0.3, 0.7):
-        want = safeguard_caps_reference(hits, 5, alpha, 12)
-        assert torch.equal(safeguard_caps_triton(hits, 5, alpha, 12), want)
+        want = safeguard_caps_reference(hits[None], [5], alpha, [12])
+        assert torch.equal(safeguard_caps_triton(hits[None], [5], alpha, [12]), want)

@@ -20,7 +20,11 @@ pytest.importorskip("triton")
 
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
 from vllm_adakv.kernels import score_window_reference  # noqa: E402
-from vllm_adakv.kernels.triton_scoring import score_window_triton  # noqa: E402
+from vllm_adakv.kernels.scoring import score_windows_reference  # noqa: E402
+from vllm_adakv.kernels.triton_scoring import (  # noqa: E402
+    score_window_triton,
+    score_windows_triton,
+)
 
 BLOCK_SIZE = 16
 
@@ -84,6 +88,31 @@ def test_more_splits_than_tiles():
     kw = dict(gqa_reduce="max", pooling="max", pool_kernel=3)
     want = score_window_reference(q, kc, blocks, length, 0.125, **kw)
     got = score_window_triton(q, kc, blocks, length, 0.125, num_splits=16, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling,kernel", [("max", 7), ("avg", 5), ("max", 1)])
+def test_rows_of_different_lengths(pooling, kernel):
+    """Several requests in one launch pair: rows of a shared block table in shuffled order,
+    lengths from just above the window to several score tiles; padding stays -inf."""
+    heads, group, dim, window = 2, 4, 64, 16
+    lengths = [int(torch.randint(window + 1, 400, ())) for _ in range(4)]
+    table, nblocks = random_block_tables(lengths, BLOCK_SIZE)
+    kc = torch.full((nblocks, heads, BLOCK_SIZE, dim), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    for r, n in enumerate(lengths):
+        keys = torch.randn(n, heads, dim)
+        write_tokens(kc, vc, table[r], torch.arange(n), keys, keys)
+    queries = torch.randn(len(lengths), window, heads * group, dim) * 2
+    order = [2, 0, 3, 1]  # row r of the batch is block-table row order[r]
+    lens = [lengths[b] for b in order]
+    kw = dict(gqa_reduce="mean", pooling=pooling, pool_kernel=kernel)
+    want = score_windows_reference(queries, kc, table, order, lens, 0.125, **kw)
+    got = score_windows_triton(queries, kc, table, order, lens, 0.125, num_splits=3, **kw)
+    assert got.shape == want.shape == (4, heads, max(lens) - window)
+    for r, n in enumerate(lens):
+        assert torch.isinf(got[r, :, n - window:]).all()
+        assert torch.isfinite(got[r, :, : n - window]).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 

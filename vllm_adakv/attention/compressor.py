@@ -18,7 +18,7 @@ from vllm_adakv import kernels, metrics
 from vllm_adakv.attention.batch import RowPlan, StepPlan
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
-from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_mask
+from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_masks
 
 # Page usage of the most recent compressed requests kept for inspection (bounded).
 MAX_USAGE_RECORDS = 4096
@@ -89,6 +89,29 @@ class _KeptCounts:
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
+
+
+def selection_key(cfg: KVCompressionConfig) -> tuple:
+    """The settings that must agree for requests to share one selection launch (all but
+    the budget, which each row carries in its plan)."""
+    return (cfg.method, cfg.window, cfg.gqa_reduce, cfg.pooling, cfg.pool_kernel, cfg.alpha,
+            cfg.sink_tokens, cfg.gvote_samples, cfg.gvote_p, cfg.gvote_seed)
+
+
+def group_by_selection(rows: list[RowPlan], default: KVCompressionConfig
+                       ) -> list[list[RowPlan]]:
+    """``rows`` grouped by ``selection_key`` of their effective settings, in first-seen order."""
+    groups: dict[tuple, list[RowPlan]] = {}
+    for row in rows:
+        groups.setdefault(selection_key(row.cfg or default), []).append(row)
+    return list(groups.values())
+
+
+def _compact_each(key_cache, value_cache, block_table, block_rows, masks, kept_blocks
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``kernels.compact`` (explicit page tables) for each row in turn."""
+    return [kernels.compact(key_cache, value_cache, block_table[b], masks[i], kept_blocks[i])
+            for i, b in enumerate(block_rows)]
 
 
 class CompressionStore:
@@ -170,51 +193,79 @@ class CompressionStore:
         start = token_offset + (lo - row.context_start)
         buf[lo - (row.prompt_len - w) : hi - (row.prompt_len - w)] = query[start : start + hi - lo]
 
-    def keep_mask(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
-                  block_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    def _gvote_mask(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
+                    block_ids: torch.Tensor, scale: float) -> torch.Tensor:
         cfg = row.cfg or self.cfg
+        keys = kernels.gather_prompt_keys(key_cache, block_ids, row.prompt_len)
+        return gvote_keep_mask(
+            self.requests[row.req_id].window_queries[layer], keys, scale=scale,
+            num_samples=cfg.gvote_samples, nucleus_p=cfg.gvote_p, seed=cfg.gvote_seed,
+            layer_idx=layer_idx, max_keep=row.plan.layer_budgets[layer_idx],
+        )
+
+    def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
+                   key_cache: torch.Tensor, block_table: torch.Tensor, scale: float
+                   ) -> torch.Tensor:
+        """Keep masks ``[R, H, Lmax]`` of one layer for rows that share their settings but
+        the budget (``selection_key``): one scoring launch pair and one batched selection."""
+        cfg = rows[0].cfg or self.cfg
         heads = key_cache.shape[1]
+        lengths = [r.prompt_len for r in rows]
         if cfg.method == "gvote":
-            keys = kernels.gather_prompt_keys(key_cache, block_ids, row.prompt_len)
-            return gvote_keep_mask(
-                self.requests[row.req_id].window_queries[layer], keys, scale=scale,
-                num_samples=cfg.gvote_samples, nucleus_p=cfg.gvote_p, seed=cfg.gvote_seed,
-                layer_idx=layer_idx, max_keep=row.plan.layer_budgets[layer_idx],
-            )
+            masks = torch.zeros(len(rows), heads, max(lengths), dtype=torch.bool,
+                                device=key_cache.device)
+            for i, row in enumerate(rows):
+                masks[i, :, : row.prompt_len] = self._gvote_mask(
+                    row, layer, layer_idx, key_cache, block_table[row.row], scale)
+            return masks
         scores = None
         if cfg.method in SCORED_METHODS:
-            scores = kernels.score_window(
-                self.requests[row.req_id].window_queries[layer], key_cache, block_ids,
-                row.prompt_len, scale, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling,
-                pool_kernel=cfg.pool_kernel,
+            queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
+            scores = kernels.score_windows(
+                queries, key_cache, block_table, [r.row for r in rows], lengths, scale,
+                gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling, pool_kernel=cfg.pool_kernel,
             )
-        return select_keep_mask(
-            cfg.method, scores, num_heads=heads, prompt_len=row.prompt_len, window=cfg.window,
-            layer_budget=row.plan.layer_budgets[layer_idx], alpha=cfg.alpha,
+        return select_keep_masks(
+            cfg.method, scores, num_heads=heads, prompt_lens=lengths, window=cfg.window,
+            layer_budgets=[r.plan.layer_budgets[layer_idx] for r in rows], alpha=cfg.alpha,
             sink_tokens=cfg.sink_tokens, device=key_cache.device,
         )
 
-    def compress_layer(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, block_ids: torch.Tensor, scale: float,
-                       compact=None) -> LayerPages:
-        """Score, select and compact one layer of a request whose prompt just completed.
+    def compress_rows(self, rows: list[RowPlan], layer: str, layer_idx: int,
+                      key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table: torch.Tensor, scale: float, compact_rows=None
+                      ) -> list[tuple[RowPlan, LayerPages]]:
+        """Score, select and compact one layer of every request whose prompt completes in
+        this step; requests with the same settings (but the budget) share each launch.
 
-        ``compact`` defaults to ``kernels.compact`` (explicit page tables); the CUDA
-        backend passes ``kernels.compact_ranges`` (``page_table`` is then each head's
-        first page index, ``[H]``).
+        ``compact_rows(key_cache, value_cache, block_table, block_rows, masks, kept_blocks)``
+        returns one ``(page_table, counts)`` per row; default ``kernels.compact`` per row
+        (explicit page tables). The CUDA backend passes ``kernels.compact_rows_ranges``
+        (``page_table`` is then each head's first page index, ``[H]``).
         """
-        start = time.perf_counter()
-        mask = self.keep_mask(row, layer, layer_idx, key_cache, block_ids, scale)
-        if self.record_dir is not None:
-            record_kept(self.record_dir, row.req_id, layer_idx, mask)
-        page_table, counts = (compact or kernels.compact)(
-            key_cache, value_cache, block_ids, mask, row.plan.kept_blocks
-        )
+        done: list[tuple[RowPlan, LayerPages]] = []
+        for group in group_by_selection(rows, self.cfg):
+            start = time.perf_counter()
+            masks = self.keep_masks(group, layer, layer_idx, key_cache, block_table, scale)
+            if self.record_dir is not None:
+                for i, row in enumerate(group):
+                    record_kept(self.record_dir, row.req_id, layer_idx,
+                                masks[i, :, : row.prompt_len])
+            results = (compact_rows or _compact_each)(
+                key_cache, value_cache, block_table, [r.row for r in group], masks,
+                [r.plan.kept_blocks for r in group])
+            seconds = (time.perf_counter() - start) / len(group)
+            for row, (page_table, counts) in zip(group, results, strict=True):
+                done.append((row, self._store_pages(row, layer, page_table, counts, seconds)))
+        return done
+
+    def _store_pages(self, row: RowPlan, layer: str, page_table: torch.Tensor,
+                     counts: torch.Tensor, seconds: float) -> LayerPages:
         state = self.requests[row.req_id]
         state.pages[layer] = LayerPages(page_table=page_table, counts=counts)
         state.window_queries.pop(layer, None)
         self.num_compressed_layers += 1
-        state.compress_seconds += time.perf_counter() - start
+        state.compress_seconds += seconds
         state.unreported = True
         state.method = (row.cfg or self.cfg).method
         if len(state.pages) == len(row.plan.layer_budgets):  # all layers: report now

@@ -133,14 +133,18 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
         qsl = attn_metadata.query_start_loc.tolist()
         block_table = attn_metadata.block_table
         headwise_rows = []
+        completing = []
         for row in step.rows:
             if row.compressed_before:
                 headwise_rows.append((row, 0))
                 continue
             store.stash_window_queries(row, layer_name, query, qsl[row.row])
             if row.completes_prompt:
-                store.compress_layer(row, layer_name, layer_idx, key_cache, value_cache,
-                                     block_table[row.row], self.scale)
+                completing.append(row)
+        if completing:
+            store.compress_rows(completing, layer_name, layer_idx, key_cache, value_cache,
+                                block_table, self.scale)
+            for row in completing:
                 if row.seq_len > row.prompt_len:  # resumed request: later tokens in this chunk
                     headwise_rows.append((row, row.prompt_len - row.context_start))
         if headwise_rows:

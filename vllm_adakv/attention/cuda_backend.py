@@ -8,9 +8,10 @@ dense kernel (their ``seq_lens`` become their query lengths; that output is
 replaced). Per layer, the impl runs vLLM's ``unified_attention`` over the
 batch, then (1) keeps the observation-window queries of prompts being
 prefilled, (2) scores, selects and compacts the layer of every request whose
-prompt completes in this step (Triton scoring, torch selection and
-compaction), and (3) serves compressed rows with the Triton head-wise kernel
-over their kept head-pages and tail.
+prompt completes in this step, all of them in one launch set (Triton scoring,
+batched torch selection with Ada-KV's safeguard in Triton, Triton compaction),
+and (3) serves compressed rows with the Triton head-wise kernel over their kept
+head-pages and tail.
 
 CUDA graphs: decode-only steps (one query token per row, no prompt token in the
 batch) run in vLLM's full graphs. Their per-step state lives in persistent
@@ -249,14 +250,20 @@ class AdaKVTritonImpl(TritonAttentionImpl):
         value_cache = kv_cache[..., self.head_size :]
         qsl = attn_metadata.query_start_cpu
         block_table = attn_metadata.block_table
+        completing = []
         for row in attn_metadata.prefill_rows or ():
             assert qsl is not None
             store.stash_window_queries(row, layer_name, query, qsl[row.row])
             if row.completes_prompt:
-                pages = store.compress_layer(row, layer_name, layer_idx, key_cache, value_cache,
-                                             block_table[row.row], self.scale,
-                                             compact=kernels.compact_ranges)
-                pool.store(row.req_id, layer_idx, pages.page_table, pages.counts)
+                completing.append(row)
+        if completing:
+            # One launch set for every request whose prompt completes in this step.
+            done = store.compress_rows(completing, layer_name, layer_idx, key_cache,
+                                       value_cache, block_table, self.scale,
+                                       compact_rows=kernels.compact_rows_ranges)
+            pool.store_rows([row.req_id for row, _ in done], layer_idx,
+                            [pages.page_table for _, pages in done],
+                            [pages.counts for _, pages in done])
         if attn_metadata.headwise_rows is not None:
             heads_q = self.num_heads
             kernels.headwise_attention_ranges(

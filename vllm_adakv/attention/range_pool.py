@@ -48,6 +48,12 @@ class RangePool:
 
     def store(self, req_id: str, layer: int, page_start: torch.Tensor,
               kept_counts: torch.Tensor) -> None:
-        slot = self.slot(req_id)
-        self.page_start[slot, layer] = page_start
-        self.kept_counts[slot, layer] = kept_counts
+        self.store_rows([req_id], layer, [page_start], [kept_counts])
+
+    def store_rows(self, req_ids: list[str], layer: int, page_starts: list[torch.Tensor],
+                   kept_counts: list[torch.Tensor]) -> None:
+        """Page ranges of one layer for several requests (one copy per table)."""
+        slots = torch.tensor([self.slot(r) for r in req_ids], dtype=torch.long)
+        slots = slots.to(self.page_start.device, non_blocking=True)
+        self.page_start[slots, layer] = torch.stack(page_starts).to(torch.int32)
+        self.kept_counts[slots, layer] = torch.stack(kept_counts).to(torch.int32)

@@ -10,12 +10,18 @@ from vllm_adakv.kernels.compaction import (
     assign_head_pages,
     compact_ranges_reference,
     compact_reference,
+    compact_rows_reference,
 )
 from vllm_adakv.kernels.decode import (
     headwise_attention_ranges_reference,
     headwise_attention_reference,
 )
-from vllm_adakv.kernels.scoring import gather_prompt_keys, pool_scores, score_window_reference
+from vllm_adakv.kernels.scoring import (
+    gather_prompt_keys,
+    pool_scores,
+    score_window_reference,
+    score_windows_reference,
+)
 
 compact = compact_reference
 
@@ -27,6 +33,29 @@ def compact_ranges(key_cache: torch.Tensor, *args, **kwargs) -> tuple[torch.Tens
 
         return compact_ranges_triton(key_cache, *args, **kwargs)
     return compact_ranges_reference(key_cache, *args, **kwargs)
+
+
+def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``compact_rows_reference``'s contract, one ``(page_start, counts)`` per row; Triton
+    (no host sync) on CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_compaction import compact_rows_triton
+
+        starts, counts = compact_rows_triton(key_cache, *args, **kwargs)
+    else:
+        starts, counts = compact_rows_reference(key_cache, *args, **kwargs)
+    return list(zip(starts.unbind(0), counts.unbind(0), strict=True))
+
+
+def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
+                  ) -> torch.Tensor:
+    """``score_windows_reference``'s contract; Triton on CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_scoring import score_windows_triton
+
+        return score_windows_triton(window_queries, key_cache, *args, **kwargs)
+    return score_windows_reference(window_queries, key_cache, *args, **kwargs)
 
 
 def score_window(window_query: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
@@ -63,6 +92,8 @@ __all__ = [
     "compact_ranges",
     "compact_ranges_reference",
     "compact_reference",
+    "compact_rows_ranges",
+    "compact_rows_reference",
     "gather_prompt_keys",
     "headwise_attention",
     "headwise_attention_ranges",
@@ -71,4 +102,6 @@ __all__ = [
     "pool_scores",
     "score_window",
     "score_window_reference",
+    "score_windows",
+    "score_windows_reference",
 ]

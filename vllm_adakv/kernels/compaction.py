@@ -78,6 +78,26 @@ def compact_ranges_reference(
     return offset.to(torch.int32), counts.to(torch.int32)
 
 
+def compact_rows_reference(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    block_rows: list[int],
+    keep_masks: torch.Tensor,
+    kept_blocks: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compact_ranges_reference`` for ``R`` requests of one layer.
+
+    Request ``r``: blocks ``block_table[block_rows[r]]``, mask ``keep_masks[r]``
+    (``[H, Lmax]``, False past its prompt), ``kept_blocks[r]`` reserved blocks.
+    Returns (page_start, counts), both int32 ``[R, H]``.
+    """
+    results = [compact_ranges_reference(key_cache, value_cache, block_table[b], keep_masks[r],
+                                        kept_blocks[r])
+               for r, b in enumerate(block_rows)]
+    return (torch.stack([p for p, _ in results]), torch.stack([c for _, c in results]))
+
+
 def compact_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,

@@ -37,6 +37,57 @@ def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor
     return pooled.squeeze(1)
 
 
+def pool_rows(scores: torch.Tensor, num_candidates: list[int], pooling: str,
+              kernel: int) -> torch.Tensor:
+    """``pool_scores`` of each row of ``[R, H, Cmax]`` over its first ``C_r`` positions;
+    padding stays -inf. Max pooling runs on the whole batch (-inf padding pools exactly
+    as the edge of a row does); average pooling row by row (its edge count excludes
+    padding)."""
+    rows, heads, width = scores.shape
+    valid = torch.arange(width, device=scores.device) < torch.tensor(
+        num_candidates, device=scores.device)[:, None, None]
+    if kernel == 1:
+        return torch.where(valid, scores, float("-inf"))
+    if pooling == "max":
+        pooled = pool_scores(torch.where(valid, scores, float("-inf")).view(-1, width),
+                             pooling, kernel).view(rows, heads, width)
+        return torch.where(valid, pooled, float("-inf"))
+    out = torch.full_like(scores, float("-inf"))
+    for r, c in enumerate(num_candidates):
+        out[r, :, :c] = pool_scores(scores[r, :, :c], pooling, kernel)
+    return out
+
+
+def score_windows_reference(
+    window_queries: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    block_rows: list[int],
+    prompt_lens: list[int],
+    scale: float,
+    *,
+    gqa_reduce: str,
+    pooling: str,
+    pool_kernel: int,
+) -> torch.Tensor:
+    """Scores of ``R`` requests of one layer: fp32 ``[R, H, Lmax - w]``, -inf padding.
+
+    Request ``r``: window queries ``window_queries[r]`` (``[w, Hq, D]``), blocks
+    ``block_table[block_rows[r]]``, prompt ``prompt_lens[r]``; its row holds
+    ``score_window_reference(...)`` of that request in its first ``prompt_lens[r] - w``
+    positions.
+    """
+    rows, window = window_queries.shape[:2]
+    heads = key_cache.shape[1]
+    out = torch.full((rows, heads, max(prompt_lens) - window), float("-inf"),
+                     dtype=torch.float32, device=window_queries.device)
+    for r, (block_row, length) in enumerate(zip(block_rows, prompt_lens, strict=True)):
+        out[r, :, : length - window] = score_window_reference(
+            window_queries[r], key_cache, block_table[block_row], length, scale,
+            gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel)
+    return out
+
+
 def score_window_reference(
     window_query: torch.Tensor,
     key_cache: torch.Tensor,

@@ -1,12 +1,12 @@
 """Ada-KV's safeguarded allocation (hits per head -> kept candidates per head): one program.
 
 Same signature and result as ``policies.adakv.safeguard_caps_reference``, which
-takes about 75 tiny torch launches on ``[H]`` vectors (each a few microseconds of
-GPU time, and more of host time, per request and layer). Here the two
+takes about 75 tiny torch launches on ``[H]`` vectors per row (each a few
+microseconds of GPU time, and more of host time). Here one program per row: the two
 largest-remainder passes run in one program over a ``[H, H]`` tile: a head's
 position in an ordering is the number of heads that precede it, and a cumsum in
 that order is a masked row sum. Quotas are computed in fp64 from fp64 inputs
-(``params`` holds ``alpha * s`` and ``1 - alpha``), as the reference does.
+(``params`` holds ``alpha * s`` and ``1 - alpha`` of each row), as the reference does.
 """
 
 from __future__ import annotations
@@ -39,14 +39,18 @@ def _spread(amount, room, key0, key1, valid, BLOCK_H: tl.constexpr):
     return first + more
 
 
-@jit_unspecialized(ints=["num_heads", "lower", "num_candidates", "total"])
-def _safeguard_caps(hits_ptr, params_ptr, out_ptr, num_heads, lower, num_candidates, total,
+@jit_unspecialized(ints=["num_heads"])
+def _safeguard_caps(hits_ptr, ints_ptr, params_ptr, out_ptr, num_heads,
                     BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
     idx = tl.arange(0, BLOCK_H)
     valid = idx < num_heads
-    hits = tl.load(hits_ptr + idx, mask=valid, other=0).to(tl.int64)
-    alpha_s = tl.load(params_ptr)
-    keep_share = tl.load(params_ptr + 1)
+    hits = tl.load(hits_ptr + row * num_heads + idx, mask=valid, other=0).to(tl.int64)
+    lower = tl.load(ints_ptr + row * 3)
+    num_candidates = tl.load(ints_ptr + row * 3 + 1)
+    total = tl.load(ints_ptr + row * 3 + 2)
+    alpha_s = tl.load(params_ptr + row * 2)
+    keep_share = tl.load(params_ptr + row * 2 + 1)
     quota = alpha_s + keep_share * hits.to(tl.float64)
     caps = tl.floor(quota).to(tl.int64)
     caps = tl.minimum(tl.maximum(caps, lower), num_candidates)
@@ -56,19 +60,23 @@ def _safeguard_caps(hits_ptr, params_ptr, out_ptr, num_heads, lower, num_candida
                    valid, BLOCK_H)
     take = _spread(tl.maximum(-diff, 0), caps - lower, (caps - lower).to(tl.float64), -frac,
                    valid, BLOCK_H)
-    tl.store(out_ptr + idx, caps + give - take, mask=valid)
+    tl.store(out_ptr + row * num_heads + idx, caps + give - take, mask=valid)
 
 
-def safeguard_caps_triton(hits: torch.Tensor, selectable: int, alpha: float,
-                          num_candidates: int) -> torch.Tensor:
-    """Kept candidates per head (int64 ``[H]``); contract of ``safeguard_caps_reference``."""
+def safeguard_caps_triton(hits: torch.Tensor, selectable: list[int], alpha: float,
+                          num_candidates: list[int]) -> torch.Tensor:
+    """Kept candidates per head (int64 ``[R, H]``); contract of
+    ``policies.adakv.safeguard_caps_reference``. One program per row."""
     import math
 
-    num_heads = hits.numel()
-    params = torch.tensor([alpha * selectable, 1.0 - alpha], dtype=torch.float64)
+    rows, num_heads = hits.shape
+    ints = torch.tensor([[math.floor(alpha * s), c, num_heads * s]
+                         for s, c in zip(selectable, num_candidates, strict=True)],
+                        dtype=torch.int64)
+    params = torch.tensor([[alpha * s, 1.0 - alpha] for s in selectable], dtype=torch.float64)
+    ints = ints.to(hits.device, non_blocking=True)
     params = params.to(hits.device, non_blocking=True)
-    out = torch.empty(num_heads, dtype=torch.int64, device=hits.device)
-    _safeguard_caps[(1,)](hits.contiguous(), params, out, num_heads,
-                          math.floor(alpha * selectable), num_candidates,
-                          num_heads * selectable, BLOCK_H=triton.next_power_of_2(num_heads))
+    out = torch.empty(rows, num_heads, dtype=torch.int64, device=hits.device)
+    _safeguard_caps[(rows,)](hits.contiguous(), ints, params, out, num_heads,
+                             BLOCK_H=triton.next_power_of_2(num_heads))
     return out

@@ -1,24 +1,25 @@
-"""Scoring at the end of prefill: Triton kernels.
+"""Scoring at the end of prefill: Triton kernels, for all requests of a layer at once.
 
-Same signature and result as ``scoring.score_window_reference``. Two passes so
+Same signature and result as ``scoring.score_windows_reference``. Two passes so
 that no ``window x prompt x heads`` tensor is ever materialised:
 
-* ``_window_stats``, grid ``(Hq, cdiv(w, BLOCK_W), S)``: for each window query,
-  the running max and sum of exponentials of its logits over the keys of one
-  of ``S`` contiguous position ranges (causal inside the window), read from the
-  paged cache through the block ids. ``S`` splits the prompt so that the grid
-  fills the device (one program per query head would leave most SMs idle and
-  walk the whole prompt serially).
-* ``_candidate_scores``, grid ``(H, cdiv(L - w, BLOCK_N))``: combines the ``S``
-  partial statistics of each window query, then, for a tile of candidate keys,
-  each window query's softmax probability, summed over the window and reduced
-  over the GQA group (mean or max). Candidates precede every window query, so
-  no causal mask is needed there.
+* ``_window_stats``, grid ``(Hq, R * cdiv(w, BLOCK_W), S)``: for each window
+  query of each request row, the running max and sum of exponentials of its
+  logits over the keys of one of ``S`` contiguous position ranges (causal inside
+  the window), read from the paged cache through the row's block ids. ``S``
+  splits the prompt so that the grid fills the device (one program per query
+  head would leave most SMs idle and walk the whole prompt serially).
+* ``_candidate_scores``, grid ``(R * H, cdiv(Lmax - w, BLOCK_N))``: combines the
+  ``S`` partial statistics of each window query, then, for a tile of candidate
+  keys, each window query's softmax probability, summed over the window and
+  reduced over the GQA group (mean or max). Candidates precede every window
+  query, so no causal mask is needed there.
 
-Memory: two ``[S, Hq, w]`` fp32 tensors plus the ``[H, L - w]`` output. Pooling
-along positions then runs in torch on that output (one small op). Prompt
-lengths are not specialised on (``jit.jit_unspecialized``): one compiled
-variant serves every request.
+A row table (block-table row, prompt length) gives each request its own length:
+one launch pair serves every request whose prompt completes in the step, and
+nothing about a length is compiled in (``jit.jit_unspecialized``). Memory: two
+``[R, S, Hq, w]`` fp32 tensors plus the ``[R, H, Lmax - w]`` output (padding -inf).
+Pooling along positions then runs in torch on that output.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from vllm_adakv.kernels.jit import jit_unspecialized
-from vllm_adakv.kernels.scoring import pool_scores
+from vllm_adakv.kernels.scoring import pool_rows
 
 _LOG2E = 1.4426950408889634
 # Most position splits of the window statistics (also the width of their combine tile,
@@ -53,12 +54,21 @@ def _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
     return tl.load(addr, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
 
 
-@jit_unspecialized(ints=["prompt_len", "num_splits"], pointers=["bid_ptr"])
+@triton.jit
+def _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr):
+    """Prompt length, block-id row and window queries of request row ``r``."""
+    block_row = tl.load(meta_ptr + 2 * r).to(tl.int64)
+    prompt_len = tl.load(meta_ptr + 2 * r + 1)
+    return prompt_len, bt_ptr + block_row * stride_br, q_ptr + r.to(tl.int64) * stride_qr
+
+
+@jit_unspecialized(ints=["num_splits", "stride_br"])
 def _window_stats(
-    q_ptr, k_ptr, bid_ptr, m_ptr, l_ptr,
-    qk_scale, prompt_len, num_splits,
-    stride_qw, stride_qh, stride_qd,
+    q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr,
+    qk_scale, num_splits,
+    stride_qr, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_br,
     WINDOW: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -68,11 +78,14 @@ def _window_stats(
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
+    W_BLOCKS: tl.constexpr = (WINDOW + BLOCK_W - 1) // BLOCK_W
     q_head = tl.program_id(0)
+    r = tl.program_id(1) // W_BLOCKS
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(0)
     kv_head = q_head // GROUP
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    prompt_len, bid_ptr, q_ptr = _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr)
+    offs_w = (tl.program_id(1) % W_BLOCKS) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_w = offs_w < WINDOW
@@ -99,18 +112,18 @@ def _window_stats(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
-    stat = (split * num_q_heads + q_head) * WINDOW + offs_w
+    stat = ((r * num_splits + split) * num_q_heads + q_head) * WINDOW + offs_w
     tl.store(m_ptr + stat, m_i, mask=mask_w)
     tl.store(l_ptr + stat, l_i, mask=mask_w)
 
 
 @triton.jit
-def _combined_stats(m_ptr, l_ptr, q_head, num_q_heads, offs_w, mask_w, num_splits,
+def _combined_stats(m_ptr, l_ptr, r, q_head, num_q_heads, offs_w, mask_w, num_splits,
                     WINDOW: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Max and sum of exponentials over all splits of the window queries ``offs_w``."""
+    """Max and sum of exponentials over all splits of row ``r``'s window queries ``offs_w``."""
     offs_s = tl.arange(0, BLOCK_S)
     mask = (offs_s < num_splits)[:, None] & mask_w[None, :]
-    idx = (offs_s[:, None] * num_q_heads + q_head) * WINDOW + offs_w[None, :]
+    idx = ((r * num_splits + offs_s[:, None]) * num_q_heads + q_head) * WINDOW + offs_w[None, :]
     m_s = tl.load(m_ptr + idx, mask=mask, other=float("-inf"))
     l_s = tl.load(l_ptr + idx, mask=mask, other=0.0)
     m = tl.max(m_s, 0)
@@ -118,13 +131,14 @@ def _combined_stats(m_ptr, l_ptr, q_head, num_q_heads, offs_w, mask_w, num_split
     return m, tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0)
 
 
-@jit_unspecialized(ints=["num_candidates", "num_splits", "stride_oh"], pointers=["bid_ptr"])
+@jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh"])
 def _candidate_scores(
-    q_ptr, k_ptr, bid_ptr, m_ptr, l_ptr, out_ptr,
-    qk_scale, num_candidates, num_splits,
-    stride_qw, stride_qh, stride_qd,
+    q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
+    qk_scale, num_splits,
+    stride_qr, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_oh,
+    stride_br, stride_or, stride_oh,
+    NUM_KV_HEADS: tl.constexpr,
     WINDOW: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -136,54 +150,60 @@ def _candidate_scores(
     BLOCK_S: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
-    num_q_heads = tl.num_programs(0) * GROUP
+    r = tl.program_id(0) // NUM_KV_HEADS
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    num_q_heads = NUM_KV_HEADS * GROUP
+    prompt_len, bid_ptr, q_ptr = _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr)
+    num_candidates = prompt_len - WINDOW
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = pos < num_candidates
-    mask_d = offs_d < HEAD_DIM
-    kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
-                      stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
-    reduced = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(GROUP):
-        q_head = kv_head * GROUP + g
-        col = tl.zeros([BLOCK_N], tl.float32)
-        for w0 in range(0, WINDOW, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)
-            mask_w = offs_w < WINDOW
-            q = tl.load(q_ptr + offs_w[:, None] * stride_qw + q_head * stride_qh
-                        + offs_d[None, :] * stride_qd,
-                        mask=mask_w[:, None] & mask_d[None, :], other=0.0)
-            m, den = _combined_stats(m_ptr, l_ptr, q_head, num_q_heads, offs_w, mask_w,
-                                     num_splits, WINDOW, BLOCK_S)
-            den = tl.where(mask_w, den, 1.0)
-            s = _dot(q, kt, DOT_FP32) * qk_scale
-            p = tl.exp2(s - m[:, None]) / den[:, None]
-            col += tl.sum(tl.where(mask_w[:, None], p, 0.0), 0)
-        if REDUCE_MAX:
-            reduced = tl.maximum(reduced, col)
-        else:
-            reduced += col / GROUP
-    tl.store(out_ptr + kv_head * stride_oh + pos, reduced, mask=mask_n)
+    if tl.program_id(1) * BLOCK_N < num_candidates:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_n = pos < num_candidates
+        mask_d = offs_d < HEAD_DIM
+        kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
+                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
+        reduced = tl.zeros([BLOCK_N], tl.float32)
+        for g in range(GROUP):
+            q_head = kv_head * GROUP + g
+            col = tl.zeros([BLOCK_N], tl.float32)
+            for w0 in range(0, WINDOW, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                mask_w = offs_w < WINDOW
+                q = tl.load(q_ptr + offs_w[:, None] * stride_qw + q_head * stride_qh
+                            + offs_d[None, :] * stride_qd,
+                            mask=mask_w[:, None] & mask_d[None, :], other=0.0)
+                m, den = _combined_stats(m_ptr, l_ptr, r, q_head, num_q_heads, offs_w,
+                                         mask_w, num_splits, WINDOW, BLOCK_S)
+                den = tl.where(mask_w, den, 1.0)
+                s = _dot(q, kt, DOT_FP32) * qk_scale
+                p = tl.exp2(s - m[:, None]) / den[:, None]
+                col += tl.sum(tl.where(mask_w[:, None], p, 0.0), 0)
+            if REDUCE_MAX:
+                reduced = tl.maximum(reduced, col)
+            else:
+                reduced += col / GROUP
+        tl.store(out_ptr + r.to(tl.int64) * stride_or + kv_head * stride_oh + pos, reduced,
+                 mask=mask_n)
 
 
-def default_num_splits(num_programs: int, prompt_len: int, block_n: int,
-                       device: torch.device) -> int:
-    """Position splits of the window statistics: enough programs to fill the device,
-    at least four key tiles per split. A power of two (few compiled variants)."""
+def default_num_splits(programs_per_row: int, device: torch.device) -> int:
+    """Position splits of the window statistics: enough programs for one request to fill
+    the device; a power of two. It depends on the model shape only, never on the other
+    requests of the step, so a request's scores (and kept set) are the same whichever
+    requests it is compressed with."""
     from vllm_adakv.kernels.triton_decode import num_programs_target
 
-    want = triton.cdiv(num_programs_target(device), max(num_programs, 1))
-    most = max(1, triton.cdiv(prompt_len, 4 * block_n))
-    splits = max(1, min(want, most, MAX_SPLITS))
+    want = triton.cdiv(num_programs_target(device), max(programs_per_row, 1))
+    splits = max(1, min(want, MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
 
 
-def score_window_triton(
-    window_query: torch.Tensor,
+def score_windows_triton(
+    window_queries: torch.Tensor,
     key_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    prompt_len: int,
+    block_table: torch.Tensor,
+    block_rows: list[int],
+    prompt_lens: list[int],
     scale: float,
     *,
     gqa_reduce: str,
@@ -191,39 +211,56 @@ def score_window_triton(
     pool_kernel: int,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """SnapKV scores ``[H, prompt_len - w]`` (fp32); contract of ``score_window_reference``.
-
-    ``num_splits`` position ranges for the window statistics (default: from shapes)."""
+    """Scores ``[R, H, Lmax - w]`` (fp32, -inf padding) of ``R`` requests of one layer;
+    contract of ``score_windows_reference``. ``num_splits`` position ranges for the
+    window statistics (default: from shapes)."""
     if gqa_reduce not in ("mean", "max"):
         raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
-    window, num_q_heads, dim = window_query.shape
+    rows, window, num_q_heads, dim = window_queries.shape
     _, heads, block_size, kdim = key_cache.shape
-    assert kdim == dim and num_q_heads % heads == 0 and prompt_len > window
+    assert kdim == dim and num_q_heads % heads == 0 and min(prompt_lens) > window
+    assert len(block_rows) == len(prompt_lens) == rows
     group = num_q_heads // heads
-    dev = window_query.device
-    block_ids = block_ids.to(dev)
-    candidates = prompt_len - window
-    out = torch.empty(heads, candidates, dtype=torch.float32, device=dev)
+    dev = window_queries.device
+    block_table = block_table.to(dev)
+    longest = max(prompt_lens)
+    meta = torch.tensor([[b, n] for b, n in zip(block_rows, prompt_lens, strict=True)],
+                        dtype=torch.int32).to(dev, non_blocking=True)
+    out = torch.full((rows, heads, longest - window), float("-inf"), dtype=torch.float32,
+                     device=dev)
     block_w = max(16, min(64, triton.next_power_of_2(window)))
     block_n = 64
     w_blocks = triton.cdiv(window, block_w)
     if num_splits is None:
-        num_splits = default_num_splits(num_q_heads * w_blocks, prompt_len, block_n, dev)
+        num_splits = default_num_splits(num_q_heads * w_blocks, dev)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
-    stats_m = torch.empty(num_splits, num_q_heads, window, dtype=torch.float32, device=dev)
+    stats_m = torch.empty(rows, num_splits, num_q_heads, window, dtype=torch.float32,
+                          device=dev)
     stats_l = torch.empty_like(stats_m)
     block_d = max(16, triton.next_power_of_2(dim))
-    dot_fp32 = dev.type != "cuda" or window_query.dtype == torch.float32
+    dot_fp32 = dev.type != "cuda" or window_queries.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
     common = dict(WINDOW=window, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=dim,
                   BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=dot_fp32)
-    _window_stats[(num_q_heads, w_blocks, num_splits)](
-        window_query, key_cache, block_ids, stats_m, stats_l, qk_scale, prompt_len,
-        num_splits, *window_query.stride(), *key_cache.stride(), **common,
+    _window_stats[(num_q_heads, rows * w_blocks, num_splits)](
+        window_queries, key_cache, block_table, meta, stats_m, stats_l, qk_scale, num_splits,
+        *window_queries.stride(), *key_cache.stride(), block_table.stride(0), **common,
     )
-    _candidate_scores[(heads, triton.cdiv(candidates, block_n))](
-        window_query, key_cache, block_ids, stats_m, stats_l, out, qk_scale, candidates,
-        num_splits, *window_query.stride(), *key_cache.stride(), out.stride(0),
-        REDUCE_MAX=gqa_reduce == "max", BLOCK_S=MAX_SPLITS, **common,
+    _candidate_scores[(rows * heads, triton.cdiv(longest - window, block_n))](
+        window_queries, key_cache, block_table, meta, stats_m, stats_l, out, qk_scale,
+        num_splits, *window_queries.stride(), *key_cache.stride(), block_table.stride(0),
+        out.stride(0), out.stride(1), NUM_KV_HEADS=heads, REDUCE_MAX=gqa_reduce == "max",
+        BLOCK_S=MAX_SPLITS, **common,
     )
-    return pool_scores(out, pooling, pool_kernel)
+    return pool_rows(out, [n - window for n in prompt_lens], pooling, pool_kernel)
+
+
+def score_window_triton(window_query: torch.Tensor, key_cache: torch.Tensor,
+                        block_ids: torch.Tensor, prompt_len: int, scale: float, *,
+                        gqa_reduce: str, pooling: str, pool_kernel: int,
+                        num_splits: int | None = None) -> torch.Tensor:
+    """SnapKV scores ``[H, prompt_len - w]`` (fp32) of one request; contract of
+    ``score_window_reference``."""
+    return score_windows_triton(window_query[None], key_cache, block_ids[None], [0],
+                                [prompt_len], scale, gqa_reduce=gqa_reduce, pooling=pooling,
+                                pool_kernel=pool_kernel, num_splits=num_splits)[0]

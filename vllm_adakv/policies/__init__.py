@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .adakv import adakv_counts
-from .common import check_int, check_scores, topk_mask
+from .adakv import adakv_counts, adakv_counts_rows
+from .common import check_int, check_scores, topk_mask, topk_masks
 from .gvote import gvote_keep_mask, layer_seed
 from .pyramidkv import pyramid_layer_budgets
 from .snapkv import snapkv_counts
@@ -35,6 +35,7 @@ __all__ = [
     "layer_seed",
     "pyramid_layer_budgets",
     "select_keep_mask",
+    "select_keep_masks",
     "snapkv_counts",
     "streamingllm_mask",
     "topk_mask",
@@ -123,21 +124,66 @@ def select_keep_mask(method: str, scores: torch.Tensor | None, *, num_heads: int
     for the scored methods and ignored otherwise. Ties prefer the lower position index.
     The mask lives on ``device`` if given, else on ``scores.device`` (CPU without scores).
     """
-    num_candidates, selectable = _validate(method, scores, num_heads, prompt_len, window,
-                                           layer_budget)
+    _validate(method, scores, num_heads, prompt_len, window, layer_budget)
+    return select_keep_masks(
+        method, None if scores is None else scores[None], num_heads=num_heads,
+        prompt_lens=[prompt_len], window=window, layer_budgets=[layer_budget], alpha=alpha,
+        sink_tokens=sink_tokens, device=device)[0]
+
+
+def select_keep_masks(method: str, scores: torch.Tensor | None, *, num_heads: int,
+                      prompt_lens: list[int], window: int, layer_budgets: list[int],
+                      alpha: float, sink_tokens: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """``select_keep_mask`` for ``R`` requests of one layer at once: bool ``[R, H, Lmax]``.
+
+    Row ``r`` is request ``r`` (prompt ``prompt_lens[r]``, budget ``layer_budgets[r]``);
+    ``scores`` is ``[R, H, Lmax - w]`` with row ``r``'s candidates first (the rest is
+    padding, never kept). Row ``r`` equals ``select_keep_mask(method, scores[r, :, :C_r],
+    prompt_len=prompt_lens[r], layer_budget=layer_budgets[r], ...)`` padded with False.
+    """
+    rows = len(prompt_lens)
+    if len(layer_budgets) != rows:
+        raise ValueError(f"{rows} prompt lengths but {len(layer_budgets)} budgets")
+    selectable = []
+    for r, (length, budget) in enumerate(zip(prompt_lens, layer_budgets, strict=True)):
+        row_scores = None
+        if scores is not None and method in SCORED_METHODS:
+            if scores.dim() != 3 or scores.shape[0] != rows or scores.shape[1] != num_heads \
+                    or scores.shape[2] < length - window:
+                raise ValueError(f"scores of shape {tuple(scores.shape)} do not hold {rows} "
+                                 f"rows of [{num_heads}, >= {length - window}]")
+            row_scores = scores[r, :, : length - window]
+        selectable.append(_validate(method, row_scores, num_heads, length, window, budget)[1])
     dev = _device(scores, device)
+    width = max(prompt_lens)
+    candidates = [length - window for length in prompt_lens]
+    pos = torch.arange(width, device=dev)
+    lengths = torch.tensor(prompt_lens, device=dev)[:, None, None]
+    in_prompt = pos < lengths  # [R, 1, width]
     if method == "none":
-        return torch.ones(num_heads, prompt_len, dtype=torch.bool, device=dev)
+        return in_prompt.expand(rows, num_heads, width).clone()
     if method == "streamingllm":
-        cand = streamingllm_mask(num_heads, num_candidates, selectable, sink_tokens, device=dev)
+        cand = torch.zeros(rows, num_heads, width - window, dtype=torch.bool, device=dev)
+        for r in range(rows):
+            check_int("sink_tokens", sink_tokens, 0)
+            cand[r, :, : candidates[r]] = streamingllm_mask(
+                num_heads, candidates[r], selectable[r], sink_tokens, device=dev)
     else:
+        assert scores is not None
+        scores = scores[..., : width - window]
         # Host-side bounds on the counts: no read-back from the device.
         if method == "adakv":
-            counts = adakv_counts(scores, selectable, alpha)
-            bound = num_candidates
+            counts = adakv_counts_rows(scores, candidates, selectable, alpha)
+            bound = max(candidates)
         else:
-            counts = snapkv_counts(num_heads, num_candidates, selectable, device=scores.device)
-            bound = min(selectable, num_candidates)
-        cand = topk_mask(scores, counts, max_count=bound).to(dev)
-    window_mask = torch.ones(num_heads, window, dtype=torch.bool, device=dev)
-    return torch.cat([cand, window_mask], dim=1)
+            counts = torch.tensor([min(s, c) for s, c in zip(selectable, candidates,
+                                                             strict=True)],
+                                  device=scores.device)[:, None].expand(rows, num_heads)
+            bound = max(min(s, c) for s, c in zip(selectable, candidates, strict=True))
+        cand = topk_masks(scores, counts, candidates, max_count=bound).to(dev)
+    # Row r: candidates [0, C_r), then its window [C_r, L_r).
+    window_part = (pos >= lengths - window) & in_prompt
+    mask = torch.zeros(rows, num_heads, width, dtype=torch.bool, device=dev)
+    mask[..., : width - window] = cand
+    return mask | window_part

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .common import check_int, check_scores, sanitize, ties_to_lower
+from .common import candidate_mask, check_int, check_scores, sanitize, ties_to_lower
 
 
 def _stable_order(*keys: torch.Tensor) -> torch.Tensor:
@@ -44,41 +44,66 @@ def adakv_counts(scores: torch.Tensor, selectable: int, alpha: float) -> torch.T
     """
     check_scores(scores)
     selectable = check_int("selectable", selectable, 0)
+    return adakv_counts_rows(scores[None], [scores.shape[1]], [selectable], alpha)[0]
+
+
+def adakv_counts_rows(scores: torch.Tensor, num_candidates: list[int],
+                      selectable: list[int], alpha: float) -> torch.Tensor:
+    """``adakv_counts`` for ``R`` rows at once: LongTensor ``[R, H]``.
+
+    ``scores`` is ``[R, H, Cmax]``; row ``r`` has ``num_candidates[r]`` real candidates
+    (the rest is padding, never counted) and its own ``selectable[r]``. Each row equals
+    ``adakv_counts(scores[r, :, :C_r], selectable[r], alpha)``.
+    """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    num_heads, num_candidates = scores.shape
-    s = min(selectable, num_candidates)
-    total = num_heads * s
+    rows, num_heads, width = scores.shape
     device = scores.device
-    if s == 0 or s == num_candidates:
-        return torch.full((num_heads,), s, dtype=torch.long, device=device)
-
-    # Layer-wide top-T; ties go to the lower flat index (lower head, then lower position).
-    flat = sanitize(scores).reshape(-1)
-    # The total-th largest score (a sort: far faster than kthvalue on CUDA).
-    thr = torch.sort(flat, descending=True).values[total - 1]
-    need = total - (flat > thr).sum()
-    hits = ties_to_lower(flat, thr, need).view(num_heads, num_candidates).sum(1)
+    s = [min(sel, c) for sel, c in zip(selectable, num_candidates, strict=True)]
+    uniform = torch.tensor(s, device=device)[:, None].expand(rows, num_heads)
+    active = [0 < si < c for si, c in zip(s, num_candidates, strict=True)]
+    if not any(active):
+        return uniform.clone()
+    # Layer-wide top-T of each row; ties go to the lower flat index (lower head, then
+    # lower position); padding is -inf and never taken.
+    valid = candidate_mask(num_candidates, width, device).expand(rows, num_heads, width)
+    flat = torch.where(valid, sanitize(scores), float("-inf")).reshape(rows, -1)
+    valid = valid.reshape(rows, -1)
+    total = torch.tensor([num_heads * si for si in s], device=device)[:, None]
+    # The T-th largest score of each row (a sort: far faster than kthvalue on CUDA).
+    ordered = torch.sort(flat, dim=1, descending=True).values
+    thr = ordered.gather(1, (total - 1).clamp(min=0))
+    need = total - (flat > thr).sum(1, keepdim=True)
+    hits = ties_to_lower(flat, thr, need, valid).view(rows, num_heads, width).sum(-1)
     if hits.is_cuda:
-        # One program instead of ~75 tiny launches on [H] vectors (same result).
+        # One program per row instead of ~75 tiny launches on [H] vectors (same result).
         from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton
 
-        return safeguard_caps_triton(hits, s, alpha, num_candidates)
-    return safeguard_caps_reference(hits, s, alpha, num_candidates)
+        caps = safeguard_caps_triton(hits, s, alpha, num_candidates)
+    else:
+        caps = safeguard_caps_reference(hits, s, alpha, num_candidates)
+    keep_uniform = torch.tensor([not a for a in active], device=device)[:, None]
+    return torch.where(keep_uniform, uniform, caps)
 
 
-def safeguard_caps_reference(hits: torch.Tensor, selectable: int, alpha: float,
-                             num_candidates: int) -> torch.Tensor:
-    """Ada-KV's safeguard: per-head caps from the layer-wide top-T ``hits``.
+def safeguard_caps_reference(hits: torch.Tensor, selectable: list[int], alpha: float,
+                             num_candidates: list[int]) -> torch.Tensor:
+    """Ada-KV's safeguard: per-head caps ``[R, H]`` from each row's layer-wide top-T ``hits``.
 
-    ``selectable`` is ``s = min(budget - window, C)`` with ``0 < s < C``, ``T = H * s``.
+    Row ``r``: ``s = selectable[r]`` with ``0 < s < C = num_candidates[r]``, ``T = H * s``.
     Quota ``q[h] = alpha * s + (1 - alpha) * hits[h]``, floored and clamped to
     ``[floor(alpha * s), C]``, then rounded by largest remainder (ties: more hits, then
     lower head) so that the caps sum to ``T``; units taken back go first from the heads
-    with most room above the floor (ties: smaller remainder, then lower head). The rest
-    works on [H]-sized vectors on the device: no host sync.
+    with most room above the floor (ties: smaller remainder, then lower head). The work is
+    on [H]-sized vectors on the device: no host sync.
     """
+    return torch.stack([_safeguard_row(hits[r], selectable[r], alpha, num_candidates[r])
+                        for r in range(hits.shape[0])])
+
+
+def _safeguard_row(hits: torch.Tensor, selectable: int, alpha: float,
+                   num_candidates: int) -> torch.Tensor:
     num_heads = hits.numel()
     total = num_heads * selectable
     quota = alpha * selectable + (1.0 - alpha) * hits.double()

@@ -45,14 +45,51 @@ def sanitize(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scores), float("-inf"), scores)
 
 
-def ties_to_lower(x: torch.Tensor, thr: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+def ties_to_lower(x: torch.Tensor, thr: torch.Tensor, need: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Keep entries ``> thr`` plus the first ``need`` entries ``== thr`` along the last dim.
 
     ``thr`` / ``need`` broadcast against ``x`` with a trailing dim of 1. This is what a stable
-    descending sort would keep, at the cost of a selection instead of a sort.
+    descending sort would keep, at the cost of a selection instead of a sort. ``valid``
+    (broadcasting against ``x``) excludes padding from the ties: padded entries must hold
+    -inf, so that they are never ``> thr`` either.
     """
     equal = x == thr
+    if valid is not None:
+        equal = equal & valid
     return (x > thr) | (equal & (equal.cumsum(-1) <= need))
+
+
+def candidate_mask(num_candidates: list[int], width: int, device) -> torch.Tensor:
+    """Bool ``[R, 1, width]``: position ``c`` of row ``r`` is a real candidate (``c < C_r``)."""
+    lengths = torch.tensor(num_candidates, device=device)
+    return (torch.arange(width, device=device) < lengths[:, None]).unsqueeze(1)
+
+
+def topk_masks(scores: torch.Tensor, counts: torch.Tensor, num_candidates: list[int],
+               max_count: int) -> torch.Tensor:
+    """``topk_mask`` for ``R`` rows at once: bool ``[R, H, Cmax]``.
+
+    Row ``r`` holds ``C_r = num_candidates[r]`` real candidates followed by padding (any
+    value: it is never kept); ``counts`` is ``[R, H]`` and ``max_count`` a host bound on it.
+    Each row equals ``topk_mask(scores[r, :, :C_r], counts[r])`` padded with False.
+    """
+    rows, num_heads, width = scores.shape
+    valid = candidate_mask(num_candidates, width, scores.device)
+    limit = torch.tensor(num_candidates, device=scores.device)[:, None]
+    counts = torch.minimum(counts.long().clamp(min=0), limit)
+    kmax = min(check_int("max_count", max_count, 0), width)
+    if kmax == 0:
+        return torch.zeros(rows, num_heads, width, dtype=torch.bool, device=scores.device)
+    x = torch.where(valid, sanitize(scores), float("-inf"))
+    if 2 * kmax > width:
+        # Most of each row: one sort is cheaper than a top-k this large (on CUDA).
+        top = torch.sort(x, dim=-1, descending=True).values
+    else:
+        top = torch.topk(x, kmax, dim=-1, sorted=True).values
+    thr = top.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
+    need = counts.unsqueeze(-1) - (x > thr).sum(-1, keepdim=True)
+    return ties_to_lower(x, thr, need, valid)
 
 
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor, max_count: int | None = None
@@ -74,14 +111,4 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor, max_count: int | None 
         kmax = min(check_int("max_count", max_count, 0), num_candidates)
     else:
         kmax = int(counts.max()) if num_heads else 0
-    if kmax == 0:
-        return torch.zeros(num_heads, num_candidates, dtype=torch.bool, device=scores.device)
-    x = sanitize(scores)
-    if 2 * kmax > num_candidates:
-        # Most of each row: one sort is cheaper than a top-k this large (on CUDA).
-        top = torch.sort(x, dim=1, descending=True).values
-    else:
-        top = torch.topk(x, kmax, dim=1, sorted=True).values
-    thr = top.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
-    need = counts.unsqueeze(1) - (x > thr).sum(1, keepdim=True)
-    return ties_to_lower(x, thr, need)
+    return topk_masks(scores[None], counts[None], [num_candidates], kmax)[0]
