@@ -15,7 +15,7 @@ MODEL=benchmarks/models/llama-3.1-8b
 case "${1:?stage}" in
   check)
     python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/check.log" | tail -5
-    python3 -m pytest -q tests/e2e/test_engine.py -k "changes_only_long or one_token_last" \
+    python3 -m pytest -q tests/e2e/test_engine.py -k "changes_only_long or one_token_last or together" \
       2>&1 | tee -a "$OUT/check.log" | tail -3
     ;;
   kernels)

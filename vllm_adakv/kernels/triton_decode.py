@@ -46,7 +46,8 @@ ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
-@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms"],
+@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms", "stride_pr",
+                         "stride_pp", "stride_cr", "stride_br"],
                    pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
