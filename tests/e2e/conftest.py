@@ -44,8 +44,9 @@ def _cuda() -> bool:
 
 
 def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900,
-                 env: dict[str, str] | None = None) -> dict:
-    """Run tests/e2e/driver.py in a fresh process and return its JSON result."""
+                 env: dict[str, str] | None = None, stderr: list[str] | None = None) -> dict:
+    """Run tests/e2e/driver.py in a fresh process and return its JSON result (its log is
+    appended to ``stderr`` when a list is given)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
                VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=path, **(env or {}))
@@ -56,6 +57,8 @@ def run_scenario(spec: dict[str, Any], kv_space_gib: int = 1, timeout: int = 900
         spec = {**spec, "engine": {**engine, **spec.get("engine", {})}}
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.driver", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if stderr is not None:
+        stderr.append(proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
             return json.loads(line[len("@@RESULT@@"):])

@@ -83,3 +83,37 @@ def test_range_decode_real_sizes(group, dim):
         n = int(qsl[-1])
         assert not torch.isnan(out[:n]).any() and torch.isnan(out[n:]).all()
         torch.testing.assert_close(out[:n].float(), want[:n], rtol=2e-2, atol=2e-2)
+
+
+def test_compression_never_waits_for_the_gpu():
+    """Scoring, selection and compaction of several requests, and the page-range store,
+    under PyTorch's sync debug mode: any synchronising call (a blocking upload, an
+    ``.item()``, ``nonzero``) raises. A sync would stall the host inside the forward pass,
+    so the launches that follow could no longer queue behind the layer's prefill."""
+    from vllm_adakv.attention.range_pool import RangePool
+    from vllm_adakv.kernels import compact_rows_ranges, score_windows
+    from vllm_adakv.policies import select_keep_masks
+
+    heads, q_heads, dim, window = 8, 32, 128, 32
+    lengths = [3000, 4100, 2048]
+    table, nb = random_block_tables(lengths, BS)
+    table = table.to(DEV)
+    kv = torch.randn(nb, heads, BS, 2 * dim, device=DEV).to(torch.bfloat16)
+    queries = torch.randn(3, window, q_heads, dim, device=DEV).to(torch.bfloat16)
+    pool = RangePool(4, 2, heads, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for method in ("adakv", "snapkv"):
+            scores = score_windows(queries, kv[..., :dim], table, [0, 1, 2], lengths,
+                                   dim**-0.5, gqa_reduce="mean", pooling="max", pool_kernel=7)
+            masks = select_keep_masks(method, scores, num_heads=heads, prompt_lens=lengths,
+                                      window=window, layer_budgets=[512, 700, 300], alpha=0.2,
+                                      sink_tokens=4)
+            done = compact_rows_ranges(kv[..., :dim], kv[..., dim:], table, [0, 1, 2], masks,
+                                       [48, 60, 30])
+            pool.store_rows(["a", "b", "c"], 1, [p for p, _ in done], [c for _, c in done])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]

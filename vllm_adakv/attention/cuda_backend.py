@@ -168,12 +168,14 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
             # Every batch row gets a table row (empty when not head-wise), so a
             # captured graph of this batch size reads the whole current table.
             rows = self.decode_rows[:n]
-            rows.copy_(_row_table_padded(table, n).to(self.device, non_blocking=True))
+            rows.copy_(_row_table_padded(table, n).pin_memory().to(self.device,
+                                                                   non_blocking=True))
             return self._metadata(dense, step, prefill_rows, qsl, rows, n)
         rows = None
         num_tokens = 0
         if table:
-            rows = _row_table_padded(table, len(table)).to(self.device, non_blocking=True)
+            rows = _row_table_padded(table, len(table)).pin_memory().to(self.device,
+                                                                        non_blocking=True)
             num_tokens = sum(t[3] - t[2] for t in table)
         return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
 
@@ -189,7 +191,7 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         clamp = torch.full((n,), -1, dtype=torch.int32)
         for row, q_len in hidden:
             clamp[row] = q_len
-        clamp = clamp.to(self.device, non_blocking=True)
+        clamp = clamp.pin_memory().to(self.device, non_blocking=True)
         torch.where(clamp >= 0, clamp, seq_lens.to(torch.int32), out=out)
         return out
 
@@ -219,7 +221,8 @@ def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None
 
 def _row_table_padded(table: list[tuple[int, int, int, int, int, int]], n: int
                       ) -> torch.Tensor:
-    """int32 ``[n, ROW_COLUMNS]`` host table: ``table``'s rows, then empty rows."""
+    """int32 ``[n, ROW_COLUMNS]`` host table: ``table``'s rows, then empty rows (uploaded
+    through pinned memory: a copy from pageable memory may wait for the stream)."""
     cols = torch.zeros(6, n, dtype=torch.int64)
     if table:
         cols[:, : len(table)] = torch.tensor(table, dtype=torch.int64).T

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adakv.tensors import on_device
+
 
 class RangePool:
     """Slots for the requests of this worker, and their per-layer page ranges."""
@@ -53,7 +55,6 @@ class RangePool:
     def store_rows(self, req_ids: list[str], layer: int, page_starts: list[torch.Tensor],
                    kept_counts: list[torch.Tensor]) -> None:
         """Page ranges of one layer for several requests (one copy per table)."""
-        slots = torch.tensor([self.slot(r) for r in req_ids], dtype=torch.long)
-        slots = slots.to(self.page_start.device, non_blocking=True)
+        slots = on_device([self.slot(r) for r in req_ids], torch.long, self.page_start.device)
         self.page_start[slots, layer] = torch.stack(page_starts).to(torch.int32)
         self.kept_counts[slots, layer] = torch.stack(kept_counts).to(torch.int32)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_adakv.tensors import on_device
+
 
 def gather_prompt_keys(
     key_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int
@@ -44,8 +46,8 @@ def pool_rows(scores: torch.Tensor, num_candidates: list[int], pooling: str,
     as the edge of a row does); average pooling row by row (its edge count excludes
     padding)."""
     rows, heads, width = scores.shape
-    valid = torch.arange(width, device=scores.device) < torch.tensor(
-        num_candidates, device=scores.device)[:, None, None]
+    valid = torch.arange(width, device=scores.device) < on_device(
+        num_candidates, torch.long, scores.device)[:, None, None]
     if kernel == 1:
         return torch.where(valid, scores, float("-inf"))
     if pooling == "max":

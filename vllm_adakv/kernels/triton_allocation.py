@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vllm_adakv.kernels.jit import jit_unspecialized
+from vllm_adakv.tensors import on_device
 
 
 @triton.jit
@@ -70,12 +71,11 @@ def safeguard_caps_triton(hits: torch.Tensor, selectable: list[int], alpha: floa
     import math
 
     rows, num_heads = hits.shape
-    ints = torch.tensor([[math.floor(alpha * s), c, num_heads * s]
-                         for s, c in zip(selectable, num_candidates, strict=True)],
-                        dtype=torch.int64)
-    params = torch.tensor([[alpha * s, 1.0 - alpha] for s in selectable], dtype=torch.float64)
-    ints = ints.to(hits.device, non_blocking=True)
-    params = params.to(hits.device, non_blocking=True)
+    ints = on_device([[math.floor(alpha * s), c, num_heads * s]
+                      for s, c in zip(selectable, num_candidates, strict=True)],
+                     torch.int64, hits.device)
+    params = on_device([[alpha * s, 1.0 - alpha] for s in selectable], torch.float64,
+                       hits.device)
     out = torch.empty(rows, num_heads, dtype=torch.int64, device=hits.device)
     _safeguard_caps[(rows,)](hits.contiguous(), ints, params, out, num_heads,
                              BLOCK_H=triton.next_power_of_2(num_heads))

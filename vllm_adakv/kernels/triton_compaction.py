@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from vllm_adakv.kernels.jit import jit_unspecialized
+from vllm_adakv.tensors import on_device
 
 
 @jit_unspecialized(ints=["width", "stride_rr", "stride_rh"])
@@ -144,9 +145,8 @@ def compact_rows_triton(
     bases = [0]
     for blocks in kept_blocks:
         bases.append(bases[-1] + blocks * heads)
-    meta = torch.tensor([[b, k, base] for b, k, base in zip(block_rows, kept_blocks, bases,
-                                                           strict=False)],
-                        dtype=torch.int64).to(dev, non_blocking=True)
+    meta = on_device([[b, k, base] for b, k, base in zip(block_rows, kept_blocks, bases,
+                                                        strict=False)], torch.int64, dev)
     # Rank of each kept position within its head (1-based; kept positions stay in order).
     ranks = torch.cumsum(keep_masks, dim=2, dtype=torch.int32)
     counts = torch.empty(rows, heads, dtype=torch.int32, device=dev)

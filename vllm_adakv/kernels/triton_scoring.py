@@ -30,6 +30,7 @@ import triton.language as tl
 
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.kernels.scoring import pool_rows
+from vllm_adakv.tensors import on_device
 
 _LOG2E = 1.4426950408889634
 # Most position splits of the window statistics (also the width of their combine tile,
@@ -224,8 +225,8 @@ def score_windows_triton(
     dev = window_queries.device
     block_table = block_table.to(dev)
     longest = max(prompt_lens)
-    meta = torch.tensor([[b, n] for b, n in zip(block_rows, prompt_lens, strict=True)],
-                        dtype=torch.int32).to(dev, non_blocking=True)
+    meta = on_device([[b, n] for b, n in zip(block_rows, prompt_lens, strict=True)],
+                     torch.int32, dev)
     out = torch.full((rows, heads, longest - window), float("-inf"), dtype=torch.float32,
                      device=dev)
     block_w = max(16, min(64, triton.next_power_of_2(window)))

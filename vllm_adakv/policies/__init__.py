@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adakv.tensors import on_device
+
 from .adakv import adakv_counts, adakv_counts_rows
 from .common import check_int, check_scores, topk_mask, topk_masks
 from .gvote import gvote_keep_mask, layer_seed
@@ -159,7 +161,7 @@ def select_keep_masks(method: str, scores: torch.Tensor | None, *, num_heads: in
     width = max(prompt_lens)
     candidates = [length - window for length in prompt_lens]
     pos = torch.arange(width, device=dev)
-    lengths = torch.tensor(prompt_lens, device=dev)[:, None, None]
+    lengths = on_device(prompt_lens, torch.long, dev)[:, None, None]
     in_prompt = pos < lengths  # [R, 1, width]
     if method == "none":
         return in_prompt.expand(rows, num_heads, width).clone()
@@ -177,9 +179,8 @@ def select_keep_masks(method: str, scores: torch.Tensor | None, *, num_heads: in
             counts = adakv_counts_rows(scores, candidates, selectable, alpha)
             bound = max(candidates)
         else:
-            counts = torch.tensor([min(s, c) for s, c in zip(selectable, candidates,
-                                                             strict=True)],
-                                  device=scores.device)[:, None].expand(rows, num_heads)
+            counts = on_device([min(s, c) for s, c in zip(selectable, candidates, strict=True)],
+                               torch.long, scores.device)[:, None].expand(rows, num_heads)
             bound = max(min(s, c) for s, c in zip(selectable, candidates, strict=True))
         cand = topk_masks(scores, counts, candidates, max_count=bound).to(dev)
     # Row r: candidates [0, C_r), then its window [C_r, L_r).

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from vllm_adakv.tensors import on_device
+
 from .common import candidate_mask, check_int, check_scores, sanitize, ties_to_lower
 
 
@@ -61,7 +63,7 @@ def adakv_counts_rows(scores: torch.Tensor, num_candidates: list[int],
     rows, num_heads, width = scores.shape
     device = scores.device
     s = [min(sel, c) for sel, c in zip(selectable, num_candidates, strict=True)]
-    uniform = torch.tensor(s, device=device)[:, None].expand(rows, num_heads)
+    uniform = on_device(s, torch.long, device)[:, None].expand(rows, num_heads)
     active = [0 < si < c for si, c in zip(s, num_candidates, strict=True)]
     if not any(active):
         return uniform.clone()
@@ -70,7 +72,7 @@ def adakv_counts_rows(scores: torch.Tensor, num_candidates: list[int],
     valid = candidate_mask(num_candidates, width, device).expand(rows, num_heads, width)
     flat = torch.where(valid, sanitize(scores), float("-inf")).reshape(rows, -1)
     valid = valid.reshape(rows, -1)
-    total = torch.tensor([num_heads * si for si in s], device=device)[:, None]
+    total = on_device([num_heads * si for si in s], torch.long, device)[:, None]
     # The T-th largest score of each row (a sort: far faster than kthvalue on CUDA).
     ordered = torch.sort(flat, dim=1, descending=True).values
     thr = ordered.gather(1, (total - 1).clamp(min=0))
@@ -83,7 +85,7 @@ def adakv_counts_rows(scores: torch.Tensor, num_candidates: list[int],
         caps = safeguard_caps_triton(hits, s, alpha, num_candidates)
     else:
         caps = safeguard_caps_reference(hits, s, alpha, num_candidates)
-    keep_uniform = torch.tensor([not a for a in active], device=device)[:, None]
+    keep_uniform = on_device([not a for a in active], torch.bool, device)[:, None]
     return torch.where(keep_uniform, uniform, caps)
 
 

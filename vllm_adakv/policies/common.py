@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from vllm_adakv.tensors import on_device
+
 
 def check_int(name: str, value: object, minimum: int = 0) -> int:
     """Return ``value`` as an int, raising ValueError unless it is an integer >= ``minimum``."""
@@ -62,7 +64,7 @@ def ties_to_lower(x: torch.Tensor, thr: torch.Tensor, need: torch.Tensor,
 
 def candidate_mask(num_candidates: list[int], width: int, device) -> torch.Tensor:
     """Bool ``[R, 1, width]``: position ``c`` of row ``r`` is a real candidate (``c < C_r``)."""
-    lengths = torch.tensor(num_candidates, device=device)
+    lengths = on_device(num_candidates, torch.long, device)
     return (torch.arange(width, device=device) < lengths[:, None]).unsqueeze(1)
 
 
@@ -76,7 +78,7 @@ def topk_masks(scores: torch.Tensor, counts: torch.Tensor, num_candidates: list[
     """
     rows, num_heads, width = scores.shape
     valid = candidate_mask(num_candidates, width, scores.device)
-    limit = torch.tensor(num_candidates, device=scores.device)[:, None]
+    limit = on_device(num_candidates, torch.long, scores.device)[:, None]
     counts = torch.minimum(counts.long().clamp(min=0), limit)
     kmax = min(check_int("max_count", max_count, 0), width)
     if kmax == 0:
