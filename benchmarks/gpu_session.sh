@@ -3,7 +3,8 @@
 # On the device machine, from the repository root, after part-ops was staged
 # (benchmarks/NOTES-gpu.md, "Runbook"); carry .gpu/vllm/part-py. Results under $OUT.
 #
-#   bash benchmarks/gpu_session.sh check        # GPU tests: kernels, engine (no JIT), e2e
+#   bash benchmarks/gpu_session.sh check        # GPU tests: kernels, no sync, engine (no JIT)
+#   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
 #   bash benchmarks/gpu_session.sh throughput-A1000
@@ -15,8 +16,11 @@ MODEL=benchmarks/models/llama-3.1-8b
 case "${1:?stage}" in
   check)
     python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/check.log" | tail -5
-    python3 -m pytest -q tests/e2e/test_engine.py -k "changes_only_long or one_token_last or together" \
-      2>&1 | tee -a "$OUT/check.log" | tail -3
+    ;;
+  check-e2e)
+    timeout 560 python3 -m pytest -q tests/e2e/test_engine.py \
+      -k "changes_only_long or one_token_last or together" 2>&1 | tee "$OUT/check-e2e.log" \
+      | tail -3
     ;;
   kernels)
     python3 -m benchmarks.kernels --out "$OUT" 2>&1 | grep -v '^{' | tee "$OUT/kernels.log"

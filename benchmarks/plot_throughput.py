@@ -62,9 +62,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--title", default="Llama-3.1-8B shape, H100, adakv vs vanilla vLLM 0.32")
+    ap.add_argument("--title", default=None,
+                    help="default: Llama-3.1-8B shape, <the files' GPU>, adakv vs vanilla vLLM")
     args = ap.parse_args()
-    plot(load_series(args.files), args.out, args.title)
+    title = args.title
+    if title is None:
+        gpus = sorted({json.loads(f.read_text())["gpu"] for f in args.files})
+        title = f"Llama-3.1-8B shape, {' / '.join(gpus)}, adakv vs vanilla vLLM 0.32"
+    plot(load_series(args.files), args.out, title)
     print(args.out)
 
 

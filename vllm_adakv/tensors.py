@@ -3,8 +3,8 @@
 ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the
 copy, i.e. for everything queued on the stream before it: inside a forward pass that
 stalls the host until the GPU has finished the layer, and the launches that follow can
-no longer hide behind its work (measured on an H200: one layer's compression at 8k
-tokens cost 1.9 ms queued behind the prefill instead of 0.6 ms). Here the values go
+no longer hide behind its work (on an H200, with such uploads one layer's compression at
+8k tokens cost 1.9 ms queued behind the prefill instead of 0.6 ms). Here the values go
 through pinned memory with a non-blocking copy, which the stream orders for us.
 """
 
