@@ -17,48 +17,47 @@ import time
 
 import torch
 
-from vllm_adakv.kernels.triton_compaction import compact_ranges_triton
+from vllm_adakv.kernels.triton_compaction import compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
     _MAX_SPLITS,
     headwise_attention_ranges_triton,
     row_table,
 )
-from vllm_adakv.kernels.triton_scoring import score_window_triton
-from vllm_adakv.policies import select_keep_mask
+from vllm_adakv.kernels.triton_scoring import score_windows_triton
+from vllm_adakv.policies import select_keep_masks
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
             pool_kernel: int, alpha: float) -> float:
-    """Launch each kernel variant once on scratch tensors; returns the seconds it took."""
+    """Launch each kernel variant once on scratch tensors, as the backend launches them;
+    returns the seconds it took."""
     start = time.perf_counter()
-    length = window + 4 * 64 + block_size + 3  # several score tiles, a partial last block
-    blocks = -(-length // block_size) + 2
+    # Two requests of different lengths (several score tiles, partial last blocks).
+    lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
+    blocks = -(-max(lengths) // block_size) + 2
     # Caches as the backend sees them: [nb, H, bs, 2D] per layer, keys then values.
-    kv = torch.randn(blocks + 1, num_kv_heads, block_size, 2 * head_dim, device=device,
+    kv = torch.randn(2 * blocks + 1, num_kv_heads, block_size, 2 * head_dim, device=device,
                      dtype=dtype)
     key_cache, value_cache = kv[..., :head_dim], kv[..., head_dim:]
-    # Two block-table rows of an odd width: row 1 starts off a 16-byte boundary.
-    table = torch.zeros(2, blocks + 1, dtype=torch.int32, device=device)
-    table[:] = torch.arange(1, blocks + 2, dtype=torch.int32, device=device)
-    query = torch.randn(window, num_q_heads, head_dim, device=device, dtype=dtype)
-    for row in (0, 1):
-        block_ids = table[row]
-        for splits in (1, 2):
-            scores = score_window_triton(query, key_cache, block_ids, length, head_dim**-0.5,
-                                         gqa_reduce=gqa_reduce, pooling=pooling,
-                                         pool_kernel=pool_kernel, num_splits=splits)
-        mask = select_keep_mask("adakv", scores, num_heads=num_kv_heads, prompt_len=length,
-                                window=window, layer_budget=window + 2 * block_size,
-                                alpha=alpha, sink_tokens=0)
-        compact_ranges_triton(key_cache, value_cache, block_ids, mask,
-                              kept_blocks=-(-length // block_size))
+    table = torch.arange(1, 2 * blocks + 1, dtype=torch.int32, device=device).view(2, blocks)
+    queries = torch.randn(2, window, num_q_heads, head_dim, device=device, dtype=dtype)
+    budgets = [window + 2 * block_size, window + block_size]
+    for method in ("adakv", "snapkv"):
+        scores = score_windows_triton(queries, key_cache, table, [1, 0], lengths,
+                                      head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
+                                      pool_kernel=pool_kernel)
+        masks = select_keep_masks(method, scores, num_heads=num_kv_heads, prompt_lens=lengths,
+                                  window=window, layer_budgets=budgets, alpha=alpha,
+                                  sink_tokens=0)
+        compact_rows_triton(key_cache, value_cache, table, [1, 0], masks,
+                            [-(-n // block_size) for n in lengths])
     # Decode: page ranges of 2 slots x 2 layers (the layer-1 column starts off 16 bytes).
     pages = torch.zeros(2, 2, num_kv_heads, dtype=torch.int32, device=device)
     counts = torch.full_like(pages, 2 * block_size)
     idx = torch.arange(2)
-    rows = row_table(idx, idx, idx, idx + 1, torch.full((2,), length),
-                     torch.full((2,), length + 1)).to(device)
+    rows = row_table(idx, idx, idx, idx + 1, torch.full((2,), lengths[1]),
+                     torch.full((2,), lengths[1] + 1)).to(device)
     q = torch.randn(2, num_q_heads, head_dim, device=device, dtype=dtype)
     out = torch.empty_like(q)
     splits = 1
