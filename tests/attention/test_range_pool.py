@@ -23,7 +23,7 @@ def test_store_writes_only_its_slot_and_layer():
     pool = RangePool(num_slots=3, num_layers=2, num_kv_heads=4, device="cpu")
     start = torch.tensor([0, 2, 5, 5], dtype=torch.int32)
     counts = torch.tensor([20, 40, 0, 7], dtype=torch.int32)
-    pool.store("r", 1, start, counts)
+    pool.store_rows(["r"], 1, [start], [counts])
     slot = pool.slot("r")
     assert torch.equal(pool.page_start[slot, 1], start)
     assert torch.equal(pool.kept_counts[slot, 1], counts)

@@ -48,10 +48,6 @@ class RangePool:
             self._slot_of[req_id] = slot
         return slot
 
-    def store(self, req_id: str, layer: int, page_start: torch.Tensor,
-              kept_counts: torch.Tensor) -> None:
-        self.store_rows([req_id], layer, [page_start], [kept_counts])
-
     def store_rows(self, req_ids: list[str], layer: int, page_starts: list[torch.Tensor],
                    kept_counts: list[torch.Tensor]) -> None:
         """Page ranges of one layer for several requests (one copy per table)."""

@@ -26,15 +26,6 @@ from vllm_adakv.kernels.scoring import (
 compact = compact_reference
 
 
-def compact_ranges(key_cache: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compact_ranges_reference``'s contract; Triton (no host sync) on CUDA."""
-    if key_cache.is_cuda:
-        from vllm_adakv.kernels.triton_compaction import compact_ranges_triton
-
-        return compact_ranges_triton(key_cache, *args, **kwargs)
-    return compact_ranges_reference(key_cache, *args, **kwargs)
-
-
 def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``compact_rows_reference``'s contract, one ``(page_start, counts)`` per row; Triton
@@ -58,16 +49,6 @@ def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, 
     return score_windows_reference(window_queries, key_cache, *args, **kwargs)
 
 
-def score_window(window_query: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
-                 ) -> torch.Tensor:
-    """``score_window_reference``'s contract; Triton on CUDA."""
-    if key_cache.is_cuda:
-        from vllm_adakv.kernels.triton_scoring import score_window_triton
-
-        return score_window_triton(window_query, key_cache, *args, **kwargs)
-    return score_window_reference(window_query, key_cache, *args, **kwargs)
-
-
 def headwise_attention(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``headwise_attention_reference``'s contract; Triton on CUDA."""
     if query.is_cuda:
@@ -89,7 +70,6 @@ def headwise_attention_ranges(query: torch.Tensor, *args, **kwargs) -> torch.Ten
 __all__ = [
     "assign_head_pages",
     "compact",
-    "compact_ranges",
     "compact_ranges_reference",
     "compact_reference",
     "compact_rows_ranges",
@@ -100,7 +80,6 @@ __all__ = [
     "headwise_attention_ranges_reference",
     "headwise_attention_reference",
     "pool_scores",
-    "score_window",
     "score_window_reference",
     "score_windows",
     "score_windows_reference",
