@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
+#   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
 #   bash benchmarks/gpu_session.sh throughput-A1000
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
@@ -30,6 +31,11 @@ case "${1:?stage}" in
       --output-len 500 --num-prompts 64 --ratios 1,8,64 --kv-cache-gib 8 \
       --reserve-output 500 --flag-off --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/B.log" \
       | tail -20
+    ;;
+  throughput-A6000)
+    python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 6000 \
+      --output-len 500 --num-prompts 256 --ratios 8 --reserve-output 500 --out "$OUT" 2>&1 \
+      | grep -v "^{" | tee "$OUT/A6000.log" | tail -20
     ;;
   throughput-A1000)
     python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 1000 \
