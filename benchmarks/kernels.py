@@ -12,7 +12,9 @@ token. GB/s counts the K/V bytes of kept tokens (read once); the copy bandwidth
 (bytes read + written by a large device-to-device copy) is measured in the same
 run. Compress: scoring + Ada-KV selection + compaction of one request's layer
 vs one Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at
-the same context. Times are medians of ``triton.testing.do_bench``.
+the same context. Times are medians of ``triton.testing.do_bench``; with ``--graphs``
+the decode calls (ours and vLLM's, on several input sets so repeats do not hit L2) are
+captured in one CUDA graph and timed by replay, as the engine runs decode.
 Writes ``kernels-<gpu>-<date>.json`` and prints a table.
 """
 
@@ -114,13 +116,44 @@ def vllm_decode(x: dict, ctx: int):
         softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum)
 
 
-def decode_point(batch: int, ctx: int, keep: float) -> dict:
+def bench_graph(fns: list) -> float:
+    """Median microseconds per call of ``fns`` captured back to back in one CUDA graph
+    (as the engine's decode replays them: no host launch time in the number)."""
+    for fn in fns:  # compile and warm up outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return bench(graph.replay) / len(fns)
+
+
+def graph_copies(batch: int, ctx: int, keep: float) -> int:
+    """Input sets per graph: enough that the kept bytes read exceed ~200 MB (4x the H200's
+    L2) where memory allows, so repeats do not measure the cache; at most 32."""
+    kept = batch * KV_HEADS * (keep * ctx + 1) * DIM * 2 * DTYPE.itemsize
+    full = (batch * (ctx // BS + 1) + 1) * KV_HEADS * BS * 2 * DIM * DTYPE.itemsize
+    return int(max(1, min(32, -(-200e6 // kept), 20e9 // full)))
+
+
+def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False) -> dict:
     x = decode_inputs(batch, ctx, keep)
-    ours = bench(ours_decode(x))
-    vllm_us = bench(vllm_decode(x, ctx))
+    if graphs:
+        sets = [x] + [decode_inputs(batch, ctx, keep) for _ in
+                      range(graph_copies(batch, ctx, keep) - 1)]
+        ours = bench_graph([ours_decode(s) for s in sets])
+        vllm_us = bench_graph([vllm_decode(s, ctx) for s in sets])
+        kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
+    else:
+        sets = [x]
+        ours = bench(ours_decode(x))
+        vllm_us = bench(vllm_decode(x, ctx))
+        kept_bytes = x["kept_bytes"]
     return {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
-            "vllm_triton_us": vllm_us, "ours_gbs": x["kept_bytes"] / (ours * 1e-6) / 1e9,
-            "kept_bytes": x["kept_bytes"]}
+            "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
+            "kept_bytes": kept_bytes, "timing": "cuda_graph" if graphs else "launches",
+            "input_sets": len(sets)}
 
 
 SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192, 1.0),
@@ -232,6 +265,8 @@ def main() -> None:
     ap.add_argument("--compress-only", action="store_true")
     ap.add_argument("--sweep", action="store_true",
                     help="time decode launch configurations on a few shapes")
+    ap.add_argument("--graphs", action="store_true",
+                    help="time decode inside CUDA graphs (no host launch time), ours and vLLM's")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     args = ap.parse_args()
     global PROFILE
@@ -247,15 +282,15 @@ def main() -> None:
     for ctx in contexts:
         for batch in batches:
             for keep in keeps:
-                point = decode_point(batch, ctx, keep)
+                point = decode_point(batch, ctx, keep, graphs=args.graphs)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
                 decode.append(point)
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
     sweep = decode_sweep(copy_bw) if args.sweep else []
-    compress = [] if args.sweep else [
+    compress = [] if args.sweep or args.graphs else [
         compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
-    if not (args.sweep or args.smoke):
+    if not (args.sweep or args.smoke or args.graphs):
         # A 16k-token prefill step holding 8 prompts of 2k: all compressed in one launch set.
         compress.append(compress_point(2048, rows=8))
     date = dt.date.today().isoformat()
