@@ -157,7 +157,10 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False) -> dic
 
 
 SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192, 1.0),
-                (256, 32768, 1.0), (256, 32768, 1 / 16), (1, 32768, 1.0)]
+                (256, 32768, 1.0), (256, 32768, 1 / 16), (1, 32768, 1.0), (32, 8192, 1 / 4),
+                (128, 8192, 1 / 4)]
+# Splits of a fixed number of keys (long heads get more programs), at the default tile.
+SWEEP_SPLIT_TOKENS = (256, 512, 1024, 2048, 4096)
 
 
 def decode_sweep(copy_bw: float) -> list[dict]:
@@ -176,12 +179,19 @@ def decode_sweep(copy_bw: float) -> list[dict]:
                     rows.append({**base, **cfg, "us": t,
                                  "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9
                                  / copy_bw})
+        for tokens in SWEEP_SPLIT_TOKENS:
+            cfg = {"split_tokens": tokens, "pages_per_iter": 8,
+                   "launch": {"num_warps": 4, "num_stages": 3}}
+            t = bench(ours_decode(x, **cfg), rep=40)
+            rows.append({**base, **cfg, "num_splits": None, "us": t,
+                         "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9 / copy_bw})
         best = min((r for r in rows if r["batch"] == batch and r["context"] == ctx
                     and r["keep_ratio"] == keep), key=lambda r: r["us"])
         print(f"sweep {batch}x{ctx} keep {keep:.3f}: default {base['default_us']:.1f} us, "
               f"vllm {base['vllm_triton_us']:.1f} us, best {best['us']:.1f} us "
-              f"({best['pct_of_copy_bw']:.0f}% copy) with splits {best['num_splits']} pages "
-              f"{best['pages_per_iter']} {best['launch']}", flush=True)
+              f"({best['pct_of_copy_bw']:.0f}% copy) with splits {best['num_splits']} "
+              f"split_tokens {best.get('split_tokens')} pages {best['pages_per_iter']} "
+              f"{best['launch']}", flush=True)
         del x
         torch.cuda.empty_cache()
     return rows

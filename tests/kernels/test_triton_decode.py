@@ -107,14 +107,14 @@ def _poison_unread(args) -> None:
         vc[block, :, : tail % BLOCK_SIZE] = float("nan")
 
 
-def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None):
+def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None, split_tokens=None):
     query = args["query"]
     want = torch.full(query.shape, float("nan"), dtype=torch.float32)
     headwise_attention_reference(**args, out=want)
     _poison_unread(args)
     out = torch.full_like(query, float("nan"))
     got = headwise_attention_triton(**args, out=out, num_splits=num_splits,
-                                    pages_per_iter=pages_per_iter)
+                                    pages_per_iter=pages_per_iter, split_tokens=split_tokens)
     assert got is out
     n = query.shape[0] - pad_tokens
     assert not torch.isnan(out[:n]).any(), "output not fully written"
@@ -155,6 +155,31 @@ def test_head_without_kept_tokens_and_padding(num_splits, pages_per_iter):
     args = _build(8, 128, torch.float32, [3, 0, 1], empty_head=1, pad_tokens=2)
     assert int(args["kept_counts"][0, 1]) == 0
     _check(args, num_splits, atol=1e-4, rtol=1e-4, pad_tokens=2, pages_per_iter=pages_per_iter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("split_tokens", "pages_per_iter"), [(16, 1), (40, 2), (100_000, 2)])
+def test_splits_by_tokens(split_tokens, pages_per_iter, dtype):
+    """Splits of a fixed number of keys: long heads span several splits, short heads
+    leave splits empty, an empty head none at all; one huge split is one program."""
+    args = _build(4, 64, dtype, [1, 2, 1], empty_head=1)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    _check(args, None, atol=tol, rtol=tol, pages_per_iter=pages_per_iter,
+           split_tokens=split_tokens)
+
+
+def test_splits_by_tokens_cover_the_longest_sequence():
+    """The grid always covers the bound, also where the split cap makes splits grow."""
+    from vllm_adakv.kernels.triton_decode import _MAX_SPLITS, splits_by_tokens
+
+    for tokens, bs, pages, max_pages in [(16, 16, 1, 10), (128, 16, 8, 2049), (1, 16, 8, 9999),
+                                         (1024, 32, 4, 3)]:
+        splits, per_split = splits_by_tokens(tokens, bs, pages, max_pages)
+        bound = -(-max_pages // pages) + 1
+        assert 1 <= splits <= _MAX_SPLITS and splits * per_split >= bound
+        assert per_split >= -(-tokens // (bs * pages))
+    with pytest.raises(ValueError, match="split_tokens"):
+        splits_by_tokens(0, 16, 8, 10)
 
 
 def test_decode_only_batch_default_splits():

@@ -46,13 +46,13 @@ ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
-@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms", "stride_pr",
-                         "stride_pp", "stride_cr", "stride_br"],
+@jit_unspecialized(ints=["num_splits", "split_iters", "stride_mt", "stride_mh", "stride_ms",
+                         "stride_pr", "stride_pp", "stride_cr", "stride_br"],
                    pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr,
-    qk_scale, num_splits,
+    qk_scale, num_splits, split_iters,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -99,7 +99,10 @@ def _headwise_fwd(
     n_tail = tl.where(seq_len > tail_start, n_tail, 0)
     n_kept_it = (n_pages + PAGES - 1) // PAGES
     n_iter = n_kept_it + (n_tail + PAGES - 1) // PAGES
-    per_split = (n_iter + num_splits - 1) // num_splits
+    # Equal parts of this (row, head)'s sequence, or (split_iters > 0) a fixed number of
+    # iterations per split, so long heads take more programs than short ones; the
+    # launcher makes num_splits * split_iters cover the longest possible sequence.
+    per_split = tl.where(split_iters > 0, split_iters, (n_iter + num_splits - 1) // num_splits)
     it_lo = tl.minimum(split * per_split, n_iter)
     it_hi = tl.minimum(it_lo + per_split, n_iter)
     kept_lo = tl.minimum(it_lo, n_kept_it)
@@ -296,6 +299,23 @@ def default_num_splits(num_rows: int, num_kv_heads: int, max_iters: int,
     return 1 << (splits.bit_length() - 1)
 
 
+def splits_by_tokens(split_tokens: int, block_size: int, pages_per_iter: int,
+                     max_pages: int) -> tuple[int, int]:
+    """(grid splits, iterations per split) for splits of about ``split_tokens`` keys each.
+
+    A (row, head) sequence has at most ``max_pages`` kept head-pages plus tail blocks
+    together, i.e. at most ``cdiv(max_pages, pages_per_iter) + 1`` iterations; the grid
+    gets enough splits to cover that (at most ``_MAX_SPLITS``: the splits grow instead).
+    Splits past a sequence's end have no iterations and leave an empty partial.
+    """
+    if split_tokens < 1:
+        raise ValueError(f"split_tokens must be >= 1, got {split_tokens}")
+    bound = triton.cdiv(max_pages, pages_per_iter) + 1
+    per_split = max(triton.cdiv(split_tokens, block_size * pages_per_iter),
+                    triton.cdiv(bound, _MAX_SPLITS))
+    return triton.cdiv(bound, per_split), per_split
+
+
 def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
               q_end: torch.Tensor, tail_start: torch.Tensor, seq_lens: torch.Tensor
               ) -> torch.Tensor:
@@ -317,7 +337,8 @@ def default_pages_per_iter(block_size: int) -> int:
 
 def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
             scale, out, num_splits, page_ranges: bool, max_iters: int,
-            pages_per_iter: int | None = None, launch: dict | None = None) -> torch.Tensor:
+            pages_per_iter: int | None = None, launch: dict | None = None,
+            split_tokens: int | None = None) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
@@ -331,7 +352,13 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     if pages_per_iter is None:
         pages_per_iter = default_pages_per_iter(block_size)
     pages_per_iter = triton.next_power_of_2(max(1, int(pages_per_iter)))
-    if num_splits is None:
+    split_iters = 0
+    if split_tokens is not None:
+        if num_splits is not None:
+            raise ValueError("give num_splits or split_tokens, not both")
+        num_splits, split_iters = splits_by_tokens(split_tokens, block_size, pages_per_iter,
+                                                   max_iters)
+    elif num_splits is None:
         num_splits = default_num_splits(num_rows, heads, triton.cdiv(max_iters, pages_per_iter),
                                         query.device)
     num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
@@ -362,7 +389,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     _headwise_fwd[(num_rows, heads, num_splits)](
         query, key_cache, value_cache, pages, counts, block_table, rows,
         out, mid_acc, mid_m, mid_l,
-        float(scale) * _LOG2E, num_splits,
+        float(scale) * _LOG2E, num_splits, split_iters,
         *query.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
@@ -413,12 +440,15 @@ def headwise_attention_triton(
     out: torch.Tensor,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
+    split_tokens: int | None = None,
 ) -> torch.Tensor:
     """Attention over kept head-pages plus the shared tail, written into ``out``.
 
     Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
-    (row, head) key sequence over that many programs (default: from shapes);
-    ``pages_per_iter`` head-pages are read per loop iteration (default: 64-token tiles).
+    (row, head) key sequence over that many programs (default: from shapes), or
+    ``split_tokens`` cuts it into splits of about that many keys (long heads get more
+    programs); ``pages_per_iter`` head-pages are read per loop iteration (default:
+    128-token tiles).
     """
     num_rows = page_table.shape[0]
     idx = torch.arange(num_rows, device=query.device)
@@ -428,7 +458,7 @@ def headwise_attention_triton(
     return _launch(query, key_cache, value_cache, page_table, kept_counts,
                    block_table, rows, query.shape[0], scale, out, num_splits,
                    page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1],
-                   pages_per_iter=pages_per_iter)
+                   pages_per_iter=pages_per_iter, split_tokens=split_tokens)
 
 
 def headwise_attention_ranges_triton(
@@ -445,6 +475,7 @@ def headwise_attention_ranges_triton(
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
     launch: dict | None = None,
+    split_tokens: int | None = None,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -453,9 +484,10 @@ def headwise_attention_ranges_triton(
     start at entry ``page_start[s, h]`` of its block row's head-page sequence.
     ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
     Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
-    ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults.
+    ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults;
+    ``split_tokens`` as in ``headwise_attention_triton``.
     """
     return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
                    rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
                    max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
-                   launch=launch)
+                   launch=launch, split_tokens=split_tokens)
