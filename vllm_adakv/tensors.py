@@ -22,3 +22,10 @@ def on_device(values: Sequence, dtype: torch.dtype, device: torch.device | str |
     if device is None or torch.device(device).type != "cuda":
         return host if device is None else host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device``, through pinned memory on CUDA (never blocks the host)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

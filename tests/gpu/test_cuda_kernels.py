@@ -117,3 +117,27 @@ def test_compression_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]
+
+
+def test_gvote_never_waits_for_the_gpu():
+    """GVote's selection of one layer (sampling, vote, nucleus, cap) under sync debug mode
+    "error", and the same kept set as on the CPU (the CPU runs the partial sort, CUDA
+    the full one; both are exact below p)."""
+    from vllm_adakv.policies import gvote_keep_mask
+
+    window, q_heads, heads, dim, length = 32, 32, 8, 128, 4000
+    wq = torch.randn(window, q_heads, dim, device=DEV) * 2
+    keys = torch.randn(heads, length, dim, device=DEV)
+    kwargs = dict(scale=dim**-0.5, num_samples=8, nucleus_p=0.9, seed=3, layer_idx=5,
+                  max_keep=1000)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = gvote_keep_mask(wq, keys, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    cpu = gvote_keep_mask(wq.cpu(), keys.cpu(), **kwargs)
+    # float32 on two devices: allow a few boundary keys per head to differ.
+    differ = (mask.cpu() != cpu).sum(1)
+    assert int(differ.max()) <= 4, differ.tolist()
+    assert int(mask.sum(1).max()) <= 1000

@@ -40,7 +40,8 @@ Arithmetic is float64 when the inputs are float64, float32 otherwise. ``c_v`` is
 exact wherever it is below ``p`` (all that the vote and the cap ever compare): it comes
 from a partial sort, the top ``m`` probabilities of each voter with ``m`` doubled from 64
 until every voter's top ``m`` holds mass ``p`` (:func:`mass_above_nucleus`), so peaked
-voters cost ``O(L log m)`` instead of a full sort. ``p >= 1`` needs the full order.
+voters cost ``O(L log m)`` instead of a full sort (on the CPU; on CUDA a full sort, which
+needs no value read back to the host). ``p >= 1`` needs the full order.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from vllm_adakv.tensors import host_to_device
 
 from .common import check_int, topk_mask
 
@@ -74,7 +77,7 @@ def synthetic_queries(window_queries: torch.Tensor, num_samples: int,
         return q.new_empty((0, heads, dim))
     eps = torch.stack([torch.randn(heads, dim, generator=generator, dtype=torch.float32)
                        for _ in range(num_samples)])
-    return mean + std * eps.to(device=q.device, dtype=dtype)
+    return mean + std * host_to_device(eps, q.device).to(dtype)
 
 
 def mass_above(probs: torch.Tensor) -> torch.Tensor:
@@ -98,12 +101,14 @@ def mass_above_nucleus(probs: torch.Tensor, p: float, first_m: int = 64) -> torc
 
     Uses the sorted top ``m`` of each row only, ``m`` doubling until every row's top ``m``
     holds mass ``>= p``; past ``L / 2`` (flat rows, or ``p >= 1``) a full sort is cheaper.
-    Sums are the same prefix sums a full sort gives.
+    Sums are the same prefix sums a full sort gives. On CUDA it is the full sort: the
+    doubling reads a flag back from the device each round, which would stall the host
+    inside the forward pass (a sort of these rows is cheap there).
     """
     length = probs.shape[-1]
     m = min(length, first_m)
     while True:
-        if p >= 1.0 or 2 * m > length:
+        if p >= 1.0 or 2 * m > length or probs.is_cuda:
             return mass_above(probs)
         top = probs.topk(m, dim=-1, sorted=True).values
         csum = torch.cumsum(top, dim=-1)
@@ -159,9 +164,11 @@ def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: 
         counts = torch.full((heads,), num_candidates, dtype=torch.long, device=keys.device)
     else:
         counts = (cand_score < nucleus_p).sum(dim=1)
+    most = num_candidates  # a host bound on counts: topk_mask need not read counts back
     if max_keep is not None:
         counts = counts.clamp(max=max_keep - window)
-    cand = topk_mask(-cand_score, counts)  # the counts[h] smallest c*, ties: lower position
+        most = min(most, max_keep - window)
+    cand = topk_mask(-cand_score, counts, max_count=most)  # smallest c*, ties: lower position
     window_mask = torch.ones(heads, window, dtype=torch.bool, device=keys.device)
     return torch.cat([cand, window_mask], dim=1)
 
