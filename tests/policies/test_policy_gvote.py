@@ -18,13 +18,15 @@ def _inputs(rng, w, hq, hkv, d, length, dtype=torch.float64, spread=2.0):
     return q, k
 
 
-def _mask(q, k, *, samples=4, p=0.9, seed=0, layer=0, cap=None):
+def _mask(q, k, *, samples=4, p=0.9, seed=0, layer=0, cap=None, pool=1):
     return gvote_keep_mask(q, k, scale=1 / math.sqrt(q.shape[-1]), num_samples=samples,
-                           nucleus_p=p, seed=seed, layer_idx=layer, max_keep=cap)
+                           nucleus_p=p, seed=seed, layer_idx=layer, max_keep=cap,
+                           pool_kernel=pool)
 
 
-def _reference(q, k, *, samples, p, seed, layer, cap=None):
-    """Direct definition, float64 with loops: union of nuclei + window, then the cap."""
+def _reference(q, k, *, samples, p, seed, layer, cap=None, pool=1):
+    """Direct definition, float64 with loops: union of nuclei + window, then the cap;
+    ``pool``: a candidate counts with the best ``c*`` within ``pool // 2`` candidates."""
     w, hq, d = q.shape
     hkv, length, _ = k.shape
     group = hq // hkv
@@ -49,6 +51,9 @@ def _reference(q, k, *, samples, p, seed, layer, cap=None):
                     above = float(probs[probs > probs[j]].sum())
                     best[j] = min(best[j], above)
         cand = length - w
+        r = pool // 2
+        best = [min(best[i] for i in range(max(0, j - r), min(cand, j + r + 1)))
+                for j in range(cand)]
         voted = [j for j in range(cand) if p >= 1.0 or best[j] < p]
         if cap is not None and len(voted) > cap - w:
             voted = sorted(voted, key=lambda j: (best[j], j))[: cap - w]
@@ -70,6 +75,24 @@ def test_matches_direct_definition(rng, w, hq, hkv, d, length, samples, p):
     assert torch.equal(got, ref), f"{rng} seed={seed} layer={layer}"
     if p < 1.0:
         assert not got.all(), f"{rng}: nothing was dropped, the test is too easy"
+
+
+@pytest.mark.parametrize("pool,cap_extra", [(3, None), (5, None), (7, 6), (3, 2)])
+def test_neighbour_pooling_matches_direct_definition(rng, pool, cap_extra):
+    """Min-pooled c*: a key is voted when a key within pool // 2 positions is."""
+    w, length = 4, 40
+    q, k = _inputs(rng, w, 4, 2, 8, length, spread=4.0)
+    seed = rng.randint(0, 1000)
+    cap = None if cap_extra is None else w + cap_extra
+    got = _mask(q, k, samples=3, p=0.8, seed=seed, layer=1, cap=cap, pool=pool)
+    ref = _reference(q, k, samples=3, p=0.8, seed=seed, layer=1, cap=cap, pool=pool)
+    assert torch.equal(got, ref), f"{rng} seed={seed}"
+    alone = _mask(q, k, samples=3, p=0.8, seed=seed, layer=1, cap=cap)
+    if cap is None:
+        assert bool((got | ~alone).all()), "pooling must keep a superset of the vote"
+        assert int(got.sum()) > int(alone.sum()), f"{rng}: pooling changed nothing"
+    with pytest.raises(ValueError, match="pool_kernel"):
+        _mask(q, k, pool=4)
 
 
 @pytest.mark.parametrize("cap_extra", [0, 1, 3, 10])

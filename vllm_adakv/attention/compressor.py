@@ -201,6 +201,7 @@ class CompressionStore:
             self.requests[row.req_id].window_queries[layer], keys, scale=scale,
             num_samples=cfg.gvote_samples, nucleus_p=cfg.gvote_p, seed=cfg.gvote_seed,
             layer_idx=layer_idx, max_keep=row.plan.layer_budgets[layer_idx],
+            pool_kernel=cfg.pool_kernel,
         )
 
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,

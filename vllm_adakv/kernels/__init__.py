@@ -13,7 +13,6 @@ from vllm_adakv.kernels.compaction import (
     compact_rows_reference,
 )
 from vllm_adakv.kernels.decode import (
-    headwise_attention_batched,
     headwise_attention_ranges_reference,
     headwise_attention_reference,
 )
@@ -51,13 +50,12 @@ def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, 
 
 
 def headwise_attention(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``headwise_attention_reference``'s contract; Triton on CUDA, the row-batched torch
-    version elsewhere (the per-row reference is the oracle of both)."""
+    """``headwise_attention_reference``'s contract; Triton on CUDA."""
     if query.is_cuda:
         from vllm_adakv.kernels.triton_decode import headwise_attention_triton
 
         return headwise_attention_triton(query, *args, **kwargs)
-    return headwise_attention_batched(query, *args, **kwargs)
+    return headwise_attention_reference(query, *args, **kwargs)
 
 
 def headwise_attention_ranges(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -78,7 +76,6 @@ __all__ = [
     "compact_rows_reference",
     "gather_prompt_keys",
     "headwise_attention",
-    "headwise_attention_batched",
     "headwise_attention_ranges",
     "headwise_attention_ranges_reference",
     "headwise_attention_reference",

@@ -30,6 +30,11 @@ Modelling choices (each one ours; the paper has no public code):
 5. **Vote.** Keep-set of a KV head = union over its voters of the nuclei, plus the
    window. Equivalently ``{k : c*(k) < p}`` with ``c*(k) = min_v c_v(k)``.
 6. **No sink tokens are forced**: a sink that carries mass is in the nuclei anyway.
+   **Neighbours** (``pool_kernel`` ``k``, odd): a key counts as voted when a key within
+   ``k // 2`` positions is, i.e. ``c*`` is min-pooled along positions before the
+   threshold and the cap, as SnapKV max-pools its scores. Without it the vote keeps
+   single tokens of a multi-token fact (measured on Qwen2.5-Coder-0.5B: 7-digit needles
+   came back with digits missing); ``k = 1`` is the vote alone.
 7. **Cap.** If a head's keep-set exceeds ``max_keep`` (window included), it keeps the
    window plus the ``max_keep - w`` older keys of smallest ``c*`` (ties: lower position).
    Since the union for a smaller ``p'`` is ``{c* < p'}``, this is the union for the
@@ -143,12 +148,13 @@ def vote_scores(voters: torch.Tensor, keys: torch.Tensor, scale: float,
 
 def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: float,
                     num_samples: int, nucleus_p: float, seed: int, layer_idx: int,
-                    max_keep: int | None = None) -> torch.Tensor:
+                    max_keep: int | None = None, pool_kernel: int = 1) -> torch.Tensor:
     """Bool mask ``[Hkv, L]`` (True = kept) of one layer: the GVote keep-set (module doc).
 
     window_queries: ``[w, Hq, D]`` queries of positions ``[L - w, L)``, after RoPE.
     keys: ``[Hkv, L, D]`` prompt keys (after RoPE). ``max_keep``: per-head cap, window
-    included (``None``: no cap); it must be ``>= w``.
+    included (``None``: no cap); it must be ``>= w``. ``pool_kernel``: odd width of the
+    min-pooling of ``c*`` over candidate positions (1: none; module doc, choice 6).
     """
     _check(window_queries, keys, nucleus_p)
     window = window_queries.shape[0]
@@ -159,7 +165,8 @@ def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: 
     gen = torch.Generator().manual_seed(layer_seed(seed, layer_idx))
     samples = synthetic_queries(window_queries, num_samples, gen)
     voters = torch.cat([samples, window_queries[-1:].to(samples.dtype)], dim=0)
-    cand_score = vote_scores(voters, keys, scale, nucleus_p)[:, :num_candidates]
+    cand_score = min_pool(vote_scores(voters, keys, scale, nucleus_p)[:, :num_candidates],
+                          pool_kernel)
     if nucleus_p >= 1.0:
         counts = torch.full((heads,), num_candidates, dtype=torch.long, device=keys.device)
     else:
@@ -171,6 +178,18 @@ def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: 
     cand = topk_mask(-cand_score, counts, max_count=most)  # smallest c*, ties: lower position
     window_mask = torch.ones(heads, window, dtype=torch.bool, device=keys.device)
     return torch.cat([cand, window_mask], dim=1)
+
+
+def min_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``out[h, k] = min(scores[h, j] for |j - k| <= kernel // 2)`` over ``[H, C]``."""
+    kernel = check_int("pool_kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd, got {kernel}")
+    if kernel == 1 or scores.shape[-1] == 0:
+        return scores
+    pooled = torch.nn.functional.max_pool1d(-scores[:, None], kernel, stride=1,
+                                            padding=kernel // 2)
+    return -pooled[:, 0]
 
 
 def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
