@@ -19,6 +19,7 @@ allows. Writes ``schedule-model-<run>.json``.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import sys
@@ -129,7 +130,8 @@ def main() -> None:
                      "model_speedup": vanilla["wall_s"] / model["wall_s"],
                      "measured_wall_s": p["wall_s"], "measured_speedup": p["speedup"]})
     result = {"command": " ".join(["python -m benchmarks.schedule_model", *sys.argv[1:]]),
-              "run": str(args.from_run), "gpu": run["gpu"], "token_s": token_s,
+              "date": dt.date.today().isoformat(), "run": str(args.from_run),
+              "run_date": run.get("date"), "gpu": run["gpu"], "token_s": token_s,
               "decode_step_s": decode_s, "vanilla_model": vanilla,
               "vanilla_measured_wall_s": van["wall_s"], "points": rows}
     out = Path(args.out) / f"schedule-model-{args.from_run.stem}.json"

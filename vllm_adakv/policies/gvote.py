@@ -55,6 +55,7 @@ import math
 
 import torch
 
+from vllm_adakv.kernels.scoring import pool_scores
 from vllm_adakv.tensors import host_to_device
 
 from .common import check_int, topk_mask
@@ -187,9 +188,7 @@ def min_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
         raise ValueError(f"pool_kernel must be odd, got {kernel}")
     if kernel == 1 or scores.shape[-1] == 0:
         return scores
-    pooled = torch.nn.functional.max_pool1d(-scores[:, None], kernel, stride=1,
-                                            padding=kernel // 2)
-    return -pooled[:, 0]
+    return -pool_scores(-scores, "max", kernel)
 
 
 def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
