@@ -137,23 +137,30 @@ def graph_copies(batch: int, ctx: int, keep: float) -> int:
     return int(max(1, min(32, -(-200e6 // kept), 20e9 // full)))
 
 
-def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False) -> dict:
+def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
+                 split_tokens: tuple[int, ...] = ()) -> dict:
+    """One decode point; with ``split_tokens``, also our decode with splits of that many
+    keys (``ours_split_us``: {tokens: us}), timed the same way on the same inputs."""
     x = decode_inputs(batch, ctx, keep)
+    sets = [x]
     if graphs:
-        sets = [x] + [decode_inputs(batch, ctx, keep) for _ in
-                      range(graph_copies(batch, ctx, keep) - 1)]
-        ours = bench_graph([ours_decode(s) for s in sets])
-        vllm_us = bench_graph([vllm_decode(s, ctx) for s in sets])
-        kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
-    else:
-        sets = [x]
-        ours = bench(ours_decode(x))
-        vllm_us = bench(vllm_decode(x, ctx))
-        kept_bytes = x["kept_bytes"]
-    return {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
-            "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
-            "kept_bytes": kept_bytes, "timing": "cuda_graph" if graphs else "launches",
-            "input_sets": len(sets)}
+        sets += [decode_inputs(batch, ctx, keep) for _ in
+                 range(graph_copies(batch, ctx, keep) - 1)]
+
+    def timed(fns: list) -> float:
+        return bench_graph(fns) if graphs else bench(fns[0])
+
+    ours = timed([ours_decode(s) for s in sets])
+    vllm_us = timed([vllm_decode(s, ctx) for s in sets])
+    split_us = {t: timed([ours_decode(s, split_tokens=t) for s in sets]) for t in split_tokens}
+    kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
+    point = {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
+             "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
+             "kept_bytes": kept_bytes, "timing": "cuda_graph" if graphs else "launches",
+             "input_sets": len(sets)}
+    if split_us:
+        point["ours_split_us"] = split_us
+    return point
 
 
 SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192, 1.0),
@@ -278,7 +285,10 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true",
                     help="time decode inside CUDA graphs (no host launch time), ours and vLLM's")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
+    ap.add_argument("--split-tokens", default="",
+                    help="comma list: also time decode with splits of that many keys")
     args = ap.parse_args()
+    split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     global PROFILE
     PROFILE = args.profile
     gpu = torch.cuda.get_device_name()
@@ -292,7 +302,8 @@ def main() -> None:
     for ctx in contexts:
         for batch in batches:
             for keep in keeps:
-                point = decode_point(batch, ctx, keep, graphs=args.graphs)
+                point = decode_point(batch, ctx, keep, graphs=args.graphs,
+                                     split_tokens=split_tokens)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
                 decode.append(point)
                 torch.cuda.empty_cache()
@@ -320,7 +331,8 @@ def main() -> None:
     for p in decode:
         print(f"{p['batch']:>5} {p['context']:>6} {p['keep_ratio']:>6.3f} {p['ours_us']:>9.1f} "
               f"{p['vllm_triton_us']:>9.1f} {p['ours_us'] / p['vllm_triton_us']:>7.3f} "
-              f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f}")
+              f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
+              + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items()))
     for c in compress:
         print(f"compress {c['rows']} x ctx {c['context']}: {c['compress_us']:.0f} us vs layer "
               f"prefill {c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%; queued after "
