@@ -8,6 +8,8 @@ import torch
 
 from vllm_adakv.kernels.compaction import (
     assign_head_pages,
+    compact_pooled_reference,
+    compact_pooled_rows_reference,
     compact_ranges_reference,
     compact_reference,
     compact_rows_reference,
@@ -15,6 +17,7 @@ from vllm_adakv.kernels.compaction import (
 from vllm_adakv.kernels.decode import (
     headwise_attention_ranges_reference,
     headwise_attention_reference,
+    pooled_page_table,
 )
 from vllm_adakv.kernels.scoring import (
     gather_prompt_keys,
@@ -37,6 +40,16 @@ def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
     else:
         starts, counts = compact_rows_reference(key_cache, *args, **kwargs)
     return list(zip(starts.unbind(0), counts.unbind(0), strict=True))
+
+
+def compact_pooled_rows(key_cache: torch.Tensor, *args, **kwargs
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``compact_pooled_rows_reference``'s contract; Triton (no host sync) on CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+        return compact_pooled_rows_triton(key_cache, *args, **kwargs)
+    return compact_pooled_rows_reference(key_cache, *args, **kwargs)
 
 
 def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
@@ -70,6 +83,9 @@ def headwise_attention_ranges(query: torch.Tensor, *args, **kwargs) -> torch.Ten
 __all__ = [
     "assign_head_pages",
     "compact",
+    "compact_pooled_reference",
+    "compact_pooled_rows",
+    "compact_pooled_rows_reference",
     "compact_ranges_reference",
     "compact_reference",
     "compact_rows_ranges",
@@ -80,6 +96,7 @@ __all__ = [
     "headwise_attention_ranges_reference",
     "headwise_attention_reference",
     "pool_scores",
+    "pooled_page_table",
     "score_window_reference",
     "score_windows",
     "score_windows_reference",

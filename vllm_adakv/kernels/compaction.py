@@ -114,3 +114,91 @@ def compact_reference(
                                          kept_blocks)
     page_table, _ = assign_head_pages(counts, block_ids, keep_mask.shape[0], key_cache.shape[2])
     return page_table, counts
+
+
+def pooled_layer_order(pages: torch.Tensor) -> torch.Tensor:
+    """Layers ``[K]`` in ascending order of head-pages (stable): chunk k of the pooled
+    sequence lies in the tensor of layer ``order[k]``."""
+    return torch.sort(pages, stable=True).indices
+
+
+def compact_pooled_reference(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    keep_masks: torch.Tensor,
+    layer_bases: torch.Tensor,
+    kept_blocks: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Compact one request's kept tokens of all ``K`` layers of a group into head-pages
+    pooled across the layers' tensors, in place.
+
+    key_cache/value_cache: logical ``[NB, H, bs, D]`` views over every layer's blocks (layer
+    k's block b is ``layer_bases[k] + b``). block_ids: the request's block table row.
+    keep_masks: ``[K, H, L]``. kept_blocks: the request keeps blocks ``[0, m)`` in every
+    layer tensor; None: the fewest that hold the kept pages, ``m = max(1, cdiv(sum pages,
+    K * H))``. The pooled sequence has ``K`` chunks of ``C = m * H`` entries; chunk k is
+    the tensor of layer ``order[k]`` (``pooled_layer_order``), entry e of a chunk block
+    ``block_ids[e // H]``, slot ``e % H``. Layer ``order[i]`` owns the entries after those
+    of ``order[:i]``, heads in order, so each head's pages are consecutive entries.
+
+    Why in place is safe: the ``i`` smallest page counts sum to at most ``i * C``, so the
+    layer placed i-th writes only to chunks ``<= i``, i.e. to its own tensor (gathered
+    before writing) or to tensors of layers already compacted.
+
+    Returns (page_start ``[K, H]`` int32 first entry of each head, counts ``[K, H]``
+    int32, chunk_layer ``[K]`` int32 (= order), m).
+    """
+    num_layers, heads, _ = keep_masks.shape
+    block_size = key_cache.shape[2]
+    counts = keep_masks.sum(dim=2)  # [K, H]
+    pages = (counts + block_size - 1) // block_size
+    layer_pages = pages.sum(dim=1)
+    total = int(layer_pages.sum())
+    need = max(1, -(-total // (num_layers * heads)))
+    if kept_blocks is None:
+        kept_blocks = need
+    elif need > kept_blocks:
+        raise RuntimeError(
+            f"compaction needs {total} head-pages over {num_layers} layers but only "
+            f"{kept_blocks} blocks ({kept_blocks * heads * num_layers} pages) are reserved")
+    capacity = kept_blocks * heads
+    order = pooled_layer_order(layer_pages)
+    blocks = block_ids.long()
+    layer_start = torch.zeros(num_layers, dtype=torch.long, device=counts.device)
+    layer_start[order] = torch.cumsum(layer_pages[order], 0) - layer_pages[order]
+    page_start = layer_start[:, None] + torch.cumsum(pages, 1) - pages  # [K, H]
+    for k in order.tolist():
+        head_idx, pos = keep_masks[k].nonzero(as_tuple=True)
+        src_block = layer_bases[k].long() + blocks[pos // block_size]
+        # Gather first (a copy): this layer's sources and destinations may overlap.
+        k_sel = key_cache[src_block, head_idx, pos % block_size]
+        v_sel = value_cache[src_block, head_idx, pos % block_size]
+        start = torch.cumsum(counts[k], 0) - counts[k]
+        rank = torch.arange(pos.numel(), device=pos.device) - start[head_idx]
+        entry = page_start[k, head_idx] + rank // block_size
+        chunk, local = entry // capacity, entry % capacity
+        dst_block = layer_bases.long()[order[chunk]] + blocks[local // heads]
+        key_cache[dst_block, local % heads, rank % block_size] = k_sel
+        value_cache[dst_block, local % heads, rank % block_size] = v_sel
+    return page_start.to(torch.int32), counts.to(torch.int32), order.to(torch.int32), kept_blocks
+
+
+def compact_pooled_rows_reference(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    block_rows: list[int],
+    keep_masks: torch.Tensor,
+    layer_bases: torch.Tensor,
+    kept_blocks: list[int | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``compact_pooled_reference`` for ``R`` requests: keep_masks ``[R, K, H, Lmax]``
+    (False past each prompt). Returns (page_start ``[R, K, H]``, counts ``[R, K, H]``,
+    chunk_layer ``[R, K]``, kept_blocks ``[R]``), all int32."""
+    results = [compact_pooled_reference(key_cache, value_cache, block_table[b], keep_masks[r],
+                                        layer_bases, kept_blocks[r])
+               for r, b in enumerate(block_rows)]
+    return (torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results]),
+            torch.stack([r[2] for r in results]),
+            torch.tensor([r[3] for r in results], dtype=torch.int32))

@@ -94,6 +94,42 @@ def headwise_attention_reference(
     return out
 
 
+def pooled_page_table(
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_row: torch.Tensor,
+    num_kv_heads: int,
+    block_size: int,
+    chunk_base: torch.Tensor | None = None,
+    capacity: int | None = None,
+) -> torch.Tensor:
+    """Virtual page ids ``[H, P]`` (block * H + slot, -1 padded) of one (request, layer).
+
+    Head h owns the ``ceil(kept_counts[h] / bs)`` entries of the request's pooled head-page
+    sequence from ``page_start[h]``. Entry g lies in chunk ``g // capacity`` (one chunk per
+    layer tensor, ``capacity = kept_blocks * H`` entries each), at block
+    ``chunk_base[chunk] + block_row[(g % capacity) // H]``, slot ``g % H``, where
+    ``chunk_base`` holds the block offset of the chunk's layer in the view over all layers.
+    Without ``chunk_base`` the sequence is one chunk at offset 0 (a single layer's cache).
+    """
+    counts = kept_counts.long()
+    pages = (counts + block_size - 1) // block_size
+    width = max(int(pages.max().item()) if pages.numel() else 0, 1)
+    j = torch.arange(width, device=counts.device)
+    idx = page_start.long()[:, None] + j[None, :]
+    valid = j[None, :] < pages[:, None]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    if chunk_base is None:
+        base = torch.zeros_like(idx)
+        local = idx
+    else:
+        assert capacity is not None and capacity > 0
+        base = chunk_base.long()[idx // capacity]
+        local = idx % capacity
+    virt = (base + block_row.long()[local // num_kv_heads]) * num_kv_heads + local % num_kv_heads
+    return torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
+
+
 def headwise_attention_ranges_reference(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -105,34 +141,36 @@ def headwise_attention_ranges_reference(
     num_row_tokens: int,
     scale: float,
     out: torch.Tensor,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, with pages given as ranges.
 
     page_start/kept_counts: ``[S, H]``: head h of the request in slot s owns the
     ``ceil(kept_counts[s, h] / bs)`` head-pages starting at entry
-    ``page_start[s, h]`` of its head-page sequence (entry i = block
-    ``block_table[b, i // H]``, slot ``i % H``). block_table: ``[B, NB]`` of the
+    ``page_start[s, h]`` of its head-page sequence. block_table: ``[B, NB]`` of the
     whole batch. rows: int32 ``[R, 7]`` (batch row, slot, q_start, q_end,
     tail_start, seq_len, scratch offset; see ``triton_decode.row_table``).
+    Single layer (``chunk_base`` None): entry i = block ``block_table[b, i // H]``, slot
+    ``i % H`` of ``key_cache``. Pooled over layers: ``key_cache``/``value_cache`` view all
+    layers' blocks (layer tensors at block offsets), ``chunk_base`` ``[S, K]`` and
+    ``capacity`` ``[S]`` place entry g as in ``pooled_page_table``, and this layer's tail
+    blocks are ``layer_base + block_table[b, pos // bs]``.
     ``num_row_tokens`` (scratch size of the Triton version) is unused here.
     Only the rows' query tokens ``out[q_start:q_end]`` are written.
     """
     del num_row_tokens
     heads, block_size = key_cache.shape[1], key_cache.shape[2]
     for b, s, q0, q1, tail, seq, _ in rows.tolist():
-        counts = kept_counts[s].long()
-        pages = (counts + block_size - 1) // block_size
-        width = max(int(pages.max().item()), 1)
-        j = torch.arange(width, device=counts.device)
-        idx = page_start[s].long()[:, None] + j[None, :]
-        valid = j[None, :] < pages[:, None]
-        idx = torch.where(valid, idx, torch.zeros_like(idx))
         block_row = block_table[b].long()
-        virt = block_row[idx // heads] * heads + idx % heads
-        table = torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
+        table = pooled_page_table(
+            page_start[s], kept_counts[s], block_row, heads, block_size,
+            None if chunk_base is None else chunk_base[s],
+            None if capacity is None else int(capacity[s]))
         headwise_attention_reference(
             query, key_cache, value_cache, table[None], kept_counts[s][None],
-            block_table[b][None], torch.tensor([tail]), torch.tensor([seq]),
+            (block_row + layer_base)[None], torch.tensor([tail]), torch.tensor([seq]),
             torch.tensor([q0, q1]), scale, out,
         )
     return out
