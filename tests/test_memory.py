@@ -178,7 +178,7 @@ def test_adakv_uneven_split_needs_the_extra_block():
     (64, 8, 4, 20.0), (256, 32, 32, 20.0), (100, 10, 7, 2.0), (40, 32, 12, 1.0),
     (50, 1, 1, 20.0),
 ])
-def test_pyramidkv_uses_largest_layer_budget(budget, window, layers, beta):
+def test_pyramidkv_pools_pages_across_layers(budget, window, layers, beta):
     bs, heads = 16, 4
     cfg = _cfg("pyramidkv", budget, window, pyramid_beta=beta)
     per_layer = pyramid_layer_budgets(budget, layers, window, beta)
@@ -188,21 +188,59 @@ def test_pyramidkv_uses_largest_layer_budget(budget, window, layers, beta):
     plan = plan_compression(cfg, prompt_len, heads, bs, layers)
     assert plan is not None
     assert plan.layer_budgets == tuple(min(prompt_len, b) for b in per_layer)
-    assert plan.kept_blocks == ceil_div(top, bs)
+    # Pages of all layers pooled: sum of per-layer pages over (layers * H) per block,
+    # never more than sizing every layer like the largest.
+    pooled = max(1, ceil_div(sum(heads * ceil_div(min(prompt_len, b), bs) for b in per_layer),
+                             layers * heads))
+    assert plan.kept_blocks == min(pooled, ceil_div(top, bs))
+    assert plan.pooled == (pooled < ceil_div(top, bs))
+    assert not plan.measured
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv", "streamingllm"])
+def test_uniform_budgets_keep_layers_in_their_own_tensors(method):
+    cfg = _cfg(method, 300, 16)
+    plan = plan_compression(cfg, 4000, 8, 16, 32)
+    assert plan is not None and not plan.pooled and not plan.measured
+
+
+def test_gvote_is_pooled_and_measured_at_its_cap():
+    cfg = KVCompressionConfig(method="gvote", max_budget=256, window=16)
+    plan = plan_compression(cfg, 4000, 8, 16, 32)
+    assert plan.pooled and plan.measured and plan.kept_blocks == 256 // 16
+
+
+def test_pooling_counts_only_the_compressed_layers():
+    # Two full-attention layers out of six (the others sliding-window): the pooled
+    # blocks follow the pyramid budgets of layers 0 and 3 only.
+    cfg = _cfg("pyramidkv", 64, 8)
+    budgets = pyramid_layer_budgets(64, 6, 8, 20.0)
+    plan = plan_compression(cfg, 500, 4, 16, 6, (0, 3))
+    pages = [4 * ceil_div(budgets[i], 16) for i in (0, 3)]
+    assert plan.kept_blocks == min(ceil_div(sum(pages), 2 * 4), ceil_div(max(pages), 4))
 
 
 def test_pyramidkv_layer_budget_clamped_to_prompt():
-    # Layer 0 wants about 2B - B/beta = 390 tokens: a prompt shorter than that keeps
-    # all of its tokens in layer 0 (budget clamped to L), so no block can be freed.
+    # Layer 0 wants about 2B - B/beta = 390 tokens: a prompt shorter than that keeps all
+    # of its tokens in the first layers (budgets clamped to L). Pooled across layers, the
+    # pages of the layers that keep less still free blocks.
     cfg = _cfg("pyramidkv", 200, 8)
-    top = max(pyramid_layer_budgets(200, 8, 8, 20.0))
+    budgets = pyramid_layer_budgets(200, 8, 8, 20.0)
+    top = max(budgets)
     assert top > 300
     for prompt_len in (201, 300, top - 1, top):
         for bs in (1, 2, 16, 32):
-            assert plan_compression(cfg, prompt_len, 2, bs, 8) is None, (prompt_len, bs)
-    plan = plan_compression(cfg, top + 1, 2, 1, 8)
-    assert plan is not None and plan.kept_blocks == top and plan.released_blocks == 1
-    assert max(plan.layer_budgets) == top
+            plan = plan_compression(cfg, prompt_len, 2, bs, 8)
+            kept = [min(prompt_len, b) for b in budgets]
+            pooled = max(1, ceil_div(sum(2 * ceil_div(n, bs) for n in kept), 8 * 2))
+            if pooled >= prompt_len // bs:
+                assert plan is None, (prompt_len, bs)
+                continue
+            assert plan is not None and plan.pooled, (prompt_len, bs)
+            assert plan.layer_budgets == tuple(kept)
+            assert plan.kept_blocks == pooled
+    plan = plan_compression(cfg, 300, 2, 1, 8)
+    assert plan.layer_budgets[0] == 300 and plan.released_blocks > 0
 
 
 # ------------------------------------------------------------------ random sweep
@@ -237,6 +275,9 @@ def test_random_sweep(rnd):
             lo, hi = ceil_div(budget, bs), ceil_div(budget, bs) + 1
         else:
             lo = hi = ceil_div(max(per_layer), bs)
+        if method == "pyramidkv":  # pooled across layers where that takes fewer blocks
+            pooled = ceil_div(sum(heads * ceil_div(b, bs) for b in per_layer), layers * heads)
+            lo = hi = min(hi, max(1, pooled))
 
         if plan is None:
             # Only allowed when nothing would be released.

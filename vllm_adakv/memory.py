@@ -3,10 +3,12 @@
 A block holds ``block_size`` tokens for each of the H KV heads of a layer, as H
 head-pages (head-major layout). After compression, the kept tokens of (layer l,
 head h) are compacted into ceil(n[l,h] / block_size) head-pages taken, in any
-slot, from the request's first ``kept_blocks`` blocks. The block holding the
-first position after the prompt (``tail_block``) and all later blocks stay in
-the normal layout and receive the generated tokens. Blocks in
-[kept_blocks, tail_block) are released to vLLM's block pool.
+slot, from the request's first ``kept_blocks`` blocks: of the layer's own tensor
+when every layer fits there, else of any layer's tensor (pages pooled across
+layers, ``CompressionPlan.pooled``). The block holding the first position after
+the prompt (``tail_block``) and all later blocks stay in the normal layout and
+receive the generated tokens. Blocks in [kept_blocks, tail_block) are released
+to vLLM's block pool.
 
 The scheduler and the workers both call :func:`plan_compression` with the same
 inputs, so they agree on ``kept_blocks`` without talking to each other.
@@ -42,6 +44,13 @@ class CompressionPlan:
     layer_budgets: tuple[int, ...]  # mean tokens kept per head, window included (gvote: cap)
     kept_blocks: int  # blocks [0, kept_blocks) hold the compacted head-pages
     tail_block: int  # prompt_len // block_size: first block of the uncompressed tail
+    # Head-pages pooled across the compressed layers' tensors, compacted at the group's
+    # last layer (budgets that differ per layer, or unknown before selection: gvote).
+    # False: each layer fills its own tensor's kept blocks, compacted layer by layer.
+    pooled: bool = False
+    # Kept blocks follow from the kept counts (gvote): ``kept_blocks`` is the worst case
+    # (every head at its cap); the worker reports the blocks it used.
+    measured: bool = False
 
     @property
     def released_blocks(self) -> int:
@@ -80,6 +89,11 @@ def gvote_cap(cfg: KVCompressionConfig, prompt_len: int) -> int:
     return max(cfg.window, min(prompt_len, cap))
 
 
+def pooled_blocks(total_pages: int, num_layers: int, num_kv_heads: int) -> int:
+    """Fewest blocks whose head-pages in ``num_layers`` layer tensors hold ``total_pages``."""
+    return max(1, cdiv(total_pages, num_layers * num_kv_heads))
+
+
 # Pure and called for every compressible row of every step: cache by its inputs.
 @lru_cache(maxsize=8192)
 def plan_compression(
@@ -88,15 +102,24 @@ def plan_compression(
     num_kv_heads: int,
     block_size: int,
     num_layers: int,
+    layer_indices: tuple[int, ...] = (),
 ) -> CompressionPlan | None:
     """The plan for a prompt, or None when it is left alone.
 
-    A prompt is compressed only if it is longer than the budget and the compacted
-    pages fit in fewer blocks than the prompt's full blocks (so at least one block
-    goes back to the pool). Otherwise the request runs exactly as vanilla vLLM.
+    ``num_layers`` is the model's depth (the pyramid schedule spans it);
+    ``layer_indices`` the compressed layers (empty: all). A prompt is compressed only
+    if it is longer than the budget and the compacted pages fit in fewer blocks than
+    the prompt's full blocks (so at least one block goes back to the pool). Otherwise
+    the request runs exactly as vanilla vLLM.
+
+    Kept blocks: ``max_l cdiv(pages_l, H)`` when each layer uses its own tensor; pooled
+    across the K compressed layers ``cdiv(sum_l pages_l, K * H)``, used where smaller
+    (per-layer budgets) and always for gvote (counts unknown before selection; planned
+    at the cap, then reported).
     """
     if not cfg.enabled:
         return None
+    layers = layer_indices or tuple(range(num_layers))
     if cfg.method in CAPPED_METHODS:
         # Worst case: every head of every layer keeps its cap (the worker trims to it).
         cap = gvote_cap(cfg, prompt_len)
@@ -115,10 +138,13 @@ def plan_compression(
             for i in range(num_layers)
         )
     uniform = cfg.method in UNIFORM_METHODS or cfg.method in CAPPED_METHODS
-    pages = max(
-        max_head_pages(num_kv_heads, b, prompt_len, block_size, uniform) for b in budgets
-    )
-    kept_blocks = max(1, cdiv(pages, num_kv_heads))
+    pages = [max_head_pages(num_kv_heads, budgets[i], prompt_len, block_size, uniform)
+             for i in layers]
+    own = max(1, cdiv(max(pages), num_kv_heads))
+    pooled = pooled_blocks(sum(pages), len(layers), num_kv_heads)
+    measured = cfg.method in CAPPED_METHODS
+    use_pool = measured or pooled < own
+    kept_blocks = own if measured else min(own, pooled)
     tail_block = prompt_len // block_size
     if kept_blocks >= tail_block:
         return None
@@ -129,6 +155,8 @@ def plan_compression(
         layer_budgets=budgets,
         kept_blocks=kept_blocks,
         tail_block=tail_block,
+        pooled=use_pool,
+        measured=measured,
     )
 
 
@@ -143,7 +171,8 @@ class PageUsage:
 
     block_size: int
     num_kv_heads: int
-    kept_blocks: int  # what the plan reserved
+    kept_blocks: int  # what the request holds after compression (gvote: after the report)
+    planned_blocks: int  # what the plan reserved (gvote: at its cap)
     layer_pages: tuple[int, ...]  # filled head-pages per layer (sum over heads)
     kept_tokens: int  # sum of n[l,h]
     max_head_tokens: int  # largest n[l,h]
@@ -179,13 +208,16 @@ class PageUsage:
         return max(1, cdiv(self.used_pages, per_block)) if per_block else 0
 
 
-def page_usage(plan: CompressionPlan, kept_per_layer: list[list[int]]) -> PageUsage:
-    """Usage of one request from its kept-token counts ``n[l][h]`` (one list per layer)."""
+def page_usage(plan: CompressionPlan, kept_per_layer: list[list[int]],
+               kept_blocks: int | None = None) -> PageUsage:
+    """Usage of one request from its kept-token counts ``n[l][h]`` (one list per
+    compressed layer); ``kept_blocks``: the blocks it holds, if not the plan's."""
     bs = plan.block_size
     return PageUsage(
         block_size=bs,
         num_kv_heads=plan.num_kv_heads,
-        kept_blocks=plan.kept_blocks,
+        kept_blocks=plan.kept_blocks if kept_blocks is None else kept_blocks,
+        planned_blocks=plan.kept_blocks,
         layer_pages=tuple(sum(cdiv(n, bs) for n in layer) for layer in kept_per_layer),
         kept_tokens=sum(n for layer in kept_per_layer for n in layer),
         max_head_tokens=max((n for layer in kept_per_layer for n in layer), default=0),

@@ -3,7 +3,8 @@
 vLLM 0.32 has extension points for attention backends (register_backend), KV
 cache specs and their managers (KVCacheSpecRegistry) and general plugins, but
 none for: extra CLI flags, validating a plugin's additional_config at start-up,
-or giving an attention backend the request ids of its batch rows.
+giving an attention backend the request ids of its batch rows, or sending a
+worker's numbers to the scheduler without a KV connector (patch_kept_block_reports).
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def patch_engine_args() -> None:
             if self.speculative_config is not None:
                 raise KVCompressionConfigError(
                     "--kv-compression cannot be combined with speculative decoding yet"
+                )
+            if (self.pipeline_parallel_size or 1) > 1:
+                # Pages are pooled over all compressed layers of a worker, and GVote's
+                # kept-block reports come from tensor-parallel ranks that hold every layer.
+                raise KVCompressionConfigError(
+                    "--kv-compression does not support pipeline parallelism "
+                    "(--pipeline-parallel-size > 1); use tensor parallelism"
                 )
             # Keep the validated, normalised form for every process.
             self.additional_config = {
@@ -212,21 +220,33 @@ def patch_input_processor() -> None:
 
 
 def patch_scheduler() -> None:
-    """Tell the KV manager each request's per-request compression settings.
+    """Tell the KV manager each request's per-request compression settings, and the
+    workers' kept-block reports (GVote).
 
     Why: vLLM's KVCacheManager passes only the request id down to a single-type
     manager's ``remove_skipped_blocks``; the request's SamplingParams (where
     vllm_xargs land) are seen by the scheduler alone. Record them on admission,
     drop them when the request's blocks are finally freed.
+
+    Kept-block reports (``core/kept_reports.py``) ride on the ModelRunnerOutput
+    (patch_kept_block_reports) and are applied after vLLM has processed that output.
+    A preemption resets ``num_computed_tokens``, which tells whether the prefill it
+    cuts short had compressed; the book counts it first, so that a late report of that
+    compression is never taken for the next one. A connector cannot do this: its
+    scheduler side hears of no preemption.
     """
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    from vllm_adakv.attention.reports import entries_of
+    from vllm_adakv.core.kept_reports import book_of
     from vllm_adakv.core.spec import forget_request, record_request
 
     if _already(Scheduler.add_request):
         return
     orig_add = Scheduler.add_request
     orig_free = Scheduler._free_blocks
+    orig_update = Scheduler.update_from_output
+    orig_preempt = Scheduler._preempt_request
 
     def add_request(self, request, *a, **kw):
         params = request.sampling_params
@@ -239,8 +259,142 @@ def patch_scheduler() -> None:
             return orig_free(self, request, *a, **kw)
         finally:
             forget_request(request.request_id)
+            book = book_of(self)
+            if book is not None:
+                book.forget(request.request_id)
 
-    for fn in (add_request, _free_blocks):
+    def update_from_output(self, scheduler_output, model_runner_output, *a, **kw):
+        entries = entries_of(model_runner_output)
+        result = orig_update(self, scheduler_output, model_runner_output, *a, **kw)
+        if entries:
+            book = book_of(self)
+            if book is not None:
+                book.apply(entries, self.requests)
+        return result
+
+    def _preempt_request(self, request, *a, **kw):
+        book = book_of(self)
+        if book is not None:
+            book.on_preempt(request)
+        return orig_preempt(self, request, *a, **kw)
+
+    for fn in (add_request, _free_blocks, update_from_output, _preempt_request):
         setattr(fn, _MARK, True)
     Scheduler.add_request = add_request  # type: ignore[method-assign]
     Scheduler._free_blocks = _free_blocks  # type: ignore[method-assign]
+    Scheduler.update_from_output = update_from_output  # type: ignore[method-assign]
+    Scheduler._preempt_request = _preempt_request  # type: ignore[method-assign]
+
+
+def patch_kept_block_reports() -> None:
+    """Carry GVote's kept-block reports from every worker to the scheduler.
+
+    Why not vLLM's channel for this, a KV connector's worker metadata
+    (``build_connector_worker_meta`` -> ``update_connector_output``): a connector exists
+    only with a ``kv_transfer_config``, and setting one changes the engine well beyond
+    the channel (vLLM 0.32): every request's prompt is hashed block by block
+    (``v1/engine/core.py`` EngineCore.__init__, as with prefix caching); the
+    mandatory ``kv_role`` makes the scheduler defer freeing blocks under async
+    scheduling (consumer) or drop in-flight output on preemption and finalize partial
+    tails (producer); the hybrid KV cache manager is turned off unless the connector
+    supports HMA; ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` is refused;
+    every step builds connector metadata and runs the connector's load/save hooks;
+    a user's own connector would have to be rewrapped in a MultiConnector. So the
+    reports ride on the ModelRunnerOutput instead, as an extra attribute that vLLM
+    never reads (pickled with it by the multiprocess executor):
+    - worker: ``GPUModelRunner.sample_tokens`` (the CPU runner inherits it) hangs what
+      was posted since the last step on its output (``attention/reports.attach``);
+    - tensor parallel: the multiprocess executor keeps one rank's output unless it has
+      a ``kv_output_aggregator``; with GVote and tp > 1 the executor gets
+      ``reports.KeptBlocksAggregator`` (wrapping vLLM's, if a connector set one), and
+      ranks other than 0 return a minimal output that carries only their reports (vLLM
+      reads nothing else from them), so the engine waits for one small message per rank
+      and step rather than unpickling every rank's full output;
+    - scheduler: patch_scheduler applies them.
+    With --kv-compression none every hook returns at once (one cached attribute test).
+    """
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_adakv.attention import reports
+
+    if _already(GPUModelRunner.sample_tokens):
+        return
+    orig_sample = GPUModelRunner.sample_tokens
+    orig_init = Executor.__init__
+    orig_aggregator = Executor.init_kv_output_aggregator
+
+    @functools.wraps(orig_sample)
+    def sample_tokens(self, *args: Any, **kwargs: Any):
+        output = orig_sample(self, *args, **kwargs)
+        role = _report_role(self)
+        if role is None:
+            return output
+        rank, minimal = role
+        if minimal:
+            return reports.minimal_output(output, self.requests, rank)
+        return reports.attach(output, self.requests, rank)
+
+    @functools.wraps(orig_init)
+    def __init__(self, vllm_config, *args: Any, **kwargs: Any):
+        orig_init(self, vllm_config, *args, **kwargs)
+        if _every_rank_reports(self):
+            self.kv_output_aggregator = reports.KeptBlocksAggregator(None)
+
+    @functools.wraps(orig_aggregator)
+    def init_kv_output_aggregator(self, connector, *args: Any, **kwargs: Any):
+        orig_aggregator(self, connector, *args, **kwargs)
+        if _every_rank_reports(self):
+            self.kv_output_aggregator = reports.KeptBlocksAggregator(self.kv_output_aggregator)
+
+    for fn in (sample_tokens, __init__, init_kv_output_aggregator):
+        setattr(fn, _MARK, True)
+    GPUModelRunner.sample_tokens = sample_tokens  # type: ignore[method-assign]
+    Executor.__init__ = __init__  # type: ignore[method-assign]
+    Executor.init_kv_output_aggregator = init_kv_output_aggregator  # type: ignore[method-assign]
+
+
+def reports_need_every_rank(vllm_config: Any) -> bool:
+    """GVote server with tensor parallelism: each rank's kept-block report must reach the
+    scheduler. (A request switched to gvote by its vllm_xargs on another method's server
+    is reported by rank 0 only at tp > 1 and so keeps its cap.)"""
+    cfg = KVCompressionConfig.from_additional_config(vllm_config.additional_config)
+    return cfg.method == "gvote" and vllm_config.parallel_config.tensor_parallel_size > 1
+
+
+def _every_rank_reports(executor: Any) -> bool:
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    if not reports_need_every_rank(executor.vllm_config):
+        return False
+    if not isinstance(executor, MultiprocExecutor):
+        logger.warning("vllm-adakv: %s returns one rank's output, so GVote's kept-block "
+                       "reports cannot be combined over ranks; GVote requests keep the "
+                       "blocks of their cap", type(executor).__name__)
+        return False
+    return True
+
+
+_ROLE = "_vllm_adakv_report_role"
+
+
+def _report_role(runner: Any) -> tuple[int, bool] | None:
+    """(tensor-parallel rank, whether to return a minimal output) of a compressing
+    worker, None when this engine compresses nothing; cached on the runner."""
+    role = runner.__dict__.get(_ROLE, False)
+    if role is False:
+        role = None
+        vllm_config = runner.vllm_config
+        if KVCompressionConfig.from_additional_config(vllm_config.additional_config).enabled:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+            # Only the multiprocess executor's aggregator reads other ranks' outputs,
+            # and without a KV / EC connector nothing but our reports is read there.
+            minimal = (rank != 0 and reports_need_every_rank(vllm_config)
+                       and vllm_config.parallel_config.distributed_executor_backend == "mp"
+                       and vllm_config.kv_transfer_config is None
+                       and getattr(vllm_config, "ec_transfer_config", None) is None)
+            role = (rank, minimal)
+        runner.__dict__[_ROLE] = role
+    return role

@@ -16,6 +16,7 @@ def register() -> None:
     from vllm_adakv.patches import (
         patch_engine_args,
         patch_input_processor,
+        patch_kept_block_reports,
         patch_model_runner,
         patch_scheduler,
     )
@@ -35,4 +36,5 @@ def register() -> None:
     patch_model_runner()
     patch_input_processor()
     patch_scheduler()
+    patch_kept_block_reports()
     _registered = True

@@ -35,11 +35,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
 
+    if spec.get("apply_kept_reports", True) is False:  # GVote left at its cap plan
+        from vllm_adakv.core.kept_reports import KeptReports
+
+        KeptReports.apply = lambda self, entries, requests: 0
+    delayed = _DelayedReports(spec["delay_kept_reports"]) if spec.get(
+        "delay_kept_reports") else None
     llm = _engine(spec)
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
     scheduler = core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
+    mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    blocks_trace: list[dict[str, list[int]]] = []
     free_start = pool.get_num_free_blocks()
     vocab = spec.get("vocab_size", 512)
     requests = spec["requests"]
@@ -66,6 +74,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             engine.abort_request([str(i) for i in aborts[step]])
         if not engine.has_unfinished_requests() and step > max(arrivals):
             break
+        if delayed is not None:
+            delayed.release(step)
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
@@ -75,13 +85,26 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for req in scheduler.requests.values():
             max_preemptions = max(max_preemptions, req.num_preemptions)
         trace.append({"step": step, "running": running, "waiting": len(scheduler.waiting),
-                      "free": pool.get_num_free_blocks()})
+                      "free": pool.get_num_free_blocks(),
+                      "shrunk": getattr(mgr, "num_shrunk_blocks_total", 0)})
+        if spec.get("blocks_trace"):  # each request's block ids after the step
+            blocks_trace.append({rid.split("-")[0]: [b.block_id for b in blocks]
+                                 for rid, blocks in mgr.req_to_blocks.items()})
         step += 1
         if step > spec.get("max_steps", 5000):
             raise RuntimeError("scenario did not finish")
-    mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    from vllm_adakv.core.kept_reports import book_of
+
+    book = book_of(scheduler)
     return {
         "page_usage": _page_usage(),
+        # per worker rank: request -> blocks its pages use (reported), GVote's measure
+        "worker_kept_blocks": llm.collective_rpc(_worker_kept_blocks)
+        if spec.get("worker_kept_blocks") else [],
+        "shrunk_blocks": getattr(mgr, "num_shrunk_blocks_total", 0),
+        "kept_reports": {"applied": book.num_applied, "stale": book.num_stale}
+        if book is not None else None,
+        "blocks_trace": blocks_trace,
         "outputs": outputs,
         "finish_reasons": finished_reasons,
         "free_start": free_start,
@@ -94,6 +117,38 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": step,
         "trace": trace if spec.get("trace") else [],
     }
+
+
+class _DelayedReports:
+    """Holds each kept-block report back ``steps`` engine steps before the worker posts
+    it (in-process worker only): the lag of a device copy, made long enough for a
+    preemption to come first."""
+
+    def __init__(self, steps: int) -> None:
+        from vllm_adakv.attention import reports
+
+        self.steps = steps
+        self.post = reports.post_kept_blocks
+        self.held: list[tuple[int, str, int]] = []
+        self.step = 0
+        reports.post_kept_blocks = lambda req_id, m: self.held.append((self.step, req_id, m))
+
+    def release(self, step: int) -> None:
+        self.step = step
+        due = [h for h in self.held if h[0] + self.steps <= step]
+        self.held = [h for h in self.held if h[0] + self.steps > step]
+        for _, req_id, m in due:
+            self.post(req_id, m)
+
+
+def _worker_kept_blocks(worker) -> dict[str, int]:
+    """On a worker (llm.collective_rpc): request id prefix -> blocks its pages use."""
+    from vllm_adakv.attention import cpu_backend
+
+    store = cpu_backend._STORE
+    if store is None:
+        return {}
+    return {rid.split("-")[0]: u.kept_blocks for rid, u in store.page_usage.items()}
 
 
 def _page_usage() -> dict[str, dict[str, int]]:

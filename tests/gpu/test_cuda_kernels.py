@@ -93,6 +93,7 @@ def test_compression_never_waits_for_the_gpu():
     from vllm_adakv.attention.range_pool import RangePool
     from vllm_adakv.kernels import compact_rows_ranges, score_windows
     from vllm_adakv.policies import select_keep_masks
+    from vllm_adakv.tensors import on_device
 
     heads, q_heads, dim, window = 8, 32, 128, 32
     lengths = [3000, 4100, 2048]
@@ -112,7 +113,11 @@ def test_compression_never_waits_for_the_gpu():
                                       sink_tokens=4)
             done = compact_rows_ranges(kv[..., :dim], kv[..., dim:], table, [0, 1, 2], masks,
                                        [48, 60, 30])
-            pool.store_rows(["a", "b", "c"], 1, [p for p, _ in done], [c for _, c in done])
+            bases = on_device([0, nb], torch.int32, DEV)
+            pool.store_rows(["a", "b", "c"], [1], torch.stack([p for p, _ in done])[:, None],
+                            torch.stack([c for _, c in done])[:, None],
+                            bases[None].expand(3, -1),
+                            on_device([48 * heads, 60 * heads, 30 * heads], torch.int32, DEV))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -141,3 +146,153 @@ def test_gvote_never_waits_for_the_gpu():
     differ = (mask.cpu() != cpu).sum(1)
     assert int(differ.max()) <= 4, differ.tolist()
     assert int(mask.sum(1).max()) <= 1000
+
+
+# Head-pages pooled across layers: Llama-3.1-8B's 32 layers in one buffer, 4 requests of
+# 8k tokens whose layers keep very different amounts (GVote-like: per-layer shares of the
+# budget from a Dirichlet, mean 1/8 of the prompt).
+POOL_LAYERS, POOL_HEADS, POOL_Q_HEADS, POOL_DIM = 32, 8, 32, 128
+
+
+def _pooled_setup(lengths: list[int], seed: int = 0):
+    torch.manual_seed(seed)
+    layers, heads = POOL_LAYERS, POOL_HEADS
+    table, nb = random_block_tables(lengths, BS)
+    order = torch.randperm(layers)
+    layer_bases = (order * nb).to(torch.int32)
+    kv = torch.randn(layers * nb + 1, heads, BS, 2 * POOL_DIM, device=DEV).to(torch.bfloat16)
+    masks = torch.zeros(len(lengths), layers, heads, max(lengths), dtype=torch.bool,
+                        device=DEV)
+    for r, n in enumerate(lengths):
+        shares = torch.distributions.Dirichlet(torch.ones(layers)).sample()
+        rates = (shares * layers / 8).clamp(max=1.0)
+        head_rates = (rates[:, None] * (0.5 + torch.rand(layers, heads))).clamp(max=1.0)
+        keep = torch.rand(layers, heads, n, device=DEV) < head_rates[..., None].to(DEV)
+        keep[:, :, n - 32 : n] = True
+        masks[r, :, :, :n] = keep
+    return table.to(DEV), kv, layer_bases.to(DEV), masks
+
+
+def test_pooled_compaction_real_sizes():
+    from vllm_adakv.kernels.compaction import compact_pooled_rows_reference
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    lengths = [8192, 8000, 8192, 7900]
+    table, kv, layer_bases, masks = _pooled_setup(lengths)
+    block_rows = [2, 0, 3, 1]
+    masks = masks[torch.tensor(block_rows)]  # row r is block row block_rows[r]
+    pages = (masks.sum(3) + BS - 1) // BS
+    need = [max(1, -(-int(p.sum()) // (POOL_LAYERS * POOL_HEADS))) for p in pages]
+    dim = POOL_DIM
+    for kept_blocks in ([None] * 4, [need[0], need[1] + 3, None, need[3]]):
+        got_kv, want_kv = kv.clone(), kv.clone()
+        want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table,
+                                             block_rows, masks, layer_bases, kept_blocks)
+        got = compact_pooled_rows_triton(got_kv[..., :dim], got_kv[..., dim:], table,
+                                         block_rows, masks, layer_bases.cpu(), kept_blocks)
+        for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got,
+                              want, strict=True):
+            assert g.is_cuda and g.dtype == torch.int32, name
+            assert torch.equal(g, w.to(DEV)), name
+        assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        del got_kv, want_kv
+        torch.cuda.empty_cache()
+
+
+def test_pooled_decode_real_sizes():
+    """The decode over chunk tables at every layer of 4 pooled 8k requests, with and
+    without split-K, and replayed from a CUDA graph whose tables were filled after the
+    capture (the kernel reads them on the device)."""
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    lengths = [8192, 8000, 8192, 7900]
+    seq = [n + int(torch.randint(1, 40, ())) for n in lengths]
+    table, kv, layer_bases, masks = _pooled_setup(seq)
+    for r, n in enumerate(lengths):
+        masks[r, :, :, n:] = False
+    dim, heads = POOL_DIM, POOL_HEADS
+    kc, vc = kv[..., :dim], kv[..., dim:]
+    starts, counts, chunk_layer, kept = compact_pooled_rows_triton(
+        kc, vc, table, [0, 1, 2, 3], masks, layer_bases, [None] * 4)
+    num_slots = 6
+    slots = torch.tensor([4, 0, 5, 2])
+    start_tab = torch.zeros(num_slots, POOL_LAYERS, heads, dtype=torch.int32, device=DEV)
+    count_tab = torch.zeros_like(start_tab)
+    chunk_tab = torch.zeros(num_slots, POOL_LAYERS, dtype=torch.int32, device=DEV)
+    cap_tab = torch.ones(num_slots, dtype=torch.int32, device=DEV)
+    start_tab[slots], count_tab[slots] = starts, counts
+    chunk_tab[slots] = layer_bases[chunk_layer.long()]
+    cap_tab[slots] = kept * heads
+    q_lens = torch.tensor([1, 3, 1, 1])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)])
+    n_tok = int(qsl[-1])
+    query = torch.randn(n_tok + 2, POOL_Q_HEADS, dim, device=DEV).to(torch.bfloat16)
+    picked = torch.tensor([2, 0, 3, 1])
+    rows = row_table(picked, slots[picked], qsl[:-1], qsl[1:], torch.tensor(lengths)[picked],
+                     torch.tensor(seq)[picked]).to(DEV)
+    common = dict(block_table=table, rows=rows, num_row_tokens=n_tok, scale=dim**-0.5,
+                  chunk_base=chunk_tab, capacity=cap_tab)
+    for layer in range(POOL_LAYERS):
+        args = dict(query=query, key_cache=kc, value_cache=vc,
+                    page_start=start_tab[:, layer], kept_counts=count_tab[:, layer],
+                    layer_base=int(layer_bases[layer]), **common)
+        want = torch.full(query.shape, float("nan"), device=DEV)
+        headwise_attention_ranges_reference(**args, out=want)
+        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}):
+            out = torch.full_like(query, float("nan"))
+            headwise_attention_ranges_triton(**args, out=out, **options)
+            assert not torch.isnan(out[:n_tok]).any() and torch.isnan(out[n_tok:]).all()
+            torch.testing.assert_close(out[:n_tok].float(), want[:n_tok], rtol=2e-2,
+                                       atol=2e-2)
+    # CUDA graph: tables captured empty, filled afterwards, as the engine's persistent ones.
+    layer = 5
+    g_start, g_count = torch.zeros_like(start_tab[:, layer]), torch.zeros_like(count_tab[:, 0])
+    g_chunk, g_cap = torch.zeros_like(chunk_tab), torch.ones_like(cap_tab)
+    out = torch.full_like(query, float("nan"))
+    graph_args = dict(query=query, key_cache=kc, value_cache=vc, page_start=g_start,
+                      kept_counts=g_count, block_table=table, rows=rows, num_row_tokens=n_tok,
+                      scale=dim**-0.5, out=out, chunk_base=g_chunk, capacity=g_cap,
+                      layer_base=int(layer_bases[layer]))
+    headwise_attention_ranges_triton(**graph_args)  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        headwise_attention_ranges_triton(**graph_args)
+    g_start.copy_(start_tab[:, layer])
+    g_count.copy_(count_tab[:, layer])
+    g_chunk.copy_(chunk_tab)
+    g_cap.copy_(cap_tab)
+    graph.replay()
+    want = torch.full(query.shape, float("nan"), device=DEV)
+    headwise_attention_ranges_reference(
+        query, kc, vc, start_tab[:, layer], count_tab[:, layer], out=want,
+        layer_base=int(layer_bases[layer]), **common)
+    torch.testing.assert_close(out[:n_tok].float(), want[:n_tok], rtol=2e-2, atol=2e-2)
+
+
+def test_pooled_compaction_never_waits_for_the_gpu():
+    """All 32 layers of 4 requests compacted at once under sync debug mode "error": the
+    layer order, page starts and capacity check stay on the device (layer bases given on
+    the host and on the device, kept blocks planned and not)."""
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    lengths = [8192, 6000, 8192, 4000]
+    table, kv, layer_bases, masks = _pooled_setup(lengths, seed=1)
+    host_bases = layer_bases.cpu()
+    pages = (masks.sum(3) + BS - 1) // BS
+    need = [max(1, -(-int(p.sum()) // (POOL_LAYERS * POOL_HEADS))) for p in pages]
+    dim = POOL_DIM
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, [0, 1, 2, 3],
+                                           masks, host_bases, [None] * 4)
+        second = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table,
+                                            [0, 1, 2, 3], masks, layer_bases,
+                                            [need[0] + 1, None, need[2], need[3]])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert first[3].tolist() == need
+    assert second[3].tolist() == [need[0] + 1, need[1], need[2], need[3]]
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])

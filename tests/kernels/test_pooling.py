@@ -6,17 +6,31 @@ into consecutive entries of the request's pooled sequence (chunks in other layer
 included), touch nothing outside the kept blocks, and use the fewest blocks; the head-wise
 decode over the pooled pages must equal dense attention over exactly the kept tokens plus
 the tail, computed in float64 from copies taken before compaction.
+
+The Triton versions (under the interpreter here) must equal the references: the pooled
+compaction of several requests at once byte for byte (caches and returned tables), the
+decode over chunk tables to fp32 tolerance, on rows picked out of a larger batch.
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from tests.kernels.paged_cache import random_block_tables
-from vllm_adakv.kernels.compaction import compact_pooled_reference
-from vllm_adakv.kernels.decode import headwise_attention_ranges_reference, pooled_page_table
-from vllm_adakv.kernels.triton_decode import row_table
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.kernels.paged_cache import random_block_tables  # noqa: E402
+from vllm_adakv.kernels.compaction import (  # noqa: E402
+    compact_pooled_reference,
+    compact_pooled_rows_reference,
+)
+from vllm_adakv.kernels.decode import (  # noqa: E402
+    headwise_attention_ranges_reference,
+    pooled_page_table,
+)
+from vllm_adakv.kernels.triton_decode import row_table  # noqa: E402
 
 BS = 16
 
@@ -147,3 +161,218 @@ def test_pooled_decode_equals_dense_over_kept_tokens(group):
                                              scale)
                 torch.testing.assert_close(out[r, h * group : (h + 1) * group].double(), want,
                                            atol=1e-5, rtol=1e-5)
+
+
+# Triton versions against the references.
+
+
+def _pooled_batch_masks(lengths: list[int], layers: int, heads: int, ties: bool = False
+                        ) -> torch.Tensor:
+    """``[R, K, H, Lmax]`` masks: per request very uneven layers (fresh random rates), False
+    past each prompt, the last 4 prompt positions kept. ``ties``: request 0's layers 1 and
+    3 keep the same positions (equal page counts: the stable order decides)."""
+    masks = torch.zeros(len(lengths), layers, heads, max(lengths), dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        rates = torch.rand(layers) ** 2
+        rates[torch.randint(layers, ())] = 0.9
+        keep = torch.rand(layers, heads, n) < rates[:, None, None]
+        keep[:, :, n - 4 : n] = True
+        masks[r, :, :, :n] = keep
+    if ties:
+        masks[0, 3] = masks[0, 1]
+    return masks
+
+
+def _pooled_kv(layers: int, heads: int, dim: int, nb: int, dtype: torch.dtype):
+    """One buffer ``[K * nb + 1, H, bs, 2D]`` (keys then values per token), layers at
+    shuffled block offsets."""
+    bases = [k * nb for k in torch.randperm(layers).tolist()]
+    kv = torch.randn(layers * nb + 1, heads, BS, 2 * dim).to(dtype)
+    return kv, torch.tensor(bases, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype,heads,dim,kept,fused", [
+    (torch.float32, 2, 32, "none", True),
+    (torch.bfloat16, 4, 64, "given", True),
+    (torch.float16, 2, 16, "mixed", True),
+    (torch.float32, 2, 32, "given", False),
+    (torch.bfloat16, 2, 16, "none", False),
+])
+def test_triton_pooled_compaction_matches_reference(dtype, heads, dim, kept, fused,
+                                                    monkeypatch):
+    """R requests of a shared block table (shuffled rows, different lengths), all layers at
+    once: byte-exact caches, equal page_start/counts/chunk_layer/kept_blocks. ``fused``:
+    one launch per pass (double scratch), else two (the large-scratch path)."""
+    from vllm_adakv.kernels import triton_compaction
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    if not fused:
+        monkeypatch.setattr(triton_compaction, "_FUSED_SCRATCH_BYTES", 0)
+
+    layers = 4
+    lengths = [int(torch.randint(40, 200, ())) for _ in range(3)]
+    table, nb = random_block_tables(lengths, BS)
+    kv, layer_bases = _pooled_kv(layers, heads, dim, nb, dtype)
+    block_rows = [2, 0, 1]
+    masks = _pooled_batch_masks([lengths[b] for b in block_rows], layers, heads, ties=True)
+    pages = (masks.sum(3) + BS - 1) // BS
+    need = [max(1, -(-int(p.sum()) // (layers * heads))) for p in pages]
+    if kept == "none":
+        kept_blocks = [None] * 3
+    elif kept == "given":
+        kept_blocks = [need[0], need[1] + 2, need[2] + 1]  # tight, and with spare blocks
+    else:
+        kept_blocks = [None, need[1], None]
+    want_kv = kv.clone()
+    want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table,
+                                         block_rows, masks, layer_bases, kept_blocks)
+    got = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, block_rows, masks,
+                                     layer_bases, kept_blocks)
+    for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got, want,
+                          strict=True):
+        assert g.dtype == torch.int32 and torch.equal(g, w), name
+    assert torch.equal(kv.view(torch.uint8), want_kv.view(torch.uint8)), \
+        "caches differ after compaction (exact copy expected)"
+
+
+def test_triton_pooled_compaction_refuses_too_few_blocks():
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    layers, heads, dim = 3, 2, 16
+    lengths = [96, 64]
+    table, nb = random_block_tables(lengths, BS)
+    kv, layer_bases = _pooled_kv(layers, heads, dim, nb, torch.float32)
+    masks = torch.zeros(2, layers, heads, 96, dtype=torch.bool)
+    masks[0] = True
+    masks[1, :, :, :64] = True
+    with pytest.raises(RuntimeError, match="reserved"):
+        compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, [0, 1], masks,
+                                   layer_bases, [None, 64 // BS - 1])
+
+
+def _pooled_decode_batch(group: int, dim: int, dtype: torch.dtype, one_big_layer: bool = False
+                         ) -> dict:
+    """A batch of 5 requests compacted (pooled, reference) over 3 layers; their tables at
+    shuffled slots of larger tables; rows: a subset of the batch, out of order.
+    ``one_big_layer``: 8 layers, layer 0 keeping every prompt token and the others only the
+    last 4, so chunks are small (2 blocks) and a head's pages span several of them."""
+    heads, layers, batch = 2, 8 if one_big_layer else 3, 5
+    lengths = [int(x) for x in torch.randint(40, 130, (batch,))]
+    q_lens = [1, 3, 2, 1, 4]
+    seq = [n + int(torch.randint(q, q + 10, ())) for n, q in zip(lengths, q_lens, strict=True)]
+    table, nb = random_block_tables(seq, BS)
+    kv, layer_bases = _pooled_kv(layers, heads, dim, nb, dtype)
+    kc, vc = kv[..., :dim], kv[..., dim:]
+    masks = _pooled_batch_masks(lengths, layers, heads)
+    if one_big_layer:
+        masks[:] = False
+        for r, n in enumerate(lengths):
+            masks[r, 0, :, :n] = True
+            masks[r, 1:, :, n - 4 : n] = True
+    starts, counts, chunk_layer, kept = compact_pooled_rows_reference(
+        kc, vc, table, list(range(batch)), masks, layer_bases, [None] * batch)
+    first_chunk = (starts // (kept * heads)[:, None, None]).long()
+    owner = chunk_layer.long().gather(1, first_chunk.flatten(1)).view_as(first_chunk)
+    assert (owner != torch.arange(layers)[None, :, None]).any(), "no pages in other layers"
+    num_slots = 7
+    slots = torch.randperm(num_slots)[:batch]
+    start_tab = torch.zeros(num_slots, layers, heads, dtype=torch.int32)
+    count_tab = torch.zeros_like(start_tab)
+    chunk_tab = torch.zeros(num_slots, layers, dtype=torch.int32)
+    cap_tab = torch.zeros(num_slots, dtype=torch.int32)
+    start_tab[slots], count_tab[slots] = starts, counts
+    chunk_tab[slots] = layer_bases[chunk_layer.long()]
+    cap_tab[slots] = kept * heads
+    qsl = torch.tensor([0, *torch.cumsum(torch.tensor(q_lens), 0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(qsl[-1]) + 2, heads * group, dim).to(dtype)
+    picked = torch.tensor([3, 0, 1])
+    rows = row_table(picked, slots[picked], qsl[picked], qsl[picked + 1],
+                     torch.tensor(lengths)[picked], torch.tensor(seq)[picked])
+    return dict(query=query, key_cache=kc, value_cache=vc, start_tab=start_tab,
+                count_tab=count_tab, block_table=table, rows=rows, chunk_base=chunk_tab,
+                capacity=cap_tab, layer_bases=layer_bases,
+                num_row_tokens=int((qsl[picked + 1] - qsl[picked]).sum()), scale=dim**-0.5)
+
+
+def _run_pooled_decode(x: dict, layer: int, impl, chunks: bool = True, **options
+                       ) -> torch.Tensor:
+    out = torch.full_like(x["query"], float("nan"))
+    impl(x["query"], x["key_cache"], x["value_cache"], x["start_tab"][:, layer],
+         x["count_tab"][:, layer], x["block_table"], x["rows"], x["num_row_tokens"],
+         x["scale"], out, chunk_base=x["chunk_base"] if chunks else None,
+         capacity=x["capacity"] if chunks else None,
+         layer_base=int(x["layer_bases"][layer]), **options)
+    return out
+
+
+def _check_pooled_decode(x: dict, tol: float, chunks: bool = True, **options) -> None:
+    """Every layer (each reads pages in other layers' tensors): Triton == reference on the
+    rows' tokens, NaN (untouched) elsewhere."""
+    from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
+
+    written = torch.zeros(x["query"].shape[0], dtype=torch.bool)
+    for _, _, q0, q1, *_ in x["rows"].tolist():
+        written[q0:q1] = True
+    for layer in range(x["start_tab"].shape[1]):
+        want = _run_pooled_decode(x, layer, headwise_attention_ranges_reference, chunks)
+        got = _run_pooled_decode(x, layer, headwise_attention_ranges_triton, chunks,
+                                 **options)
+        assert not torch.isnan(got[written]).any(), "row tokens not fully written"
+        assert torch.isnan(got[~written]).all(), "tokens of other rows must be left untouched"
+        torch.testing.assert_close(got[written].float(), want[written].float(), rtol=tol,
+                                   atol=tol)
+
+
+@pytest.mark.parametrize("group,dim,num_splits,pages_per_iter", [
+    (1, 64, 1, 1), (4, 128, 3, None), (8, 64, None, 2)])
+def test_triton_pooled_decode_matches_reference(group, dim, num_splits, pages_per_iter):
+    x = _pooled_decode_batch(group, dim, torch.float32)
+    _check_pooled_decode(x, 1e-4, num_splits=num_splits, pages_per_iter=pages_per_iter)
+
+
+def test_triton_pooled_decode_pages_over_several_chunks():
+    """Tiles of 8 head-pages over chunks of fewer entries (several chunk boundaries in a
+    tile): the kernel's general path."""
+    x = _pooled_decode_batch(2, 16, torch.float32, one_big_layer=True)
+    assert int(x["capacity"].max()) < 8
+    _check_pooled_decode(x, 1e-4, num_splits=1, pages_per_iter=8)
+
+
+def test_triton_pooled_decode_splits_by_tokens():
+    x = _pooled_decode_batch(4, 64, torch.float32)
+    _check_pooled_decode(x, 1e-4, pages_per_iter=1, split_tokens=16)
+
+
+def test_triton_decode_layer_base_without_chunks():
+    """A layer's tail in the all-layers view while the pages use the single-layer layout
+    (no chunk tables): as the reference reads it."""
+    x = _pooled_decode_batch(1, 16, torch.float32)
+    pages = (x["count_tab"] + BS - 1) // BS
+    x["start_tab"] = (torch.cumsum(pages, 2) - pages).to(torch.int32)  # heads in order
+    _check_pooled_decode(x, 1e-4, chunks=False, num_splits=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_pooled_decode_low_precision(dtype):
+    x = _pooled_decode_batch(4, 64, dtype)
+    _check_pooled_decode(x, 2e-2, num_splits=2)
+
+
+def test_triton_pooled_compaction_many_layers():
+    """More layers than the plan kernel's default layer tile (another compiled variant)."""
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, plan_block_layers
+
+    layers, heads, dim, lengths = 70, 1, 8, [40, 23]
+    assert plan_block_layers(layers) > plan_block_layers(2)
+    table, nb = random_block_tables(lengths, BS)
+    kv, layer_bases = _pooled_kv(layers, heads, dim, nb, torch.float32)
+    masks = _pooled_batch_masks(lengths, layers, heads)
+    want_kv = kv.clone()
+    want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, [0, 1],
+                                         masks, layer_bases, [None, None])
+    got = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, [0, 1], masks,
+                                     layer_bases, [None, None])
+    for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got, want,
+                          strict=True):
+        assert torch.equal(g, w), (name, g, w)
+    assert torch.equal(kv, want_kv)

@@ -1,7 +1,17 @@
 """Worker side: per-request compression state and the per-layer work on it.
 
 Everything here is backend-neutral: it sees a layer's caches as logical
-``[num_blocks, H, block_size, D]`` key and value views.
+``[num_blocks, H, block_size, D]`` key and value views, plus views over all layers'
+blocks of the same buffer (``LayerCache``) where head-pages are pooled across layers.
+
+Compaction: a request whose plan keeps each layer in its own tensor is compacted layer
+by layer, right after that layer's attention in the step that completes its prompt. A
+pooled plan (``CompressionPlan.pooled``) keeps each layer's keep mask until the group's
+last layer of that step, then compacts all layers at once
+(``kernels.compact_pooled_rows``). Either way a request's pages are described the same
+way: head h of layer l owns ``ceil(counts / bs)`` consecutive entries from ``page_start``
+of the request's pooled sequence, whose chunk k (``capacity`` entries) lies in the layer
+tensor at block offset ``chunk_base[k]``.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +50,32 @@ def record_kept(folder: str, req_id: str, layer_idx: int, mask: torch.Tensor) ->
 
 @dataclass
 class LayerPages:
-    page_table: torch.Tensor  # [H, P] int32 page ids (block * H + slot), or [H] first pages
+    page_start: torch.Tensor  # [H] int32 first entry of each head in the pooled sequence
     counts: torch.Tensor  # [H] int32 kept tokens per head
+
+
+@dataclass
+class LayerCache:
+    """One layer's KV cache as the compressor sees it."""
+
+    key: torch.Tensor  # this layer's logical [num_blocks, H, bs, D] views
+    value: torch.Tensor
+    all_key: torch.Tensor  # the same buffer over every layer's blocks
+    all_value: torch.Tensor
+    base: int  # this layer's first block in ``all_key``
+    layer_bases: torch.Tensor  # [K] int32 first block of each compressed layer (group order)
+
+
+@dataclass
+class CompactedRow:
+    """Pages one compaction wrote for one request (one layer, or all layers if pooled)."""
+
+    row: RowPlan
+    layers: list[int]  # model layer indices of ``page_start``/``counts``
+    page_start: torch.Tensor  # [len(layers), H] int32
+    counts: torch.Tensor  # [len(layers), H] int32
+    chunk_base: torch.Tensor  # [K] int32
+    capacity: torch.Tensor | int  # entries per chunk (kept blocks * H)
 
 
 @dataclass
@@ -50,6 +85,11 @@ class RequestKV:
     prompt_len: int
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
+    # Pooled plans: keep masks [H, L] by model layer index, until the group's last layer.
+    pending_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    chunk_base: torch.Tensor | None = None  # [K] int32, set by the compaction
+    capacity: torch.Tensor | int = 0
+    kept_blocks: torch.Tensor | int = 0  # blocks the pages use (measured plans: reported)
     # Compression time summed over layers, reported to the metrics with the kept tokens
     # once all layers are done (or, where a worker holds only some layers, next step).
     compress_seconds: float = 0.0
@@ -71,21 +111,25 @@ class _KeptCounts:
     seconds: float
     plan: CompressionPlan | None  # set when every layer of the request is in ``counts``
     counts: torch.Tensor  # [layers, H] on the host once ``event`` has completed
+    kept_blocks: torch.Tensor  # [1] blocks the pages use, on the host likewise
     event: torch.cuda.Event | None
 
     @classmethod
     def start(cls, req_id: str, state: RequestKV, plan: CompressionPlan | None
               ) -> _KeptCounts:
         counts = torch.stack([p.counts for p in state.pages.values()])
+        blocks = torch.as_tensor(state.kept_blocks, dtype=torch.int32).reshape(1)
         event = None
         if counts.is_cuda:
-            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
+            both = torch.cat([counts.flatten().to(torch.int32),
+                              blocks.to(counts.device, torch.int32)])
+            host = torch.empty(both.shape, dtype=torch.int32, pin_memory=True)
+            host.copy_(both, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            counts = host
+            counts, blocks = host[:-1].view(counts.shape), host[-1:]
         return cls(req_id, state.method, state.prompt_len, state.compress_seconds, plan,
-                   counts, event)
+                   counts, blocks, event)
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -107,24 +151,20 @@ def group_by_selection(rows: list[RowPlan], default: KVCompressionConfig
     return list(groups.values())
 
 
-def _compact_each(key_cache, value_cache, block_table, block_rows, masks, kept_blocks
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``kernels.compact`` (explicit page tables) for each row in turn."""
-    return [kernels.compact(key_cache, value_cache, block_table[b], masks[i], kept_blocks[i])
-            for i, b in enumerate(block_rows)]
-
-
 class CompressionStore:
     """All compressible requests of this worker, by request id."""
 
-    def __init__(self, cfg: KVCompressionConfig) -> None:
+    def __init__(self, cfg: KVCompressionConfig, layer_indices: tuple[int, ...]) -> None:
         self.cfg = cfg
+        self.layer_indices = tuple(layer_indices)  # compressed layers, model indices
+        self.last_layer = max(self.layer_indices)
         self.requests: dict[str, RequestKV] = {}
         self.num_compressed_layers = 0
         # req_id -> reserved vs filled head-pages, once all its layers are compacted
         self._page_usage: OrderedDict[str, PageUsage] = OrderedDict()
         self._pending: list[_KeptCounts] = []
         self.record_dir = os.environ.get(RECORD_KEPT_ENV) or None
+        self._layer_names: dict[int, str] = {}
 
     @property
     def page_usage(self) -> OrderedDict[str, PageUsage]:
@@ -154,7 +194,13 @@ class CompressionStore:
             metrics.record_compression(item.method, item.prompt_len,
                                        float(item.counts.float().mean()), item.seconds)
             if item.plan is not None:
-                self._page_usage[item.req_id] = page_usage(item.plan, item.counts.tolist())
+                blocks = int(item.kept_blocks[0])
+                if item.plan.measured:
+                    from vllm_adakv.attention import reports
+
+                    reports.post_kept_blocks(item.req_id, blocks)
+                self._page_usage[item.req_id] = page_usage(item.plan, item.counts.tolist(),
+                                                           blocks)
                 self._page_usage.move_to_end(item.req_id)
                 while len(self._page_usage) > MAX_USAGE_RECORDS:
                     self._page_usage.popitem(last=False)
@@ -233,45 +279,126 @@ class CompressionStore:
         )
 
     def compress_rows(self, rows: list[RowPlan], layer: str, layer_idx: int,
-                      key_cache: torch.Tensor, value_cache: torch.Tensor,
-                      block_table: torch.Tensor, scale: float, compact_rows=None
-                      ) -> list[tuple[RowPlan, LayerPages]]:
-        """Score, select and compact one layer of every request whose prompt completes in
-        this step; requests with the same settings (but the budget) share each launch.
-
-        ``compact_rows(key_cache, value_cache, block_table, block_rows, masks, kept_blocks)``
-        returns one ``(page_table, counts)`` per row; default ``kernels.compact`` per row
-        (explicit page tables). The CUDA backend passes ``kernels.compact_rows_ranges``
-        (``page_table`` is then each head's first page index, ``[H]``).
-        """
-        done: list[tuple[RowPlan, LayerPages]] = []
+                      cache: LayerCache, block_table: torch.Tensor, scale: float,
+                      after_selection: Callable[[], None] | None = None
+                      ) -> list[CompactedRow]:
+        """Select one layer of every request whose prompt completes in this step, and
+        compact what is due: the layer itself for plans that keep layers in their own
+        tensors; at the group's last layer, every layer of the pooled plans. Requests
+        with the same settings (but the budget) share each launch. ``after_selection``
+        runs before the pooled compaction, while pooled requests' kept tokens are still
+        where the prompt put them (``pending_mask``)."""
+        done: list[CompactedRow] = []
+        pooled: list[RowPlan] = []
         for group in group_by_selection(rows, self.cfg):
             start = time.perf_counter()
-            masks = self.keep_masks(group, layer, layer_idx, key_cache, block_table, scale)
+            masks = self.keep_masks(group, layer, layer_idx, cache.key, block_table, scale)
             if self.record_dir is not None:
                 for i, row in enumerate(group):
                     record_kept(self.record_dir, row.req_id, layer_idx,
                                 masks[i, :, : row.prompt_len])
-            results = (compact_rows or _compact_each)(
-                key_cache, value_cache, block_table, [r.row for r in group], masks,
-                [r.plan.kept_blocks for r in group])
+            own = [i for i, row in enumerate(group) if not row.plan.pooled]
+            for i, row in enumerate(group):
+                if row.plan.pooled:
+                    mask = masks[i, :, : row.prompt_len]
+                    self.requests[row.req_id].pending_masks[layer_idx] = mask
+                    pooled.append(row)
+            if own:
+                done += self._compact_own([group[i] for i in own], masks[own], layer, layer_idx,
+                                          cache, block_table)
             seconds = (time.perf_counter() - start) / len(group)
-            for row, (page_table, counts) in zip(group, results, strict=True):
-                done.append((row, self._store_pages(row, layer, page_table, counts, seconds)))
+            for row in group:
+                self.requests[row.req_id].compress_seconds += seconds
+        if after_selection is not None:
+            after_selection()
+        if layer_idx == self.last_layer and pooled:
+            done += self._compact_pooled(pooled, cache, block_table)
         return done
 
-    def _store_pages(self, row: RowPlan, layer: str, page_table: torch.Tensor,
-                     counts: torch.Tensor, seconds: float) -> LayerPages:
+    def _compact_own(self, rows: list[RowPlan], masks: torch.Tensor, layer: str, layer_idx: int,
+                     cache: LayerCache, block_table: torch.Tensor) -> list[CompactedRow]:
+        """Compact one layer into its own tensor: chunk k of the pooled sequence is the
+        k-th compressed layer, so this layer's entries start at ``k * capacity``."""
+        k = self.layer_indices.index(layer_idx)
+        results = kernels.compact_rows_ranges(
+            cache.key, cache.value, block_table, [r.row for r in rows], masks,
+            [r.plan.kept_blocks for r in rows])
+        done = []
+        heads = cache.key.shape[1]
+        for row, (page_start, counts) in zip(rows, results, strict=True):
+            capacity = row.plan.kept_blocks * heads
+            state = self.requests[row.req_id]
+            state.chunk_base, state.capacity = cache.layer_bases, capacity
+            state.kept_blocks = row.plan.kept_blocks
+            entry = CompactedRow(row, [layer_idx], (page_start + k * capacity)[None],
+                                 counts[None], cache.layer_bases, capacity)
+            self._store_pages(entry, [layer])
+            done.append(entry)
+        return done
+
+    def _compact_pooled(self, rows: list[RowPlan], cache: LayerCache, block_table: torch.Tensor
+                        ) -> list[CompactedRow]:
+        """Compact every layer of the pooled rows at once (the group's last layer)."""
+        start = time.perf_counter()
+        heads = cache.key.shape[1]
+        width = max(r.prompt_len for r in rows)
+        masks = torch.zeros(len(rows), len(self.layer_indices), heads, width, dtype=torch.bool,
+                            device=cache.key.device)
+        for i, row in enumerate(rows):
+            pending = self.requests[row.req_id].pending_masks
+            missing = [idx for idx in self.layer_indices if idx not in pending]
+            if missing:
+                raise RuntimeError(
+                    f"vllm-adakv: request {row.req_id!r} reached its last layer without keep "
+                    f"masks of layers {missing}; pooled compaction needs all of them")
+            for k, idx in enumerate(self.layer_indices):
+                masks[i, k, :, : row.prompt_len] = pending[idx]
+        page_start, counts, chunk_layer, kept_blocks = kernels.compact_pooled_rows(
+            cache.all_key, cache.all_value, block_table, [r.row for r in rows], masks,
+            cache.layer_bases, [None if r.plan.measured else r.plan.kept_blocks for r in rows])
+        chunk_base = cache.layer_bases.to(chunk_layer.device)[chunk_layer.long()]
+        capacity = kept_blocks * heads
+        names = [self._layer_names[idx] for idx in self.layer_indices]
+        seconds = (time.perf_counter() - start) / len(rows)
+        done = []
+        for i, row in enumerate(rows):
+            state = self.requests[row.req_id]
+            state.pending_masks.clear()
+            state.chunk_base, state.capacity = chunk_base[i], capacity[i]
+            state.kept_blocks = kept_blocks[i]
+            state.compress_seconds += seconds
+            entry = CompactedRow(row, list(self.layer_indices), page_start[i], counts[i],
+                                 chunk_base[i], capacity[i])
+            self._store_pages(entry, names)
+            done.append(entry)
+        return done
+
+    def _store_pages(self, entry: CompactedRow, layers: list[str]) -> None:
+        row = entry.row
         state = self.requests[row.req_id]
-        state.pages[layer] = LayerPages(page_table=page_table, counts=counts)
-        state.window_queries.pop(layer, None)
-        self.num_compressed_layers += 1
-        state.compress_seconds += seconds
+        for name, start, counts in zip(layers, entry.page_start, entry.counts, strict=True):
+            state.pages[name] = LayerPages(page_start=start, counts=counts)
+            state.window_queries.pop(name, None)
+            self.num_compressed_layers += 1
         state.unreported = True
         state.method = (row.cfg or self.cfg).method
-        if len(state.pages) == len(row.plan.layer_budgets):  # all layers: report now
+        if len(state.pages) == len(self.layer_indices):  # all layers: report now
             self._report(row.req_id, state, row.plan)
-        return state.pages[layer]
+
+    def bind_layers(self, names: dict[int, str]) -> None:
+        """The compressed layers' names by model index (from the backend's layer group);
+        they must be the layers the plan pools over."""
+        if tuple(sorted(names)) != self.layer_indices:
+            raise RuntimeError(
+                f"vllm-adakv: this worker compresses layers {sorted(names)} but the memory "
+                f"plan covers layers {list(self.layer_indices)}; pipeline parallelism and "
+                "layer groups that split the compressed layers are not supported")
+        self._layer_names = dict(names)
+
+    def pending_mask(self, req_id: str, layer_idx: int) -> torch.Tensor | None:
+        """The keep mask ``[H, L]`` of a pooled request's layer not compacted yet."""
+        state = self.requests.get(req_id)
+        return None if state is None else state.pending_masks.get(layer_idx)
 
     def pages_of(self, req_id: str, layer: str) -> LayerPages:
         state = self.requests.get(req_id)

@@ -25,7 +25,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_adakv import kernels
 from vllm_adakv.attention.batch import StepPlan, build_step_plan
-from vllm_adakv.attention.compressor import CompressionStore
+from vllm_adakv.attention.compressor import CompressionStore, LayerCache
+from vllm_adakv.attention.layer_views import group_blocks
 from vllm_adakv.attention.settings import compressible_spec, remember_model_settings
 from vllm_adakv.core.spec import CompressedAttentionSpec
 
@@ -37,8 +38,9 @@ _STORE: CompressionStore | None = None
 
 def compression_store(spec: CompressedAttentionSpec) -> CompressionStore:
     global _STORE
-    if _STORE is None or _STORE.cfg != spec.compression:
-        _STORE = CompressionStore(spec.compression)
+    if (_STORE is None or _STORE.cfg != spec.compression
+            or _STORE.layer_indices != spec.compressed_layers):
+        _STORE = CompressionStore(spec.compression, spec.compressed_layers)
     return _STORE
 
 
@@ -71,6 +73,7 @@ class AdaKVCPUMetadata(CPUAttentionMetadata):
     """CPU metadata for the dense kernel, plus this step's compression plan."""
 
     step: StepPlan | None = None
+    layer_names: list[str] | None = None  # the compressed layers of this group
 
 
 class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -83,6 +86,8 @@ class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             if self.isa not in SUPPORTED_ISAS:
                 logical_kv_views(torch.empty(1, 1, 32, 2), self.isa)  # raises the clear error
             self.store = compression_store(kv_cache_spec)
+            self.store.bind_layers({extract_layer_index(n): n for n in layer_names})
+            self.layer_names = list(layer_names)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CPUAttentionMetadata:
@@ -108,7 +113,7 @@ class AdaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             cm = replace(cm, seq_lens=clamped, max_seq_len=int(clamped.max().item()))
         dense = super().build(common_prefix_len, cm, fast_build)
         base = {f.name: getattr(dense, f.name) for f in fields(CPUAttentionMetadata)}
-        return AdaKVCPUMetadata(**base, step=step)
+        return AdaKVCPUMetadata(**base, step=step, layer_names=self.layer_names)
 
 
 class AdaKVCPUImpl(CPUAttentionBackendImpl):
@@ -129,7 +134,7 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
         assert store is not None
         layer_name = layer.layer_name
         layer_idx = extract_layer_index(layer_name)
-        key_cache, value_cache = logical_kv_views(kv_cache, layer.isa)
+        cache = _layer_cache(kv_cache, layer.isa, layer_name, attn_metadata.layer_names)
         qsl = attn_metadata.query_start_loc.tolist()
         block_table = attn_metadata.block_table
         headwise_rows = []
@@ -142,42 +147,79 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
             if row.completes_prompt:
                 completing.append(row)
         if completing:
-            store.compress_rows(completing, layer_name, layer_idx, key_cache, value_cache,
-                                block_table, self.scale)
-            for row in completing:
-                if row.seq_len > row.prompt_len:  # resumed request: later tokens in this chunk
-                    headwise_rows.append((row, row.prompt_len - row.context_start))
+            resumed = [r for r in completing if r.seq_len > r.prompt_len]
+
+            def serve_uncompacted() -> None:
+                # Pooled pages are compacted at the group's last layer: until then a
+                # resumed request's kept tokens are where the prompt put them.
+                for row in resumed:
+                    mask = store.pending_mask(row.req_id, layer_idx)
+                    if mask is not None:
+                        self._masked(row, mask, query, cache, block_table, qsl, output)
+
+            store.compress_rows(completing, layer_name, layer_idx, cache, block_table,
+                                self.scale, after_selection=serve_uncompacted)
+            # Own-tensor pages are compacted already: the head-wise path serves the rest.
+            headwise_rows += [(row, row.prompt_len - row.context_start) for row in resumed
+                              if not row.plan.pooled]
         if headwise_rows:
-            self._headwise(store, layer_name, headwise_rows, query, key_cache, value_cache,
-                           block_table, qsl, output)
+            self._headwise(store, layer_name, headwise_rows, query, cache, block_table, qsl,
+                           output)
         return output
 
-    def _headwise(self, store, layer_name, rows, query, key_cache, value_cache, block_table,
-                  qsl, output) -> None:
+    def _masked(self, row, mask, query, cache: LayerCache, block_table, qsl, output) -> None:
+        """A resumed row's queries after its prompt, over the uncompacted kept tokens."""
+        skip = row.prompt_len - row.context_start
+        tokens = slice(qsl[row.row] + skip, qsl[row.row] + row.query_len)
+        q = query[tokens].view(-1, self.num_heads, self.head_size)
+        out = torch.empty_like(q)
+        kernels.masked_prompt_attention_reference(
+            q, cache.key, cache.value, block_table[row.row], mask, row.seq_len, self.scale,
+            out)
+        output.view(output.shape[0], -1)[tokens] = out.reshape(q.shape[0], -1).to(output.dtype)
+
+    def _headwise(self, store, layer_name, rows, query, cache: LayerCache, block_table, qsl,
+                  output) -> None:
         """Attention over kept pages + tail for the given rows' queries (from a skip offset)."""
-        heads = key_cache.shape[1]
-        pages = [store.pages_of(r.req_id, layer_name) for r, _ in rows]
-        max_pages = max(p.page_table.shape[1] for p in pages)
-        page_table = torch.full((len(rows), heads, max_pages), -1, dtype=torch.int32)
-        counts = torch.empty((len(rows), heads), dtype=torch.int32)
-        token_idx, starts = [], [0]
-        for i, ((row, skip), p) in enumerate(zip(rows, pages, strict=True)):
-            page_table[i, :, : p.page_table.shape[1]] = p.page_table
-            counts[i] = p.counts
+        heads, block_size = cache.key.shape[1], cache.key.shape[2]
+        tables, counts, token_idx, starts = [], [], [], [0]
+        for row, skip in rows:
+            p = store.pages_of(row.req_id, layer_name)
+            state = store.requests[row.req_id]
+            tables.append(kernels.pooled_page_table(
+                p.page_start, p.counts, block_table[row.row], heads, block_size,
+                state.chunk_base, int(state.capacity)))
+            counts.append(p.counts)
             begin = qsl[row.row] + skip
             token_idx.append(torch.arange(begin, qsl[row.row] + row.query_len))
             starts.append(starts[-1] + row.query_len - skip)
+        max_pages = max(t.shape[1] for t in tables)
+        page_table = torch.full((len(rows), heads, max_pages), -1, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            page_table[i, :, : t.shape[1]] = t
         idx = torch.cat(token_idx)
         q = query[idx].view(-1, self.num_heads, self.head_size)
         out = torch.empty_like(q)
         kernels.headwise_attention(
-            q, key_cache, value_cache, page_table, counts,
-            block_table[[r.row for r, _ in rows]],
+            q, cache.all_key, cache.all_value, page_table, torch.stack(counts),
+            block_table[[r.row for r, _ in rows]] + cache.base,
             torch.tensor([r.prompt_len for r, _ in rows]),
             torch.tensor([r.seq_len for r, _ in rows]),
             torch.tensor(starts), self.scale, out,
         )
         output.view(output.shape[0], -1)[idx] = out.reshape(len(idx), -1).to(output.dtype)
+
+
+def _layer_cache(kv_cache: torch.Tensor, isa: str, layer_name: str, layer_names: list[str]
+                 ) -> LayerCache:
+    """This layer's logical K/V views and the same over all layers of its buffer."""
+    merged, bases = group_blocks(kv_cache, layer_names)
+    key, value = logical_kv_views(kv_cache, isa)
+    all_key, all_value = logical_kv_views(merged, isa)
+    order = sorted(layer_names, key=extract_layer_index)
+    return LayerCache(key=key, value=value, all_key=all_key, all_value=all_value,
+                      base=bases[layer_name],
+                      layer_bases=torch.tensor([bases[n] for n in order], dtype=torch.int32))
 
 
 class AdaKVCPUBackend(CPUAttentionBackend):

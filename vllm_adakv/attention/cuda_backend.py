@@ -43,7 +43,8 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_adakv import kernels
 from vllm_adakv.attention.batch import RowPlan, StepPlan, build_step_plan
-from vllm_adakv.attention.compressor import CompressionStore
+from vllm_adakv.attention.compressor import CompactedRow, CompressionStore, LayerCache
+from vllm_adakv.attention.layer_views import group_blocks
 from vllm_adakv.attention.range_pool import RangePool
 from vllm_adakv.attention.settings import (
     compressible_spec,
@@ -52,6 +53,7 @@ from vllm_adakv.attention.settings import (
 )
 from vllm_adakv.core.spec import CompressedAttentionSpec
 from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
+from vllm_adakv.tensors import on_device
 
 logger = logging.getLogger("vllm.adakv")
 _STORE: CompressionStore | None = None
@@ -63,10 +65,12 @@ def _worker_state(spec: CompressedAttentionSpec, num_slots: int,
     """This worker's compression store and page-range pool (one per process)."""
     global _STORE, _POOL
     shape = (num_slots, spec.num_layers, spec.num_kv_heads)
-    if _STORE is None or _STORE.cfg != spec.compression:
-        _STORE = CompressionStore(spec.compression)
-    if _POOL is None or _POOL.shape != shape:
-        _POOL = RangePool(*shape, device=device)
+    layers = spec.compressed_layers
+    if _STORE is None or _STORE.cfg != spec.compression or _STORE.layer_indices != layers:
+        _STORE = CompressionStore(spec.compression, layers)
+    if (_POOL is None or _POOL.shape != shape
+            or _POOL.chunk_base.shape[1] != len(layers)):
+        _POOL = RangePool(*shape, device=device, num_chunks=len(layers))
     return _STORE, _POOL
 
 
@@ -79,6 +83,7 @@ class AdaKVTritonMetadata(TritonAttentionMetadata):
     query_start_cpu: list[int] | None = None
     headwise_rows: torch.Tensor | None = None  # int32 [R, 7] (see triton_decode.row_table)
     num_headwise_tokens: int = 0
+    layer_names: list[str] | None = None  # the compressed layers of this group
 
 
 class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
@@ -104,6 +109,8 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                 )
             max_rows = vllm_config.scheduler_config.max_num_seqs
             self.store, self.pool = _worker_state(kv_cache_spec, max_rows, device)
+            self.store.bind_layers({extract_layer_index(n): n for n in layer_names})
+            self.layer_names = list(layer_names)
             # Persistent per-step state read by captured decode graphs.
             self.decode_rows = torch.zeros(max_rows, ROW_COLUMNS, dtype=torch.int32,
                                            device=device)
@@ -125,7 +132,7 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         rows.zero_()
         dense = TritonAttentionMetadataBuilder.build(self, 0, replace(cm, seq_lens=seq_lens))
         return self._metadata(dense, step=None, prefill_rows=None, qsl=None,
-                              rows=rows, num_tokens=n)
+                              rows=rows, num_tokens=n, layer_names=self.layer_names)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TritonAttentionMetadata:
@@ -150,7 +157,8 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
             if r.compressed_before:
                 first = qsl[r.row]
                 hidden.append((r.row, r.query_len))
-            elif r.completes_prompt and r.seq_len > r.prompt_len:
+            elif r.completes_prompt and r.seq_len > r.prompt_len and not r.plan.pooled:
+                # (pooled pages are served before compaction by the impl: see forward)
                 first = qsl[r.row] + r.prompt_len - r.context_start
             else:
                 continue
@@ -170,14 +178,15 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
             rows = self.decode_rows[:n]
             rows.copy_(_row_table_padded(table, n).pin_memory().to(self.device,
                                                                    non_blocking=True))
-            return self._metadata(dense, step, prefill_rows, qsl, rows, n)
+            return self._metadata(dense, step, prefill_rows, qsl, rows, n, self.layer_names)
         rows = None
         num_tokens = 0
         if table:
             rows = _row_table_padded(table, len(table)).pin_memory().to(self.device,
                                                                         non_blocking=True)
             num_tokens = sum(t[3] - t[2] for t in table)
-        return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
+        return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens,
+                              self.layer_names)
 
     def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
                         ) -> torch.Tensor:
@@ -198,11 +207,12 @@ class AdaKVTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     @staticmethod
     def _metadata(dense: TritonAttentionMetadata, step: StepPlan | None,
                   prefill_rows: list[RowPlan] | None, qsl: list[int] | None,
-                  rows: torch.Tensor | None, num_tokens: int) -> AdaKVTritonMetadata:
+                  rows: torch.Tensor | None, num_tokens: int,
+                  layer_names: list[str]) -> AdaKVTritonMetadata:
         base = {f.name: getattr(dense, f.name) for f in fields(TritonAttentionMetadata)}
         return AdaKVTritonMetadata(**base, step=step, prefill_rows=prefill_rows,
                                    query_start_cpu=qsl, headwise_rows=rows,
-                                   num_headwise_tokens=num_tokens)
+                                   num_headwise_tokens=num_tokens, layer_names=layer_names)
 
 
 def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None:
@@ -248,9 +258,7 @@ class AdaKVTritonImpl(TritonAttentionImpl):
         store, pool = _STORE, _POOL
         layer_name = layer.layer_name
         layer_idx = extract_layer_index(layer_name)
-        # Logical [num_blocks, H, block_size, 2 * D]: keys then values per token.
-        key_cache = kv_cache[..., : self.head_size]
-        value_cache = kv_cache[..., self.head_size :]
+        cache = _layer_cache(kv_cache, self.head_size, layer_name, attn_metadata.layer_names)
         qsl = attn_metadata.query_start_cpu
         block_table = attn_metadata.block_table
         completing = []
@@ -260,24 +268,77 @@ class AdaKVTritonImpl(TritonAttentionImpl):
             if row.completes_prompt:
                 completing.append(row)
         if completing:
+            resumed = [r for r in completing if r.seq_len > r.prompt_len and r.plan.pooled]
+
+            def serve_uncompacted() -> None:
+                # Pooled pages are compacted at the group's last layer: until then a
+                # resumed request's kept tokens are where the prompt put them (rare path,
+                # torch; these rows are not in the head-wise table).
+                for row in resumed:
+                    mask = store.pending_mask(row.req_id, layer_idx)
+                    skip = row.prompt_len - row.context_start
+                    tokens = slice(qsl[row.row] + skip, qsl[row.row] + row.query_len)
+                    q = query[tokens].view(-1, self.num_heads, self.head_size)
+                    out = output[tokens].view(-1, self.num_heads, self.head_size)
+                    kernels.masked_prompt_attention_reference(
+                        q, cache.key, cache.value, block_table[row.row], mask, row.seq_len,
+                        self.scale, out)
+
             # One launch set for every request whose prompt completes in this step.
-            done = store.compress_rows(completing, layer_name, layer_idx, key_cache,
-                                       value_cache, block_table, self.scale,
-                                       compact_rows=kernels.compact_rows_ranges)
-            pool.store_rows([row.req_id for row, _ in done], layer_idx,
-                            [pages.page_table for _, pages in done],
-                            [pages.counts for _, pages in done])
+            done = store.compress_rows(completing, layer_name, layer_idx, cache,
+                                       block_table, self.scale,
+                                       after_selection=serve_uncompacted if resumed else None)
+            _store_ranges(pool, done)
         if attn_metadata.headwise_rows is not None:
             heads_q = self.num_heads
             kernels.headwise_attention_ranges(
                 query.view(query.shape[0], heads_q, self.head_size),
-                key_cache, value_cache,
+                cache.all_key, cache.all_value,
                 pool.page_start[:, layer_idx], pool.kept_counts[:, layer_idx],
                 block_table, attn_metadata.headwise_rows,
                 attn_metadata.num_headwise_tokens, self.scale,
                 output.view(output.shape[0], heads_q, self.head_size),
+                chunk_base=pool.chunk_base, capacity=pool.capacity, layer_base=cache.base,
             )
         return output
+
+
+_LAYER_BASES: dict[tuple, torch.Tensor] = {}
+
+
+def _layer_cache(kv_cache: torch.Tensor, head_size: int, layer_name: str,
+                 layer_names: list[str]) -> LayerCache:
+    """Logical K/V views of this layer (``[num_blocks, H, block_size, 2 * D]``: keys then
+    values per token) and of all layers of its buffer."""
+    merged, bases = group_blocks(kv_cache, layer_names)
+    order = sorted(layer_names, key=extract_layer_index)
+    key = (merged.data_ptr(), tuple(order))
+    layer_bases = _LAYER_BASES.get(key)
+    if layer_bases is None:
+        if len(_LAYER_BASES) >= 8:
+            _LAYER_BASES.clear()
+        layer_bases = on_device([bases[n] for n in order], torch.int32, kv_cache.device)
+        _LAYER_BASES[key] = layer_bases
+    return LayerCache(key=kv_cache[..., :head_size], value=kv_cache[..., head_size:],
+                      all_key=merged[..., :head_size], all_value=merged[..., head_size:],
+                      base=bases[layer_name], layer_bases=layer_bases)
+
+
+def _store_ranges(pool: RangePool, done: list[CompactedRow]) -> None:
+    """The compacted rows' page ranges into the device tables (one copy per kind)."""
+    by_layers: dict[tuple[int, ...], list[CompactedRow]] = {}
+    for entry in done:
+        by_layers.setdefault(tuple(entry.layers), []).append(entry)
+    for layers, entries in by_layers.items():
+        dev = entries[0].counts.device
+        # Own-tensor plans know the capacity on the host; pooled ones on the device.
+        capacity = torch.cat([c.reshape(1).to(torch.int32) if isinstance(c, torch.Tensor)
+                              else on_device([c], torch.int32, dev)
+                              for c in (e.capacity for e in entries)])
+        pool.store_rows([e.row.req_id for e in entries], list(layers),
+                        torch.stack([e.page_start for e in entries]),
+                        torch.stack([e.counts for e in entries]),
+                        torch.stack([e.chunk_base for e in entries]), capacity)
 
 
 class AdaKVTritonBackend(TritonAttentionBackend):

@@ -1,11 +1,13 @@
 """Device tables of each compressed request's head-page ranges, by slot.
 
-After compaction, head h of layer l of a request owns the head-pages
-``page_start .. page_start + ceil(kept / bs) - 1`` of the request's head-page
-sequence (entry i = block ``block_table[i // H]``, slot ``i % H``). The decode
-kernel reads ``page_start`` and ``kept`` from two ``[slots, layers, H]`` int32
-tables that live on the device for the whole run, so a step only uploads one
-small per-row table (batch row -> slot), never per-layer page tables.
+After compaction, head h of layer l of a request owns the entries
+``page_start .. page_start + ceil(kept / bs) - 1`` of the request's pooled head-page
+sequence: entry g lies in chunk ``g // capacity``, i.e. in the layer tensor starting at
+block ``chunk_base[chunk]`` of the all-layers view, at block
+``block_table[(g % capacity) // H]``, slot ``g % H``. The decode kernel reads
+``page_start`` and ``kept`` from two ``[slots, layers, H]`` int32 tables, ``chunk_base``
+from ``[slots, K]`` and ``capacity`` from ``[slots]``; they live on the device for the
+whole run, so a step only uploads one small per-row table (batch row -> slot).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ class RangePool:
     """Slots for the requests of this worker, and their per-layer page ranges."""
 
     def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, num_chunks: int | None = None) -> None:
         shape = (num_slots, num_layers, num_kv_heads)
         self.page_start = torch.zeros(shape, dtype=torch.int32, device=device)
         self.kept_counts = torch.zeros(shape, dtype=torch.int32, device=device)
+        chunks = num_layers if num_chunks is None else num_chunks
+        self.chunk_base = torch.zeros(num_slots, chunks, dtype=torch.int32, device=device)
+        self.capacity = torch.ones(num_slots, dtype=torch.int32, device=device)
         self._slot_of: dict[str, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
 
@@ -48,9 +53,16 @@ class RangePool:
             self._slot_of[req_id] = slot
         return slot
 
-    def store_rows(self, req_ids: list[str], layer: int, page_starts: list[torch.Tensor],
-                   kept_counts: list[torch.Tensor]) -> None:
-        """Page ranges of one layer for several requests (one copy per table)."""
-        slots = on_device([self.slot(r) for r in req_ids], torch.long, self.page_start.device)
-        self.page_start[slots, layer] = torch.stack(page_starts).to(torch.int32)
-        self.kept_counts[slots, layer] = torch.stack(kept_counts).to(torch.int32)
+    def store_rows(self, req_ids: list[str], layers: list[int], page_starts: torch.Tensor,
+                   kept_counts: torch.Tensor, chunk_base: torch.Tensor,
+                   capacity: torch.Tensor) -> None:
+        """Page ranges of ``layers`` (model indices) for several requests: page_starts and
+        kept_counts ``[R, len(layers), H]``, chunk_base ``[R, K]``, capacity ``[R]``."""
+        dev = self.page_start.device
+        slots = on_device([self.slot(r) for r in req_ids], torch.long, dev)
+        cols = on_device(layers, torch.long, dev)
+        index = (slots[:, None], cols[None, :])
+        self.page_start[index] = page_starts.to(dev, torch.int32)
+        self.kept_counts[index] = kept_counts.to(dev, torch.int32)
+        self.chunk_base[slots] = chunk_base.to(dev, torch.int32)
+        self.capacity[slots] = capacity.to(dev, torch.int32)

@@ -13,7 +13,7 @@ def compression_of(vllm_config: Any) -> KVCompressionConfig:
     return KVCompressionConfig.from_additional_config(vllm_config.additional_config)
 
 
-_MODEL_SETTINGS: tuple[KVCompressionConfig, int] | None = None
+_MODEL_SETTINGS: tuple[KVCompressionConfig, int, tuple[int, ...]] | None = None
 
 
 def remember_model_settings() -> None:
@@ -28,14 +28,25 @@ def remember_model_settings() -> None:
     vllm_config = get_current_vllm_config_or_none()
     if vllm_config is None:
         return
-    _MODEL_SETTINGS = (compression_of(vllm_config), num_model_layers(vllm_config))
+    _MODEL_SETTINGS = (compression_of(vllm_config), num_model_layers(vllm_config),
+                       full_attention_layers(vllm_config))
 
 
-def model_settings() -> tuple[KVCompressionConfig, int]:
-    """(compression config, number of model layers) of the model built in this process."""
+def model_settings() -> tuple[KVCompressionConfig, int, tuple[int, ...]]:
+    """(compression config, number of model layers, full-attention layer indices, empty
+    when all are) of the model built in this process."""
     if _MODEL_SETTINGS is None:
-        return KVCompressionConfig(), 1
+        return KVCompressionConfig(), 1, ()
     return _MODEL_SETTINGS
+
+
+def full_attention_layers(vllm_config: Any) -> tuple[int, ...]:
+    """Indices of the full-attention layers when the model mixes layer types (its
+    config's ``layer_types``, e.g. Gemma 3's sliding-window layers); empty otherwise."""
+    types = getattr(vllm_config.model_config.hf_text_config, "layer_types", None)
+    if not types or all(t == "full_attention" for t in types):
+        return ()
+    return tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 def num_model_layers(vllm_config: Any) -> int:
@@ -53,10 +64,10 @@ def compressible_spec(spec: Any) -> Any:
 
     from vllm_adakv.core.spec import CompressedAttentionSpec
 
-    cfg, num_layers = model_settings()
+    cfg, num_layers, layer_indices = model_settings()
     if not cfg.enabled or type(spec) is not FullAttentionSpec or spec.sliding_window:
         return spec
-    return CompressedAttentionSpec.wrap(spec, cfg, num_layers)
+    return CompressedAttentionSpec.wrap(spec, cfg, num_layers, layer_indices)
 
 
 _PROMPT_FREE_DECODE_GRAPHS = False

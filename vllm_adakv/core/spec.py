@@ -49,24 +49,33 @@ class CompressedAttentionSpec(FullAttentionSpec):
     """FullAttentionSpec plus what the scheduler needs to size compressed requests."""
 
     compression: KVCompressionConfig = KVCompressionConfig()
-    num_layers: int = 1
+    num_layers: int = 1  # the model's depth
+    layer_indices: tuple[int, ...] = ()  # the compressed layers (empty: all num_layers)
 
     @classmethod
     def wrap(
-        cls, spec: FullAttentionSpec, compression: KVCompressionConfig, num_layers: int
+        cls, spec: FullAttentionSpec, compression: KVCompressionConfig, num_layers: int,
+        layer_indices: tuple[int, ...] = (),
     ) -> CompressedAttentionSpec:
         base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**base, compression=compression, num_layers=num_layers)
+        return cls(**base, compression=compression, num_layers=num_layers,
+                   layer_indices=tuple(layer_indices))
+
+    @property
+    def compressed_layers(self) -> tuple[int, ...]:
+        """Model indices of the compressed layers, ascending."""
+        return self.layer_indices or tuple(range(self.num_layers))
 
     @classmethod
     def merge(cls, specs: list[CompressedAttentionSpec]) -> CompressedAttentionSpec:  # type: ignore[override]
         if not all(isinstance(s, CompressedAttentionSpec) for s in specs):
             raise ValueError("cannot merge compressed and uncompressed attention layers")
-        settings = {(s.compression, s.num_layers) for s in specs}
+        settings = {(s.compression, s.num_layers, s.layer_indices) for s in specs}
         if len(settings) != 1:
             raise ValueError(f"attention layers disagree on compression settings: {settings}")
         merged = FullAttentionSpec.merge(list(specs))
-        return cls.wrap(merged, specs[0].compression, specs[0].num_layers)
+        return cls.wrap(merged, specs[0].compression, specs[0].num_layers,
+                        specs[0].layer_indices)
 
     def config_for(self, prompt_len: int, overrides: Overrides = ()) -> KVCompressionConfig:
         """The effective config of a request (the server's, or its vllm_xargs over it)."""
@@ -75,7 +84,7 @@ class CompressedAttentionSpec(FullAttentionSpec):
     def plan(self, prompt_len: int, overrides: Overrides = ()) -> CompressionPlan | None:
         return plan_compression(
             self.config_for(prompt_len, overrides), prompt_len, self.num_kv_heads,
-            self.block_size, self.num_layers,
+            self.block_size, self.num_layers, self.layer_indices,
         )
 
 
@@ -88,6 +97,11 @@ class CompressedKVManager(FullAttentionManager):
         self.num_released_blocks_total = 0
         # Compressed running requests -> tokens their reserve covers (--kv-reserve-output).
         self._reserve_until: dict[str, int] = {}
+        # Measured plans (GVote): the blocks the workers reported using (max over ranks),
+        # applied (``_kept_applied``) or waiting for the cap release (``_kept_pending``).
+        self._kept_applied: dict[str, int] = {}
+        self._kept_pending: dict[str, int] = {}
+        self.num_shrunk_blocks_total = 0  # released by reports, on top of the plans
 
     def reserved_blocks(self) -> int:
         """Blocks the compressed running requests still need for their reserved output."""
@@ -131,6 +145,8 @@ class CompressedKVManager(FullAttentionManager):
         released = self.block_pool.get_num_free_blocks() - before
         self.num_released_blocks_total += released
         metrics.record_released_blocks(released)
+        if request_id in self._kept_pending:  # reported before this release
+            self._shrink(request_id, plan, self._kept_pending.pop(request_id))
         reserve = spec.compression.reserve_output
         if reserve > 0:
             limit = _REQUEST_MAX_TOKENS.get(request_id)
@@ -140,7 +156,51 @@ class CompressedKVManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str):  # noqa: ANN201 (vLLM's type)
         self._released.discard(request_id)
         self._reserve_until.pop(request_id, None)
+        self._kept_applied.pop(request_id, None)
+        self._kept_pending.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
+
+    def apply_kept_blocks(self, request_id: str, num_prompt_tokens: int,
+                          kept_blocks: int) -> int:
+        """The workers' report for the request's current compression (``core/kept_reports``
+        checked it answers that one; max over ranks): its pages use blocks
+        ``[0, kept_blocks)``, so ``[kept_blocks, plan.kept_blocks)`` go back to the pool,
+        now if the cap plan is released already, else right after it. Returns the blocks
+        released now; raises ValueError for a report the plan cannot take.
+
+        The tail and ``_reserve_until`` are untouched: released blocks stay in the block
+        list as null blocks, so the blocks a reserve still lacks are counted as before."""
+        if not self.req_to_blocks.get(request_id):
+            return 0  # freed since (finished, preempted)
+        if request_id in self._kept_applied or request_id in self._kept_pending:
+            raise ValueError(f"request {request_id}: a second kept-block report for one "
+                             "compression")
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        plan = spec.plan(num_prompt_tokens, _REQUEST_OVERRIDES.get(request_id, ()))
+        if plan is None or not plan.measured:
+            raise ValueError(f"request {request_id}: kept-block report for a plan that "
+                             "is not measured")
+        if not 1 <= kept_blocks <= plan.kept_blocks:
+            raise ValueError(f"request {request_id}: reported {kept_blocks} kept blocks, "
+                             f"outside [1, {plan.kept_blocks}] of its plan")
+        if request_id not in self._released:
+            self._kept_pending[request_id] = kept_blocks
+            return 0
+        return self._shrink(request_id, plan, kept_blocks)
+
+    def _shrink(self, request_id: str, plan: CompressionPlan, kept_blocks: int) -> int:
+        before = self.block_pool.get_num_free_blocks()
+        self._remove_blocks_in_range(request_id, kept_blocks, plan.kept_blocks)
+        released = self.block_pool.get_num_free_blocks() - before
+        self._kept_applied[request_id] = kept_blocks
+        self.num_shrunk_blocks_total += released
+        metrics.record_released_blocks(released)
+        return released
+
+    def kept_blocks_of(self, request_id: str) -> int | None:
+        """Blocks a measured request keeps after its report (None before it)."""
+        return self._kept_applied.get(request_id)
 
 
 def register_spec() -> None:

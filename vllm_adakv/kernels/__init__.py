@@ -17,6 +17,7 @@ from vllm_adakv.kernels.compaction import (
 from vllm_adakv.kernels.decode import (
     headwise_attention_ranges_reference,
     headwise_attention_reference,
+    masked_prompt_attention_reference,
     pooled_page_table,
 )
 from vllm_adakv.kernels.scoring import (
@@ -95,6 +96,7 @@ __all__ = [
     "headwise_attention_ranges",
     "headwise_attention_ranges_reference",
     "headwise_attention_reference",
+    "masked_prompt_attention_reference",
     "pool_scores",
     "pooled_page_table",
     "score_window_reference",

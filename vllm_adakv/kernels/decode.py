@@ -174,3 +174,42 @@ def headwise_attention_ranges_reference(
             torch.tensor([q0, q1]), scale, out,
         )
     return out
+
+
+def masked_prompt_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    keep_mask: torch.Tensor,
+    seq_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of one request's queries over its kept prompt tokens, before compaction.
+
+    query/out: ``[T, Hq, D]``, the positions ``[seq_len - T, seq_len)``, all past the
+    prompt; key_cache/value_cache: the layer's logical ``[nb, H, bs, D]`` views in the
+    normal layout through ``block_row``; keep_mask: ``[H, L]`` over the prompt. Head h sees
+    the prompt positions it keeps, then ``[L, p]`` for a query at position p. Computes in
+    fp32 (the rare path of a resumed request whose chunk runs past its prompt while its
+    pages are pooled, i.e. compacted only at the group's last layer).
+    """
+    heads, prompt_len = keep_mask.shape
+    block_size = key_cache.shape[2]
+    q_len, num_q_heads, dim = query.shape
+    group = num_q_heads // heads
+    blocks = block_row.long()
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    tail_pos = torch.arange(prompt_len, seq_len, device=query.device)
+    for h in range(heads):
+        pos = torch.cat([keep_mask[h].nonzero().flatten(), tail_pos])
+        keys = key_cache[blocks[pos // block_size], h, pos % block_size].float()
+        values = value_cache[blocks[pos // block_size], h, pos % block_size].float()
+        q = query[:, h * group : (h + 1) * group].float()  # [T, G, D]
+        logits = torch.einsum("tgd,nd->tgn", q, keys) * scale
+        visible = (pos[None, :] < prompt_len) | (pos[None, :] <= q_pos[:, None])  # [T, N]
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        o = torch.einsum("tgn,nd->tgd", torch.softmax(logits, -1), values)
+        out[:, h * group : (h + 1) * group] = o.to(out.dtype)
+    return out

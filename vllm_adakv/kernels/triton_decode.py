@@ -25,6 +25,12 @@ Design (split-K flash decoding):
   ``[query_start_loc[0], query_start_loc[R])`` are left untouched, as the
   reference does.
 
+Head-pages pooled across layers (``POOLED``, page ranges only): the caches view every
+layer's blocks; entry g of a slot's sequence is chunk ``g // capacity[s]`` at block
+offset ``chunk_base[s, chunk]``, and the tail reads this layer's tensor at
+``layer_base``. Both tables are read in the kernel (CUDA-graph safe); ``layer_base``
+is an unspecialised argument.
+
 The grid depends on shapes only (R, H, T, Hq and ``num_splits``); per-row
 lengths are read inside the kernels, so nothing synchronises with the device.
 Key/value caches are logical ``[nb, H, bs, D]`` views with arbitrary strides
@@ -47,12 +53,14 @@ ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
 @jit_unspecialized(ints=["num_splits", "split_iters", "stride_mt", "stride_mh", "stride_ms",
-                         "stride_pr", "stride_pp", "stride_cr", "stride_br"],
-                   pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr"])
+                         "stride_pr", "stride_pp", "stride_cr", "stride_br", "layer_base",
+                         "stride_cbs", "stride_cbk", "stride_cap"],
+                   pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr", "cb_ptr",
+                             "cap_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
-    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr,
-    qk_scale, num_splits, split_iters,
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, cb_ptr, cap_ptr,
+    qk_scale, num_splits, split_iters, layer_base,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -61,12 +69,14 @@ def _headwise_fwd(
     stride_br, stride_bb,
     stride_ot, stride_oh, stride_od,
     stride_mt, stride_mh, stride_ms,
+    stride_cbs, stride_cbk, stride_cap,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLIT: tl.constexpr,
     PAGE_RANGES: tl.constexpr,
+    POOLED: tl.constexpr,
     PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -126,6 +136,12 @@ def _headwise_fwd(
     bt_row = bt_ptr + batch_row * stride_br
     if PAGE_RANGES:
         first_page = tl.load(pt_row).to(tl.int64)
+    if POOLED:
+        # Entries per chunk of this slot's pooled sequence (one chunk per layer tensor);
+        # entry indices fit in int32.
+        capacity = tl.maximum(tl.load(cap_ptr + slot_row * stride_cap).to(tl.int32), 1)
+        cb_row = cb_ptr + slot_row * stride_cbs
+        first_entry = tl.load(pt_row).to(tl.int32)
     # Offsets inside a head-page (token n, dim d), for K loaded as [D, N] and V as [N, D].
     k_in_page = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_in_page = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -157,7 +173,28 @@ def _headwise_fwd(
                     pg = i * PAGES + page_of_t  # the head's page of each tile slot
                     tok_idx = pg * BLOCK_SIZE + offs_n
                     valid_n = mask_n & (tok_idx < kept)
-                    if PAGE_RANGES:
+                    if POOLED:
+                        # Entry g = first_page + pg of the pooled sequence: chunk
+                        # g // capacity (a layer tensor at block offset chunk_base), entry
+                        # e = g % capacity of it -> block block_row[e // H], slot e % H.
+                        # One division per tile: its PAGES entries from g0 cross at most
+                        # one chunk boundary when a chunk holds PAGES entries or more.
+                        g0 = first_entry + i * PAGES
+                        chunk0 = g0 // capacity
+                        rel = g0 - chunk0 * capacity + page_of_t
+                        if capacity >= PAGES:
+                            over = (rel >= capacity).to(tl.int32)
+                            chunk = chunk0 + over
+                            local = rel - over * capacity
+                        else:
+                            chunk = chunk0 + rel // capacity
+                            local = rel % capacity
+                        base = tl.load(cb_row + chunk * stride_cbk, mask=valid_n, other=0)
+                        block = tl.load(bt_row + (local // NUM_KV_HEADS) * stride_bb,
+                                        mask=valid_n, other=0)
+                        block = block.to(tl.int64) + base.to(tl.int64)
+                        slot = local % NUM_KV_HEADS
+                    elif PAGE_RANGES:
                         # Page pg of the head is entry first_page + pg of the request's
                         # head-page sequence (block j, slot s) -> j * H + s.
                         seq_idx = first_page + pg
@@ -177,6 +214,8 @@ def _headwise_fwd(
                     valid_n = mask_n & (pos >= tail_start) & (pos < seq_len)
                     block = tl.load(bt_row + tb * stride_bb, mask=valid_n, other=0)
                     block = block.to(tl.int64)
+                    if POOLED:
+                        block = block + layer_base  # this layer's tensor in the all-layers view
                     slot = tl.zeros_like(block) + head
                     valid = (mask_m[:, None] & valid_n[None, :]) & (pos[None, :] <= q_pos[:, None])
                 k_base = block * stride_kb + slot * stride_kh  # per tile slot
@@ -338,7 +377,8 @@ def default_pages_per_iter(block_size: int) -> int:
 def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
             scale, out, num_splits, page_ranges: bool, max_iters: int,
             pages_per_iter: int | None = None, launch: dict | None = None,
-            split_tokens: int | None = None) -> torch.Tensor:
+            split_tokens: int | None = None, chunk_base: torch.Tensor | None = None,
+            capacity: torch.Tensor | None = None, layer_base: int = 0) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
@@ -385,11 +425,27 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         mid_m = mid_l = mid_acc = out  # unused
         mid_strides = (0, 0, 0)
     page_strides = pages.stride() if pages.dim() == 3 else (*pages.stride(), 0)
+    pooled = chunk_base is not None or layer_base != 0
+    if pooled and chunk_base is None:
+        # A layer's tail in an all-layers view, pages in one chunk at offset 0 (the
+        # reference's single-layer page layout): the pooled kernel with a trivial table.
+        chunk_base = torch.zeros(pages.shape[0], 1, dtype=torch.int32, device=query.device)
+        capacity = torch.full((pages.shape[0],), 2**31 - 1, dtype=torch.int32,
+                              device=query.device)
+    if pooled:
+        assert page_ranges and capacity is not None
+        assert chunk_base.dim() == 2 and capacity.dim() == 1
+        assert chunk_base.device == query.device and capacity.device == query.device
+        pooled_args = (chunk_base, capacity)
+        pooled_strides = (*chunk_base.stride(), capacity.stride(0))
+    else:
+        pooled_args = (rows, rows)  # unused
+        pooled_strides = (0, 0, 0)
 
     _headwise_fwd[(num_rows, heads, num_splits)](
         query, key_cache, value_cache, pages, counts, block_table, rows,
-        out, mid_acc, mid_m, mid_l,
-        float(scale) * _LOG2E, num_splits, split_iters,
+        out, mid_acc, mid_m, mid_l, *pooled_args,
+        float(scale) * _LOG2E, num_splits, split_iters, int(layer_base),
         *query.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
@@ -398,12 +454,14 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         *block_table.stride(),
         *out.stride(),
         *mid_strides,
+        *pooled_strides,
         NUM_KV_HEADS=heads,
         GROUP=group,
         BLOCK_SIZE=block_size,
         HEAD_DIM=dim,
         SPLIT=num_splits > 1,
         PAGE_RANGES=page_ranges,
+        POOLED=pooled,
         PAGES=pages_per_iter,
         BLOCK_G=block_g,
         BLOCK_Q=block_q,
@@ -476,6 +534,9 @@ def headwise_attention_ranges_triton(
     pages_per_iter: int | None = None,
     launch: dict | None = None,
     split_tokens: int | None = None,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -486,8 +547,19 @@ def headwise_attention_ranges_triton(
     Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
     ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults;
     ``split_tokens`` as in ``headwise_attention_triton``.
+
+    Pooled over layers: ``key_cache``/``value_cache`` view every layer's blocks,
+    ``chunk_base`` (int32 ``[S, K]``) and ``capacity`` (int32 ``[S]``) on the device
+    place entry g of slot s's sequence at block ``chunk_base[s, g // capacity[s]] +
+    block_row[(g % capacity[s]) // H]``, slot ``g % H`` (both read by the kernel, so
+    they may be persistent tensors under a CUDA graph), and this layer's tail blocks
+    are ``layer_base + block_row[pos // bs]``. ``layer_base`` is not specialised on:
+    one compiled variant serves every layer. Without ``chunk_base`` (and ``layer_base``
+    0) the kernel is the single-layer one, a separate compile-time variant with the
+    same code and speed as before pooling.
     """
     return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
                    rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
                    max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
-                   launch=launch, split_tokens=split_tokens)
+                   launch=launch, split_tokens=split_tokens, chunk_base=chunk_base,
+                   capacity=capacity, layer_base=layer_base)

@@ -7,7 +7,10 @@ prefill steps). ``warm_up`` launches every kernel the CUDA backend can launch
 for one model shape on tiny scratch tensors whose strides and alignments match
 the real ones: scoring, Ada-KV's allocation, compaction, and the head-wise
 decode with and without split-K (every power-of-two split count the default
-heuristic can choose). Settings a request overrides (another window, say) may
+heuristic can choose), and the variants for head-pages pooled across layers (the
+all-layers compaction and the decode over chunk tables, on a two-layer buffer; the
+plan kernel's layer tile covers groups of up to 64 layers, ``num_layers`` compiles
+the one of a larger group). Settings a request overrides (another window, say) may
 still compile on first use.
 """
 
@@ -17,7 +20,11 @@ import time
 
 import torch
 
-from vllm_adakv.kernels.triton_compaction import compact_rows_triton
+from vllm_adakv.kernels.triton_compaction import (
+    compact_pooled_rows_triton,
+    compact_rows_triton,
+    plan_block_layers,
+)
 from vllm_adakv.kernels.triton_decode import (
     _MAX_SPLITS,
     headwise_attention_ranges_triton,
@@ -29,9 +36,10 @@ from vllm_adakv.policies import select_keep_masks
 
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
-            pool_kernel: int, alpha: float) -> float:
+            pool_kernel: int, alpha: float, num_layers: int | None = None) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
-    returns the seconds it took."""
+    returns the seconds it took. ``num_layers``: layers of a pooled group (only needed
+    past 64, where the pooled plan kernel compiles another layer tile)."""
     start = time.perf_counter()
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
@@ -43,6 +51,7 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     table = torch.arange(1, 2 * blocks + 1, dtype=torch.int32, device=device).view(2, blocks)
     queries = torch.randn(2, window, num_q_heads, head_dim, device=device, dtype=dtype)
     budgets = [window + 2 * block_size, window + block_size]
+    method_masks = []
     for method in ("adakv", "snapkv"):
         scores = score_windows_triton(queries, key_cache, table, [1, 0], lengths,
                                       head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
@@ -50,8 +59,22 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         masks = select_keep_masks(method, scores, num_heads=num_kv_heads, prompt_lens=lengths,
                                   window=window, layer_budgets=budgets, alpha=alpha,
                                   sink_tokens=0)
+        method_masks.append(masks)
         compact_rows_triton(key_cache, value_cache, table, [1, 0], masks,
                             [-(-n // block_size) for n in lengths])
+    # Pooled: layers of one buffer at block offsets (the all-layers view has the layer
+    # view's strides), compacted at once; then the decode over their chunk tables.
+    layers = 2
+    if num_layers is not None and plan_block_layers(num_layers) != plan_block_layers(layers):
+        layers = num_layers
+    layer_blocks = kv.shape[0]
+    kv_all = torch.randn(layers * layer_blocks, *kv.shape[1:], device=device, dtype=dtype)
+    all_keys, all_values = kv_all[..., :head_dim], kv_all[..., head_dim:]
+    layer_bases = torch.arange(layers, dtype=torch.int32, device=device) * layer_blocks
+    pooled_masks = torch.stack([method_masks[k % 2] for k in range(layers)], dim=1)
+    for kept_blocks in ([None, None], [-(-n // block_size) for n in lengths]):
+        _, _, chunk_layer, kept = compact_pooled_rows_triton(
+            all_keys, all_values, table, [1, 0], pooled_masks, layer_bases, kept_blocks)
     # Decode: page ranges of 2 slots x 2 layers (the layer-1 column starts off 16 bytes).
     pages = torch.zeros(2, 2, num_kv_heads, dtype=torch.int32, device=device)
     counts = torch.full_like(pages, 2 * block_size)
@@ -61,11 +84,22 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     q = torch.randn(2, num_q_heads, head_dim, device=device, dtype=dtype)
     out = torch.empty_like(q)
     splits = 1
+    # Chunk tables of 2 slots as the backend keeps them (int32, on the device); the
+    # same 2 pages per head from entry 0 (chunk 0, or 1 if a chunk holds one entry).
+    chunk_base = layer_bases[chunk_layer.long()]
+    capacity = kept * num_kv_heads
     while splits <= _MAX_SPLITS:
         for layer in (0, 1):
             headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
                                              counts[:, layer], table, rows, 2,
                                              head_dim**-0.5, out, num_splits=splits)
+            if splits <= 2:
+                # The pooled forward kernel has one variant without split-K and one with
+                # (the split count is not specialised on); the reduce kernel is shared.
+                headwise_attention_ranges_triton(
+                    q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows,
+                    2, head_dim**-0.5, out, num_splits=splits, chunk_base=chunk_base,
+                    capacity=capacity, layer_base=layer * layer_blocks)
         splits *= 2
     if device.type == "cuda":
         torch.cuda.synchronize(device)
