@@ -49,8 +49,11 @@ def test_no_kernel_compiles_during_inference(tmp_path, method):
     ours = [line for line in compiled if any(k in line for k in OUR_KERNELS)]
     assert not ours, ours
     if method != "adakv":
-        # The same requests with eager attention (no torch.compile, no CUDA graphs): the
-        # pooled pages read under full graphs give the same tokens.
-        eager = run_scenario({**spec, "engine": {**spec["engine"], "enforce_eager": True,
-                                                 "jit_monitor_verbose": False}})
-        assert eager["outputs"] == res["outputs"]
+        # The pooled pages read under torch.compile and full graphs give the tokens of an
+        # eager run. In fp32: in bf16 the random-weight model's near-tied logits flip
+        # between eager and compiled numerics even in the dense prefill (seen on an H200:
+        # a first token, which compression cannot touch, differed).
+        fp32 = {**spec["engine"], "dtype": "float32", "jit_monitor_verbose": False}
+        compiled = run_scenario({**spec, "engine": fp32})
+        eager = run_scenario({**spec, "engine": {**fp32, "enforce_eager": True}})
+        assert eager["outputs"] == compiled["outputs"]
