@@ -30,6 +30,7 @@ from vllm_adakv.attention.batch import RowPlan, StepPlan
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
 from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_masks
+from vllm_adakv.tensors import on_device
 
 # Page usage of the most recent compressed requests kept for inspection (bounded).
 MAX_USAGE_RECORDS = 4096
@@ -75,7 +76,7 @@ class CompactedRow:
     page_start: torch.Tensor  # [len(layers), H] int32
     counts: torch.Tensor  # [len(layers), H] int32
     chunk_base: torch.Tensor  # [K] int32
-    capacity: torch.Tensor | int  # entries per chunk (kept blocks * H)
+    capacity: torch.Tensor  # 0-d int32: entries per chunk (kept blocks * H)
 
 
 @dataclass
@@ -88,7 +89,6 @@ class RequestKV:
     # Pooled plans: keep masks [H, L] by model layer index, until the group's last layer.
     pending_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     chunk_base: torch.Tensor | None = None  # [K] int32, set by the compaction
-    capacity: torch.Tensor | int = 0
     kept_blocks: torch.Tensor | int = 0  # blocks the pages use (measured plans: reported)
     # Compression time summed over layers, reported to the metrics with the kept tokens
     # once all layers are done (or, where a worker holds only some layers, next step).
@@ -325,13 +325,15 @@ class CompressionStore:
             [r.plan.kept_blocks for r in rows])
         done = []
         heads = cache.key.shape[1]
-        for row, (page_start, counts) in zip(rows, results, strict=True):
-            capacity = row.plan.kept_blocks * heads
+        capacities = on_device([r.plan.kept_blocks * heads for r in rows], torch.int32,
+                               cache.key.device)
+        for i, (row, (page_start, counts)) in enumerate(zip(rows, results, strict=True)):
             state = self.requests[row.req_id]
-            state.chunk_base, state.capacity = cache.layer_bases, capacity
+            state.chunk_base = cache.layer_bases
             state.kept_blocks = row.plan.kept_blocks
-            entry = CompactedRow(row, [layer_idx], (page_start + k * capacity)[None],
-                                 counts[None], cache.layer_bases, capacity)
+            entry = CompactedRow(row, [layer_idx],
+                                 (page_start + k * row.plan.kept_blocks * heads)[None],
+                                 counts[None], cache.layer_bases, capacities[i])
             self._store_pages(entry, [layer])
             done.append(entry)
         return done
@@ -364,7 +366,7 @@ class CompressionStore:
         for i, row in enumerate(rows):
             state = self.requests[row.req_id]
             state.pending_masks.clear()
-            state.chunk_base, state.capacity = chunk_base[i], capacity[i]
+            state.chunk_base = chunk_base[i]
             state.kept_blocks = kept_blocks[i]
             state.compress_seconds += seconds
             entry = CompactedRow(row, list(self.layer_indices), page_start[i], counts[i],
@@ -394,6 +396,23 @@ class CompressionStore:
                 f"plan covers layers {list(self.layer_indices)}; pipeline parallelism and "
                 "layer groups that split the compressed layers are not supported")
         self._layer_names = dict(names)
+
+    def serve_uncompacted(self, rows: list[RowPlan], layer_idx: int, query: torch.Tensor,
+                          output: torch.Tensor, cache: LayerCache, block_table: torch.Tensor,
+                          query_start: list[int], scale: float) -> None:
+        """Attention of resumed pooled requests' tokens after their prompt (``rows`` whose
+        step chunk runs past it), over the kept tokens where the prompt put them: pooled
+        pages are compacted only at the group's last layer. query/output: ``[T, Hq, D]``.
+        Torch (rare: a request recomputed after preemption)."""
+        for row in rows:
+            mask = self.pending_mask(row.req_id, layer_idx)
+            if mask is None or row.seq_len <= row.prompt_len:
+                continue
+            first = query_start[row.row] + row.prompt_len - row.context_start
+            tokens = slice(first, query_start[row.row] + row.query_len)
+            kernels.masked_prompt_attention_reference(
+                query[tokens], cache.key, cache.value, block_table[row.row], mask, row.seq_len,
+                scale, output[tokens])
 
     def pending_mask(self, req_id: str, layer_idx: int) -> torch.Tensor | None:
         """The keep mask ``[H, L]`` of a pooled request's layer not compacted yet."""

@@ -148,17 +148,12 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
                 completing.append(row)
         if completing:
             resumed = [r for r in completing if r.seq_len > r.prompt_len]
-
-            def serve_uncompacted() -> None:
-                # Pooled pages are compacted at the group's last layer: until then a
-                # resumed request's kept tokens are where the prompt put them.
-                for row in resumed:
-                    mask = store.pending_mask(row.req_id, layer_idx)
-                    if mask is not None:
-                        self._masked(row, mask, query, cache, block_table, qsl, output)
-
-            store.compress_rows(completing, layer_name, layer_idx, cache, block_table,
-                                self.scale, after_selection=serve_uncompacted)
+            q3 = query.view(query.shape[0], self.num_heads, self.head_size)
+            o3 = output.view(output.shape[0], self.num_heads, self.head_size)
+            store.compress_rows(
+                completing, layer_name, layer_idx, cache, block_table, self.scale,
+                after_selection=lambda: store.serve_uncompacted(
+                    resumed, layer_idx, q3, o3, cache, block_table, qsl, self.scale))
             # Own-tensor pages are compacted already: the head-wise path serves the rest.
             headwise_rows += [(row, row.prompt_len - row.context_start) for row in resumed
                               if not row.plan.pooled]
@@ -166,17 +161,6 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
             self._headwise(store, layer_name, headwise_rows, query, cache, block_table, qsl,
                            output)
         return output
-
-    def _masked(self, row, mask, query, cache: LayerCache, block_table, qsl, output) -> None:
-        """A resumed row's queries after its prompt, over the uncompacted kept tokens."""
-        skip = row.prompt_len - row.context_start
-        tokens = slice(qsl[row.row] + skip, qsl[row.row] + row.query_len)
-        q = query[tokens].view(-1, self.num_heads, self.head_size)
-        out = torch.empty_like(q)
-        kernels.masked_prompt_attention_reference(
-            q, cache.key, cache.value, block_table[row.row], mask, row.seq_len, self.scale,
-            out)
-        output.view(output.shape[0], -1)[tokens] = out.reshape(q.shape[0], -1).to(output.dtype)
 
     def _headwise(self, store, layer_name, rows, query, cache: LayerCache, block_table, qsl,
                   output) -> None:
@@ -188,7 +172,7 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
             state = store.requests[row.req_id]
             tables.append(kernels.pooled_page_table(
                 p.page_start, p.counts, block_table[row.row], heads, block_size,
-                state.chunk_base, int(state.capacity)))
+                state.chunk_base, int(state.kept_blocks) * heads))
             counts.append(p.counts)
             begin = qsl[row.row] + skip
             token_idx.append(torch.arange(begin, qsl[row.row] + row.query_len))
@@ -213,13 +197,11 @@ class AdaKVCPUImpl(CPUAttentionBackendImpl):
 def _layer_cache(kv_cache: torch.Tensor, isa: str, layer_name: str, layer_names: list[str]
                  ) -> LayerCache:
     """This layer's logical K/V views and the same over all layers of its buffer."""
-    merged, bases = group_blocks(kv_cache, layer_names)
+    group = group_blocks(kv_cache, layer_names)
     key, value = logical_kv_views(kv_cache, isa)
-    all_key, all_value = logical_kv_views(merged, isa)
-    order = sorted(layer_names, key=extract_layer_index)
+    all_key, all_value = logical_kv_views(group.merged, isa)
     return LayerCache(key=key, value=value, all_key=all_key, all_value=all_value,
-                      base=bases[layer_name],
-                      layer_bases=torch.tensor([bases[n] for n in order], dtype=torch.int32))
+                      base=group.base_of[layer_name], layer_bases=group.bases)
 
 
 class AdaKVCPUBackend(CPUAttentionBackend):

@@ -53,7 +53,6 @@ from vllm_adakv.attention.settings import (
 )
 from vllm_adakv.core.spec import CompressedAttentionSpec
 from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
-from vllm_adakv.tensors import on_device
 
 logger = logging.getLogger("vllm.adakv")
 _STORE: CompressionStore | None = None
@@ -268,26 +267,17 @@ class AdaKVTritonImpl(TritonAttentionImpl):
             if row.completes_prompt:
                 completing.append(row)
         if completing:
+            # Resumed pooled requests are not in the head-wise table: their tokens after
+            # the prompt are served before the pooled compaction (see serve_uncompacted).
             resumed = [r for r in completing if r.seq_len > r.prompt_len and r.plan.pooled]
-
-            def serve_uncompacted() -> None:
-                # Pooled pages are compacted at the group's last layer: until then a
-                # resumed request's kept tokens are where the prompt put them (rare path,
-                # torch; these rows are not in the head-wise table).
-                for row in resumed:
-                    mask = store.pending_mask(row.req_id, layer_idx)
-                    skip = row.prompt_len - row.context_start
-                    tokens = slice(qsl[row.row] + skip, qsl[row.row] + row.query_len)
-                    q = query[tokens].view(-1, self.num_heads, self.head_size)
-                    out = output[tokens].view(-1, self.num_heads, self.head_size)
-                    kernels.masked_prompt_attention_reference(
-                        q, cache.key, cache.value, block_table[row.row], mask, row.seq_len,
-                        self.scale, out)
-
+            q3 = query.view(query.shape[0], self.num_heads, self.head_size)
+            o3 = output.view(output.shape[0], self.num_heads, self.head_size)
             # One launch set for every request whose prompt completes in this step.
-            done = store.compress_rows(completing, layer_name, layer_idx, cache,
-                                       block_table, self.scale,
-                                       after_selection=serve_uncompacted if resumed else None)
+            done = store.compress_rows(
+                completing, layer_name, layer_idx, cache, block_table, self.scale,
+                after_selection=(lambda: store.serve_uncompacted(
+                    resumed, layer_idx, q3, o3, cache, block_table, qsl, self.scale))
+                if resumed else None)
             _store_ranges(pool, done)
         if attn_metadata.headwise_rows is not None:
             heads_q = self.num_heads
@@ -303,25 +293,15 @@ class AdaKVTritonImpl(TritonAttentionImpl):
         return output
 
 
-_LAYER_BASES: dict[tuple, torch.Tensor] = {}
-
-
 def _layer_cache(kv_cache: torch.Tensor, head_size: int, layer_name: str,
                  layer_names: list[str]) -> LayerCache:
     """Logical K/V views of this layer (``[num_blocks, H, block_size, 2 * D]``: keys then
     values per token) and of all layers of its buffer."""
-    merged, bases = group_blocks(kv_cache, layer_names)
-    order = sorted(layer_names, key=extract_layer_index)
-    key = (merged.data_ptr(), tuple(order))
-    layer_bases = _LAYER_BASES.get(key)
-    if layer_bases is None:
-        if len(_LAYER_BASES) >= 8:
-            _LAYER_BASES.clear()
-        layer_bases = on_device([bases[n] for n in order], torch.int32, kv_cache.device)
-        _LAYER_BASES[key] = layer_bases
+    group = group_blocks(kv_cache, layer_names)
     return LayerCache(key=kv_cache[..., :head_size], value=kv_cache[..., head_size:],
-                      all_key=merged[..., :head_size], all_value=merged[..., head_size:],
-                      base=bases[layer_name], layer_bases=layer_bases)
+                      all_key=group.merged[..., :head_size],
+                      all_value=group.merged[..., head_size:],
+                      base=group.base_of[layer_name], layer_bases=group.bases)
 
 
 def _store_ranges(pool: RangePool, done: list[CompactedRow]) -> None:
@@ -330,15 +310,11 @@ def _store_ranges(pool: RangePool, done: list[CompactedRow]) -> None:
     for entry in done:
         by_layers.setdefault(tuple(entry.layers), []).append(entry)
     for layers, entries in by_layers.items():
-        dev = entries[0].counts.device
-        # Own-tensor plans know the capacity on the host; pooled ones on the device.
-        capacity = torch.cat([c.reshape(1).to(torch.int32) if isinstance(c, torch.Tensor)
-                              else on_device([c], torch.int32, dev)
-                              for c in (e.capacity for e in entries)])
         pool.store_rows([e.row.req_id for e in entries], list(layers),
                         torch.stack([e.page_start for e in entries]),
                         torch.stack([e.counts for e in entries]),
-                        torch.stack([e.chunk_base for e in entries]), capacity)
+                        torch.stack([e.chunk_base for e in entries]),
+                        torch.stack([e.capacity for e in entries]))
 
 
 class AdaKVTritonBackend(TritonAttentionBackend):

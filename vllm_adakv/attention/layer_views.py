@@ -10,7 +10,11 @@ block offset ``layer_base(l)``: pooled head-pages then name a block of that view
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from vllm_adakv.tensors import on_device
 
 
 class LayerViews:
@@ -43,25 +47,34 @@ class LayerViews:
         return view, offset // block_stride
 
 
+@dataclass(frozen=True)
+class GroupBlocks:
+    """Where a group's compressed layers lie in their shared buffer."""
+
+    merged: torch.Tensor  # the buffer over all its blocks, with a layer view's strides
+    base_of: dict[str, int]  # first block of each layer (by name)
+    bases: torch.Tensor  # [K] int32 the same in ascending layer index, on the cache's device
+
+
 _VIEWS = LayerViews()
-# (data_ptr of the calling layer's cache, layer names) -> (all-layers view, bases)
-_GROUP: dict[tuple, tuple[torch.Tensor, dict[str, int]]] = {}
+# (data_ptr of the calling layer's cache, layer names) -> its group's blocks
+_GROUP: dict[tuple, GroupBlocks] = {}
 
 
-def group_blocks(kv_cache: torch.Tensor, layer_names: list[str]
-                 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """(view over all blocks of the buffer, first block of each named layer in it), for the
-    layer whose cache is ``kv_cache``, reading the other layers' caches from vLLM's
-    forward context (the layers bound at KV cache allocation)."""
+def group_blocks(kv_cache: torch.Tensor, layer_names: list[str]) -> GroupBlocks:
+    """The blocks of the layers ``layer_names`` for the layer whose cache is ``kv_cache``,
+    reading the other layers' caches from vLLM's forward context (the layers bound at KV
+    cache allocation). Computed once per buffer and group."""
     key = (kv_cache.data_ptr(), tuple(layer_names))
     found = _GROUP.get(key)
     if found is not None:
         return found
     from vllm.forward_context import get_forward_context
+    from vllm.model_executor.models.utils import extract_layer_index
 
     layers = get_forward_context().no_compile_layers
     merged, _ = _VIEWS.locate(kv_cache)
-    bases = {}
+    base_of = {}
     for name in layer_names:
         view, base = _VIEWS.locate(layers[name].kv_cache)
         if view is not merged:
@@ -69,8 +82,10 @@ def group_blocks(kv_cache: torch.Tensor, layer_names: list[str]
                 f"vllm-adakv: layer {name}'s KV cache is not in the same buffer (with the "
                 "same strides) as the other compressed layers'; pooling head-pages across "
                 "layers needs one buffer")
-        bases[name] = base
+        base_of[name] = base
+    ordered = [base_of[n] for n in sorted(layer_names, key=extract_layer_index)]
     if len(_GROUP) >= 64:
         _GROUP.clear()
-    _GROUP[key] = (merged, bases)
-    return merged, bases
+    found = GroupBlocks(merged, base_of, on_device(ordered, torch.int32, kv_cache.device))
+    _GROUP[key] = found
+    return found

@@ -65,6 +65,7 @@ def post_kept_blocks(req_id: str, kept_blocks: int) -> None:
 
 
 def pending() -> bool:
+    """Whether posts wait for the next step's output."""
     return bool(_POSTED)
 
 
