@@ -20,6 +20,12 @@ With ``--pooled`` (instead of the decode and compress points): the compaction of
 (``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
 uneven, mean 1/8 of the prompt) against 32 layers of prefill of the same requests, alone
 and queued behind that prefill (``"compress_pooled"`` in the result).
+With ``--gvote``: GVote's selection of one layer (voters, their attention, the nucleus
+vote under a cap of ``ctx / 8``, the kept masks) of ``rows`` requests, the Triton path
+(``voter_probs_triton`` + ``min_mass_above_triton``: keys read in place, each voter's
+top-cap only) against the torch path it replaced (per request: gathered keys, dense
+softmax, a full sort of every voter's probabilities), both vs that layer's prefill
+(``"gvote"`` in the result).
 Writes ``kernels-<gpu>-<date>.json`` and prints a table.
 """
 
@@ -34,10 +40,14 @@ from pathlib import Path
 import torch
 import triton
 
+from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton, row_table
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
+from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
+from vllm_adakv.kernels.voting import mass_above, voter_softmax
 from vllm_adakv.policies import select_keep_masks
+from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters
 
 Q_HEADS, KV_HEADS, DIM, BS = 32, 8, 128, 16
 HIDDEN, FFN = 4096, 14336
@@ -240,6 +250,19 @@ def prefill_layer(ctx: int, rows: int = 1):
     return layer
 
 
+def queued_after_us(layer, work, t_layer: float) -> float:
+    """Microseconds ``work`` adds when queued right behind ``layer`` (timed alone at
+    ``t_layer``). As in the engine: the compression's launches queue behind the layer's
+    prefill, so only what the GPU cannot overlap (or the host cannot launch in time)
+    counts."""
+
+    def both():
+        layer()
+        work()
+
+    return bench(both) - t_layer
+
+
 def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) -> dict:
     """Scoring + Ada-KV selection + compaction of one layer of ``rows`` requests of ``ctx``
     tokens (one launch set, as the backend runs every request whose prompt completes in a
@@ -274,18 +297,61 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) ->
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     layer = prefill_layer(ctx, rows)
     t_layer = bench(layer)
-
-    def layer_then_compress():
-        layer()
-        compress()
-
-    # As in the engine: the compression's launches queue behind the layer's prefill,
-    # so only what the GPU cannot overlap (or the host cannot launch in time) counts.
-    t_in_stream = bench(layer_then_compress) - t_layer
+    t_in_stream = queued_after_us(layer, compress, t_layer)
     return {"context": ctx, "rows": rows, "prefill_layer_us": t_layer,
             "compress_us": t_compress, "overhead_pct": 100 * t_compress / t_layer,
             "compress_in_stream_us": t_in_stream,
             "overhead_in_stream_pct": 100 * t_in_stream / t_layer, "ratio": ratio}
+
+
+def gvote_point(ctx: int, rows: int = 1, ratio: int = 8, window: int = 32, samples: int = 8,
+                p: float = 0.95) -> dict:
+    """GVote's selection of one layer of ``rows`` requests of ``ctx`` tokens, capped at
+    ``ctx / ratio`` tokens per head: Triton path vs the torch path it replaced, against
+    that layer's prefill."""
+    per_row = ctx // BS + 2
+    key_cache = torch.randn(rows * per_row + 1, KV_HEADS, BS, DIM, device="cuda", dtype=DTYPE)
+    table = (torch.randperm(rows * per_row, device="cuda") + 1).int().view(rows, per_row)
+    wq = torch.randn(rows, window, Q_HEADS, DIM, device="cuda", dtype=DTYPE) * 2
+    block_rows, lengths, caps = list(range(rows)), [ctx] * rows, [ctx // ratio] * rows
+    kw = dict(window=window, nucleus_p=p, max_keeps=caps, pool_kernel=7)
+    stages = {}
+
+    def triton_path(stage: str = ""):
+        voters = gvote_voters(wq, samples, 0, 5)
+        probs = voter_probs_triton(voters, key_cache, table, block_rows, lengths, DIM**-0.5)
+        if stage == "probs":
+            return
+        vote = min_mass_above_triton(probs, lengths, p, max(caps))
+        if stage == "mass":
+            return
+        return gvote_keep_masks(vote, lengths, **kw)
+
+    def torch_path():
+        out = []
+        for r in range(rows):
+            keys = gather_prompt_keys(key_cache, table[r], ctx)
+            voters = gvote_voters(wq[r : r + 1], samples, 0, 5)[0]
+            vote = mass_above(voter_softmax(voters, keys, DIM**-0.5)).amin(1)
+            out.append(gvote_keep_masks(vote[None], [ctx], **{**kw, "max_keeps": caps[:1]}))
+        return out
+
+    fast, slow = triton_path(), torch.cat(torch_path())
+    differ, kept = int((fast != slow).sum()), int(slow.sum())
+    t_triton, t_torch = bench(triton_path), bench(torch_path)
+    for stage in ("probs", "mass"):
+        stages[stage] = bench(lambda stage=stage: triton_path(stage))
+    layer = prefill_layer(ctx, rows)
+    t_layer = bench(layer)
+    t_in_stream = queued_after_us(layer, triton_path, t_layer)
+    return {"context": ctx, "rows": rows, "cap_ratio": ratio, "samples": samples, "p": p,
+            "prefill_layer_us": t_layer, "triton_us": t_triton, "torch_us": t_torch,
+            "triton_probs_us": stages["probs"], "triton_probs_mass_us": stages["mass"],
+            "overhead_pct": 100 * t_triton / t_layer,
+            "torch_overhead_pct": 100 * t_torch / t_layer,
+            "triton_in_stream_us": t_in_stream,
+            "overhead_in_stream_pct": 100 * t_in_stream / t_layer,
+            "masks_differ": differ, "kept": kept}
 
 
 POOL_LAYERS = 32
@@ -396,6 +462,8 @@ def main() -> None:
                     help="also time decode with the pooled-format chunk tables")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
+    ap.add_argument("--gvote", action="store_true",
+                    help="only GVote's selection (Triton vs torch) vs one layer's prefill")
     args = ap.parse_args()
     split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     global PROFILE
@@ -405,7 +473,7 @@ def main() -> None:
     batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
     if args.smoke:
         batches, contexts, keeps = [32], [2048], [1.0, 1 / 16]
-    if args.compress_only or args.sweep or args.pooled:
+    if args.compress_only or args.sweep or args.pooled or args.gvote:
         batches = []
     decode = []
     for ctx in contexts:
@@ -418,9 +486,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
     sweep = decode_sweep(copy_bw) if args.sweep else []
-    compress = [] if args.sweep or args.graphs or args.pooled else [
+    compress = [] if args.sweep or args.graphs or args.pooled or args.gvote else [
         compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
-    if not (args.sweep or args.smoke or args.graphs or args.pooled):
+    if not (args.sweep or args.smoke or args.graphs or args.pooled or args.gvote):
         # A 16k-token prefill step holding 8 prompts of 2k: all compressed in one launch set.
         compress.append(compress_point(2048, rows=8))
     date = dt.date.today().isoformat()
@@ -440,6 +508,14 @@ def main() -> None:
             torch.cuda.empty_cache()
             print(json.dumps(pooled[-1]), flush=True)
         result["compress_pooled"] = pooled
+    gvote = []
+    if args.gvote:
+        points = [(2048, 1)] if args.smoke else [(2048, 1), (8192, 1), (32768, 1), (2048, 8)]
+        for ctx, rows in points:
+            gvote.append(gvote_point(ctx, rows))
+            torch.cuda.empty_cache()
+            print(json.dumps(gvote[-1]), flush=True)
+        result["gvote"] = gvote
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kernels-{tag}-{date}{args.suffix}.json").write_text(json.dumps(result, indent=1))
@@ -463,6 +539,13 @@ def main() -> None:
               f"vs prefill {c['prefill_layers_us']:.0f} us = {c['overhead_pct']:.2f}%; queued "
               f"after the prefill: +{c['compress_in_stream_us']:.0f} us = "
               f"{c['overhead_in_stream_pct']:.2f}%")
+
+    for c in gvote:
+        print(f"gvote {c['rows']} x ctx {c['context']} (cap 1/{c['cap_ratio']}): triton "
+              f"{c['triton_us']:.0f} us ({c['overhead_pct']:.1f}% of the layer; queued after "
+              f"it +{c['triton_in_stream_us']:.0f} us = {c['overhead_in_stream_pct']:.1f}%), "
+              f"torch {c['torch_us']:.0f} us ({c['torch_overhead_pct']:.1f}%); masks differ at "
+              f"{c['masks_differ']} of {c['kept']} kept")
 
 
 if __name__ == "__main__":

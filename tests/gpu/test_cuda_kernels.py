@@ -124,28 +124,48 @@ def test_compression_never_waits_for_the_gpu():
     assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]
 
 
-def test_gvote_never_waits_for_the_gpu():
-    """GVote's selection of one layer (sampling, vote, nucleus, cap) under sync debug mode
-    "error", and the same kept set as on the CPU (the CPU runs the partial sort, CUDA
-    the full one; both are exact below p)."""
-    from vllm_adakv.policies import gvote_keep_mask
+@pytest.mark.parametrize("lengths", [[4000], [2048, 8192, 700], [32768]])
+def test_gvote_vote_never_waits_for_the_gpu(lengths):
+    """GVote's batched vote of one layer (voters, Triton voter attention, top-cap mass,
+    cap and masks) under sync debug mode "error", on a bf16 paged cache of requests of
+    different lengths; the voter attention equals the torch reference on the CPU, and
+    the kept sets equal the CPU pipeline's up to a few boundary keys (float32 on two
+    devices)."""
+    from vllm_adakv import kernels
+    from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters
 
-    window, q_heads, heads, dim, length = 32, 32, 8, 128, 4000
-    wq = torch.randn(window, q_heads, dim, device=DEV) * 2
-    keys = torch.randn(heads, length, dim, device=DEV)
-    kwargs = dict(scale=dim**-0.5, num_samples=8, nucleus_p=0.9, seed=3, layer_idx=5,
-                  max_keep=1000)
+    window, q_heads, heads, dim = 32, 32, 8, 128
+    table, nb = random_block_tables(lengths, BS)
+    kc = torch.full((nb, heads, BS, dim), float("nan"), dtype=torch.bfloat16, device=DEV)
+    vc = torch.zeros_like(kc)
+    for r, n in enumerate(lengths):
+        keys = torch.randn(n, heads, dim, device=DEV).to(torch.bfloat16)
+        write_tokens(kc, vc, table[r].to(DEV), torch.arange(n, device=DEV), keys, keys)
+    wq = (torch.randn(len(lengths), window, q_heads, dim, device=DEV) * 2).to(torch.bfloat16)
+    caps = [max(window, n // 8) for n in lengths]
+    rows = list(range(len(lengths)))
+
+    def vote(q, cache, tab):
+        voters = gvote_voters(q, 8, 3, 5)
+        probs = kernels.voter_probs(voters, cache, tab, rows, lengths, dim**-0.5)
+        mass = kernels.min_mass_above(probs, lengths, 0.9, max(caps))
+        return probs, gvote_keep_masks(mass, lengths, window=window, nucleus_p=0.9,
+                                       max_keeps=caps, pool_kernel=7)
+
+    table_dev = table.to(DEV)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        mask = gvote_keep_mask(wq, keys, **kwargs)
+        probs, mask = vote(wq, kc, table_dev)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    cpu = gvote_keep_mask(wq.cpu(), keys.cpu(), **kwargs)
-    # float32 on two devices: allow a few boundary keys per head to differ.
-    differ = (mask.cpu() != cpu).sum(1)
+    cpu_probs, cpu_mask = vote(wq.cpu(), kc.cpu(), table)
+    torch.testing.assert_close(probs.cpu(), cpu_probs, rtol=1e-3, atol=1e-7)
+    differ = (mask.cpu() != cpu_mask).sum(-1)
     assert int(differ.max()) <= 4, differ.tolist()
-    assert int(mask.sum(1).max()) <= 1000
+    for r, n in enumerate(lengths):
+        assert int(mask[r].sum(-1).max()) <= caps[r]
+        assert not mask[r, :, n:].any()
 
 
 # Head-pages pooled across layers: Llama-3.1-8B's 32 layers in one buffer, 4 requests of

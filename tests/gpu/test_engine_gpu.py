@@ -21,7 +21,8 @@ from vllm_adakv.tools.tiny_model import make_tiny_llama  # noqa: E402
 
 OUR_KERNELS = ("_window_stats", "_candidate_scores", "_safeguard_caps", "_page_ranges",
                "_gather_kept", "_scatter_pages", "_headwise_fwd", "_headwise_reduce",
-               "_pooled_plan", "_pooled_gather", "_pooled_scatter", "_pooled_step")
+               "_pooled_plan", "_pooled_gather", "_pooled_scatter", "_pooled_step",
+               "_voter_probs", "_min_mass_above")
 COMPRESSION = {
     "adakv": {"method": "adakv", "budget": 128, "window": 16},
     # Per-layer budgets: head-pages pooled across layers, compacted at the last layer.

@@ -29,7 +29,8 @@ from vllm_adakv import kernels, metrics
 from vllm_adakv.attention.batch import RowPlan, StepPlan
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
-from vllm_adakv.policies import SCORED_METHODS, gvote_keep_mask, select_keep_masks
+from vllm_adakv.policies import SCORED_METHODS, select_keep_masks
+from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters
 from vllm_adakv.tensors import on_device
 
 # Page usage of the most recent compressed requests kept for inspection (bounded).
@@ -239,17 +240,6 @@ class CompressionStore:
         start = token_offset + (lo - row.context_start)
         buf[lo - (row.prompt_len - w) : hi - (row.prompt_len - w)] = query[start : start + hi - lo]
 
-    def _gvote_mask(self, row: RowPlan, layer: str, layer_idx: int, key_cache: torch.Tensor,
-                    block_ids: torch.Tensor, scale: float) -> torch.Tensor:
-        cfg = row.cfg or self.cfg
-        keys = kernels.gather_prompt_keys(key_cache, block_ids, row.prompt_len)
-        return gvote_keep_mask(
-            self.requests[row.req_id].window_queries[layer], keys, scale=scale,
-            num_samples=cfg.gvote_samples, nucleus_p=cfg.gvote_p, seed=cfg.gvote_seed,
-            layer_idx=layer_idx, max_keep=row.plan.layer_budgets[layer_idx],
-            pool_kernel=cfg.pool_kernel,
-        )
-
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
                    key_cache: torch.Tensor, block_table: torch.Tensor, scale: float
                    ) -> torch.Tensor:
@@ -258,16 +248,20 @@ class CompressionStore:
         cfg = rows[0].cfg or self.cfg
         heads = key_cache.shape[1]
         lengths = [r.prompt_len for r in rows]
+        queries = None
+        if cfg.method in SCORED_METHODS or cfg.method == "gvote":
+            queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
         if cfg.method == "gvote":
-            masks = torch.zeros(len(rows), heads, max(lengths), dtype=torch.bool,
-                                device=key_cache.device)
-            for i, row in enumerate(rows):
-                masks[i, :, : row.prompt_len] = self._gvote_mask(
-                    row, layer, layer_idx, key_cache, block_table[row.row], scale)
-            return masks
+            caps = [r.plan.layer_budgets[layer_idx] for r in rows]
+            voters = gvote_voters(queries, cfg.gvote_samples, cfg.gvote_seed, layer_idx)
+            probs = kernels.voter_probs(voters, key_cache, block_table, [r.row for r in rows],
+                                        lengths, scale)
+            most = max(min(n, cap) for n, cap in zip(lengths, caps, strict=True))
+            vote = kernels.min_mass_above(probs, lengths, cfg.gvote_p, most)
+            return gvote_keep_masks(vote, lengths, window=cfg.window, nucleus_p=cfg.gvote_p,
+                                    max_keeps=caps, pool_kernel=cfg.pool_kernel)
         scores = None
         if cfg.method in SCORED_METHODS:
-            queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
             scores = kernels.score_windows(
                 queries, key_cache, block_table, [r.row for r in rows], lengths, scale,
                 gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling, pool_kernel=cfg.pool_kernel,

@@ -224,7 +224,8 @@ def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None
         torch.device(device), model.dtype,
         model.get_num_attention_heads(vllm_config.parallel_config), spec.num_kv_heads,
         spec.head_size, spec.block_size, cfg.window, cfg.gqa_reduce, cfg.pooling,
-        cfg.pool_kernel, cfg.alpha, num_layers=len(spec.compressed_layers))
+        cfg.pool_kernel, cfg.alpha, num_layers=len(spec.compressed_layers),
+        gvote_samples=cfg.gvote_samples if cfg.method == "gvote" else None)
     logger.info("vllm-adakv: compiled the compression kernels in %.1f s", seconds)
 
 

@@ -26,6 +26,7 @@ from vllm_adakv.kernels.scoring import (
     score_window_reference,
     score_windows_reference,
 )
+from vllm_adakv.kernels.voting import min_mass_above_reference, voter_probs_reference
 
 compact = compact_reference
 
@@ -63,6 +64,24 @@ def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, 
     return score_windows_reference(window_queries, key_cache, *args, **kwargs)
 
 
+def voter_probs(voters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``voter_probs_reference``'s contract; Triton on CUDA."""
+    if voters.is_cuda:
+        from vllm_adakv.kernels.triton_voting import voter_probs_triton
+
+        return voter_probs_triton(voters, *args, **kwargs)
+    return voter_probs_reference(voters, *args, **kwargs)
+
+
+def min_mass_above(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``min_mass_above_reference``'s contract; Triton (no host sync) on CUDA."""
+    if probs.is_cuda:
+        from vllm_adakv.kernels.triton_voting import min_mass_above_triton
+
+        return min_mass_above_triton(probs, *args, **kwargs)
+    return min_mass_above_reference(probs, *args, **kwargs)
+
+
 def headwise_attention(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``headwise_attention_reference``'s contract; Triton on CUDA."""
     if query.is_cuda:
@@ -97,9 +116,13 @@ __all__ = [
     "headwise_attention_ranges_reference",
     "headwise_attention_reference",
     "masked_prompt_attention_reference",
+    "min_mass_above",
+    "min_mass_above_reference",
     "pool_scores",
     "pooled_page_table",
     "score_window_reference",
     "score_windows",
     "score_windows_reference",
+    "voter_probs",
+    "voter_probs_reference",
 ]

@@ -8,7 +8,9 @@ that no ``window x prompt x heads`` tensor is ever materialised:
   logits over the keys of one of ``S`` contiguous position ranges (causal inside
   the window), read from the paged cache through the row's block ids. ``S``
   splits the prompt so that the grid fills the device (one program per query
-  head would leave most SMs idle and walk the whole prompt serially).
+  head would leave most SMs idle and walk the whole prompt serially). With
+  ``CAUSAL=False`` it serves queries that see the whole prompt (GVote's voters,
+  ``triton_voting``).
 * ``_candidate_scores``, grid ``(R * H, cdiv(Lmax - w, BLOCK_N))``: combines the
   ``S`` partial statistics of each window query, then, for a tile of candidate
   keys, each window query's softmax probability, summed over the window and
@@ -33,16 +35,22 @@ from vllm_adakv.kernels.scoring import pool_rows
 from vllm_adakv.tensors import on_device
 
 _LOG2E = 1.4426950408889634
+BLOCK_N = 64  # keys per tile
 # Most position splits of the window statistics (also the width of their combine tile,
 # fixed so that one compiled variant serves every split count).
 MAX_SPLITS = 64
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # One return after the branch: Triton's code generator keeps visiting the statements
+    # after a return inside a compile-time ``if`` (the interpreter does not), so an
+    # early return would also compile the other dot (and fail on mixed dtypes).
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
@@ -78,6 +86,8 @@ def _window_stats(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr = True,
+    PRECISION: tl.constexpr = "ieee",
 ):
     W_BLOCKS: tl.constexpr = (WINDOW + BLOCK_W - 1) // BLOCK_W
     q_head = tl.program_id(0)
@@ -106,8 +116,10 @@ def _window_stats(
         mask_n = pos < hi
         kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
                           stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
-        s = _dot(q, kt, DOT_FP32) * qk_scale
-        valid = mask_w[:, None] & mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
+        s = _dot(q, kt, DOT_FP32, PRECISION) * qk_scale
+        valid = mask_w[:, None] & mask_n[None, :]
+        if CAUSAL:
+            valid = valid & (pos[None, :] <= q_pos[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,6 +144,23 @@ def _combined_stats(m_ptr, l_ptr, r, q_head, num_q_heads, offs_w, mask_w, num_sp
     return m, tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0)
 
 
+@triton.jit
+def _tile_probs(q_ptr, m_ptr, l_ptr, kt, r, q_head, num_q_heads, offs_w, mask_w, offs_d,
+                mask_d, num_splits, qk_scale, stride_qw, stride_qh, stride_qd,
+                NUM_QUERIES: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Softmax probabilities ``[BLOCK_W, BLOCK_N]`` of queries ``offs_w`` of one query head
+    against the key tile ``kt``, from the combined split statistics."""
+    q = tl.load(q_ptr + offs_w[:, None] * stride_qw + q_head * stride_qh
+                + offs_d[None, :] * stride_qd, mask=mask_w[:, None] & mask_d[None, :],
+                other=0.0)
+    m, den = _combined_stats(m_ptr, l_ptr, r, q_head, num_q_heads, offs_w, mask_w,
+                             num_splits, NUM_QUERIES, BLOCK_S)
+    den = tl.where(mask_w, den, 1.0)
+    s = _dot(q, kt, DOT_FP32, PRECISION) * qk_scale
+    return tl.exp2(s - m[:, None]) / den[:, None]
+
+
 @jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh"])
 def _candidate_scores(
     q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
@@ -150,6 +179,7 @@ def _candidate_scores(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr = "ieee",
 ):
     r = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
@@ -170,14 +200,9 @@ def _candidate_scores(
             for w0 in range(0, WINDOW, BLOCK_W):
                 offs_w = w0 + tl.arange(0, BLOCK_W)
                 mask_w = offs_w < WINDOW
-                q = tl.load(q_ptr + offs_w[:, None] * stride_qw + q_head * stride_qh
-                            + offs_d[None, :] * stride_qd,
-                            mask=mask_w[:, None] & mask_d[None, :], other=0.0)
-                m, den = _combined_stats(m_ptr, l_ptr, r, q_head, num_q_heads, offs_w,
-                                         mask_w, num_splits, WINDOW, BLOCK_S)
-                den = tl.where(mask_w, den, 1.0)
-                s = _dot(q, kt, DOT_FP32) * qk_scale
-                p = tl.exp2(s - m[:, None]) / den[:, None]
+                p = _tile_probs(q_ptr, m_ptr, l_ptr, kt, r, q_head, num_q_heads, offs_w,
+                                mask_w, offs_d, mask_d, num_splits, qk_scale, stride_qw,
+                                stride_qh, stride_qd, WINDOW, BLOCK_S, DOT_FP32, PRECISION)
                 col += tl.sum(tl.where(mask_w[:, None], p, 0.0), 0)
             if REDUCE_MAX:
                 reduced = tl.maximum(reduced, col)
@@ -197,6 +222,40 @@ def default_num_splits(programs_per_row: int, device: torch.device) -> int:
     want = triton.cdiv(num_programs_target(device), max(programs_per_row, 1))
     splits = max(1, min(want, MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
+
+
+def block_d_of(dim: int) -> int:
+    """Head-dim tile: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def query_stats(queries: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                meta: torch.Tensor, qk_scale: float, num_splits: int | None, *, causal: bool,
+                dot_fp32: bool, precision: str = "ieee"
+                ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Pass 1 (``_window_stats``) for queries ``[R, Q, Hq, D]`` of the rows in ``meta``:
+    per-split max and sum of exponentials ``[R, S, Hq, Q]`` (two tensors), the split count
+    ``S`` used and the query tile. ``causal``: query ``i`` sits at position ``L - Q + i``
+    (a window); otherwise every query sees the whole prompt."""
+    rows, num_queries, num_q_heads, dim = queries.shape
+    _, heads, block_size, _ = key_cache.shape
+    dev = queries.device
+    block_q = max(16, min(64, triton.next_power_of_2(num_queries)))
+    q_blocks = triton.cdiv(num_queries, block_q)
+    if num_splits is None:
+        num_splits = default_num_splits(num_q_heads * q_blocks, dev)
+    num_splits = max(1, min(int(num_splits), MAX_SPLITS))
+    stats_m = torch.empty(rows, num_splits, num_q_heads, num_queries, dtype=torch.float32,
+                          device=dev)
+    stats_l = torch.empty_like(stats_m)
+    _window_stats[(num_q_heads, rows * q_blocks, num_splits)](
+        queries, key_cache, block_table, meta, stats_m, stats_l, qk_scale, num_splits,
+        *queries.stride(), *key_cache.stride(), block_table.stride(0), WINDOW=num_queries,
+        GROUP=num_q_heads // heads, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_W=block_q,
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d_of(dim), DOT_FP32=dot_fp32, CAUSAL=causal,
+        PRECISION=precision,
+    )
+    return stats_m, stats_l, num_splits, block_q
 
 
 def score_windows_triton(
@@ -229,24 +288,14 @@ def score_windows_triton(
                      torch.int32, dev)
     out = torch.full((rows, heads, longest - window), float("-inf"), dtype=torch.float32,
                      device=dev)
-    block_w = max(16, min(64, triton.next_power_of_2(window)))
-    block_n = 64
-    w_blocks = triton.cdiv(window, block_w)
-    if num_splits is None:
-        num_splits = default_num_splits(num_q_heads * w_blocks, dev)
-    num_splits = max(1, min(int(num_splits), MAX_SPLITS))
-    stats_m = torch.empty(rows, num_splits, num_q_heads, window, dtype=torch.float32,
-                          device=dev)
-    stats_l = torch.empty_like(stats_m)
-    block_d = max(16, triton.next_power_of_2(dim))
     dot_fp32 = dev.type != "cuda" or window_queries.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
+    stats_m, stats_l, num_splits, block_w = query_stats(
+        window_queries, key_cache, block_table, meta, qk_scale, num_splits, causal=True,
+        dot_fp32=dot_fp32)
+    block_n = BLOCK_N
     common = dict(WINDOW=window, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=dim,
-                  BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=dot_fp32)
-    _window_stats[(num_q_heads, rows * w_blocks, num_splits)](
-        window_queries, key_cache, block_table, meta, stats_m, stats_l, qk_scale, num_splits,
-        *window_queries.stride(), *key_cache.stride(), block_table.stride(0), **common,
-    )
+                  BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d_of(dim), DOT_FP32=dot_fp32)
     _candidate_scores[(rows * heads, triton.cdiv(longest - window, block_n))](
         window_queries, key_cache, block_table, meta, stats_m, stats_l, out, qk_scale,
         num_splits, *window_queries.stride(), *key_cache.stride(), block_table.stride(0),

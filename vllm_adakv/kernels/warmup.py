@@ -10,8 +10,9 @@ decode with and without split-K (every power-of-two split count the default
 heuristic can choose), and the variants for head-pages pooled across layers (the
 all-layers compaction and the decode over chunk tables, on a two-layer buffer; the
 plan kernel's layer tile covers groups of up to 64 layers, ``num_layers`` compiles
-the one of a larger group). Settings a request overrides (another window, say) may
-still compile on first use.
+the one of a larger group), and with ``gvote_samples`` GVote's vote (voter attention
+and the top-list mass kernel, whose voter count is compiled in). Settings a request
+overrides (another window, say) may still compile on first use.
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ from vllm_adakv.kernels.triton_decode import (
     row_table,
 )
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
+from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.policies import select_keep_masks
+from vllm_adakv.policies.gvote import gvote_voters
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
-            pool_kernel: int, alpha: float, num_layers: int | None = None) -> float:
+            pool_kernel: int, alpha: float, num_layers: int | None = None,
+            gvote_samples: int | None = None) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
     returns the seconds it took. ``num_layers``: layers of a pooled group (only needed
-    past 64, where the pooled plan kernel compiles another layer tile)."""
+    past 64, where the pooled plan kernel compiles another layer tile). ``gvote_samples``:
+    also GVote's vote with that many synthetic queries (``None``: not GVote)."""
     start = time.perf_counter()
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
@@ -62,6 +67,10 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         method_masks.append(masks)
         compact_rows_triton(key_cache, value_cache, table, [1, 0], masks,
                             [-(-n // block_size) for n in lengths])
+    if gvote_samples is not None:
+        voters = gvote_voters(queries, gvote_samples, 0, 0)
+        probs = voter_probs_triton(voters, key_cache, table, [1, 0], lengths, head_dim**-0.5)
+        min_mass_above_triton(probs, lengths, 0.9, max(budgets))
     # Pooled: layers of one buffer at block offsets (the all-layers view has the layer
     # view's strides), compacted at once; then the decode over their chunk tables.
     layers = 2

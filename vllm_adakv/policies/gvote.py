@@ -42,23 +42,33 @@ Modelling choices (each one ours; the paper has no public code):
    of that head only.
 
 Arithmetic is float64 when the inputs are float64, float32 otherwise. ``c_v`` is
-exact wherever it is below ``p`` (all that the vote and the cap ever compare): it comes
-from a partial sort, the top ``m`` probabilities of each voter with ``m`` doubled from 64
-until every voter's top ``m`` holds mass ``p`` (:func:`mass_above_nucleus`), so peaked
-voters cost ``O(L log m)`` instead of a full sort (on the CPU; on CUDA a full sort, which
-needs no value read back to the host). ``p >= 1`` needs the full order.
+exact wherever the selection reads it, and only there: below ``p`` and, with a cap of
+``max_keep`` tokens, for keys with fewer than ``max_keep`` keys strictly above them (a
+kept key always is: each key above it for its best voter has a smaller ``c*``, pooled or
+not, and at most ``w`` of those are window keys). So each voter needs only its top
+``max_keep`` probabilities, never a full sort of the prompt
+(``kernels.voting.mass_above_nucleus``; on the CPU the top list also stops growing once
+it holds mass ``p``). The batched path (``gvote_voters``, then the kernels
+``voter_probs`` and ``min_mass_above``, then :func:`gvote_keep_masks`) serves every
+request of a layer at once, reading keys from the paged cache; :func:`gvote_keep_mask`
+is the same selection for one request with dense keys.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
-from vllm_adakv.kernels.scoring import pool_scores
-from vllm_adakv.tensors import host_to_device
+from vllm_adakv.kernels.scoring import pool_rows
+from vllm_adakv.kernels.voting import mass_above, mass_above_nucleus, voter_softmax, work_dtype
+from vllm_adakv.tensors import host_to_device, on_device
 
-from .common import check_int, topk_mask
+from .common import check_int, topk_masks
+
+__all__ = ["gvote_keep_mask", "gvote_keep_masks", "gvote_voters", "layer_seed", "mass_above",
+           "mass_above_nucleus", "synthetic_queries", "vote_scores"]
 
 _LAYER_STRIDE = 1_000_003  # a prime larger than any layer count
 
@@ -75,76 +85,107 @@ def synthetic_queries(window_queries: torch.Tensor, num_samples: int,
     """``S`` draws ``[S, Hq, D]`` from the per-head diagonal Gaussian of ``[w, Hq, D]``."""
     num_samples = check_int("num_samples", num_samples, 0)
     _, heads, dim = window_queries.shape
-    dtype = _work_dtype(window_queries)
-    q = window_queries.to(dtype)
-    mean = q.mean(0)
-    std = q.var(0, correction=0).sqrt()
+    eps = _draw_noise(generator, num_samples, heads, dim)
+    return _sample(window_queries[None], host_to_device(eps, window_queries.device))[0]
+
+
+def _draw_noise(generator: torch.Generator, num_samples: int, heads: int, dim: int
+                ) -> torch.Tensor:
+    """``[S, heads, dim]`` standard normal float32 draws on the CPU, one sample at a time
+    (so the draws for ``S`` are a prefix of those for ``S + 1``)."""
     if num_samples == 0:
-        return q.new_empty((0, heads, dim))
-    eps = torch.stack([torch.randn(heads, dim, generator=generator, dtype=torch.float32)
-                       for _ in range(num_samples)])
-    return mean + std * host_to_device(eps, q.device).to(dtype)
+        return torch.empty(0, heads, dim)
+    return torch.stack([torch.randn(heads, dim, generator=generator, dtype=torch.float32)
+                        for _ in range(num_samples)])
 
 
-def mass_above(probs: torch.Tensor) -> torch.Tensor:
-    """Mass strictly above each key along the last dim (exact everywhere).
-
-    ``c[..., k]`` = sum of ``probs[..., j]`` over the ``j`` with ``probs[..., j] > probs[..., k]``.
-    """
-    desc, order = probs.sort(dim=-1, descending=True, stable=True)
-    csum = torch.cumsum(desc, dim=-1)
-    before = torch.cat([torch.zeros_like(desc[..., :1]), csum[..., :-1]], dim=-1)
-    # Tied keys all get the mass above their tie group: index of the group's first key.
-    idx = torch.arange(desc.shape[-1], device=desc.device).expand_as(desc)
-    new_group = torch.ones_like(desc, dtype=torch.bool)
-    new_group[..., 1:] = desc[..., 1:] != desc[..., :-1]
-    start = torch.where(new_group, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return torch.empty_like(probs).scatter_(-1, order, before.gather(-1, start))
+def _sample(window_queries: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``mu + sigma * eps``: ``[R, S, Hq, D]`` from windows ``[R, w, Hq, D]``."""
+    dtype = work_dtype(window_queries)
+    q = window_queries.to(dtype)
+    mean = q.mean(1, keepdim=True)
+    std = q.var(1, correction=0, keepdim=True).sqrt()
+    return mean + std * eps.to(dtype)[None]
 
 
-def mass_above_nucleus(probs: torch.Tensor, p: float, first_m: int = 64) -> torch.Tensor:
-    """:func:`mass_above` where it is ``< p``; elsewhere some value ``>= p``.
+_NOISE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_NOISE_ENTRIES = 512  # a few models' layers; each entry is S x Hq x D float32
 
-    Uses the sorted top ``m`` of each row only, ``m`` doubling until every row's top ``m``
-    holds mass ``>= p``; past ``L / 2`` (flat rows, or ``p >= 1``) a full sort is cheaper.
-    Sums are the same prefix sums a full sort gives. On CUDA it is the full sort: the
-    doubling reads a flag back from the device each round, which would stall the host
-    inside the forward pass (a sort of these rows is cheap there).
-    """
-    length = probs.shape[-1]
-    m = min(length, first_m)
-    while True:
-        if p >= 1.0 or 2 * m > length or probs.is_cuda:
-            return mass_above(probs)
-        top = probs.topk(m, dim=-1, sorted=True).values
-        csum = torch.cumsum(top, dim=-1)
-        if bool((csum[..., -1] >= p).all()):
-            break
-        m *= 2
-    before = torch.cat([torch.zeros_like(csum[..., :1]), csum], dim=-1)  # [..., m + 1]
-    # keys strictly above probs[k] = m - (top values <= probs[k]); ascending search
-    n_greater = m - torch.searchsorted(top.flip(-1).contiguous(), probs.contiguous(),
-                                       right=True)
-    return before.gather(-1, n_greater)
+
+def layer_noise(seed: int, layer_idx: int, num_samples: int, heads: int, dim: int,
+                device: torch.device) -> torch.Tensor:
+    """The noise ``eps`` of one layer on ``device``: request-independent, so drawn (and
+    copied to the device) once per (seed, layer, shape) and reused."""
+    key = (seed, layer_idx, num_samples, heads, dim, str(device))
+    eps = _NOISE.get(key)
+    if eps is None:
+        gen = torch.Generator().manual_seed(layer_seed(seed, layer_idx))
+        eps = host_to_device(_draw_noise(gen, num_samples, heads, dim), device)
+        _NOISE[key] = eps
+        while len(_NOISE) > _NOISE_ENTRIES:
+            _NOISE.popitem(last=False)
+    _NOISE.move_to_end(key)
+    return eps
+
+
+def gvote_voters(window_queries: torch.Tensor, num_samples: int, seed: int, layer_idx: int
+                 ) -> torch.Tensor:
+    """Voters ``[R, S + 1, Hq, D]`` of ``R`` requests of one layer: ``S`` synthetic queries
+    (choices 1-2) and the last real query. window_queries: ``[R, w, Hq, D]``."""
+    num_samples = check_int("num_samples", num_samples, 0)
+    rows, _, heads, dim = window_queries.shape
+    eps = layer_noise(check_int("seed", seed, 0), layer_idx, num_samples, heads, dim,
+                      window_queries.device)
+    samples = _sample(window_queries, eps)
+    return torch.cat([samples, window_queries[:, -1:].to(samples.dtype)], dim=1)
 
 
 def vote_scores(voters: torch.Tensor, keys: torch.Tensor, scale: float,
-                nucleus_p: float = 1.0) -> torch.Tensor:
+                nucleus_p: float = 1.0, most: int | None = None) -> torch.Tensor:
     """``c*[h, k] = min`` over the voters of KV head ``h`` of the mass above key ``k``.
 
-    Exact where ``c* < nucleus_p`` (see :func:`mass_above_nucleus`), ``>= nucleus_p``
-    elsewhere; ``nucleus_p = 1`` gives it exactly everywhere.
+    Exact where ``c* < nucleus_p`` or where the key has fewer than ``most`` keys above
+    it for a voter attaining ``c*`` (:func:`mass_above_nucleus`); elsewhere ``>= nucleus_p``.
+    ``nucleus_p = 1`` and ``most = None`` give it exactly everywhere.
 
     voters: ``[V, Hq, D]`` queries; keys: ``[Hkv, L, D]``. Returns ``[Hkv, L]``.
     """
-    num_voters, num_q_heads, dim = voters.shape
-    heads, prompt_len, _ = keys.shape
-    group = num_q_heads // heads
-    dtype = _work_dtype(voters, keys)
-    q = voters.to(dtype).reshape(num_voters, heads, group, dim).permute(1, 2, 0, 3)
-    logits = torch.einsum("hgvd,hld->hgvl", q, keys.to(dtype)) * scale
-    probs = torch.softmax(logits, dim=-1).reshape(heads, group * num_voters, prompt_len)
-    return mass_above_nucleus(probs, nucleus_p).amin(dim=1)
+    return mass_above_nucleus(voter_softmax(voters, keys, scale), nucleus_p, most).amin(dim=1)
+
+
+def gvote_keep_masks(vote: torch.Tensor, prompt_lens: list[int], *, window: int,
+                     nucleus_p: float, max_keeps: list[int], pool_kernel: int = 1
+                     ) -> torch.Tensor:
+    """Keep masks ``[R, H, Lmax]`` (True = kept) from ``c*`` of ``R`` requests of a layer.
+
+    vote: ``[R, H, Lmax]`` ``c*`` (``kernels.min_mass_above``; row ``r`` real in its first
+    ``prompt_lens[r]`` positions). Candidates ``[0, L_r - w)`` with ``c*`` min-pooled over
+    ``pool_kernel`` (choice 6) below ``nucleus_p`` are kept, trimmed to each row's
+    ``max_keeps[r] - w`` smallest (choice 7); the window is always kept.
+    """
+    rows, heads, width = vote.shape
+    device = vote.device
+    candidates = [n - window for n in prompt_lens]
+    if min(candidates) < 0 or any(cap < window for cap in max_keeps):
+        raise ValueError(f"need prompt_len >= window and max_keep >= window ({window}); "
+                         f"got {prompt_lens}, {max_keeps}")
+    check_int("pool_kernel", pool_kernel, 1)
+    if pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd, got {pool_kernel}")
+    cand_width = max(candidates)
+    pooled = -pool_rows(-vote[:, :, :cand_width], candidates, "max", pool_kernel)
+    room = [min(c, cap - window) for c, cap in zip(candidates, max_keeps, strict=True)]
+    limit = on_device(room, torch.long, device)[:, None]
+    if nucleus_p >= 1.0:
+        counts = limit.expand(rows, heads)
+    else:
+        counts = torch.minimum((pooled < nucleus_p).sum(-1), limit)
+    keep = torch.zeros(rows, heads, width, dtype=torch.bool, device=device)
+    # smallest pooled c*, ties: lower position; padding is never kept
+    keep[:, :, :cand_width] = topk_masks(-pooled, counts, candidates, max(room))
+    pos = torch.arange(width, device=device)
+    lengths = on_device(prompt_lens, torch.long, device)[:, None, None]
+    return keep | ((pos >= lengths - window) & (pos < lengths))
 
 
 def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: float,
@@ -159,40 +200,12 @@ def gvote_keep_mask(window_queries: torch.Tensor, keys: torch.Tensor, *, scale: 
     """
     _check(window_queries, keys, nucleus_p)
     window = window_queries.shape[0]
-    heads, prompt_len, _ = keys.shape
-    num_candidates = prompt_len - window
-    if max_keep is not None:
-        max_keep = check_int("max_keep", max_keep, window)
-    gen = torch.Generator().manual_seed(layer_seed(seed, layer_idx))
-    samples = synthetic_queries(window_queries, num_samples, gen)
-    voters = torch.cat([samples, window_queries[-1:].to(samples.dtype)], dim=0)
-    cand_score = min_pool(vote_scores(voters, keys, scale, nucleus_p)[:, :num_candidates],
-                          pool_kernel)
-    if nucleus_p >= 1.0:
-        counts = torch.full((heads,), num_candidates, dtype=torch.long, device=keys.device)
-    else:
-        counts = (cand_score < nucleus_p).sum(dim=1)
-    most = num_candidates  # a host bound on counts: topk_mask need not read counts back
-    if max_keep is not None:
-        counts = counts.clamp(max=max_keep - window)
-        most = min(most, max_keep - window)
-    cand = topk_mask(-cand_score, counts, max_count=most)  # smallest c*, ties: lower position
-    window_mask = torch.ones(heads, window, dtype=torch.bool, device=keys.device)
-    return torch.cat([cand, window_mask], dim=1)
-
-
-def min_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``out[h, k] = min(scores[h, j] for |j - k| <= kernel // 2)`` over ``[H, C]``."""
-    kernel = check_int("pool_kernel", kernel, 1)
-    if kernel % 2 == 0:
-        raise ValueError(f"pool_kernel must be odd, got {kernel}")
-    if kernel == 1 or scores.shape[-1] == 0:
-        return scores
-    return -pool_scores(-scores, "max", kernel)
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    prompt_len = keys.shape[1]
+    cap = prompt_len if max_keep is None else check_int("max_keep", max_keep, window)
+    voters = gvote_voters(window_queries[None], num_samples, seed, layer_idx)[0]
+    vote = vote_scores(voters, keys, scale, nucleus_p, most=min(cap, prompt_len))
+    return gvote_keep_masks(vote[None], [prompt_len], window=window, nucleus_p=nucleus_p,
+                            max_keeps=[cap], pool_kernel=pool_kernel)[0]
 
 
 def _check(window_queries: torch.Tensor, keys: torch.Tensor, nucleus_p: float) -> None:
