@@ -3,12 +3,17 @@
 # On the device machine, from the repository root, after part-ops was staged
 # (benchmarks/NOTES-gpu.md, "Runbook"); carry .gpu/vllm/part-py. Results under $OUT.
 #
-#   bash benchmarks/gpu_session.sh check        # GPU tests: kernels, no sync, engine (no JIT)
+#   bash benchmarks/gpu_session.sh check        # GPU kernel tests at real sizes, no sync (~30 s)
+#   bash benchmarks/gpu_session.sh check-engine M # engine test of method M: no JIT under graphs,
+#                                               # eager == compiled (adakv ~90 s, others ~4 min)
 #   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
 #   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
 #   bash benchmarks/gpu_session.sh throughput-A1000
+#   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
+#   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
+#   bash benchmarks/gpu_session.sh serving      # vllm serve + vllm bench serve, 8x (~6 min)
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -16,7 +21,12 @@ source scripts/gpu-env.sh >/dev/null 2>&1 || { echo "gpu-env failed" >&2; exit 1
 MODEL=benchmarks/models/llama-3.1-8b
 case "${1:?stage}" in
   check)
-    python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/check.log" | tail -5
+    timeout 300 python3 -m pytest -q tests/gpu/test_cuda_kernels.py 2>&1 | tee "$OUT/check.log" \
+      | tail -5
+    ;;
+  check-engine)
+    timeout 560 python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -k "${2:?method}" 2>&1 \
+      | tee "$OUT/check-engine-$2.log" | tail -5
     ;;
   check-e2e)
     timeout 560 python3 -m pytest -q tests/e2e/test_engine.py \
@@ -41,6 +51,23 @@ case "${1:?stage}" in
     python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 1000 \
       --output-len 500 --num-prompts 256 --ratios 8,16 --out "$OUT" 2>&1 | grep -v "^{" \
       | tee "$OUT/A1000.log" | tail -20
+    ;;
+  throughput-B-compare)
+    timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
+      --output-len 500 --num-prompts 64 --ratios 8 --kv-cache-gib 8 --reserve-output 500 \
+      --method adakv,gvote --suffix -compare --out "$OUT" 2>&1 | grep -v "^{" \
+      | tee "$OUT/B-compare.log" | tail -20
+    ;;
+  throughput-C8)
+    timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
+      --output-len 2000 --num-prompts 64 --ratios 4,16 --kv-cache-gib 8 --reserve-output 2000 \
+      --suffix -8gib --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/C8.log" | tail -20
+    ;;
+  serving)
+    timeout 580 python3 -m benchmarks.serving --model "$MODEL" --input-len 6000 --output-len 500 \
+      --num-prompts 64 --request-rate 1 --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
+      --port 0 --out "$OUT" 2>&1 \
+      | tee "$OUT/serving.log" | tail -20
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

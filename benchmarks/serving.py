@@ -208,6 +208,8 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
             server += ["--attention-backend", args.vanilla_backend]
     else:
         server += ["--kv-compression", method, "--kv-budget", str(budget)]
+        if args.reserve_output:
+            server += ["--kv-reserve-output", str(args.reserve_output)]
     server += shlex.split(args.extra_server_args)
 
     tmp = Path(tempfile.mkdtemp(prefix=f"serving-{method}-"))  # removed unless it fails
@@ -291,6 +293,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8000, help="0: a free port per server")
     ap.add_argument("--server-timeout", type=float, default=900, help="seconds to /health")
+    ap.add_argument("--reserve-output", type=int, default=0,
+                    help="--kv-reserve-output of the compressed server (0: none)")
     ap.add_argument("--extra-server-args", default="",
                     help="appended to both servers' flags; write --extra-server-args='...'")
     ap.add_argument("--out", default="benchmarks/results", help="folder of the result JSON")

@@ -192,6 +192,31 @@ def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
     return max(1, min(256, (tokens - args.input_len) // per_request))
 
 
+def run_method(args: argparse.Namespace, base: dict, method: str, ratios: list[int],
+               add, save) -> None:
+    """The compressed points of one method: one engine for all ratios (each request
+    carries its budget), or one per ratio with ``--fresh-engines``."""
+    out_len = args.output_len
+    ours = {**base, "method": method, "reserve_output": args.reserve_output,
+            "engine": {**base["engine"], **json.loads(args.engine_extra)}}
+    if args.fresh_engines:
+        for ratio in ratios:
+            budget = args.input_len // ratio
+            res, = spawn({**ours, "budget": budget, "max_num_seqs": max_num_seqs(args, budget),
+                          "points": [{"max_tokens": out_len, "budget": budget}]})
+            add(ratio, res)
+            save()
+        return
+    budgets = [args.input_len // r for r in ratios]
+    sizing = min((b for r, b in zip(ratios, budgets, strict=True) if r > 1),
+                 default=budgets[0], key=lambda b: -b)
+    results = spawn({**ours, "budget": sizing, "max_num_seqs": max_num_seqs(args, sizing),
+                     "points": [{"max_tokens": out_len, "budget": b} for b in budgets]})
+    for ratio, res in zip(ratios, results, strict=True):
+        add(ratio, res)
+    save()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -201,7 +226,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=500)
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--ratios", default="1,8,64")
-    ap.add_argument("--method", default="adakv")
+    ap.add_argument("--method", default="adakv",
+                    help="compression method of the compressed points; a comma list runs "
+                         "each (its own engine) against the same vanilla run")
     ap.add_argument("--kv-cache-gib", type=float, default=None)
     ap.add_argument("--max-num-seqs", default="256",
                     help="for the compressed points: a number, or 'auto' = the requests the "
@@ -261,12 +288,12 @@ def main() -> None:
             "vanilla": vanilla, "prefill_only": prefill, "flag_off": flag_off,
             "points": points}, indent=1))
 
-    def add(ratio: int, res: dict) -> None:
+    def add(method: str, ratio: int, res: dict) -> None:
         if "error" in res:
             return
         point = {"regime": args.regime, "input_len": args.input_len,
                  "output_len": out_len, "num_prompts": args.num_prompts,
-                 "method": args.method, "ratio": ratio, "budget": args.input_len // ratio,
+                 "method": method, "ratio": ratio, "budget": args.input_len // ratio,
                  **res, "vanilla_out_tok_s": vanilla["out_tok_s"],
                  "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
         print(json.dumps(point), flush=True)
@@ -279,24 +306,8 @@ def main() -> None:
             flag_off["speedup"] = flag_off["out_tok_s"] / vanilla["out_tok_s"]
         save()
     ratios = [int(r) for r in args.ratios.split(",")]
-    ours = {**base, "method": args.method, "reserve_output": args.reserve_output,
-            "engine": {**base["engine"], **json.loads(args.engine_extra)}}
-    if args.fresh_engines:
-        for ratio in ratios:
-            budget = args.input_len // ratio
-            res, = spawn({**ours, "budget": budget, "max_num_seqs": max_num_seqs(args, budget),
-                          "points": [{"max_tokens": out_len, "budget": budget}]})
-            add(ratio, res)
-            save()
-    else:
-        budgets = [args.input_len // r for r in ratios]
-        sizing = min((b for r, b in zip(ratios, budgets, strict=True) if r > 1),
-                     default=budgets[0], key=lambda b: -b)
-        results = spawn({**ours, "budget": sizing, "max_num_seqs": max_num_seqs(args, sizing),
-                         "points": [{"max_tokens": out_len, "budget": b} for b in budgets]})
-        for ratio, res in zip(ratios, results, strict=True):
-            add(ratio, res)
-        save()
+    for method in args.method.split(","):
+        run_method(args, base, method, ratios, lambda r, res, m=method: add(m, r, res), save)
     print(f"wrote {path}")
 
 

@@ -35,7 +35,7 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.serving", "--model", str(model),
          "--input-len", "256", "--output-len", "8", "--num-prompts", str(NUM_PROMPTS),
          "--request-rate", "8", "--ratio", "4", "--num-warmups", "0", "--kv-cache-gib", "1",
-         "--port", "0", "--out", str(out),
+         "--reserve-output", "8", "--port", "0", "--out", str(out),
          "--extra-server-args=--block-size 32 --enforce-eager"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]

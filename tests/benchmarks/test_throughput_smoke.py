@@ -2,8 +2,9 @@
 
 Vanilla + prefill-only in one engine, the plugin loaded with compression off, and
 Ada-KV at ratios 1 and 4 in one shared engine (each point's requests carry their
-budget). The tiny dummy-weight Llama, 6 prompts of 300 tokens, 6 generated tokens,
-blocks of 32. About a minute and a half on 2 cores.
+budget), then GVote at ratio 4 in its own engine against the same vanilla run. The tiny
+dummy-weight Llama, 6 prompts of 300 tokens, 6 generated tokens, blocks of 32. About two
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def test_shared_engine_points(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--model", str(model),
          "--regime", "B", "--input-len", "300", "--output-len", "6", "--num-prompts", "6",
-         "--ratios", "1,4", "--dtype", "float32", "--flag-off", "--out", str(out),
+         "--ratios", "1,4", "--method", "adakv,gvote", "--dtype", "float32", "--flag-off",
+         "--out", str(out),
          '--all-engines-extra={"block_size": 32, "enforce_eager": true}'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -44,9 +46,10 @@ def test_shared_engine_points(tmp_path: Path) -> None:
     assert result["vanilla"]["out_tokens"] == 6 * 6
     assert result["prefill_only"]["out_tokens"] == 6
     assert result["flag_off"]["out_tokens"] == 6 * 6
-    by_ratio = {p["ratio"]: p for p in result["points"]}
-    assert set(by_ratio) == {1, 4}
-    for point in by_ratio.values():
+    assert [(p["method"], p["ratio"]) for p in result["points"]] == [
+        ("adakv", 1), ("adakv", 4), ("gvote", 1), ("gvote", 4)]
+    by_ratio = {p["ratio"]: p for p in result["points"] if p["method"] == "adakv"}
+    for point in result["points"]:
         assert point["out_tokens"] == 6 * 6
         assert point["engine_points"] == 2
         assert point["speedup"] == pytest.approx(
@@ -57,3 +60,5 @@ def test_shared_engine_points(tmp_path: Path) -> None:
     assert by_ratio[4]["mean_kv_blocks"] < 0.6 * by_ratio[1]["mean_kv_blocks"]
     assert by_ratio[1]["mean_kv_blocks"] == pytest.approx(result["vanilla"]["mean_kv_blocks"],
                                                           rel=0.2)
+    gvote = {p["ratio"]: p for p in result["points"] if p["method"] == "gvote"}
+    assert gvote[4]["mean_kv_blocks"] < 0.6 * gvote[1]["mean_kv_blocks"]  # its cap: 75

@@ -35,3 +35,19 @@ def test_tp2_adakv_allocates_per_rank(small_model):
     assert tp1_adakv["outputs"] != tp1_snapkv["outputs"], "test cannot tell the allocations apart"
     assert tp2_adakv["outputs"] == tp1_snapkv["outputs"]
     assert tp2_adakv["released_blocks"] == tp1_snapkv["released_blocks"] > 0
+
+
+def test_tp2_gvote_keeps_what_tp1_keeps(small_model):
+    """GVote votes per KV head with each head's own slice of the noise, so at tp = 2
+    (one KV head per rank) it keeps, and generates, what it does at tp = 1."""
+    def run(tp: int) -> dict:
+        spec = {"model_dir": str(small_model), "requests": REQUESTS,
+                "compression": {"method": "gvote", "max_budget": 48, "window": 16,
+                                "gvote_p": 0.9, "gvote_samples": 4},
+                "engine": {"tensor_parallel_size": tp}}
+        return run_scenario(spec, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2
+                            else None)
+
+    tp1, tp2 = run(1), run(2)
+    assert tp2["outputs"] == tp1["outputs"]
+    assert tp2["released_blocks"] == tp1["released_blocks"] > 0

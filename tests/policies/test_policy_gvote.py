@@ -228,3 +228,18 @@ def test_reduced_precision_inputs(rng):
 def test_bad_inputs_raise(q_shape, k_shape, kw, match):
     with pytest.raises(ValueError, match=match):
         _mask(torch.zeros(q_shape), torch.zeros(k_shape), **kw)
+
+
+def test_tensor_parallel_ranks_slice_the_noise_of_all_heads(rng):
+    """Each rank's voters are its heads' slice of the single-rank voters, so the kept set
+    of a KV head does not depend on the tensor-parallel size."""
+    from vllm_adakv.policies.gvote import gvote_voters
+
+    q = torch.randn(2, 6, 8, 16, dtype=torch.float64)  # [R, w, Hq, D]
+    whole = gvote_voters(q, 5, seed=rng.seed, layer_idx=3)
+    ranks = [gvote_voters(q[:, :, 4 * r : 4 * r + 4], 5, rng.seed, 3, shard=(r, 2))
+             for r in range(2)]
+    assert torch.equal(torch.cat(ranks, dim=2), whole)
+    assert not torch.equal(ranks[0], ranks[1])
+    with pytest.raises(ValueError, match="rank 2 must be < size 2"):
+        gvote_voters(q, 5, 0, 3, shard=(2, 2))

@@ -155,8 +155,10 @@ def group_by_selection(rows: list[RowPlan], default: KVCompressionConfig
 class CompressionStore:
     """All compressible requests of this worker, by request id."""
 
-    def __init__(self, cfg: KVCompressionConfig, layer_indices: tuple[int, ...]) -> None:
+    def __init__(self, cfg: KVCompressionConfig, layer_indices: tuple[int, ...],
+                 tp_shard: tuple[int, int] = (0, 1)) -> None:
         self.cfg = cfg
+        self.tp_shard = tp_shard  # (rank, size): this worker's share of the heads
         self.layer_indices = tuple(layer_indices)  # compressed layers, model indices
         self.last_layer = max(self.layer_indices)
         self.requests: dict[str, RequestKV] = {}
@@ -253,7 +255,8 @@ class CompressionStore:
             queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
         if cfg.method == "gvote":
             caps = [r.plan.layer_budgets[layer_idx] for r in rows]
-            voters = gvote_voters(queries, cfg.gvote_samples, cfg.gvote_seed, layer_idx)
+            voters = gvote_voters(queries, cfg.gvote_samples, cfg.gvote_seed, layer_idx,
+                                  self.tp_shard)
             probs = kernels.voter_probs(voters, key_cache, block_table, [r.row for r in rows],
                                         lengths, scale)
             most = max(min(n, cap) for n, cap in zip(lengths, caps, strict=True))

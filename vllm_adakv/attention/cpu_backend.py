@@ -27,7 +27,11 @@ from vllm_adakv import kernels
 from vllm_adakv.attention.batch import StepPlan, build_step_plan
 from vllm_adakv.attention.compressor import CompressionStore, LayerCache
 from vllm_adakv.attention.layer_views import group_blocks
-from vllm_adakv.attention.settings import compressible_spec, remember_model_settings
+from vllm_adakv.attention.settings import (
+    compressible_spec,
+    remember_model_settings,
+    tensor_parallel_shard,
+)
 from vllm_adakv.core.spec import CompressedAttentionSpec
 
 # Per-head-page layouts this backend can read and write (see logical_kv_views).
@@ -40,7 +44,8 @@ def compression_store(spec: CompressedAttentionSpec) -> CompressionStore:
     global _STORE
     if (_STORE is None or _STORE.cfg != spec.compression
             or _STORE.layer_indices != spec.compressed_layers):
-        _STORE = CompressionStore(spec.compression, spec.compressed_layers)
+        _STORE = CompressionStore(spec.compression, spec.compressed_layers,
+                                  tensor_parallel_shard())
     return _STORE
 
 

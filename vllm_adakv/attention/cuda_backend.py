@@ -50,6 +50,7 @@ from vllm_adakv.attention.settings import (
     compressible_spec,
     mark_decode_graphs_need_prompt_free_steps,
     remember_model_settings,
+    tensor_parallel_shard,
 )
 from vllm_adakv.core.spec import CompressedAttentionSpec
 from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
@@ -66,7 +67,7 @@ def _worker_state(spec: CompressedAttentionSpec, num_slots: int,
     shape = (num_slots, spec.num_layers, spec.num_kv_heads)
     layers = spec.compressed_layers
     if _STORE is None or _STORE.cfg != spec.compression or _STORE.layer_indices != layers:
-        _STORE = CompressionStore(spec.compression, layers)
+        _STORE = CompressionStore(spec.compression, layers, tensor_parallel_shard())
     if (_POOL is None or _POOL.shape != shape
             or _POOL.chunk_base.shape[1] != len(layers)):
         _POOL = RangePool(*shape, device=device, num_chunks=len(layers))

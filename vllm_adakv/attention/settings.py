@@ -83,3 +83,13 @@ def decode_graphs_need_prompt_free_steps() -> bool:
     """Whether a step with prompt tokens must stay out of full CUDA graphs here
     (its per-layer compression work runs in Python)."""
     return _PROMPT_FREE_DECODE_GRAPHS
+
+
+def tensor_parallel_shard() -> tuple[int, int]:
+    """(rank, size) of this worker in its tensor-parallel group; (0, 1) without one."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())

@@ -81,25 +81,29 @@ def mass_above(probs: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(probs).scatter_(-1, order, before.gather(-1, start))
 
 
-def top_mass_lists(probs: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_mass_lists(probs: torch.Tensor, m: int, top: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``m`` largest values in ascending order ``[..., m]`` and the mass
-    above each rank ``[..., m + 1]`` (``before[i]`` = sum of the ``i`` largest)."""
-    if 2 * m > probs.shape[-1]:  # most of the row: one sort is cheaper than a top-k
+    above each rank ``[..., m + 1]`` (``before[i]`` = sum of the ``i`` largest).
+    ``top``: those values in descending order, if already known."""
+    if top is None and 2 * m > probs.shape[-1]:  # most of the row: a sort beats a top-k
         top = probs.sort(dim=-1, descending=True).values[..., :m]
-    else:
+    elif top is None:
         top = probs.topk(m, dim=-1, sorted=True).values
     before = torch.cat([torch.zeros_like(top[..., :1]), torch.cumsum(top, dim=-1)], dim=-1)
     return top.flip(-1).contiguous(), before
 
 
-def mass_above_top(probs: torch.Tensor, m: int) -> torch.Tensor:
+def mass_above_top(probs: torch.Tensor, m: int, top: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """:func:`mass_above` for every key with fewer than ``m`` keys strictly above it
-    (its own row); ``inf`` for keys below each row's ``m``-th largest value."""
+    (its own row); ``inf`` for keys below each row's ``m``-th largest value. ``top``:
+    each row's ``m`` largest values, descending, if already known."""
     length = probs.shape[-1]
     m = max(1, min(m, length))
     if m == length:
         return mass_above(probs)
-    asc, before = top_mass_lists(probs, m)
+    asc, before = top_mass_lists(probs, m, top)
     n_greater = m - torch.searchsorted(asc, probs.contiguous(), right=True)
     mass = before.gather(-1, n_greater)
     return torch.where(probs >= asc[..., :1], mass, math.inf)
@@ -125,9 +129,9 @@ def mass_above_nucleus(probs: torch.Tensor, p: float, most: int | None = None,
     while m < bound:
         top = probs.topk(m, dim=-1, sorted=True).values
         if bool((top.sum(-1) >= p).all()):
-            break
+            return mass_above_top(probs, m, top)
         m *= 2
-    return mass_above_top(probs, min(m, bound))
+    return mass_above_top(probs, bound)
 
 
 def min_mass_above_reference(probs: torch.Tensor, prompt_lens: list[int], nucleus_p: float,

@@ -18,7 +18,8 @@ Modelling choices (each one ours; the paper has no public code):
    index): the same prompt and seed give the same kept set on any device, and sample
    ``s`` does not depend on ``S`` (draws are made one sample at a time), so the voters
    for ``S`` are a prefix of those for ``S + 1``. The noise is request-independent; the
-   Gaussian is not.
+   Gaussian is not. Under tensor parallelism each rank slices its heads out of the draws
+   for all heads, so the kept set does not depend on the tensor-parallel size.
 3. **Voters.** For each KV head: its ``G`` query heads, each with the ``S`` synthetic
    queries plus the last real prompt query (position ``L - 1``). Every voter attends to
    all ``L`` prompt keys (they are queries at or after ``L - 1``): ``softmax(q k^T * scale)``.
@@ -113,14 +114,21 @@ _NOISE_ENTRIES = 512  # a few models' layers; each entry is S x Hq x D float32
 
 
 def layer_noise(seed: int, layer_idx: int, num_samples: int, heads: int, dim: int,
-                device: torch.device) -> torch.Tensor:
-    """The noise ``eps`` of one layer on ``device``: request-independent, so drawn (and
-    copied to the device) once per (seed, layer, shape) and reused."""
-    key = (seed, layer_idx, num_samples, heads, dim, str(device))
+                device: torch.device, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The noise ``eps`` ``[S, heads, dim]`` of one layer on ``device``: request-independent,
+    so drawn (and copied to the device) once per (seed, layer, shape) and reused.
+
+    ``shard = (rank, size)``: these ``heads`` are the query heads
+    ``[rank * heads, (rank + 1) * heads)`` of ``size * heads`` (tensor parallelism); the
+    draws are those of all the heads, sliced, so a head's noise does not depend on the
+    tensor-parallel size."""
+    rank, size = shard
+    key = (seed, layer_idx, num_samples, heads, dim, str(device), rank, size)
     eps = _NOISE.get(key)
     if eps is None:
         gen = torch.Generator().manual_seed(layer_seed(seed, layer_idx))
-        eps = host_to_device(_draw_noise(gen, num_samples, heads, dim), device)
+        every_head = _draw_noise(gen, num_samples, heads * size, dim)
+        eps = host_to_device(every_head[:, rank * heads : (rank + 1) * heads], device)
         _NOISE[key] = eps
         while len(_NOISE) > _NOISE_ENTRIES:
             _NOISE.popitem(last=False)
@@ -128,14 +136,18 @@ def layer_noise(seed: int, layer_idx: int, num_samples: int, heads: int, dim: in
     return eps
 
 
-def gvote_voters(window_queries: torch.Tensor, num_samples: int, seed: int, layer_idx: int
-                 ) -> torch.Tensor:
+def gvote_voters(window_queries: torch.Tensor, num_samples: int, seed: int, layer_idx: int,
+                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Voters ``[R, S + 1, Hq, D]`` of ``R`` requests of one layer: ``S`` synthetic queries
-    (choices 1-2) and the last real query. window_queries: ``[R, w, Hq, D]``."""
+    (choices 1-2) and the last real query. window_queries: ``[R, w, Hq, D]``; ``shard``:
+    (tensor-parallel rank, size) when these ``Hq`` heads are one rank's share."""
     num_samples = check_int("num_samples", num_samples, 0)
+    rank, size = check_int("tp rank", shard[0], 0), check_int("tp size", shard[1], 1)
+    if rank >= size:
+        raise ValueError(f"tensor-parallel rank {rank} must be < size {size}")
     rows, _, heads, dim = window_queries.shape
     eps = layer_noise(check_int("seed", seed, 0), layer_idx, num_samples, heads, dim,
-                      window_queries.device)
+                      window_queries.device, (rank, size))
     samples = _sample(window_queries, eps)
     return torch.cat([samples, window_queries[:, -1:].to(samples.dtype)], dim=1)
 
