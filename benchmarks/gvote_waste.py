@@ -20,7 +20,9 @@ and the scheduler's blocks, and reports, over all requests:
 
 Models: ``tiny`` (tests/e2e's 2-layer random-weight Llama, random token prompts) and
 ``smollm2`` (SmolLM2-135M-Instruct from ~/.cache/vllm-adakv, prompts cut from this
-repository's docs, natural English). Writes benchmarks/results/gvote-waste-<date>.json.
+repository's docs and code as they are at run time, natural English: an edit of the
+README moves the numbers, so compare runs of one checkout, or code changes with the
+docs held fixed). Writes benchmarks/results/gvote-waste-<date>.json.
 """
 
 from __future__ import annotations

@@ -126,7 +126,9 @@ def test_tp2_releases_what_no_rank_uses(small_model):
     [max over ranks, 8) of each request, once both ranks have reported."""
     lens = [700, 500, 333, 900]
     requests = [{"len": n, "seed": i, "max_tokens": 6} for i, n in enumerate(lens)]
-    section = {**SECTION, "gvote_p": 0.5}
+    # p = 0.8: the two ranks' heads keep different numbers of blocks for some requests
+    # (measured: 4 vs 3 and 7 vs 6 of the cap's 8), so max and min differ.
+    section = {**SECTION, "gvote_p": 0.8}
     spec = {"model_dir": str(small_model), "requests": requests, "compression": section,
             "engine": {"tensor_parallel_size": 2}, "trace": True, "worker_kept_blocks": True}
     log: list[str] = []
