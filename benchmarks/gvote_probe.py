@@ -1,6 +1,6 @@
 """Where GVote's vote spends its time on a CUDA device (one request, one layer).
 
-    python benchmarks/gvote_probe.py [--out DIR]
+    python -m benchmarks.gvote_probe [--out DIR]
 
 Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d=128), bf16 paged cache, S = 8
 synthetic queries, contexts 2k/8k/32k. Times ``voter_probs_triton`` with the float32
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.machine import device_tag
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import top_mass_lists
 from vllm_adakv.policies.gvote import gvote_voters
@@ -67,10 +68,10 @@ def main() -> None:
         rows.append(probe(ctx))
         print(json.dumps(rows[-1]), flush=True)
     gpu = torch.cuda.get_device_name()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "-").lower()
+    tag = device_tag(gpu)
     date = dt.date.today().isoformat()
     result = {"gpu": gpu, "date": date,
-              "command": " ".join(["python benchmarks/gvote_probe.py", *sys.argv[1:]]),
+              "command": " ".join(["python -m benchmarks.gvote_probe", *sys.argv[1:]]),
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

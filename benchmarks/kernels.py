@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.machine import device_tag
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton, row_table
@@ -492,7 +493,7 @@ def main() -> None:
         # A 16k-token prefill step holding 8 prompts of 2k: all compressed in one launch set.
         compress.append(compress_point(2048, rows=8))
     date = dt.date.today().isoformat()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "-").lower()
+    tag = device_tag(gpu)
     result = {"gpu": gpu, "date": date, "command": " ".join(["python -m benchmarks.kernels",
                                                               *sys.argv[1:]]),
               "torch": torch.__version__, "triton": triton.__version__,

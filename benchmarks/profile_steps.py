@@ -25,6 +25,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from benchmarks.machine import device_tag
+
 
 def _call_site() -> str:
     """Innermost frame of vllm or vllm_adakv in the current stack."""
@@ -148,7 +150,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = result["gpu"]
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[0].lower()
+    tag = device_tag(gpu)
     stem = f"profile-steps-{args.method}-{tag}-{result['date']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.txt").write_text(table)

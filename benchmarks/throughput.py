@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.machine import device_tag
+
 NO_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's allow-list: ours left out
 
 
@@ -272,7 +274,7 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     date = dt.date.today().isoformat()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[0].lower()
+    tag = device_tag(gpu)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"throughput-{tag}-{date}-{args.regime}{args.input_len}{args.suffix}.json"
