@@ -4,7 +4,8 @@ Inputs are real compacted caches (``compact_reference``) with uneven per-head pa
 counts plus a tail of generated tokens. Slots the kernel must not read (past a
 head's kept count in its last page, prompt slots of the tail block before the
 tail) are poisoned with NaN after the reference ran, and ``out`` is poisoned
-before the call. Tolerances: fp32 rtol/atol 1e-4; bf16/fp16 inputs rtol/atol
+before the call; the split-K scratch is filled with NaN (a partial read but never
+written would show). Tolerances: fp32 rtol/atol 1e-4; bf16/fp16 inputs rtol/atol
 2e-2 against the fp32 reference computed on the same rounded inputs.
 """
 
@@ -20,11 +21,29 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
-from vllm_adakv.kernels import compact_reference, headwise_attention_reference  # noqa: E402
+from vllm_adakv.kernels import (  # noqa: E402
+    compact_reference,
+    headwise_attention_reference,
+    triton_decode,
+)
 from vllm_adakv.kernels.triton_decode import headwise_attention_triton  # noqa: E402
 
 BLOCK_SIZE = 16
 WINDOW = 8
+
+
+@pytest.fixture(autouse=True)
+def nan_scratch(monkeypatch) -> list[torch.Tensor]:
+    """Split-K scratch full of NaN: combining a partial no program wrote gives NaN. Returns
+    the list of scratch tensors allocated (max, sum, acc per launch)."""
+    made = []
+
+    def scratch(*shape, device):
+        made.append(torch.full(shape, float("nan"), dtype=torch.float32, device=device))
+        return made[-1]
+
+    monkeypatch.setattr(triton_decode, "_scratch", scratch)
+    return made
 
 
 def _keep_mask(heads: int, length: int, empty_head: int | None) -> torch.Tensor:
@@ -52,10 +71,15 @@ def _kv_caches(nblocks: int, heads: int, dim: int, dtype: torch.dtype, transpose
     return key_cache, kv[:, :, BLOCK_SIZE:]
 
 
-def _build(group, dim, dtype, q_lens, transposed=False, empty_head=None, pad_tokens=0):
+def _build(group, dim, dtype, q_lens, transposed=False, empty_head=None, pad_tokens=0,
+           keep_fn=None, lengths=None):
+    """Rows of ``q_lens`` query tokens over compacted prompts of ``lengths`` tokens
+    (default: random) plus a tail; ``keep_fn(r, heads, n)`` gives row r's keep mask
+    (default: ``_keep_mask``)."""
     heads = 4 if group < 8 else 2
     rows = len(q_lens)
-    lengths = [int(x) for x in torch.randint(40, 130, (rows,))]
+    if lengths is None:
+        lengths = [int(x) for x in torch.randint(40, 130, (rows,))]
     tails = [max(int(torch.randint(1, 20, ())), q, 1) for q in q_lens]
     seq = [n + t for n, t in zip(lengths, tails, strict=True)]
     table, nblocks = random_block_tables(seq, BLOCK_SIZE)
@@ -64,7 +88,8 @@ def _build(group, dim, dtype, q_lens, transposed=False, empty_head=None, pad_tok
     for r, (n, t) in enumerate(zip(lengths, tails, strict=True)):
         write_tokens(kc, vc, table[r], torch.arange(n), torch.randn(n, heads, dim).to(dtype),
                      torch.randn(n, heads, dim).to(dtype))
-        keep = _keep_mask(heads, n, empty_head if r == 0 else None)
+        keep = (keep_fn(r, heads, n) if keep_fn is not None
+                else _keep_mask(heads, n, empty_head if r == 0 else None))
         kept_blocks = n // BLOCK_SIZE
         need = int(((keep.sum(1) + BLOCK_SIZE - 1) // BLOCK_SIZE).sum())
         if need > kept_blocks * heads:
@@ -107,14 +132,16 @@ def _poison_unread(args) -> None:
         vc[block, :, : tail % BLOCK_SIZE] = float("nan")
 
 
-def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None, split_tokens=None):
+def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None, split_tokens=None,
+           **options):
     query = args["query"]
     want = torch.full(query.shape, float("nan"), dtype=torch.float32)
     headwise_attention_reference(**args, out=want)
     _poison_unread(args)
     out = torch.full_like(query, float("nan"))
     got = headwise_attention_triton(**args, out=out, num_splits=num_splits,
-                                    pages_per_iter=pages_per_iter, split_tokens=split_tokens)
+                                    pages_per_iter=pages_per_iter, split_tokens=split_tokens,
+                                    **options)
     assert got is out
     n = query.shape[0] - pad_tokens
     assert not torch.isnan(out[:n]).any(), "output not fully written"
@@ -185,3 +212,150 @@ def test_splits_by_tokens_cover_the_longest_sequence():
 def test_decode_only_batch_default_splits():
     args = _build(1, 64, torch.float32, [1, 1, 1])
     _check(args, None, atol=1e-4, rtol=1e-4)
+
+
+# Balanced splits: each head of a row takes as many of the grid's splits as it needs to
+# hold no more than the row's mean iterations per head.
+
+
+def _balanced_k_used(args, r, pages_per_iter, splits, min_iters) -> list[int]:
+    """Splits per head of row r in balanced mode (the kernel's formula, in Python)."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    tail, seq = int(args["tail_start"][r]), int(args["seq_lens"][r])
+    n_tail = max(cdiv(seq, BLOCK_SIZE) - tail // BLOCK_SIZE, 0) if seq > tail else 0
+    iters = [cdiv(cdiv(int(c), BLOCK_SIZE), pages_per_iter) + cdiv(n_tail, pages_per_iter)
+             for c in args["kept_counts"][r]]
+    target = max(cdiv(sum(iters), len(iters)), min_iters)
+    return [min(splits, max(1, cdiv(n, target))) for n in iters]
+
+
+def _uneven_keep(r: int, heads: int, length: int) -> torch.Tensor:
+    """Very uneven heads: one keeps nothing (even rows) or one token (odd rows), one
+    all but one token, the others up to a quarter; which head is which varies by row."""
+    counts = [int(torch.randint(0, length // 4 + 1, ())) for _ in range(heads)]
+    order = torch.randperm(heads).tolist()
+    counts[order[0]] = r % 2
+    counts[order[1]] = length - 1
+    keep = torch.zeros(heads, length, dtype=torch.bool)
+    for h, n in enumerate(counts):
+        keep[h, torch.randperm(length)[:n]] = True
+    return keep
+
+
+def _check_balanced(args, scratch, splits, min_iters, pages_per_iter, tol, pad_tokens=0
+                    ) -> list:
+    """Output == reference, and exactly the partials of heads on several splits, from
+    their first k_used splits, were written (heads on one split write out directly)."""
+    k_used = [_balanced_k_used(args, r, pages_per_iter, splits, min_iters)
+              for r in range(args["page_table"].shape[0])]
+    _check(args, None, atol=tol, rtol=tol, pad_tokens=pad_tokens, pages_per_iter=pages_per_iter,
+           balance_splits=splits, balance_min_iters=min_iters)
+    if splits > 1:
+        mid_m = scratch[0]  # [tokens, q heads, splits]: a token's scratch row is its index
+        heads = args["key_cache"].shape[1]
+        group = mid_m.shape[1] // heads
+        want = torch.zeros(mid_m.shape, dtype=torch.bool)
+        qsl = args["query_start_loc"].tolist()
+        for r, k in enumerate(k_used):
+            for h, used in enumerate(k):
+                if used > 1:
+                    want[qsl[r] : qsl[r + 1], h * group : (h + 1) * group, :used] = True
+        assert torch.equal(~torch.isnan(mid_m), want), "partials written != k_used"
+    else:
+        assert not scratch, "one split needs no scratch"
+    return k_used
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_balanced_matches_reference(group, dim, nan_scratch):
+    """Uneven heads (empty, one token, nearly all), rows of 1 and 3 query tokens, each
+    with a tail: long heads over several splits, short ones on one, in the same row."""
+    args = _build(group, dim, torch.float32, [1, 3, 1], keep_fn=_uneven_keep)
+    counts = args["kept_counts"]
+    assert (counts == 0).any() and (counts == 1).any()
+    k_used = _check_balanced(args, nan_scratch, splits=4, min_iters=1, pages_per_iter=1,
+                             tol=1e-4)
+    assert all(min(k) == 1 and max(k) > 1 for k in k_used), k_used
+
+
+@pytest.mark.parametrize(("splits", "min_iters", "pages_per_iter"),
+                         [(2, 1, 1), (8, 1, 2), (4, 4, 1), (1, 1, 1)])
+def test_balanced_grid_and_minimum(splits, min_iters, pages_per_iter, nan_scratch):
+    """A grid too small for the longest head (capped at 2 splits), one larger than any
+    head needs (8: idle splits), a minimum that keeps every head here on one split (the
+    reduce must leave out alone), and a one-split grid (the plain kernel)."""
+    args = _build(4, 64, torch.float32, [2, 1], keep_fn=_uneven_keep)
+    k_used = _check_balanced(args, nan_scratch, splits, min_iters, pages_per_iter, tol=1e-4)
+    if splits == 2:
+        assert max(max(k) for k in k_used) == 2
+    if splits == 8:
+        assert max(max(k) for k in k_used) < 8
+
+
+def test_balanced_one_and_several_splits_in_a_row(nan_scratch):
+    """Row 0: a head on a single split (written by the forward) next to one on three or
+    more (partials combined by the reduce: first, middle and last splits), the others
+    empty; row 1 without query tokens; padding tokens past the last row untouched."""
+    def keep_fn(r, heads, length):
+        keep = torch.zeros(heads, length, dtype=torch.bool)
+        keep[0, : length - 1] = True  # nearly everything
+        keep[1, 5] = True  # one token
+        return keep
+
+    args = _build(4, 64, torch.float32, [3, 0, 1], keep_fn=keep_fn, pad_tokens=2,
+                  lengths=[250, 60, 70])
+    k_used = _check_balanced(args, nan_scratch, splits=8, min_iters=1, pages_per_iter=1,
+                             tol=1e-4, pad_tokens=2)
+    assert k_used[0][1] == 1 and k_used[0][0] >= 3, k_used
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_balanced_low_precision(dtype, nan_scratch):
+    args = _build(4, 128, dtype, [1, 3], transposed=True, keep_fn=_uneven_keep)
+    k_used = _check_balanced(args, nan_scratch, splits=4, min_iters=1, pages_per_iter=1,
+                             tol=2e-2)
+    assert any(max(k) > 1 for k in k_used)
+
+
+def test_balanced_page_ranges():
+    """Rows picked out of a batch in any order, their tables at other slots."""
+    from tests.kernels.test_ranges import _batch, _page_table_reference, _written
+    from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
+
+    args = _batch(4, 64, torch.float32)
+    want = _page_table_reference(args)
+    out = torch.full_like(args["query"], float("nan"))
+    headwise_attention_ranges_triton(**args, out=out, pages_per_iter=1, balance_splits=4,
+                                     balance_min_iters=1)
+    written = _written(args["rows"], out.shape[0])
+    assert not torch.isnan(out[written]).any(), "row tokens not fully written"
+    assert torch.isnan(out[~written]).all(), "tokens of other rows must be left untouched"
+    torch.testing.assert_close(out[written], want[written], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_balanced_pooled(dtype):
+    """Head-pages pooled across layers (chunk tables), every layer of the batch."""
+    from tests.kernels.test_pooling import _check_pooled_decode, _pooled_decode_batch
+
+    x = _pooled_decode_batch(4, 64, dtype)
+    _check_pooled_decode(x, 1e-4 if dtype == torch.float32 else 2e-2, pages_per_iter=1,
+                         balance_splits=4, balance_min_iters=1)
+
+
+def test_balance_arguments():
+    args = _build(1, 64, torch.float32, [1])
+    out = torch.empty_like(args["query"])
+    for bad in [dict(num_splits=2), dict(split_tokens=64)]:
+        with pytest.raises(ValueError, match="balance_splits replaces"):
+            headwise_attention_triton(**args, out=out, balance_splits=2, **bad)
+    for value in [0, 65, 2.0, True]:
+        with pytest.raises(ValueError, match="balance_splits must be"):
+            headwise_attention_triton(**args, out=out, balance_splits=value)
+    for value in [0, 1.5]:
+        with pytest.raises(ValueError, match="balance_min_iters must be"):
+            headwise_attention_triton(**args, out=out, balance_splits=2,
+                                      balance_min_iters=value)

@@ -20,10 +20,26 @@ Design (split-K flash decoding):
   (``ceil(n_iter / num_splits)`` each) and runs an fp32 online softmax (log2
   domain) over it. With one split it normalises and writes ``out`` directly;
   otherwise it writes its partial (max, sum of exp, unnormalised acc).
-* ``_headwise_reduce``, grid ``(T, Hq)``: combines the partials of the splits
-  of one query token and head and stores ``out`` in its dtype. Tokens outside
-  ``[query_start_loc[0], query_start_loc[R])`` are left untouched, as the
-  reference does.
+* ``_headwise_reduce``, grid ``(R, Hq)``: for each query token of the row, combines
+  the partials of the splits of one query head and stores ``out`` in its dtype.
+  Tokens outside the rows' query ranges are left untouched, as the reference does.
+* Balanced splits (``balance_splits=S``, ``BALANCED``; not yet timed on a GPU, so not
+  the default): with one split per (row, head), as the default gives from 32 rows x 8
+  heads up on an H200, a row's longest head sets the time (Ada-KV's flat Dirichlet
+  over 8 heads: ~2.7x the row's mean). The grid keeps ``S`` splits; program (r, h, s)
+  loads row r's H kept counts, computes each head's iterations (the formula above)
+  and their mean rounded up, and head h uses ``k_used = min(S, max(1, ceil(n_iter_h /
+  max(mean, min_iters))))`` splits of ``ceil(n_iter_h / k_used)`` iterations. Who
+  writes what: with ``k_used == 1`` split 0 normalises and writes ``out`` directly
+  (no partial); with ``k_used > 1`` splits ``0 .. k_used - 1`` each write their
+  partial (an empty one too: max -inf, sum 0, acc 0); splits ``>= k_used`` load and
+  write nothing. The reduce recomputes ``k_used`` of its (row, head) from the same
+  counts and row table with the same integer code (``_balanced_splits``), skips heads
+  with ``k_used == 1`` (``out`` is the forward's) and combines only splits ``<
+  k_used`` (the others are masked, never read: unwritten scratch may hold NaN).
+  Recomputing costs H loads per reduce program and needs no marker buffer, no
+  zeroing and no extra launch; both kernels read the same tables in the same stream,
+  so they agree.
 
 Head-pages pooled across layers (``POOLED``, page ranges only): the caches view every
 layer's blocks; entry g of a slot's sequence is chunk ``g // capacity[s]`` at block
@@ -31,8 +47,9 @@ offset ``chunk_base[s, chunk]``, and the tail reads this layer's tensor at
 ``layer_base``. Both tables are read in the kernel (CUDA-graph safe); ``layer_base``
 is an unspecialised argument.
 
-The grid depends on shapes only (R, H, T, Hq and ``num_splits``); per-row
-lengths are read inside the kernels, so nothing synchronises with the device.
+The grid depends on shapes only (R, H, T, Hq and ``num_splits`` or ``balance_splits``);
+per-row lengths and counts are read inside the kernels, so nothing synchronises with the
+device.
 Key/value caches are logical ``[nb, H, bs, D]`` views with arbitrary strides
 (e.g. keys stored transposed per head-page).
 """
@@ -47,20 +64,56 @@ from vllm_adakv.kernels.jit import jit_unspecialized
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
+# Balanced mode: a head is split only where it holds more than this many iterations
+# (and more than its row's mean); a first guess, to be tuned on a GPU.
+BALANCE_MIN_ITERS = 4
 # Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
 ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
-@jit_unspecialized(ints=["num_splits", "split_iters", "stride_mt", "stride_mh", "stride_ms",
-                         "stride_pr", "stride_pp", "stride_cr", "stride_br", "layer_base",
-                         "stride_cbs", "stride_cbk", "stride_cap"],
+@triton.jit
+def _kept_iters(kept, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr):
+    """Iterations over ``kept`` tokens' head-pages (scalar or vector)."""
+    n_pages = (kept + BLOCK_SIZE - 1) // BLOCK_SIZE
+    return (n_pages + PAGES - 1) // PAGES
+
+
+@triton.jit
+def _tail_iters(tail_start, seq_len, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr):
+    """Iterations over the tail blocks ``[tail_start, seq_len)`` (the same for every head)."""
+    n_tail = tl.maximum((seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE - tail_start // BLOCK_SIZE, 0)
+    n_tail = tl.where(seq_len > tail_start, n_tail, 0)
+    return (n_tail + PAGES - 1) // PAGES
+
+
+@triton.jit
+def _balanced_splits(cnt_row, stride_ch, n_iter, n_tail_it, num_splits, min_iters,
+                     NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr):
+    """Splits a head of ``n_iter`` iterations uses in balanced mode: enough that none
+    holds more than the row's mean over its heads (rounded up, at least ``min_iters``),
+    at most ``num_splits``, at least 1. Integer arithmetic only, on the row's kept counts
+    (``cnt_row``): the forward and the reduce kernel get the same value."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < NUM_KV_HEADS
+    kept_h = tl.load(cnt_row + offs_h * stride_ch, mask=mask_h, other=0).to(tl.int32)
+    iters_h = tl.where(mask_h, _kept_iters(kept_h, BLOCK_SIZE, PAGES) + n_tail_it, 0)
+    mean = (tl.sum(iters_h, 0) + NUM_KV_HEADS - 1) // NUM_KV_HEADS
+    target = tl.maximum(mean, min_iters)
+    k_used = tl.maximum((n_iter + target - 1) // target, 1)
+    return tl.minimum(k_used, num_splits)
+
+
+@jit_unspecialized(ints=["num_splits", "split_iters", "min_iters", "stride_mt", "stride_mh",
+                         "stride_ms", "stride_pr", "stride_pp", "stride_cr", "stride_br",
+                         "layer_base", "stride_cbs", "stride_cbk", "stride_cap"],
                    pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr", "cb_ptr",
                              "cap_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, cb_ptr, cap_ptr,
-    qk_scale, num_splits, split_iters, layer_base,
+    qk_scale, num_splits, split_iters, min_iters, layer_base,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -75,6 +128,8 @@ def _headwise_fwd(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLIT: tl.constexpr,
+    BALANCED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     PAGE_RANGES: tl.constexpr,
     POOLED: tl.constexpr,
     PAGES: tl.constexpr,
@@ -103,16 +158,25 @@ def _headwise_fwd(
 
     # Iteration space of (row, head): kept head-pages, then the tail blocks, PAGES
     # pages (or blocks) per iteration.
-    n_pages = (kept + BLOCK_SIZE - 1) // BLOCK_SIZE
     first_tail_block = tail_start // BLOCK_SIZE
-    n_tail = tl.maximum((seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE - first_tail_block, 0)
-    n_tail = tl.where(seq_len > tail_start, n_tail, 0)
-    n_kept_it = (n_pages + PAGES - 1) // PAGES
-    n_iter = n_kept_it + (n_tail + PAGES - 1) // PAGES
-    # Equal parts of this (row, head)'s sequence, or (split_iters > 0) a fixed number of
-    # iterations per split, so long heads take more programs than short ones; the
-    # launcher makes num_splits * split_iters cover the longest possible sequence.
-    per_split = tl.where(split_iters > 0, split_iters, (n_iter + num_splits - 1) // num_splits)
+    n_kept_it = _kept_iters(kept, BLOCK_SIZE, PAGES)
+    n_tail_it = _tail_iters(tail_start, seq_len, BLOCK_SIZE, PAGES)
+    n_iter = n_kept_it + n_tail_it
+    q_todo = q_len
+    if BALANCED:
+        # This head's share of the grid's splits, from its row's counts (see
+        # _balanced_splits); splits past it do nothing at all.
+        k_used = _balanced_splits(cnt_ptr + slot_row * stride_cr, stride_ch, n_iter,
+                                  n_tail_it, num_splits, min_iters, NUM_KV_HEADS, BLOCK_H,
+                                  BLOCK_SIZE, PAGES)
+        per_split = (n_iter + k_used - 1) // k_used
+        q_todo = tl.where(split < k_used, q_len, 0)
+    else:
+        # Equal parts of this (row, head)'s sequence, or (split_iters > 0) a fixed number
+        # of iterations per split, so long heads take more programs than short ones; the
+        # launcher makes num_splits * split_iters cover the longest possible sequence.
+        per_split = tl.where(split_iters > 0, split_iters,
+                             (n_iter + num_splits - 1) // num_splits)
     it_lo = tl.minimum(split * per_split, n_iter)
     it_hi = tl.minimum(it_lo + per_split, n_iter)
     kept_lo = tl.minimum(it_lo, n_kept_it)
@@ -146,7 +210,7 @@ def _headwise_fwd(
     k_in_page = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_in_page = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    for q0 in range(0, q_len, BLOCK_Q):
+    for q0 in range(0, q_todo, BLOCK_Q):
         qi = q0 + offs_qi
         mask_m = (offs_g < GROUP) & (qi < q_len)
         q_pos = seq_len - q_len + qi
@@ -246,35 +310,52 @@ def _headwise_fwd(
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
 
-        if not SPLIT:
+        # Balanced: a head on one split writes out itself (the reduce leaves it alone),
+        # a head on several writes a partial from each of its k_used splits.
+        mask_out = mask_m
+        mask_mid = mask_m
+        if BALANCED:
+            # (a vector comparison: the interpreter gives a scalar one int32 data)
+            k_used_m = tl.zeros([BLOCK_M], tl.int32) + k_used
+            mask_out = mask_m & (k_used_m == 1)
+            mask_mid = mask_m & (k_used_m > 1)
+        if (not SPLIT) or BALANCED:
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
             tl.store(
                 out_ptr + tok[:, None] * stride_ot + q_heads[:, None] * stride_oh
                 + offs_d[None, :] * stride_od,
                 o.to(out_ptr.dtype.element_ty),
-                mask=mask_m[:, None] & mask_d[None, :],
+                mask=mask_out[:, None] & mask_d[None, :],
             )
-        else:
+        if SPLIT:
             mtok = (mid_start + qi).to(tl.int64)
             mid = mtok * stride_mt + q_heads * stride_mh + split * stride_ms
-            tl.store(mid_m_ptr + mid, m_i, mask=mask_m)
-            tl.store(mid_l_ptr + mid, l_i, mask=mask_m)
+            tl.store(mid_m_ptr + mid, m_i, mask=mask_mid)
+            tl.store(mid_l_ptr + mid, l_i, mask=mask_mid)
             tl.store(
                 mid_acc_ptr + mid[:, None] * BLOCK_D + offs_d[None, :], acc,
-                mask=mask_m[:, None],
+                mask=mask_mid[:, None],
             )
 
 
-@jit_unspecialized(ints=["num_splits", "stride_mt", "stride_mh", "stride_ms"],
-                   pointers=["out_ptr"])
+@jit_unspecialized(ints=["num_splits", "min_iters", "stride_mt", "stride_mh", "stride_ms",
+                         "stride_cr"],
+                   pointers=["out_ptr", "cnt_ptr"])
 def _headwise_reduce(
-    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, rows_ptr, num_splits,
+    out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, rows_ptr, cnt_ptr, num_splits, min_iters,
     stride_ot, stride_oh, stride_od,
     stride_mt, stride_mh, stride_ms,
+    stride_cr, stride_ch,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BALANCED: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PAGES: tl.constexpr,
 ):
     r = tl.program_id(0)
     qh = tl.program_id(1)
@@ -284,8 +365,23 @@ def _headwise_reduce(
     mid_start = tl.load(meta + 6).to(tl.int32)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    n_tok = q_end - q_start
     mask_s = offs_s < num_splits
-    for i in range(0, q_end - q_start):
+    if BALANCED:
+        # The forward's split count of this head, recomputed the same way: only its
+        # k_used partials were written; with one, the forward wrote out itself.
+        slot_row = tl.load(meta + 1).to(tl.int64)
+        tail_start = tl.load(meta + 4).to(tl.int32)
+        seq_len = tl.load(meta + 5).to(tl.int32)
+        cnt_row = cnt_ptr + slot_row * stride_cr
+        kept = tl.load(cnt_row + (qh // GROUP) * stride_ch).to(tl.int32)
+        n_tail_it = _tail_iters(tail_start, seq_len, BLOCK_SIZE, PAGES)
+        n_iter = _kept_iters(kept, BLOCK_SIZE, PAGES) + n_tail_it
+        k_used = _balanced_splits(cnt_row, stride_ch, n_iter, n_tail_it, num_splits,
+                                  min_iters, NUM_KV_HEADS, BLOCK_H, BLOCK_SIZE, PAGES)
+        mask_s = offs_s < k_used
+        n_tok = tl.where(k_used > 1, n_tok, 0)
+    for i in range(0, n_tok):
         tok = (q_start + i).to(tl.int64)
         mid = ((mid_start + i).to(tl.int64) * stride_mt + qh * stride_mh
                + offs_s * stride_ms)
@@ -374,11 +470,26 @@ def default_pages_per_iter(block_size: int) -> int:
     return max(1, 128 // triton.next_power_of_2(block_size))
 
 
+def _scratch(*shape: int, device: torch.device) -> torch.Tensor:
+    """Uninitialised fp32 split-K scratch (the tests fill it with NaN instead: no kernel
+    may read a partial it did not write)."""
+    return torch.empty(*shape, dtype=torch.float32, device=device)
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
 def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
             scale, out, num_splits, page_ranges: bool, max_iters: int,
             pages_per_iter: int | None = None, launch: dict | None = None,
             split_tokens: int | None = None, chunk_base: torch.Tensor | None = None,
-            capacity: torch.Tensor | None = None, layer_base: int = 0) -> torch.Tensor:
+            capacity: torch.Tensor | None = None, layer_base: int = 0,
+            balance_splits: int | None = None,
+            balance_min_iters: int = BALANCE_MIN_ITERS) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
@@ -393,7 +504,16 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         pages_per_iter = default_pages_per_iter(block_size)
     pages_per_iter = triton.next_power_of_2(max(1, int(pages_per_iter)))
     split_iters = 0
-    if split_tokens is not None:
+    balanced = False
+    if balance_splits is not None:
+        if num_splits is not None or split_tokens is not None:
+            raise ValueError("balance_splits replaces num_splits and split_tokens: give one")
+        balance_splits = _int_in("balance_splits", balance_splits, 1, _MAX_SPLITS)
+        balance_min_iters = _int_in("balance_min_iters", balance_min_iters, 1, 2**31 - 1)
+        # One split: every head has k_used = 1, i.e. the plain one-split kernel.
+        num_splits = balance_splits
+        balanced = num_splits > 1
+    elif split_tokens is not None:
         if num_splits is not None:
             raise ValueError("give num_splits or split_tokens, not both")
         num_splits, split_iters = splits_by_tokens(split_tokens, block_size, pages_per_iter,
@@ -407,6 +527,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     block_q = max(1, 16 // block_g)
     block_n = triton.next_power_of_2(block_size) * pages_per_iter
     block_d = max(16, triton.next_power_of_2(dim))
+    block_h = max(2, triton.next_power_of_2(heads))
     use_dot = block_n >= 16
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     # The Triton interpreter (CPU tensors) multiplies bf16 tl.dot operands as raw bits:
@@ -415,11 +536,10 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
 
     if num_splits > 1:
         dev = query.device
-        mid_m = torch.empty(max(num_mid_tokens, 1), num_q_heads, num_splits,
-                            dtype=torch.float32, device=dev)
-        mid_l = torch.empty_like(mid_m)
-        mid_acc = torch.empty(max(num_mid_tokens, 1), num_q_heads, num_splits, block_d,
-                              dtype=torch.float32, device=dev)
+        mid_m = _scratch(max(num_mid_tokens, 1), num_q_heads, num_splits, device=dev)
+        mid_l = _scratch(*mid_m.shape, device=dev)
+        mid_acc = _scratch(max(num_mid_tokens, 1), num_q_heads, num_splits, block_d,
+                           device=dev)
         mid_strides = mid_m.stride()
     else:
         mid_m = mid_l = mid_acc = out  # unused
@@ -445,7 +565,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     _headwise_fwd[(num_rows, heads, num_splits)](
         query, key_cache, value_cache, pages, counts, block_table, rows,
         out, mid_acc, mid_m, mid_l, *pooled_args,
-        float(scale) * _LOG2E, num_splits, split_iters, int(layer_base),
+        float(scale) * _LOG2E, num_splits, split_iters, int(balance_min_iters), int(layer_base),
         *query.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
@@ -460,6 +580,8 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         BLOCK_SIZE=block_size,
         HEAD_DIM=dim,
         SPLIT=num_splits > 1,
+        BALANCED=balanced,
+        BLOCK_H=block_h,
         PAGE_RANGES=page_ranges,
         POOLED=pooled,
         PAGES=pages_per_iter,
@@ -474,12 +596,19 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     )
     if num_splits > 1:
         _headwise_reduce[(num_rows, num_q_heads)](
-            out, mid_acc, mid_m, mid_l, rows, num_splits,
+            out, mid_acc, mid_m, mid_l, rows, counts, num_splits, int(balance_min_iters),
             *out.stride(),
             *mid_strides,
+            *counts.stride(),
             HEAD_DIM=dim,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            BALANCED=balanced,
+            NUM_KV_HEADS=heads,
+            GROUP=group,
+            BLOCK_H=block_h,
+            BLOCK_SIZE=block_size,
+            PAGES=pages_per_iter,
         )
     return out
 
@@ -499,14 +628,18 @@ def headwise_attention_triton(
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
     split_tokens: int | None = None,
+    balance_splits: int | None = None,
+    balance_min_iters: int = BALANCE_MIN_ITERS,
 ) -> torch.Tensor:
     """Attention over kept head-pages plus the shared tail, written into ``out``.
 
     Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
     (row, head) key sequence over that many programs (default: from shapes), or
     ``split_tokens`` cuts it into splits of about that many keys (long heads get more
-    programs); ``pages_per_iter`` head-pages are read per loop iteration (default:
-    128-token tiles).
+    programs), or ``balance_splits`` (a grid of that many splits per head) gives each
+    head of a row as many of them as it needs so that none holds more than the row's
+    mean iterations per head (at least ``balance_min_iters``); at most one of the three.
+    ``pages_per_iter`` head-pages are read per loop iteration (default: 128-token tiles).
     """
     num_rows = page_table.shape[0]
     idx = torch.arange(num_rows, device=query.device)
@@ -516,7 +649,8 @@ def headwise_attention_triton(
     return _launch(query, key_cache, value_cache, page_table, kept_counts,
                    block_table, rows, query.shape[0], scale, out, num_splits,
                    page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1],
-                   pages_per_iter=pages_per_iter, split_tokens=split_tokens)
+                   pages_per_iter=pages_per_iter, split_tokens=split_tokens,
+                   balance_splits=balance_splits, balance_min_iters=balance_min_iters)
 
 
 def headwise_attention_ranges_triton(
@@ -537,6 +671,8 @@ def headwise_attention_ranges_triton(
     chunk_base: torch.Tensor | None = None,
     capacity: torch.Tensor | None = None,
     layer_base: int = 0,
+    balance_splits: int | None = None,
+    balance_min_iters: int = BALANCE_MIN_ITERS,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -546,7 +682,8 @@ def headwise_attention_ranges_triton(
     ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
     Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
     ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults;
-    ``split_tokens`` as in ``headwise_attention_triton``.
+    ``split_tokens``, ``balance_splits`` and ``balance_min_iters`` as in
+    ``headwise_attention_triton``.
 
     Pooled over layers: ``key_cache``/``value_cache`` view every layer's blocks,
     ``chunk_base`` (int32 ``[S, K]``) and ``capacity`` (int32 ``[S]``) on the device
@@ -562,4 +699,5 @@ def headwise_attention_ranges_triton(
                    rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
                    max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
                    launch=launch, split_tokens=split_tokens, chunk_base=chunk_base,
-                   capacity=capacity, layer_base=layer_base)
+                   capacity=capacity, layer_base=layer_base, balance_splits=balance_splits,
+                   balance_min_iters=balance_min_iters)
