@@ -77,9 +77,10 @@ def test_range_decode_real_sizes(group, dim):
                 num_row_tokens=int(qsl[-1]), scale=dim**-0.5)
     want = torch.full(query.shape, float("nan"), device=DEV)
     headwise_attention_ranges_reference(**args, out=want)
-    for splits in (1, None):
+    for options in ({"num_splits": 1}, {}, {"balance_splits": 4},
+                    {"balance_splits": 8, "balance_min_iters": 1}):
         out = torch.full_like(query, float("nan"))
-        headwise_attention_ranges_triton(**args, out=out, num_splits=splits)
+        headwise_attention_ranges_triton(**args, out=out, **options)
         n = int(qsl[-1])
         assert not torch.isnan(out[:n]).any() and torch.isnan(out[n:]).all()
         torch.testing.assert_close(out[:n].float(), want[:n], rtol=2e-2, atol=2e-2)
@@ -221,8 +222,9 @@ def test_pooled_compaction_real_sizes():
 
 def test_pooled_decode_real_sizes():
     """The decode over chunk tables at every layer of 4 pooled 8k requests, with and
-    without split-K, and replayed from a CUDA graph whose tables were filled after the
-    capture (the kernel reads them on the device)."""
+    without split-K (equal, by tokens, balanced), and replayed from a CUDA graph whose
+    tables were filled after the capture (the kernel reads them on the device; the
+    balanced splits are chosen from them at replay)."""
     from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
 
     lengths = [8192, 8000, 8192, 7900]
@@ -258,7 +260,7 @@ def test_pooled_decode_real_sizes():
                     layer_base=int(layer_bases[layer]), **common)
         want = torch.full(query.shape, float("nan"), device=DEV)
         headwise_attention_ranges_reference(**args, out=want)
-        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}):
+        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}, {"balance_splits": 4}):
             out = torch.full_like(query, float("nan"))
             headwise_attention_ranges_triton(**args, out=out, **options)
             assert not torch.isnan(out[:n_tok]).any() and torch.isnan(out[n_tok:]).all()
@@ -273,11 +275,15 @@ def test_pooled_decode_real_sizes():
                       kept_counts=g_count, block_table=table, rows=rows, num_row_tokens=n_tok,
                       scale=dim**-0.5, out=out, chunk_base=g_chunk, capacity=g_cap,
                       layer_base=int(layer_bases[layer]))
+    out_balanced = torch.full_like(query, float("nan"))
+    balanced_args = {**graph_args, "out": out_balanced, "balance_splits": 4}
     headwise_attention_ranges_triton(**graph_args)  # compiled outside the capture
+    headwise_attention_ranges_triton(**balanced_args)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         headwise_attention_ranges_triton(**graph_args)
+        headwise_attention_ranges_triton(**balanced_args)
     g_start.copy_(start_tab[:, layer])
     g_count.copy_(count_tab[:, layer])
     g_chunk.copy_(chunk_tab)
@@ -288,6 +294,8 @@ def test_pooled_decode_real_sizes():
         query, kc, vc, start_tab[:, layer], count_tab[:, layer], out=want,
         layer_base=int(layer_bases[layer]), **common)
     torch.testing.assert_close(out[:n_tok].float(), want[:n_tok], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_balanced[:n_tok].float(), want[:n_tok], rtol=2e-2,
+                               atol=2e-2)
 
 
 def test_pooled_compaction_never_waits_for_the_gpu():
