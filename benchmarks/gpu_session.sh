@@ -8,6 +8,8 @@
 #                                               # eager == compiled (adakv ~90 s, others ~4 min)
 #   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
+#   bash benchmarks/gpu_session.sh kernels-balance # decode grid under graphs: default vs
+#                                               # balanced splits 4/8 x min iters 2/4
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
 #   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
 #   bash benchmarks/gpu_session.sh throughput-A1000
@@ -35,6 +37,12 @@ case "${1:?stage}" in
     ;;
   kernels)
     python3 -m benchmarks.kernels --out "$OUT" 2>&1 | grep -v '^{' | tee "$OUT/kernels.log"
+    ;;
+  kernels-balance)
+    # The log keeps each point's JSON line: a run cut by the timeout still has them.
+    timeout 580 python3 -m benchmarks.kernels --graphs --decode-balance 4,8 \
+      --decode-balance-min-iters 2,4 --suffix=-graphs-balance --out "$OUT" 2>&1 \
+      | tee "$OUT/kernels-balance.log" | grep -v '^{' | tail -45
     ;;
   throughput-B)
     python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \

@@ -14,7 +14,10 @@ run. Compress: scoring + Ada-KV selection + compaction of one request's layer
 vs one Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at
 the same context. Times are medians of ``triton.testing.do_bench``; with ``--graphs``
 the decode calls (ours and vLLM's, on several input sets so repeats do not hit L2) are
-captured in one CUDA graph and timed by replay, as the engine runs decode.
+captured in one CUDA graph and timed by replay, as the engine runs decode. With
+``--decode-balance 4,8`` (and ``--decode-balance-min-iters``) each decode point (and each
+``--sweep`` shape) also times our decode with row-balanced splits on the same inputs
+(``"ours_balance"``: one entry per ``"config"``; sweep rows with ``balance_splits``).
 With ``--pooled`` (instead of the decode and compress points): the compaction of all
 32 layers of R requests at once with head-pages pooled across layers
 (``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
@@ -43,7 +46,11 @@ import triton
 from benchmarks.machine import device_tag
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
-from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton, row_table
+from vllm_adakv.kernels.triton_decode import (
+    BALANCE_MIN_ITERS,
+    headwise_attention_ranges_triton,
+    row_table,
+)
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import mass_above, voter_softmax
@@ -156,12 +163,20 @@ def graph_copies(batch: int, ctx: int, keep: float) -> int:
     return int(max(1, min(32, -(-200e6 // kept), 20e9 // full)))
 
 
+def balance_configs(splits: str, min_iters: str) -> list[dict]:
+    """Balanced-split decode options from two comma lists (every pair)."""
+    return [{"balance_splits": int(b), "balance_min_iters": int(m)}
+            for b in splits.split(",") if b for m in min_iters.split(",") if m]
+
+
 def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
-                 split_tokens: tuple[int, ...] = (), chunked: bool = False) -> dict:
+                 split_tokens: tuple[int, ...] = (), chunked: bool = False,
+                 balance: list[dict] | tuple = ()) -> dict:
     """One decode point; with ``split_tokens``, also our decode with splits of that many
     keys (``ours_split_us``: {tokens: us}); with ``chunked``, also with the pooled-format
-    chunk tables the engine passes (``ours_chunked_us``); timed the same way on the same
-    inputs."""
+    chunk tables the engine passes (``ours_chunked_us``); with ``balance`` (options of
+    ``headwise_attention_ranges_triton``), also with each of those (``ours_balance``:
+    [{"config", "us", "gbs"}]); timed the same way on the same inputs."""
     x = decode_inputs(batch, ctx, keep)
     sets = [x]
     if graphs:
@@ -176,6 +191,7 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
     split_us = {t: timed([ours_decode(s, split_tokens=t) for s in sets]) for t in split_tokens}
     chunked_us = timed([ours_decode(s, chunk_base=s["chunk_base"], capacity=s["capacity"])
                         for s in sets]) if chunked else None
+    balance_us = [(cfg, timed([ours_decode(s, **cfg) for s in sets])) for cfg in balance]
     kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
     point = {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
              "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
@@ -185,6 +201,9 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
         point["ours_split_us"] = split_us
     if chunked_us is not None:
         point["ours_chunked_us"] = chunked_us
+    if balance_us:
+        point["ours_balance"] = [{"config": cfg, "us": t, "gbs": kept_bytes / (t * 1e-6) / 1e9}
+                                 for cfg, t in balance_us]
     return point
 
 
@@ -195,8 +214,9 @@ SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192
 SWEEP_SPLIT_TOKENS = (256, 512, 1024, 2048, 4096)
 
 
-def decode_sweep(copy_bw: float) -> list[dict]:
-    """Time launch configurations of our decode on a few shapes (to set the defaults)."""
+def decode_sweep(copy_bw: float, balance: list[dict] | tuple = ()) -> list[dict]:
+    """Time launch configurations of our decode on a few shapes (to set the defaults);
+    ``balance``: also those balanced-split options (rows with ``balance_splits``)."""
     rows = []
     for batch, ctx, keep in SWEEP_SHAPES:
         x = decode_inputs(batch, ctx, keep)
@@ -217,13 +237,22 @@ def decode_sweep(copy_bw: float) -> list[dict]:
             t = bench(ours_decode(x, **cfg), rep=40)
             rows.append({**base, **cfg, "num_splits": None, "us": t,
                          "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9 / copy_bw})
+        for option in balance:
+            for warps, stages in ((4, 3), (8, 2)):
+                cfg = {**option, "pages_per_iter": 8,
+                       "launch": {"num_warps": warps, "num_stages": stages}}
+                t = bench(ours_decode(x, **cfg), rep=40)
+                rows.append({**base, **cfg, "num_splits": None, "us": t,
+                             "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9
+                             / copy_bw})
         best = min((r for r in rows if r["batch"] == batch and r["context"] == ctx
                     and r["keep_ratio"] == keep), key=lambda r: r["us"])
         print(f"sweep {batch}x{ctx} keep {keep:.3f}: default {base['default_us']:.1f} us, "
               f"vllm {base['vllm_triton_us']:.1f} us, best {best['us']:.1f} us "
               f"({best['pct_of_copy_bw']:.0f}% copy) with splits {best['num_splits']} "
-              f"split_tokens {best.get('split_tokens')} pages {best['pages_per_iter']} "
-              f"{best['launch']}", flush=True)
+              f"split_tokens {best.get('split_tokens')} "
+              f"balance {best.get('balance_splits')}/{best.get('balance_min_iters')} "
+              f"pages {best['pages_per_iter']} {best['launch']}", flush=True)
         del x
         torch.cuda.empty_cache()
     return rows
@@ -461,12 +490,19 @@ def main() -> None:
                     help="comma list: also time decode with splits of that many keys")
     ap.add_argument("--chunk-tables", action="store_true",
                     help="also time decode with the pooled-format chunk tables")
+    ap.add_argument("--decode-balance", default="",
+                    help="comma list of grid splits: also time decode (grid and --sweep) "
+                         "with row-balanced splits over that many")
+    ap.add_argument("--decode-balance-min-iters", default=str(BALANCE_MIN_ITERS),
+                    help="comma list: the balanced splits' minimum iterations per split "
+                         "(every pair with --decode-balance is timed)")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
     ap.add_argument("--gvote", action="store_true",
                     help="only GVote's selection (Triton vs torch) vs one layer's prefill")
     args = ap.parse_args()
     split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
+    balance = balance_configs(args.decode_balance, args.decode_balance_min_iters)
     global PROFILE
     PROFILE = args.profile
     gpu = torch.cuda.get_device_name()
@@ -481,12 +517,15 @@ def main() -> None:
         for batch in batches:
             for keep in keeps:
                 point = decode_point(batch, ctx, keep, graphs=args.graphs,
-                                     split_tokens=split_tokens, chunked=args.chunk_tables)
+                                     split_tokens=split_tokens, chunked=args.chunk_tables,
+                                     balance=balance)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
+                for entry in point.get("ours_balance", []):
+                    entry["pct_of_copy_bw"] = 100 * entry["gbs"] / copy_bw
                 decode.append(point)
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
-    sweep = decode_sweep(copy_bw) if args.sweep else []
+    sweep = decode_sweep(copy_bw, balance) if args.sweep else []
     compress = [] if args.sweep or args.graphs or args.pooled or args.gvote else [
         compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
     if not (args.sweep or args.smoke or args.graphs or args.pooled or args.gvote):
@@ -528,7 +567,10 @@ def main() -> None:
               f"{p['vllm_triton_us']:>9.1f} {p['ours_us'] / p['vllm_triton_us']:>7.3f} "
               f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
               + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items())
-              + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else ""))
+              + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else "")
+              + "".join(f" balance{e['config']['balance_splits']}/"
+                        f"{e['config']['balance_min_iters']}={e['us']:.1f}"
+                        for e in p.get("ours_balance", [])))
     for c in compress:
         print(f"compress {c['rows']} x ctx {c['context']}: {c['compress_us']:.0f} us vs layer "
               f"prefill {c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%; queued after "
