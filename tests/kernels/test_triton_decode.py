@@ -282,7 +282,7 @@ def test_balanced_matches_reference(group, dim, nan_scratch):
 
 
 @pytest.mark.parametrize(("splits", "min_iters", "pages_per_iter"),
-                         [(2, 1, 1), (8, 1, 2), (4, 4, 1), (1, 1, 1)])
+                         [(2, 1, 1), (8, 1, 2), (4, 64, 1), (1, 1, 1)])
 def test_balanced_grid_and_minimum(splits, min_iters, pages_per_iter, nan_scratch):
     """A grid too small for the longest head (capped at 2 splits), one larger than any
     head needs (8: idle splits), a minimum that keeps every head here on one split (the
@@ -293,6 +293,8 @@ def test_balanced_grid_and_minimum(splits, min_iters, pages_per_iter, nan_scratc
         assert max(max(k) for k in k_used) == 2
     if splits == 8:
         assert max(max(k) for k in k_used) < 8
+    if min_iters == 64:
+        assert max(max(k) for k in k_used) == 1
 
 
 def test_balanced_one_and_several_splits_in_a_row(nan_scratch):
