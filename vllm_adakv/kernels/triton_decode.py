@@ -595,6 +595,11 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         **(launch or {}),
     )
     if num_splits > 1:
+        # What the balanced reduce recomputes k_used from; fixed placeholders otherwise
+        # (one compiled variant of the plain reduce per grid, as before).
+        shape_consts = dict(NUM_KV_HEADS=heads, GROUP=group, BLOCK_H=block_h,
+                            BLOCK_SIZE=block_size, PAGES=pages_per_iter) if balanced else \
+            dict(NUM_KV_HEADS=1, GROUP=1, BLOCK_H=2, BLOCK_SIZE=1, PAGES=1)
         _headwise_reduce[(num_rows, num_q_heads)](
             out, mid_acc, mid_m, mid_l, rows, counts, num_splits, int(balance_min_iters),
             *out.stride(),
@@ -604,11 +609,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
             BALANCED=balanced,
-            NUM_KV_HEADS=heads,
-            GROUP=group,
-            BLOCK_H=block_h,
-            BLOCK_SIZE=block_size,
-            PAGES=pages_per_iter,
+            **shape_consts,
         )
     return out
 
