@@ -361,3 +361,37 @@ def test_balance_arguments():
         with pytest.raises(ValueError, match="balance_min_iters must be"):
             headwise_attention_triton(**args, out=out, balance_splits=2,
                                       balance_min_iters=value)
+
+
+def test_default_balances_where_one_split_programs_fill_the_sms_up_to_four_times(monkeypatch):
+    from vllm_adakv.kernels.triton_decode import (
+        BALANCE_MAX_WAVES,
+        DEFAULT_BALANCE_SPLITS,
+        default_balance_splits,
+    )
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(triton_decode, "sm_count", lambda device: 132)
+    assert default_balance_splits(16, 8, cpu) is None  # 128 programs: split-K instead
+    assert default_balance_splits(17, 8, cpu) == DEFAULT_BALANCE_SPLITS
+    assert default_balance_splits(32, 8, cpu) == DEFAULT_BALANCE_SPLITS
+    assert default_balance_splits(BALANCE_MAX_WAVES * 132 // 8, 8, cpu) is None
+    assert default_balance_splits(128, 8, cpu) is None
+
+
+def test_default_decode_takes_the_balanced_kernel(monkeypatch, nan_scratch):
+    """With the SM count at the (row, head) programs' number, the default launch is the
+    balanced one (a DEFAULT_BALANCE_SPLITS grid): the reference's output, and exactly the
+    partials balanced mode writes."""
+    from vllm_adakv.kernels.triton_decode import BALANCE_MIN_ITERS, DEFAULT_BALANCE_SPLITS
+
+    args = _build(4, 64, torch.float32, [1, 1, 1], keep_fn=_uneven_keep,
+                  lengths=[128, 128, 128])
+    rows, heads = args["page_table"].shape[:2]
+    monkeypatch.setattr(triton_decode, "sm_count", lambda device: rows * heads)
+    k_used = [_balanced_k_used(args, r, 1, DEFAULT_BALANCE_SPLITS, BALANCE_MIN_ITERS)
+              for r in range(rows)]
+    _check(args, None, atol=1e-4, rtol=1e-4, pages_per_iter=1)
+    assert nan_scratch and nan_scratch[0].shape[-1] == DEFAULT_BALANCE_SPLITS
+    assert any(max(k) > 1 for k in k_used), k_used
+    assert (~torch.isnan(nan_scratch[0])).any()

@@ -23,9 +23,10 @@ Design (split-K flash decoding):
 * ``_headwise_reduce``, grid ``(R, Hq)``: for each query token of the row, combines
   the partials of the splits of one query head and stores ``out`` in its dtype.
   Tokens outside the rows' query ranges are left untouched, as the reference does.
-* Balanced splits (``balance_splits=S``, ``BALANCED``; not yet timed on a GPU, so not
-  the default): with one split per (row, head), as the default gives from 32 rows x 8
-  heads up on an H200, a row's longest head sets the time (Ada-KV's flat Dirichlet
+* Balanced splits (``balance_splits=S``, ``BALANCED``; the default where the one-split
+  programs fill the SMs one to four times, ``default_balance_splits``): with one split
+  per (row, head), as ``default_num_splits`` gives from 32 rows x 8 heads up on an
+  H200, a row's longest head sets the time (Ada-KV's flat Dirichlet
   over 8 heads: ~2.7x the row's mean). The grid keeps ``S`` splits; program (r, h, s)
   loads row r's H kept counts, computes each head's iterations (the formula above)
   and their mean rounded up, and head h uses ``k_used = min(S, max(1, ceil(n_iter_h /
@@ -67,6 +68,10 @@ _MAX_SPLITS = 64
 # Balanced mode: a head is split only where it holds more than this many iterations
 # (and more than its row's mean); a first guess, to be tuned on a GPU.
 BALANCE_MIN_ITERS = 4
+# The default decode balances splits when its one-split programs fill the SMs fewer than
+# this many times over, on a grid of DEFAULT_BALANCE_SPLITS (``default_balance_splits``).
+BALANCE_MAX_WAVES = 4
+DEFAULT_BALANCE_SPLITS = 4
 # Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
 ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
@@ -434,6 +439,26 @@ def default_num_splits(num_rows: int, num_kv_heads: int, max_iters: int,
     return 1 << (splits.bit_length() - 1)
 
 
+def default_balance_splits(num_rows: int, num_kv_heads: int, device: torch.device
+                           ) -> int | None:
+    """Balanced splits' grid for the default decode, or ``None`` for the plain kernel.
+
+    Measured under CUDA graphs on an H200 (132 SMs; Ada-KV-like uneven heads;
+    benchmarks/results/kernels-h200-2026-12-01-graphs-balance.json): where the default
+    gives one split per (row, head) and those programs fill the SMs one to four times
+    (32 rows x 8 heads), balanced splits of a 4-split grid cut the time to 0.52-0.85x at
+    keep 1/4 and 1/16 (tie to +15% only where the kernel takes < 30 us: keep 1, 2k x 1/16);
+    from 128 rows up (7.8 SM waves) the row's heads average out over the waves and the
+    idle programs and reduce launch cost 3-17% at 2k, so the plain kernel stays there
+    (it still loses 11-20% to balance at 32k).
+    """
+    programs = num_rows * num_kv_heads
+    sms = sm_count(device)
+    if sms <= programs < BALANCE_MAX_WAVES * sms:
+        return DEFAULT_BALANCE_SPLITS
+    return None
+
+
 def splits_by_tokens(split_tokens: int, block_size: int, pages_per_iter: int,
                      max_pages: int) -> tuple[int, int]:
     """(grid splits, iterations per split) for splits of about ``split_tokens`` keys each.
@@ -521,6 +546,10 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
     elif num_splits is None:
         num_splits = default_num_splits(num_rows, heads, triton.cdiv(max_iters, pages_per_iter),
                                         query.device)
+        if num_splits == 1:
+            default_balance = default_balance_splits(num_rows, heads, query.device)
+            if default_balance is not None:
+                num_splits, balanced = default_balance, True
     num_splits = max(1, min(int(num_splits), _MAX_SPLITS))
 
     block_g = triton.next_power_of_2(group)

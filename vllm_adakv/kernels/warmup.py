@@ -11,9 +11,10 @@ heuristic can choose), and the variants for head-pages pooled across layers (the
 all-layers compaction and the decode over chunk tables, on a two-layer buffer; the
 plan kernel's layer tile covers groups of up to 64 layers, ``num_layers`` compiles
 the one of a larger group), and with ``gvote_samples`` GVote's vote (voter attention
-and the top-list mass kernel, whose voter count is compiled in). With ``balance_splits``
-also the decode's balanced-split variant of that grid (forward and reduce, single-layer
-and pooled; not what the backend launches by default). Settings a request overrides
+and the top-list mass kernel, whose voter count is compiled in). Also the decode's
+balanced-split variant (forward and reduce, single-layer and pooled) on the grid the
+default picks at some batch sizes (``default_balance_splits``) and, with
+``balance_splits``, on that grid too. Settings a request overrides
 (another window, say) may still compile on first use.
 """
 
@@ -30,6 +31,7 @@ from vllm_adakv.kernels.triton_compaction import (
 )
 from vllm_adakv.kernels.triton_decode import (
     _MAX_SPLITS,
+    DEFAULT_BALANCE_SPLITS,
     headwise_attention_ranges_triton,
     row_table,
 )
@@ -48,7 +50,7 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     past 64, where the pooled plan kernel compiles another layer tile). ``gvote_samples``:
     also GVote's vote with that many synthetic queries (``None``: not GVote).
     ``balance_splits``: also the decode with balanced splits over a grid of that many
-    (``None``: the default decode only)."""
+    (besides the default's grid)."""
     start = time.perf_counter()
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
@@ -114,18 +116,19 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
                     2, head_dim**-0.5, out, num_splits=splits, chunk_base=chunk_base,
                     capacity=capacity, layer_base=layer * layer_blocks)
         splits *= 2
-    if balance_splits is not None:
-        # One forward variant per (pooled or not) and one reduce per grid (BLOCK_S); the
-        # minimum iteration count is not specialised on.
+    # The balanced decode the default picks at some batch sizes, and the one asked for.
+    # One forward variant per (pooled or not) and one reduce per grid (BLOCK_S); the
+    # minimum iteration count is not specialised on.
+    for balance in sorted({DEFAULT_BALANCE_SPLITS, balance_splits or DEFAULT_BALANCE_SPLITS}):
         for layer in (0, 1):
             headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
                                              counts[:, layer], table, rows, 2,
                                              head_dim**-0.5, out,
-                                             balance_splits=balance_splits)
+                                             balance_splits=balance)
             headwise_attention_ranges_triton(
                 q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows, 2,
                 head_dim**-0.5, out, chunk_base=chunk_base, capacity=capacity,
-                layer_base=layer * layer_blocks, balance_splits=balance_splits)
+                layer_base=layer * layer_blocks, balance_splits=balance)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
