@@ -63,13 +63,13 @@ case "${1:?stage}" in
   throughput-B-compare)
     timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
       --output-len 500 --num-prompts 64 --ratios 8 --kv-cache-gib 8 --reserve-output 500 \
-      --method adakv,gvote --suffix -compare --out "$OUT" 2>&1 | grep -v "^{" \
+      --method adakv,gvote --suffix=-compare --out "$OUT" 2>&1 | grep -v "^{" \
       | tee "$OUT/B-compare.log" | tail -20
     ;;
   throughput-C8)
     timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
       --output-len 2000 --num-prompts 64 --ratios 4,16 --kv-cache-gib 8 --reserve-output 2000 \
-      --suffix -8gib --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/C8.log" | tail -20
+      --suffix=-8gib --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/C8.log" | tail -20
     ;;
   serving)
     timeout 580 python3 -m benchmarks.serving --model "$MODEL" --input-len 6000 --output-len 500 \
