@@ -126,13 +126,15 @@ def test_range_decode_matches_page_tables(impl, group, dim, num_splits, pages_pe
     torch.testing.assert_close(out[written], want[written], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("split_tokens", [16, 48])
-def test_range_decode_splits_by_tokens(split_tokens):
-    """Splits of a fixed number of keys over the range tables give the same output."""
+@pytest.mark.parametrize("options", [{"split_tokens": 16}, {"split_tokens": 48},
+                                     {"balance_splits": 4, "balance_min_iters": 1}])
+def test_range_decode_split_options(options):
+    """Splits of a fixed number of keys, or balanced over a row's heads, over the range
+    tables (rows picked out of a batch in any order) give the same output."""
     args = _batch(4, 64, torch.float32)
     want = _page_table_reference(args)
     out = torch.full_like(args["query"], float("nan"))
-    headwise_attention_ranges_triton(**args, out=out, pages_per_iter=1, split_tokens=split_tokens)
+    headwise_attention_ranges_triton(**args, out=out, pages_per_iter=1, **options)
     written = _written(args["rows"], out.shape[0])
     assert not torch.isnan(out[written]).any(), "row tokens not fully written"
     assert torch.isnan(out[~written]).all(), "tokens of other rows must be left untouched"

@@ -322,22 +322,6 @@ def test_balanced_low_precision(dtype, nan_scratch):
     assert any(max(k) > 1 for k in k_used)
 
 
-def test_balanced_page_ranges():
-    """Rows picked out of a batch in any order, their tables at other slots."""
-    from tests.kernels.test_ranges import _batch, _page_table_reference, _written
-    from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
-
-    args = _batch(4, 64, torch.float32)
-    want = _page_table_reference(args)
-    out = torch.full_like(args["query"], float("nan"))
-    headwise_attention_ranges_triton(**args, out=out, pages_per_iter=1, balance_splits=4,
-                                     balance_min_iters=1)
-    written = _written(args["rows"], out.shape[0])
-    assert not torch.isnan(out[written]).any(), "row tokens not fully written"
-    assert torch.isnan(out[~written]).all(), "tokens of other rows must be left untouched"
-    torch.testing.assert_close(out[written], want[written], rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_balanced_pooled(dtype):
     """Head-pages pooled across layers (chunk tables), every layer of the batch."""
