@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh check        # GPU kernel tests at real sizes, no sync (~30 s)
 #   bash benchmarks/gpu_session.sh check-engine M # engine test of method M: no JIT under graphs,
 #                                               # eager == compiled (adakv ~90 s, others ~4 min)
+#                                               # (check-engine balanced: 40 rows decoding
+#                                               # through the balanced default, ~3 min)
 #   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh kernels-balance # decode grid under graphs: default vs

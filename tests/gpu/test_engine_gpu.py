@@ -58,3 +58,29 @@ def test_no_kernel_compiles_during_inference(tmp_path, method):
         compiled = run_scenario({**spec, "engine": fp32})
         eager = run_scenario({**spec, "engine": {**fp32, "enforce_eager": True}})
         assert eager["outputs"] == compiled["outputs"]
+
+
+def test_balanced_decode_in_an_engine(tmp_path):
+    """40 compressed requests decoding together on a model of 8 KV heads: (row, head)
+    programs fill the SMs 1-4 times, so the default decode is the balanced one
+    (``default_balance_splits``); under CUDA graphs it compiles nothing of ours during
+    inference and gives an eager run's tokens (fp32, as above)."""
+    from vllm_adakv.kernels.triton_decode import default_balance_splits
+
+    rows, kv_heads = 40, 8
+    assert default_balance_splits(rows, kv_heads, torch.device("cuda")) is not None
+    model = make_tiny_llama(tmp_path, num_heads=16, num_kv_heads=kv_heads, head_dim=64,
+                            random_weights=True)
+    requests = [{"len": 300 + 37 * i, "seed": i, "max_tokens": 16} for i in range(rows)]
+    engine = {"enforce_eager": False, "jit_monitor_verbose": True, "dtype": "float32"}
+    spec = {"model_dir": str(model), "requests": requests,
+            "compression": {"method": "adakv", "budget": 128, "window": 16},
+            "engine": engine}
+    logs: list[str] = []
+    compiled = run_scenario(spec, stderr=logs)
+    inference = [line for line in logs[0].splitlines() if "during inference" in line]
+    assert not [line for line in inference if any(k in line for k in OUR_KERNELS)]
+    eager = run_scenario({**spec, "engine": {**engine, "enforce_eager": True,
+                                             "jit_monitor_verbose": False}})
+    assert len(compiled["outputs"]) == rows
+    assert eager["outputs"] == compiled["outputs"]
