@@ -214,6 +214,22 @@ SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192
 SWEEP_SPLIT_TOKENS = (256, 512, 1024, 2048, 4096)
 
 
+def sweep_configs(balance: list[dict] | tuple = ()) -> list[dict]:
+    """The sweep's decode options: split counts x tiles x launch settings, splits of a
+    fixed number of keys, and the given balanced-split options."""
+    def launch(warps: int, stages: int) -> dict:
+        return {"num_warps": warps, "num_stages": stages}
+
+    configs = [{"num_splits": splits, "pages_per_iter": pages, "launch": launch(w, s)}
+               for splits in (1, 2, 4, 8, 16) for pages in (2, 4, 8)
+               for w, s in ((4, 2), (4, 3), (8, 2))]
+    configs += [{"num_splits": None, "split_tokens": tokens, "pages_per_iter": 8,
+                 "launch": launch(4, 3)} for tokens in SWEEP_SPLIT_TOKENS]
+    configs += [{"num_splits": None, **option, "pages_per_iter": 8, "launch": launch(w, s)}
+                for option in balance for w, s in ((4, 3), (8, 2))]
+    return configs
+
+
 def decode_sweep(copy_bw: float, balance: list[dict] | tuple = ()) -> list[dict]:
     """Time launch configurations of our decode on a few shapes (to set the defaults);
     ``balance``: also those balanced-split options (rows with ``balance_splits``)."""
@@ -222,29 +238,10 @@ def decode_sweep(copy_bw: float, balance: list[dict] | tuple = ()) -> list[dict]
         x = decode_inputs(batch, ctx, keep)
         base = {"batch": batch, "context": ctx, "keep_ratio": keep,
                 "vllm_triton_us": bench(vllm_decode(x, ctx)), "default_us": bench(ours_decode(x))}
-        for splits in (1, 2, 4, 8, 16):
-            for pages in (2, 4, 8):
-                for warps, stages in ((4, 2), (4, 3), (8, 2)):
-                    cfg = {"num_splits": splits, "pages_per_iter": pages,
-                           "launch": {"num_warps": warps, "num_stages": stages}}
-                    t = bench(ours_decode(x, **cfg), rep=40)
-                    rows.append({**base, **cfg, "us": t,
-                                 "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9
-                                 / copy_bw})
-        for tokens in SWEEP_SPLIT_TOKENS:
-            cfg = {"split_tokens": tokens, "pages_per_iter": 8,
-                   "launch": {"num_warps": 4, "num_stages": 3}}
+        for cfg in sweep_configs(balance):
             t = bench(ours_decode(x, **cfg), rep=40)
-            rows.append({**base, **cfg, "num_splits": None, "us": t,
+            rows.append({**base, **cfg, "us": t,
                          "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9 / copy_bw})
-        for option in balance:
-            for warps, stages in ((4, 3), (8, 2)):
-                cfg = {**option, "pages_per_iter": 8,
-                       "launch": {"num_warps": warps, "num_stages": stages}}
-                t = bench(ours_decode(x, **cfg), rep=40)
-                rows.append({**base, **cfg, "num_splits": None, "us": t,
-                             "pct_of_copy_bw": 100 * x["kept_bytes"] / (t * 1e-6) / 1e9
-                             / copy_bw})
         best = min((r for r in rows if r["batch"] == batch and r["context"] == ctx
                     and r["keep_ratio"] == keep), key=lambda r: r["us"])
         print(f"sweep {batch}x{ctx} keep {keep:.3f}: default {base['default_us']:.1f} us, "

@@ -17,5 +17,5 @@ from vllm_adakv.kernels.warmup import warm_up  # noqa: E402
 def test_warm_up_runs_every_kernel(q_heads, kv_heads, dim):
     seconds = warm_up(torch.device("cpu"), torch.float32, q_heads, kv_heads, dim, 16,
                       window=8, gqa_reduce="mean", pooling="max", pool_kernel=7, alpha=0.2,
-                      gvote_samples=3, balance_splits=4)
+                      gvote_samples=3)
     assert seconds >= 0.0

@@ -13,8 +13,7 @@ plan kernel's layer tile covers groups of up to 64 layers, ``num_layers`` compil
 the one of a larger group), and with ``gvote_samples`` GVote's vote (voter attention
 and the top-list mass kernel, whose voter count is compiled in). Also the decode's
 balanced-split variant (forward and reduce, single-layer and pooled) on the grid the
-default picks at some batch sizes (``default_balance_splits``) and, with
-``balance_splits``, on that grid too. Settings a request overrides
+default picks at some batch sizes (``default_balance_splits``). Settings a request overrides
 (another window, say) may still compile on first use.
 """
 
@@ -44,13 +43,11 @@ from vllm_adakv.policies.gvote import gvote_voters
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
             pool_kernel: int, alpha: float, num_layers: int | None = None,
-            gvote_samples: int | None = None, balance_splits: int | None = None) -> float:
+            gvote_samples: int | None = None) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
     returns the seconds it took. ``num_layers``: layers of a pooled group (only needed
     past 64, where the pooled plan kernel compiles another layer tile). ``gvote_samples``:
-    also GVote's vote with that many synthetic queries (``None``: not GVote).
-    ``balance_splits``: also the decode with balanced splits over a grid of that many
-    (besides the default's grid)."""
+    also GVote's vote with that many synthetic queries (``None``: not GVote)."""
     start = time.perf_counter()
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
@@ -116,19 +113,17 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
                     2, head_dim**-0.5, out, num_splits=splits, chunk_base=chunk_base,
                     capacity=capacity, layer_base=layer * layer_blocks)
         splits *= 2
-    # The balanced decode the default picks at some batch sizes, and the one asked for.
-    # One forward variant per (pooled or not) and one reduce per grid (BLOCK_S); the
-    # minimum iteration count is not specialised on.
-    for balance in sorted({DEFAULT_BALANCE_SPLITS, balance_splits or DEFAULT_BALANCE_SPLITS}):
-        for layer in (0, 1):
-            headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
-                                             counts[:, layer], table, rows, 2,
-                                             head_dim**-0.5, out,
-                                             balance_splits=balance)
-            headwise_attention_ranges_triton(
-                q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows, 2,
-                head_dim**-0.5, out, chunk_base=chunk_base, capacity=capacity,
-                layer_base=layer * layer_blocks, balance_splits=balance)
+    # The balanced decode the default picks at some batch sizes: one forward variant per
+    # (pooled or not) and one reduce for its grid (BLOCK_S); the minimum iteration count
+    # is not specialised on.
+    for layer in (0, 1):
+        headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
+                                         counts[:, layer], table, rows, 2, head_dim**-0.5,
+                                         out, balance_splits=DEFAULT_BALANCE_SPLITS)
+        headwise_attention_ranges_triton(
+            q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows, 2,
+            head_dim**-0.5, out, chunk_base=chunk_base, capacity=capacity,
+            layer_base=layer * layer_blocks, balance_splits=DEFAULT_BALANCE_SPLITS)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
