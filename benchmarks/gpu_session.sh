@@ -12,12 +12,15 @@
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh kernels-balance # decode grid under graphs: default vs
 #                                               # balanced splits 4/8 x min iters 2/4
+#   bash benchmarks/gpu_session.sh kernels-graphs # decode grid under graphs: default and
+#                                               # pooled tables, registers (~70 s)
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
 #   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
 #   bash benchmarks/gpu_session.sh throughput-A1000
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
-#   bash benchmarks/gpu_session.sh serving      # vllm serve + vllm bench serve, 8x (~6 min)
+#   bash benchmarks/gpu_session.sh serving [R]  # vllm serve + vllm bench serve, 8x, R req/s
+#                                               # (default 1; ~8.5 min at 1, ~6.5 at 2)
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -45,6 +48,13 @@ case "${1:?stage}" in
     timeout 580 python3 -m benchmarks.kernels --graphs --decode-balance 4,8 \
       --decode-balance-min-iters 2,4 --suffix=-graphs-balance --out "$OUT" 2>&1 \
       | tee "$OUT/kernels-balance.log" | grep -v '^{' | tail -45
+    ;;
+  kernels-graphs)
+    # The decode grid under CUDA graphs: the default and the engine's pooled tables
+    # (--chunk-tables); registers/spills of each compiled variant (~70 s). Variants to time
+    # beside them: add --decode-launch W:S[:MAXNREG] or --decode-balance S.
+    timeout 580 python3 -m benchmarks.kernels --graphs --chunk-tables --suffix=-graphs \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels-graphs.log" | grep -v '^{' | tail -45
     ;;
   throughput-B)
     python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
@@ -75,9 +85,9 @@ case "${1:?stage}" in
     ;;
   serving)
     timeout 580 python3 -m benchmarks.serving --model "$MODEL" --input-len 6000 --output-len 500 \
-      --num-prompts 64 --request-rate 1 --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
-      --port 0 --out "$OUT" 2>&1 \
-      | tee "$OUT/serving.log" | tail -20
+      --num-prompts 64 --request-rate "${2:-1}" --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
+      --port 0 --suffix="-rate${2:-1}" --out "$OUT" 2>&1 \
+      | tee "$OUT/serving-rate${2:-1}.log" | grep -v '^{' | tail -20
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

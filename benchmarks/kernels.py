@@ -16,8 +16,12 @@ the same context. Times are medians of ``triton.testing.do_bench``; with ``--gra
 the decode calls (ours and vLLM's, on several input sets so repeats do not hit L2) are
 captured in one CUDA graph and timed by replay, as the engine runs decode. With
 ``--decode-balance 4,8`` (and ``--decode-balance-min-iters``) each decode point (and each
-``--sweep`` shape) also times our decode with row-balanced splits on the same inputs
-(``"ours_balance"``: one entry per ``"config"``; sweep rows with ``balance_splits``).
+``--sweep`` shape) also times our decode with row-balanced splits on the same inputs, and
+with ``--decode-launch 4:3:168`` each decode point with those Triton launch settings
+(warps:stages[:maxnreg])
+(``"ours_variants"``, ``"ours_balance"`` in files before 2026-12-02: one entry per
+``"config"``; sweep rows with ``balance_splits``). ``"decode_kernels"`` lists the
+registers, spills and shared memory of every decode kernel variant compiled in the run.
 With ``--pooled`` (instead of the decode and compress points): the compaction of all
 32 layers of R requests at once with head-pages pooled across layers
 (``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
@@ -48,6 +52,7 @@ from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
     BALANCE_MIN_ITERS,
+    _headwise_fwd,
     headwise_attention_ranges_triton,
     row_table,
 )
@@ -169,13 +174,51 @@ def balance_configs(splits: str, min_iters: str) -> list[dict]:
             for b in splits.split(",") if b for m in min_iters.split(",") if m]
 
 
+def launch_configs(spec: str) -> list[dict]:
+    """Decode options overriding Triton's launch settings, from a comma list of
+    ``warps:stages`` or ``warps:stages:maxnreg``."""
+    configs = []
+    for item in filter(None, spec.split(",")):
+        fields = [int(f) for f in item.split(":")]
+        if len(fields) not in (2, 3):
+            raise ValueError(f"--decode-launch wants warps:stages[:maxnreg], got {item!r}")
+        launch = {"num_warps": fields[0], "num_stages": fields[1]}
+        if len(fields) == 3:
+            launch["maxnreg"] = fields[2]
+        configs.append({"launch": launch})
+    return configs
+
+
+def variant_label(config: dict) -> str:
+    """A short name of a decode variant for the printed table."""
+    if "balance_splits" in config:
+        return f"balance{config['balance_splits']}/{config['balance_min_iters']}"
+    return "launch" + ":".join(str(v) for v in config["launch"].values())
+
+
+def compiled_kernel_resources(fn) -> list[dict]:
+    """Registers per thread, spills and shared memory of each variant of the Triton
+    kernel ``fn`` compiled so far (what bounds its programs per SM)."""
+    rows = []
+    for entry in getattr(fn, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for kernel in getattr(cache, "values", list)():
+            meta = kernel.metadata
+            rows.append({"num_warps": meta.num_warps, "num_stages": meta.num_stages,
+                         "maxnreg": getattr(meta, "maxnreg", None), "shared": meta.shared,
+                         "n_regs": getattr(kernel, "n_regs", None),
+                         "n_spills": getattr(kernel, "n_spills", None),
+                         "hash": meta.hash[:12]})
+    return rows
+
+
 def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
                  split_tokens: tuple[int, ...] = (), chunked: bool = False,
-                 balance: list[dict] | tuple = ()) -> dict:
+                 variants: list[dict] | tuple = ()) -> dict:
     """One decode point; with ``split_tokens``, also our decode with splits of that many
     keys (``ours_split_us``: {tokens: us}); with ``chunked``, also with the pooled-format
-    chunk tables the engine passes (``ours_chunked_us``); with ``balance`` (options of
-    ``headwise_attention_ranges_triton``), also with each of those (``ours_balance``:
+    chunk tables the engine passes (``ours_chunked_us``); with ``variants`` (options of
+    ``headwise_attention_ranges_triton``), also with each of those (``ours_variants``:
     [{"config", "us", "gbs"}]); timed the same way on the same inputs."""
     x = decode_inputs(batch, ctx, keep)
     sets = [x]
@@ -191,7 +234,7 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
     split_us = {t: timed([ours_decode(s, split_tokens=t) for s in sets]) for t in split_tokens}
     chunked_us = timed([ours_decode(s, chunk_base=s["chunk_base"], capacity=s["capacity"])
                         for s in sets]) if chunked else None
-    balance_us = [(cfg, timed([ours_decode(s, **cfg) for s in sets])) for cfg in balance]
+    variant_us = [(cfg, timed([ours_decode(s, **cfg) for s in sets])) for cfg in variants]
     kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
     point = {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
              "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
@@ -201,9 +244,9 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
         point["ours_split_us"] = split_us
     if chunked_us is not None:
         point["ours_chunked_us"] = chunked_us
-    if balance_us:
-        point["ours_balance"] = [{"config": cfg, "us": t, "gbs": kept_bytes / (t * 1e-6) / 1e9}
-                                 for cfg, t in balance_us]
+    if variant_us:
+        point["ours_variants"] = [{"config": cfg, "us": t, "gbs": kept_bytes / (t * 1e-6) / 1e9}
+                                  for cfg, t in variant_us]
     return point
 
 
@@ -493,6 +536,9 @@ def main() -> None:
     ap.add_argument("--decode-balance-min-iters", default=str(BALANCE_MIN_ITERS),
                     help="comma list: the balanced splits' minimum iterations per split "
                          "(every pair with --decode-balance is timed)")
+    ap.add_argument("--decode-launch", default="",
+                    help="comma list of warps:stages[:maxnreg]: also time each decode point "
+                         "with those Triton launch settings")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
     ap.add_argument("--gvote", action="store_true",
@@ -500,6 +546,7 @@ def main() -> None:
     args = ap.parse_args()
     split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     balance = balance_configs(args.decode_balance, args.decode_balance_min_iters)
+    variants = balance + launch_configs(args.decode_launch)
     global PROFILE
     PROFILE = args.profile
     gpu = torch.cuda.get_device_name()
@@ -515,9 +562,9 @@ def main() -> None:
             for keep in keeps:
                 point = decode_point(batch, ctx, keep, graphs=args.graphs,
                                      split_tokens=split_tokens, chunked=args.chunk_tables,
-                                     balance=balance)
+                                     variants=variants)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
-                for entry in point.get("ours_balance", []):
+                for entry in point.get("ours_variants", []):
                     entry["pct_of_copy_bw"] = 100 * entry["gbs"] / copy_bw
                 decode.append(point)
                 torch.cuda.empty_cache()
@@ -536,6 +583,10 @@ def main() -> None:
               "copy_bandwidth_gbs": copy_bw, "decode": decode, "compress": compress}
     if sweep:
         result["decode_sweep"] = sweep
+    if decode or sweep:
+        result["decode_kernels"] = compiled_kernel_resources(_headwise_fwd)
+        for k in result["decode_kernels"]:
+            print("decode kernel", json.dumps(k))
     pooled = []
     if args.pooled:
         points = [(2048, 1, False)] if args.smoke else [
@@ -565,9 +616,8 @@ def main() -> None:
               f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
               + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items())
               + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else "")
-              + "".join(f" balance{e['config']['balance_splits']}/"
-                        f"{e['config']['balance_min_iters']}={e['us']:.1f}"
-                        for e in p.get("ours_balance", [])))
+              + "".join(f" {variant_label(e['config'])}={e['us']:.1f}"
+                        for e in p.get("ours_variants", [])))
     for c in compress:
         print(f"compress {c['rows']} x ctx {c['context']}: {c['compress_us']:.0f} us vs layer "
               f"prefill {c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%; queued after "

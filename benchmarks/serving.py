@@ -59,6 +59,11 @@ SERVER_METRICS = {"vllm:num_preemptions_total": "preemptions",
                   "vllm_adakv:blocks_released_total": "blocks_released",
                   "vllm_adakv:compression_ratio_sum": "_ratio_sum",
                   "vllm_adakv:compression_ratio_count": "_ratio_count"}
+# server histograms -> key of their mean in our point: where a request's time went (in the
+# queue, in prefill steps, in decode steps), to tell admission from step cost apart
+MEAN_METRICS = {"vllm:request_queue_time_seconds": "queue_time_mean_s",
+                "vllm:request_prefill_time_seconds": "prefill_time_mean_s",
+                "vllm:request_decode_time_seconds": "decode_time_mean_s"}
 
 
 def bench_serve(argv: list[str]) -> None:
@@ -118,18 +123,32 @@ def device_name() -> str:
                           check=True).stdout.strip().splitlines()[-1]
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Sums of the SERVER_METRICS samples on the server's /metrics (absent: left out)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+def metric_sum(text: str, name: str) -> float | None:
+    """Sum over labels of the samples of ``name`` in a Prometheus text page (None: absent)."""
+    vals = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    return sum(float(v) for v in vals) if vals else None
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """SERVER_METRICS sums and MEAN_METRICS means of a /metrics page (absent: left out)."""
     out: dict[str, float] = {}
     for name, key in SERVER_METRICS.items():
-        vals = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        if vals:
-            out[key] = sum(float(v) for v in vals)
+        total = metric_sum(text, name)
+        if total is not None:
+            out[key] = total
     if out.get("_ratio_count"):
         out["compression_ratio_mean"] = out["_ratio_sum"] / out["_ratio_count"]
+    for name, key in MEAN_METRICS.items():
+        total, count = metric_sum(text, name + "_sum"), metric_sum(text, name + "_count")
+        if total is not None and count:
+            out[key] = total / count
     return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``parse_metrics`` of the server's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        return parse_metrics(resp.read().decode())
 
 
 class Server:
@@ -222,7 +241,7 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
              "--ignore-eos", "--temperature", "0", "--seed", str(args.seed),
              "--num-warmups", str(args.num_warmups), "--percentile-metrics", "ttft,tpot",
              "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result",
-             "--result-dir", str(tmp), "--result-filename", "result.json"]
+             "--save-detailed", "--result-dir", str(tmp), "--result-filename", "result.json"]
     print(f"[{method}] server: {shlex.join(server)}", flush=True)
     srv = Server(server, env, port, tmp)
     try:
@@ -262,6 +281,13 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
         "bench_command": "vllm bench serve " + shlex.join(bench)}
     if method == "none":
         point["vanilla_backend"] = args.vanilla_backend if cuda else None
+    # Per request, in sending order (seconds): when it was sent (from the first send), its
+    # TTFT and latency, and the tokens it got.
+    starts = raw.get("start_times") or []
+    point["requests"] = {
+        "start_s": [t - min(starts) for t in starts],
+        **{ours: raw.get(theirs) for theirs, ours in
+           (("ttfts", "ttft_s"), ("latencies", "latency_s"), ("output_lens", "output_len"))}}
     return point
 
 
@@ -298,6 +324,7 @@ def main() -> None:
     ap.add_argument("--extra-server-args", default="",
                     help="appended to both servers' flags; write --extra-server-args='...'")
     ap.add_argument("--out", default="benchmarks/results", help="folder of the result JSON")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     args = ap.parse_args()
 
     model = Path(args.model)
@@ -306,9 +333,11 @@ def main() -> None:
     gpu = device_name()
     cuda = gpu != "cpu"
     vanilla = run_point(args, "none", cuda, tokenizer, load_format)
+    print(json.dumps(vanilla), flush=True)  # in the log, should a later point be cut short
     if "error" in vanilla:
         raise SystemExit("vanilla run failed")
     ours = run_point(args, args.method, cuda, tokenizer, load_format)
+    print(json.dumps(ours), flush=True)
     points = [vanilla, ours]
     if "error" not in ours:
         ours["vs_vanilla"] = {
@@ -319,7 +348,7 @@ def main() -> None:
            else "gpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serving-{tag}-{date}.json"
+    path = out / f"serving-{tag}-{date}{args.suffix}.json"
     path.write_text(json.dumps({
         "gpu": gpu, "date": date,
         "command": "python -m benchmarks.serving " + shlex.join(sys.argv[1:]),

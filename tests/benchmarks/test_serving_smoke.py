@@ -52,9 +52,33 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
                     "request_throughput", "output_tok_s"):
             assert math.isfinite(point[key]) and point[key] > 0, (point["method"], key)
+        # where each request's time went, from the server's histograms, and every request
+        assert point["prefill_time_mean_s"] > 0 and point["decode_time_mean_s"] > 0
+        assert point["queue_time_mean_s"] >= 0
+        requests = point["requests"]
+        assert len(requests["ttft_s"]) == len(requests["start_s"]) == NUM_PROMPTS
+        assert min(requests["start_s"]) == 0 and requests["output_len"] == [8] * NUM_PROMPTS
+        assert all(0 < t <= lat for t, lat in zip(requests["ttft_s"], requests["latency_s"],
+                                                  strict=True))
     # compression happened on the adakv server and not on the vanilla one
     assert ours["requests_compressed"] >= NUM_PROMPTS and ours["blocks_released"] > 0
     assert "requests_compressed" not in vanilla
     assert set(ours["vs_vanilla"]) >= {"ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
                                        "tpot_p99_ms", "request_throughput", "output_tok_s"}
     assert all(math.isfinite(v) for v in ours["vs_vanilla"].values())
+
+
+def test_parse_metrics_sums_labels_and_takes_histogram_means() -> None:
+    from benchmarks.serving import parse_metrics
+
+    text = "\n".join([
+        '# HELP vllm:num_preemptions_total x', 'vllm:num_preemptions_total{engine="0"} 2.0',
+        'vllm:num_preemptions_total{engine="1"} 1.0',
+        'vllm:request_queue_time_seconds_sum{engine="0"} 3.0',
+        'vllm:request_queue_time_seconds_count{engine="0"} 4.0',
+        'vllm:request_prefill_time_seconds_sum{engine="0"} 1.0',
+        'vllm:request_prefill_time_seconds_count{engine="0"} 0.0',
+        'vllm:request_prefill_time_seconds_bucket{engine="0",le="0.5"} 9.0',
+        'vllm_adakv:compression_ratio_sum 16.0', 'vllm_adakv:compression_ratio_count 2.0'])
+    assert parse_metrics(text) == {"preemptions": 3.0, "queue_time_mean_s": 0.75,
+                                   "compression_ratio_mean": 8.0}
