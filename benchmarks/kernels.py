@@ -18,10 +18,10 @@ captured in one CUDA graph and timed by replay, as the engine runs decode. With
 ``--decode-balance 4,8`` (and ``--decode-balance-min-iters``) each decode point (and each
 ``--sweep`` shape) also times our decode with row-balanced splits on the same inputs, and
 with ``--decode-launch 4:3:168`` each decode point with those Triton launch settings
-(warps:stages[:maxnreg])
-(``"ours_variants"``, ``"ours_balance"`` in files before 2026-12-02: one entry per
-``"config"``; sweep rows with ``balance_splits``). ``"decode_kernels"`` lists the
-registers, spills and shared memory of every decode kernel variant compiled in the run.
+(warps:stages[:maxnreg]) (``"ours_variants"``, ``"ours_balance"`` in the files of the first
+five H200 leases: one entry per ``"config"``; sweep rows with ``balance_splits``).
+``"decode_kernels"`` lists the registers, spills and shared memory of every decode kernel
+variant compiled in the run.
 With ``--pooled`` (instead of the decode and compress points): the compaction of all
 32 layers of R requests at once with head-pages pooled across layers
 (``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
