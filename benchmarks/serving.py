@@ -56,12 +56,12 @@ METRICS = [("request_throughput", "request_throughput"), ("output_throughput", "
 SERVER_METRICS = {"vllm:num_preemptions_total": "preemptions",
                   "vllm_adakv:requests_compressed_total": "requests_compressed",
                   "vllm_adakv:requests_skipped_total": "requests_skipped",
-                  "vllm_adakv:blocks_released_total": "blocks_released",
-                  "vllm_adakv:compression_ratio_sum": "_ratio_sum",
-                  "vllm_adakv:compression_ratio_count": "_ratio_count"}
-# server histograms -> key of their mean in our point: where a request's time went (in the
-# queue, in prefill steps, in decode steps), to tell admission from step cost apart
-MEAN_METRICS = {"vllm:request_queue_time_seconds": "queue_time_mean_s",
+                  "vllm_adakv:blocks_released_total": "blocks_released"}
+# server histograms -> key of their mean in our point: the compression ratio, and where a
+# request's time went (in the queue, in prefill steps, in decode steps), to tell admission
+# from step cost apart
+MEAN_METRICS = {"vllm_adakv:compression_ratio": "compression_ratio_mean",
+                "vllm:request_queue_time_seconds": "queue_time_mean_s",
                 "vllm:request_prefill_time_seconds": "prefill_time_mean_s",
                 "vllm:request_decode_time_seconds": "decode_time_mean_s"}
 
@@ -136,13 +136,11 @@ def parse_metrics(text: str) -> dict[str, float]:
         total = metric_sum(text, name)
         if total is not None:
             out[key] = total
-    if out.get("_ratio_count"):
-        out["compression_ratio_mean"] = out["_ratio_sum"] / out["_ratio_count"]
     for name, key in MEAN_METRICS.items():
         total, count = metric_sum(text, name + "_sum"), metric_sum(text, name + "_count")
         if total is not None and count:
             out[key] = total / count
-    return {k: v for k, v in out.items() if not k.startswith("_")}
+    return out
 
 
 def scrape(url: str) -> dict[str, float]:
