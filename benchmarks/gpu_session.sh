@@ -86,7 +86,7 @@ case "${1:?stage}" in
   serving)
     timeout 580 python3 -m benchmarks.serving --model "$MODEL" --input-len 6000 --output-len 500 \
       --num-prompts 64 --request-rate "${2:-1}" --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
-      --port 0 --suffix="-rate${2:-1}" --out "$OUT" 2>&1 \
+      --port 0 --step-log --suffix="-rate${2:-1}" --out "$OUT" 2>&1 \
       | tee "$OUT/serving-rate${2:-1}.log" | grep -v '^{' | tail -20
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;

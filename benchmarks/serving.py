@@ -143,6 +143,50 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+# vLLM's per-step log line (--enable-logging-iteration-details), one per engine step
+ITERATION_LINE = re.compile(
+    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
+    r"requests, (\d+) generation tokens, iteration elapsed time: ([\d.]+) ms"
+    r"(?: \(dummy\))?, \S+ KV cache usage: ([\d.]+)%")
+STEP_FIELDS = ("ctx_reqs", "ctx_tokens", "gen_reqs", "elapsed_ms", "kv_usage_pct")
+
+
+def parse_iterations(log: str) -> dict[str, list[float]]:
+    """The engine's steps from a server log, in order: requests and tokens in prefill
+    ("context"), requests decoding, the step's elapsed time and the KV cache usage."""
+    steps: dict[str, list[float]] = {k: [] for k in STEP_FIELDS}
+    for m in ITERATION_LINE.finditer(log):
+        _, ctx_reqs, ctx_tok, gen_reqs, _, ms, kv = m.groups()
+        for key, val in zip(STEP_FIELDS, (int(ctx_reqs), int(ctx_tok), int(gen_reqs),
+                                          float(ms), float(kv)), strict=True):
+            steps[key].append(val)
+    return steps
+
+
+def summarize_steps(steps: dict[str, list[float]]) -> dict[str, float]:
+    """Where the engine's time went: decode-only steps vs steps with prompt tokens."""
+    rows = list(zip(*(steps[k] for k in STEP_FIELDS), strict=True))
+    decode = [r for r in rows if r[0] == 0]
+    mixed = [r for r in rows if r[0] > 0]
+    out: dict[str, float] = {"steps": len(rows),
+                             "busy_s": sum(r[3] for r in rows) / 1e3,
+                             "decode_steps": len(decode),
+                             "decode_s": sum(r[3] for r in decode) / 1e3,
+                             "mixed_steps": len(mixed),
+                             "mixed_s": sum(r[3] for r in mixed) / 1e3,
+                             "mixed_ctx_tokens": sum(r[1] for r in mixed)}
+    if decode:
+        out["decode_step_ms_mean"] = out["decode_s"] * 1e3 / len(decode)
+        out["decode_rows_mean"] = sum(r[2] for r in decode) / len(decode)
+    if mixed:
+        out["mixed_step_ms_mean"] = out["mixed_s"] * 1e3 / len(mixed)
+        out["mixed_ms_per_1k_ctx_tokens"] = out["mixed_s"] * 1e6 / max(1, out["mixed_ctx_tokens"])
+    if rows:
+        out["kv_usage_pct_max"] = max(r[4] for r in rows)
+        out["running_max"] = max(r[0] + r[2] for r in rows)
+    return out
+
+
 def scrape(url: str) -> dict[str, float]:
     """``parse_metrics`` of the server's /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
@@ -227,6 +271,8 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
         server += ["--kv-compression", method, "--kv-budget", str(budget)]
         if args.reserve_output:
             server += ["--kv-reserve-output", str(args.reserve_output)]
+    if args.step_log:
+        server.append("--enable-logging-iteration-details")
     server += shlex.split(args.extra_server_args)
 
     tmp = Path(tempfile.mkdtemp(prefix=f"serving-{method}-"))  # removed unless it fails
@@ -262,6 +308,7 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
         return {"method": method, "error": str(err)[-3000:]}
     finally:
         srv.stop()
+    steps = parse_iterations(srv.log.read_text(errors="replace")) if args.step_log else None
     raw = json.loads((tmp / "result.json").read_text())
     shutil.rmtree(tmp, ignore_errors=True)
     point: dict[str, Any] = {
@@ -286,6 +333,9 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
         "start_s": [t - min(starts) for t in starts],
         **{ours: raw.get(theirs) for theirs, ours in
            (("ttfts", "ttft_s"), ("latencies", "latency_s"), ("output_lens", "output_len"))}}
+    if steps is not None:  # the warm-up request's steps included
+        point["step_summary"] = summarize_steps(steps)
+        point["steps"] = steps
     return point
 
 
@@ -319,6 +369,9 @@ def main() -> None:
     ap.add_argument("--server-timeout", type=float, default=900, help="seconds to /health")
     ap.add_argument("--reserve-output", type=int, default=0,
                     help="--kv-reserve-output of the compressed server (0: none)")
+    ap.add_argument("--step-log", action="store_true",
+                    help="servers log every engine step (--enable-logging-iteration-details); "
+                    "each point keeps them (steps) and where the time went (step_summary)")
     ap.add_argument("--extra-server-args", default="",
                     help="appended to both servers' flags; write --extra-server-args='...'")
     ap.add_argument("--out", default="benchmarks/results", help="folder of the result JSON")

@@ -35,7 +35,7 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.serving", "--model", str(model),
          "--input-len", "256", "--output-len", "8", "--num-prompts", str(NUM_PROMPTS),
          "--request-rate", "8", "--ratio", "4", "--num-warmups", "0", "--kv-cache-gib", "1",
-         "--reserve-output", "8", "--port", "0", "--out", str(out),
+         "--reserve-output", "8", "--port", "0", "--out", str(out), "--step-log",
          "--extra-server-args=--block-size 32 --enforce-eager"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
@@ -61,6 +61,14 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         assert all(0 < t <= lat for t, lat in zip(requests["ttft_s"], requests["latency_s"],
                                                   strict=True))
     # compression happened on the adakv server and not on the vanilla one
+        # every step the engine ran is logged: all prompt tokens and all generated tokens
+        # but each request's first (it comes from the prefill step)
+        steps, summary = point["steps"], point["step_summary"]
+        assert sum(steps["ctx_tokens"]) == point["total_input_tokens"]
+        assert sum(steps["gen_reqs"]) == point["total_output_tokens"] - NUM_PROMPTS
+        assert summary["steps"] == summary["decode_steps"] + summary["mixed_steps"]
+        assert 0 < summary["busy_s"] <= point["duration_s"]
+        assert 0 <= summary["kv_usage_pct_max"] <= 100  # tiny model: rounds to 0.0%
     assert ours["requests_compressed"] >= NUM_PROMPTS and ours["blocks_released"] > 0
     assert "requests_compressed" not in vanilla
     assert set(ours["vs_vanilla"]) >= {"ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
@@ -82,3 +90,22 @@ def test_parse_metrics_sums_labels_and_takes_histogram_means() -> None:
         'vllm_adakv:compression_ratio_sum 16.0', 'vllm_adakv:compression_ratio_count 2.0'])
     assert parse_metrics(text) == {"preemptions": 3.0, "queue_time_mean_s": 0.75,
                                    "compression_ratio_mean": 8.0}
+
+
+def test_parse_iterations_reads_vllm_step_lines_and_splits_decode_from_mixed() -> None:
+    from benchmarks.serving import parse_iterations, summarize_steps
+
+    log = ("(EngineCore pid=7) INFO 12-02 02:10:12 [loggers.py:201] Iteration(3): 1 context "
+           "requests, 6000 context tokens, 4 generation requests, 4 generation tokens, "
+           "iteration elapsed time: 300.50 ms, GPU KV cache usage: 12.5%\n"
+           "INFO unrelated line\n"
+           "Iteration(4): 0 context requests, 0 context tokens, 5 generation requests, "
+           "5 generation tokens, iteration elapsed time: 9.00 ms (dummy), GPU KV cache "
+           "usage: 12.6%\n")
+    steps = parse_iterations(log)
+    assert steps == {"ctx_reqs": [1, 0], "ctx_tokens": [6000, 0], "gen_reqs": [4, 5],
+                     "elapsed_ms": [300.5, 9.0], "kv_usage_pct": [12.5, 12.6]}
+    summary = summarize_steps(steps)
+    assert (summary["decode_steps"], summary["mixed_steps"], summary["running_max"]) == (1, 1, 5)
+    assert summary["busy_s"] == 0.3095 and summary["decode_step_ms_mean"] == 9.0
+    assert summary["mixed_ms_per_1k_ctx_tokens"] == 300.5 / 6
