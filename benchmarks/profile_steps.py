@@ -38,20 +38,34 @@ def _call_site() -> str:
     return "?"
 
 
-def run_pass(llm, prompts, params, profile: bool) -> dict:
+def run_pass(llm, prompts, params, profile: bool, stagger: int = 0) -> dict:
+    """One pass over ``prompts``: all added at once, or with ``stagger`` one every that
+    many engine steps (arrivals while earlier requests decode, as on a server)."""
     import torch
 
+    cuda = torch.cuda.is_available()
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": ids}, params)
+    pending = [(f"{time.monotonic_ns()}-{i}", ids) for i, ids in enumerate(prompts)]
+
+    def add_next() -> None:
+        req_id, ids = pending.pop(0)
+        engine.add_request(req_id, {"prompt_token_ids": ids}, params)
+
+    while pending and not stagger:
+        add_next()
     kinds: list[str] = []
+    # per step with prompt tokens: (prompt tokens, rows with one token, i.e. decoding)
+    mixed_rows: list[tuple[int, int]] = []
     schedule = scheduler.schedule
 
     def recording_schedule(*a, **kw):
         out = schedule(*a, **kw)
         tok, rows = out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)
         kinds.append("decode" if tok == rows and rows else "mixed")
+        if kinds[-1] == "mixed":
+            single = sum(1 for n in out.num_scheduled_tokens.values() if n == 1)
+            mixed_rows.append((tok - single, single))
         return out
 
     scheduler.schedule = recording_schedule
@@ -61,9 +75,11 @@ def run_pass(llm, prompts, params, profile: bool) -> dict:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        prof = torch_profile(activities=[ProfilerActivity.CPU]
+                             + ([ProfilerActivity.CUDA] if cuda else []))
         prof.__enter__()
-        torch.cuda.set_sync_debug_mode("warn")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
     step_s: list[float] = []
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -78,22 +94,29 @@ def run_pass(llm, prompts, params, profile: bool) -> dict:
 
         warnings.showwarning = show
         try:
-            while engine.has_unfinished_requests():
+            while pending or engine.has_unfinished_requests():
+                if pending and stagger and len(step_s) % stagger == 0:
+                    add_next()
                 ts = time.perf_counter()
                 engine.step()
                 step_s.append(time.perf_counter() - ts)
         finally:
             warnings.showwarning = original
-            if profile:
+            if profile and cuda:
                 torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     scheduler.schedule = schedule
     result = {"wall_s": wall, "steps": len(step_s),
               "mixed_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"),
               "decode_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "decode"),
               "mixed_steps": kinds.count("mixed"), "decode_steps": kinds.count("decode"),
-              "syncs": dict(syncs.most_common(40))}
+              "syncs": dict(syncs.most_common(40)),
+              # each step with prompt tokens: prompt tokens, decoding rows, wall ms
+              "mixed": [[c, d, round(t * 1e3, 2)] for (c, d), t in zip(
+                  mixed_rows, [t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"],
+                  strict=False)]}
     if prof is not None:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -117,6 +140,10 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=6000)
     ap.add_argument("--output-len", type=int, default=48)
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
+    ap.add_argument("--stagger", type=int, default=0,
+                    help="add one prompt every STAGGER engine steps (0: all at once)")
+    ap.add_argument("--extra-engine-args", default="{}",
+                    help="JSON of more LLM(...) arguments, e.g. '{\"enforce_eager\": true}'")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -126,12 +153,17 @@ def main() -> None:
 
     kwargs = dict(model=args.model, load_format="dummy", dtype="bfloat16", seed=0,
                   skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len + 16,
-                  kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)))
+                  kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
+                  # the passes repeat the prompts: a cache hit would skip vanilla's prefill
+                  # (compression turns prefix caching off)
+                  enable_prefix_caching=False)
     if args.method == "none":
-        kwargs["attention_backend"] = "TRITON_ATTN"
+        if torch.cuda.is_available():  # the backend ours extends (the CPU has one)
+            kwargs["attention_backend"] = "TRITON_ATTN"
     else:
         kwargs["additional_config"] = {"kv_compression": {
             "method": args.method, "budget": args.input_len // args.ratio}}
+    kwargs.update(json.loads(args.extra_engine_args))
     llm = LLM(**kwargs)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
@@ -139,11 +171,12 @@ def main() -> None:
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             detokenize=False)
-    first = run_pass(llm, prompts, params, profile=False)
-    second = run_pass(llm, prompts, params, profile=False)
-    profiled = run_pass(llm, prompts, params, profile=True)
+    first = run_pass(llm, prompts, params, profile=False, stagger=args.stagger)
+    second = run_pass(llm, prompts, params, profile=False, stagger=args.stagger)
+    profiled = run_pass(llm, prompts, params, profile=True, stagger=args.stagger)
     table = profiled.pop("table", "")
-    result = {"gpu": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"gpu": gpu, "date": dt.date.today().isoformat(),
               "command": " ".join(["python -m benchmarks.profile_steps", *sys.argv[1:]]),
               "args": vars(args), "first_pass": first, "second_pass": second,
               "profiled_pass": profiled}
@@ -151,7 +184,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = result["gpu"]
     tag = device_tag(gpu)
-    stem = f"profile-steps-{args.method}-{tag}-{result['date']}"
+    stem = (f"profile-steps-{args.method}-{tag}-{result['date']}"
+            + (f"-stagger{args.stagger}" if args.stagger else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.txt").write_text(table)
     for name, p in (("first", first), ("second", second), ("profiled", profiled)):
