@@ -19,8 +19,9 @@
 #   bash benchmarks/gpu_session.sh throughput-A1000
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
-#   bash benchmarks/gpu_session.sh serving [R]  # vllm serve + vllm bench serve, 8x, R req/s
-#                                               # (default 1; ~8.5 min at 1, ~6.5 at 2)
+#   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
+#                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
+#                                               # FLAGS for both servers, e.g. "--stream-interval 8"
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -84,10 +85,11 @@ case "${1:?stage}" in
       --suffix=-8gib --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/C8.log" | tail -20
     ;;
   serving)
+    # $3: more flags for both servers, e.g. "--stream-interval 8" (suffix -rateR-x)
     timeout 580 python3 -m benchmarks.serving --model "$MODEL" --input-len 6000 --output-len 500 \
       --num-prompts 64 --request-rate "${2:-1}" --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
-      --port 0 --step-log --suffix="-rate${2:-1}" --out "$OUT" 2>&1 \
-      | tee "$OUT/serving-rate${2:-1}.log" | grep -v '^{' | tail -20
+      --port 0 --step-log --suffix="-rate${2:-1}${3:+-x}" --extra-server-args="${3:-}" \
+      --out "$OUT" 2>&1 | tee "$OUT/serving-rate${2:-1}${3:+-x}.log" | grep -v '^{' | tail -20
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

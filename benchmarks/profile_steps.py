@@ -1,15 +1,20 @@
 """Where a compressed engine's step time goes: host syncs, GPU busy time, top kernels.
 
     python -m benchmarks.profile_steps --model CONFIG_DIR [--method adakv --ratio 8]
-        [--num-prompts 12 --input-len 6000 --output-len 48 --kv-cache-gib 8] [--out DIR]
+        [--num-prompts 12 --input-len 6000 --output-len 48 --kv-cache-gib 8] [--stagger S]
+        [--out DIR]
 
-Runs the same workload twice in one in-process engine (dummy weights, CUDA graphs on):
-the first pass pays every run-time compilation, the second is measured. During the
-second pass PyTorch's sync debug mode reports every synchronising CUDA call (grouped by
-the innermost call site in vllm / vllm_adakv), and the torch profiler records kernel
-times; the summary gives the GPU busy share of mixed and decode-only steps and the
-kernels that cost the most. Writes ``profile-steps-<method>-<gpu>-<date>.json`` and the
-profiler's table as text next to it.
+Runs the same workload three times in one in-process engine (dummy weights, CUDA graphs
+on, prefix caching off): the first pass pays every run-time compilation, the second is
+measured, the third profiled. ``--stagger S`` adds one prompt every S engine steps, so
+prompt steps run next to decoding requests as on a server; each step with prompt tokens
+is listed with its prompt tokens, decoding rows and wall time (``mixed``). Each pass is
+printed as it finishes. During the third pass PyTorch's sync debug mode reports every
+synchronising CUDA call (grouped by the innermost call site in vllm / vllm_adakv), and
+the torch profiler records kernel times; the summary gives the GPU busy share of mixed
+and decode-only steps and the kernels that cost the most. Writes
+``profile-steps-<method>-<gpu>-<date>[-staggerS].json`` and the profiler's table as text
+next to it.
 """
 
 from __future__ import annotations
@@ -171,9 +176,16 @@ def main() -> None:
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             detokenize=False)
-    first = run_pass(llm, prompts, params, profile=False, stagger=args.stagger)
-    second = run_pass(llm, prompts, params, profile=False, stagger=args.stagger)
-    profiled = run_pass(llm, prompts, params, profile=True, stagger=args.stagger)
+    def timed_pass(name: str, profile: bool) -> dict:
+        result = run_pass(llm, prompts, params, profile=profile, stagger=args.stagger)
+        # printed at once: a call cut by its time limit keeps the passes that finished
+        print(f"{name} pass:", json.dumps({k: v for k, v in result.items() if k != "table"}),
+              flush=True)
+        return result
+
+    first = timed_pass("first", profile=False)
+    second = timed_pass("second", profile=False)
+    profiled = timed_pass("profiled", profile=True)
     table = profiled.pop("table", "")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"gpu": gpu, "date": dt.date.today().isoformat(),

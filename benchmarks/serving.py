@@ -15,11 +15,11 @@ backend ours extends (as in benchmarks/throughput.py); ours = ``--kv-compression
 METHOD --kv-budget input_len // ratio``. Both run with prefix caching off (compression
 turns it off; random prompts share no prefix, but the warm-up request repeats the first
 prompt). A folder without weights is loaded with ``--load-format dummy``; one without a
-tokenizer uses ``--tokenizer`` (default: SmolLM2-135M-Instruct from
-``python -m vllm_adakv.tools.prepare_model`` if there, else the tiny tokenizer of
-``vllm_adakv.tools.tiny_model``). Its vocabulary must not exceed the model's; dummy
-weights may generate ids it lacks, which is harmless: output token counts come from the
-server's usage, not from the text.
+tokenizer uses ``--tokenizer``, by default a word-level tokenizer of exactly the model's
+vocabulary (``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and a
+smaller tokenizer (the 512-token tiny one, used up to 2026-12-01) made detokenizing the
+unknown ids saturate the API server at 2 req/s of 6,000-token prompts on an H200, so
+those runs measured the frontend. Output token counts come from the server's usage.
 ``vs_vanilla`` in each point is metric / vanilla's metric (latencies: < 1 is better).
 """
 
@@ -93,26 +93,29 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def resolve_tokenizer(model: Path, tokenizer: str | None) -> tuple[Path, int]:
-    """The tokenizer folder and its size: given, the model's own, the prepared SmolLM2
-    folder, else the tiny byte-level BPE of ``vllm_adakv.tools.tiny_model`` (512 tokens)."""
+    """The tokenizer folder and its size: given, the model's own, else a word-level one
+    that covers the model's whole vocabulary (``benchmarks/vocab_tokenizer.py``: dummy
+    weights generate any id, and ids a tokenizer lacks make the server's detokenizer the
+    bottleneck)."""
     if tokenizer:
         path = Path(tokenizer)
     elif has_tokenizer(model):
         path = model
     else:
-        from vllm_adakv.tools.prepare_model import default_out_dir
+        from benchmarks.vocab_tokenizer import make_vocab_tokenizer
 
-        path = default_out_dir("smollm2")
-        if not has_tokenizer(path):
-            from vllm_adakv.tools.tiny_model import make_tiny_llama
-
-            path = make_tiny_llama(Path(tempfile.gettempdir()) / "vllm-adakv-bench-tokenizer")
+        path = make_vocab_tokenizer(
+            Path(tempfile.gettempdir()) / "vllm-adakv-vocab-tokenizer" / model.name, model)
     from transformers import AutoTokenizer
 
     tok_vocab = len(AutoTokenizer.from_pretrained(str(path)))
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     if tok_vocab > vocab:
         raise SystemExit(f"tokenizer {path} has {tok_vocab} tokens > the model's {vocab}")
+    if tok_vocab < vocab:
+        print(f"warning: tokenizer {path} has {tok_vocab} of the model's {vocab} ids; with "
+              "dummy weights the server detokenizes ids it lacks at ~100x the cost",
+              flush=True)
     return path, tok_vocab
 
 
@@ -316,6 +319,8 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
         "input_len": args.input_len, "output_len": args.output_len,
         "num_prompts": args.num_prompts, "request_rate": args.request_rate,
         "completed": raw["completed"], "failed": raw["failed"], "duration_s": raw["duration"],
+        # the distinct errors of failed requests (bench serve keeps one per request)
+        "errors": sorted({e for e in raw.get("errors") or [] if e})[:5],
         "total_input_tokens": raw.get("total_input_tokens"),
         "total_output_tokens": raw.get("total_output_tokens"),
         **{ours: raw.get(theirs) for theirs, ours in METRICS},
@@ -405,7 +410,11 @@ def main() -> None:
         "command": "python -m benchmarks.serving " + shlex.join(sys.argv[1:]),
         "model_shape": model.name, "tokenizer": str(tokenizer),
         "tokenizer_vocab": tok_vocab, "load_format": load_format,
-        "kv_cache_gib": args.kv_cache_gib, "points": points}, indent=1))
+        "kv_cache_gib": args.kv_cache_gib,
+        "machine": f"{gpu}, {os.cpu_count()} CPU cores (server, engine and client on one host)",
+        "points": points},
+        # the per-step arrays of --step-log run to thousands of numbers: no indent then
+        **({"separators": (",", ":")} if args.step_log else {"indent": 1})))
     for p in points:
         if "error" not in p:
             print(f"{p['method']:>6} x{p['ratio']}: req/s {p['request_throughput']:.3f}, "

@@ -1,0 +1,50 @@
+"""``benchmarks/profile_steps.py --stagger`` end to end on the CPU (tiny model, Ada-KV).
+
+Prompts arrive one every 3 engine steps while the earlier ones decode: each step with
+prompt tokens is listed with its decoding rows, which must grow as requests accumulate.
+About 40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_adakv.tools.tiny_model import make_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_PROMPTS = 4
+
+
+def test_staggered_passes_list_prompt_steps_next_to_decoding_rows(tmp_path: Path) -> None:
+    model = make_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "results"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_steps", "--model", str(model),
+         "--num-prompts", str(NUM_PROMPTS), "--input-len", "256", "--output-len", "12",
+         "--ratio", "4", "--stagger", "3", "--out", str(out), "--extra-engine-args",
+         json.dumps({"dtype": "float32", "block_size": 32, "enforce_eager": True})],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert proc.stdout.count(" pass: ") == 3  # each pass printed as it finished
+    (path,) = out.glob("profile-steps-adakv-cpu-*-stagger3.json")
+    result = json.loads(path.read_text())
+    for name in ("first_pass", "second_pass", "profiled_pass"):
+        p = result[name]
+        assert p["mixed_steps"] == NUM_PROMPTS == len(p["mixed"])
+        assert [m[0] for m in p["mixed"]] == [256] * NUM_PROMPTS  # one whole prompt each
+        rows = [m[1] for m in p["mixed"]]
+        assert rows[0] == 0 and rows == sorted(rows) and rows[-1] >= 2, rows
+        assert all(m[2] > 0 for m in p["mixed"])
+        assert p["decode_steps"] > 0 and p["wall_s"] > 0
