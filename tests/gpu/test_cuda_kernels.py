@@ -125,6 +125,22 @@ def test_compression_never_waits_for_the_gpu():
     assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]
 
 
+@pytest.mark.parametrize("method", ["adakv", "pyramidkv"])  # own tensors, pooled
+def test_worker_compression_step_never_waits_for_the_gpu(method):
+    """The worker's whole path of a step that completes three prompts, over 4 layers
+    (window queries, ``CompressionStore.compress_rows``, the kept-count report, the page
+    ranges) under sync debug mode "error". The kernel-level test above skips the store: a
+    serving run on an H200 (2026-12-02) showed the host held inside the plugin's prompt
+    steps until the GPU was done. Then every layer keeps its budget."""
+    from tests.attention.test_compressor import check_kept, run_worker_compression
+
+    plans, pool, store = run_worker_compression(
+        DEV, method, [3000, 4100, 2048], num_layers=4, budget=512, dtype=torch.bfloat16,
+        sync_debug=True)
+    torch.cuda.synchronize()
+    check_kept(plans, pool, store, heads=8)
+
+
 @pytest.mark.parametrize("lengths", [[4000], [2048, 8192, 700], [32768]])
 def test_gvote_vote_never_waits_for_the_gpu(lengths):
     """GVote's batched vote of one layer (voters, Triton voter attention, top-cap mass,

@@ -119,16 +119,24 @@ class _KeptCounts:
     def start(cls, req_id: str, state: RequestKV, plan: CompressionPlan | None
               ) -> _KeptCounts:
         counts = torch.stack([p.counts for p in state.pages.values()])
+        # Own-tensor plans know their blocks on the host (an int); measured (pooled) plans
+        # have them on the device, next to the counts. An int is never uploaded: a copy
+        # from pageable memory waits for the stream, i.e. for the whole prefill.
+        on_host = not isinstance(state.kept_blocks, torch.Tensor)
         blocks = torch.as_tensor(state.kept_blocks, dtype=torch.int32).reshape(1)
         event = None
         if counts.is_cuda:
-            both = torch.cat([counts.flatten().to(torch.int32),
-                              blocks.to(counts.device, torch.int32)])
+            parts = [counts.flatten().to(torch.int32)]
+            if not on_host:
+                parts.append(blocks.to(torch.int32))
+            both = torch.cat(parts)
             host = torch.empty(both.shape, dtype=torch.int32, pin_memory=True)
             host.copy_(both, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            counts, blocks = host[:-1].view(counts.shape), host[-1:]
+            counts = host[: counts.numel()].view(counts.shape)
+            if not on_host:
+                blocks = host[counts.numel():]
         return cls(req_id, state.method, state.prompt_len, state.compress_seconds, plan,
                    counts, blocks, event)
 
