@@ -16,10 +16,11 @@ METHOD --kv-budget input_len // ratio``. Both run with prefix caching off (compr
 turns it off; random prompts share no prefix, but the warm-up request repeats the first
 prompt). A folder without weights is loaded with ``--load-format dummy``; one without a
 tokenizer uses ``--tokenizer``, by default a word-level tokenizer of exactly the model's
-vocabulary (``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and a
-smaller tokenizer (the 512-token tiny one, used up to 2026-12-01) made detokenizing the
-unknown ids saturate the API server at 2 req/s of 6,000-token prompts on an H200, so
-those runs measured the frontend. Output token counts come from the server's usage.
+vocabulary (``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and with
+a smaller tokenizer (the 512-token tiny one, used up to 2026-12-02) detokenizing the
+unknown ids cost the API server ~0.24 s per 6,000-token request, part of the load that
+held requests in the API server at 2 req/s on an H200 (README, GPU status). Output token
+counts come from the server's usage.
 ``vs_vanilla`` in each point is metric / vanilla's metric (latencies: < 1 is better).
 """
 
@@ -95,8 +96,8 @@ def has_tokenizer(path: Path) -> bool:
 def resolve_tokenizer(model: Path, tokenizer: str | None) -> tuple[Path, int]:
     """The tokenizer folder and its size: given, the model's own, else a word-level one
     that covers the model's whole vocabulary (``benchmarks/vocab_tokenizer.py``: dummy
-    weights generate any id, and ids a tokenizer lacks make the server's detokenizer the
-    bottleneck)."""
+    weights generate any id, and ids a tokenizer lacks cost the server's detokenizer many
+    times a known id's)."""
     if tokenizer:
         path = Path(tokenizer)
     elif has_tokenizer(model):
@@ -114,7 +115,7 @@ def resolve_tokenizer(model: Path, tokenizer: str | None) -> tuple[Path, int]:
         raise SystemExit(f"tokenizer {path} has {tok_vocab} tokens > the model's {vocab}")
     if tok_vocab < vocab:
         print(f"warning: tokenizer {path} has {tok_vocab} of the model's {vocab} ids; with "
-              "dummy weights the server detokenizes ids it lacks at ~100x the cost",
+              "dummy weights the server detokenizes ids it lacks at many times the cost",
               flush=True)
     return path, tok_vocab
 

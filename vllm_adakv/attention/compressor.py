@@ -119,9 +119,10 @@ class _KeptCounts:
     def start(cls, req_id: str, state: RequestKV, plan: CompressionPlan | None
               ) -> _KeptCounts:
         counts = torch.stack([p.counts for p in state.pages.values()])
-        # Own-tensor plans know their blocks on the host (an int); measured (pooled) plans
-        # have them on the device, next to the counts. An int is never uploaded: a copy
-        # from pageable memory waits for the stream, i.e. for the whole prefill.
+        # Own-tensor plans know their blocks on the host (an int); pooled plans (GVote's
+        # measured ones among them) have them on the device, next to the counts. An int is
+        # never uploaded: a copy from pageable memory waits for the stream, i.e. for the
+        # whole prefill.
         on_host = not isinstance(state.kept_blocks, torch.Tensor)
         blocks = torch.as_tensor(state.kept_blocks, dtype=torch.int32).reshape(1)
         event = None
