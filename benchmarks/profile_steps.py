@@ -113,15 +113,15 @@ def run_pass(llm, prompts, params, profile: bool, stagger: int = 0) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     scheduler.schedule = schedule
+    mixed_s = [t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"]
     result = {"wall_s": wall, "steps": len(step_s),
-              "mixed_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"),
+              "mixed_s": sum(mixed_s),
               "decode_s": sum(t for t, k in zip(step_s, kinds, strict=False) if k == "decode"),
               "mixed_steps": kinds.count("mixed"), "decode_steps": kinds.count("decode"),
               "syncs": dict(syncs.most_common(40)),
               # each step with prompt tokens: prompt tokens, decoding rows, wall ms
-              "mixed": [[c, d, round(t * 1e3, 2)] for (c, d), t in zip(
-                  mixed_rows, [t for t, k in zip(step_s, kinds, strict=False) if k == "mixed"],
-                  strict=False)]}
+              "mixed": [[c, d, round(t * 1e3, 2)]
+                        for (c, d), t in zip(mixed_rows, mixed_s, strict=False)]}
     if prof is not None:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -194,7 +194,6 @@ def main() -> None:
               "profiled_pass": profiled}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = result["gpu"]
     tag = device_tag(gpu)
     stem = (f"profile-steps-{args.method}-{tag}-{result['date']}"
             + (f"-stagger{args.stagger}" if args.stagger else ""))

@@ -2,7 +2,7 @@
 
 ``CompressionStore`` stashes each layer's window queries, scores, selects and compacts
 every request whose prompt completes (own-tensor plans layer by layer, pooled plans at the
-last layer), and ``_store_ranges`` writes the page ranges decode reads. Here on the CPU
+last layer), and ``RangePool.store_compacted`` writes the page ranges decode reads. Here on the CPU
 (torch references) against the plan's budgets; ``tests/gpu`` runs the same steps on CUDA
 under PyTorch's sync debug mode.
 """
@@ -21,13 +21,6 @@ from vllm_adakv.memory import plan_compression
 from vllm_adakv.tensors import on_device
 
 BS = 16
-
-
-def _store_ranges(pool: RangePool, done) -> None:
-    """What the CUDA backend does with a step's compacted rows (its own helper needs vLLM)."""
-    for entry in done:
-        pool.store_rows([entry.row.req_id], list(entry.layers), entry.page_start[None],
-                        entry.counts[None], entry.chunk_base[None], entry.capacity[None])
 
 
 def run_worker_compression(device: str, method: str, lengths: list[int], *, heads: int = 8,
@@ -63,8 +56,8 @@ def run_worker_compression(device: str, method: str, lengths: list[int], *, head
                                base=k * nb, layer_bases=bases)
             for row in rows:
                 store.stash_window_queries(row, names[k], query, starts[row.row])
-            _store_ranges(pool, store.compress_rows(rows, names[k], k, cache, table,
-                                                    dim**-0.5))
+            pool.store_compacted(store.compress_rows(rows, names[k], k, cache, table,
+                                                     dim**-0.5))
     finally:
         if sync_debug:
             torch.cuda.set_sync_debug_mode(0)

@@ -60,7 +60,6 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         assert min(requests["start_s"]) == 0 and requests["output_len"] == [8] * NUM_PROMPTS
         assert all(0 < t <= lat for t, lat in zip(requests["ttft_s"], requests["latency_s"],
                                                   strict=True))
-    # compression happened on the adakv server and not on the vanilla one
         # every step the engine ran is logged: all prompt tokens and all generated tokens
         # but each request's first (it comes from the prefill step)
         steps, summary = point["steps"], point["step_summary"]
@@ -69,6 +68,7 @@ def test_serving_vanilla_vs_adakv(tmp_path: Path) -> None:
         assert summary["steps"] == summary["decode_steps"] + summary["mixed_steps"]
         assert 0 < summary["busy_s"] <= point["duration_s"]
         assert 0 <= summary["kv_usage_pct_max"] <= 100  # tiny model: rounds to 0.0%
+    # compression happened on the adakv server and not on the vanilla one
     assert ours["requests_compressed"] >= NUM_PROMPTS and ours["blocks_released"] > 0
     assert "requests_compressed" not in vanilla
     assert set(ours["vs_vanilla"]) >= {"ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",

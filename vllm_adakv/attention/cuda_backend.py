@@ -43,7 +43,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_adakv import kernels
 from vllm_adakv.attention.batch import RowPlan, StepPlan, build_step_plan
-from vllm_adakv.attention.compressor import CompactedRow, CompressionStore, LayerCache
+from vllm_adakv.attention.compressor import CompressionStore, LayerCache
 from vllm_adakv.attention.layer_views import group_blocks
 from vllm_adakv.attention.range_pool import RangePool
 from vllm_adakv.attention.settings import (
@@ -280,7 +280,7 @@ class AdaKVTritonImpl(TritonAttentionImpl):
                 after_selection=(lambda: store.serve_uncompacted(
                     resumed, layer_idx, q3, o3, cache, block_table, qsl, self.scale))
                 if resumed else None)
-            _store_ranges(pool, done)
+            pool.store_compacted(done)
         if attn_metadata.headwise_rows is not None:
             heads_q = self.num_heads
             kernels.headwise_attention_ranges(
@@ -304,19 +304,6 @@ def _layer_cache(kv_cache: torch.Tensor, head_size: int, layer_name: str,
                       all_key=group.merged[..., :head_size],
                       all_value=group.merged[..., head_size:],
                       base=group.base_of[layer_name], layer_bases=group.bases)
-
-
-def _store_ranges(pool: RangePool, done: list[CompactedRow]) -> None:
-    """The compacted rows' page ranges into the device tables (one copy per kind)."""
-    by_layers: dict[tuple[int, ...], list[CompactedRow]] = {}
-    for entry in done:
-        by_layers.setdefault(tuple(entry.layers), []).append(entry)
-    for layers, entries in by_layers.items():
-        pool.store_rows([e.row.req_id for e in entries], list(layers),
-                        torch.stack([e.page_start for e in entries]),
-                        torch.stack([e.counts for e in entries]),
-                        torch.stack([e.chunk_base for e in entries]),
-                        torch.stack([e.capacity for e in entries]))
 
 
 class AdaKVTritonBackend(TritonAttentionBackend):

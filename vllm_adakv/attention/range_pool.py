@@ -12,9 +12,14 @@ whole run, so a step only uploads one small per-row table (batch row -> slot).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from vllm_adakv.tensors import on_device
+
+if TYPE_CHECKING:
+    from vllm_adakv.attention.compressor import CompactedRow
 
 
 class RangePool:
@@ -66,3 +71,16 @@ class RangePool:
         self.kept_counts[index] = kept_counts.to(dev, torch.int32)
         self.chunk_base[slots] = chunk_base.to(dev, torch.int32)
         self.capacity[slots] = capacity.to(dev, torch.int32)
+
+    def store_compacted(self, done: list[CompactedRow]) -> None:
+        """The page ranges of a step's compacted rows, one ``store_rows`` per set of layers
+        (all rows of a layer-by-layer step share theirs)."""
+        by_layers: dict[tuple[int, ...], list[CompactedRow]] = {}
+        for entry in done:
+            by_layers.setdefault(tuple(entry.layers), []).append(entry)
+        for layers, entries in by_layers.items():
+            self.store_rows([e.row.req_id for e in entries], list(layers),
+                            torch.stack([e.page_start for e in entries]),
+                            torch.stack([e.counts for e in entries]),
+                            torch.stack([e.chunk_base for e in entries]),
+                            torch.stack([e.capacity for e in entries]))
