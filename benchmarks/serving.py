@@ -18,7 +18,7 @@ prompt). A folder without weights is loaded with ``--load-format dummy``; one wi
 tokenizer uses ``--tokenizer``, by default a word-level tokenizer of exactly the model's
 vocabulary (``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and with
 a smaller tokenizer (the 512-token tiny one, used up to 2026-12-02) detokenizing the
-unknown ids cost the API server ~0.24 s per 6,000-token request, part of the load that
+unknown ids cost the API server ~0.22 s per 6,000-token request, part of the load that
 held requests in the API server at 2 req/s on an H200 (README, GPU status). Output token
 counts come from the server's usage.
 ``vs_vanilla`` in each point is metric / vanilla's metric (latencies: < 1 is better).

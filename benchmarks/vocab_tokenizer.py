@@ -3,11 +3,13 @@
 A model folder of ``benchmarks/models`` holds a config only. Dummy weights sample any id
 of the model's vocabulary (128,256 for the Llama-3.1-8B shape), so a tokenizer with fewer
 ids makes the server's incremental detokenizer meet ids it does not know; with
-``tokenizers``' DecodeStream primed with a 6,000-token prompt such a step costs ~1 ms
-(0.24 s of API-server time per 500-token request, measured on this project's CPU),
-against ~0.06 ms for a known id. On an H200 at 2 req/s of 6,000-token prompts the API
-server held requests while the engine had room, for vanilla vLLM and the plugin alike
-(benchmarks/results/serving-h200-2026-12-02-rate2*.json); that work was part of its load.
+``tokenizers``' DecodeStream primed with a 6,000-token prompt 500 such steps cost
+0.22 s of API-server time per request, 4.2 ms with this tokenizer (dev CPU,
+``python -m benchmarks.detokenize_cost``,
+benchmarks/results/detokenize-cpu-2026-12-02.json). On an H200 at 2 req/s of
+6,000-token prompts the API server held requests while the engine had room, for vanilla
+vLLM and the plugin alike (benchmarks/results/serving-h200-2026-12-02-rate2*.json); that
+work was part of its load.
 
 This tokenizer has exactly ``vocab_size`` ids: id ``i`` is the word of ``i`` in base 62,
 as many digits as the largest id needs (three up to 238,328 ids), after a space (``▁`` in
