@@ -80,8 +80,9 @@ def run_pass(llm, prompts, params, profile: bool, stagger: int = 0) -> dict:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
+        # with_stack: each host wait below is named by the code that made it
         prof = torch_profile(activities=[ProfilerActivity.CPU]
-                             + ([ProfilerActivity.CUDA] if cuda else []))
+                             + ([ProfilerActivity.CUDA] if cuda else []), with_stack=True)
         prof.__enter__()
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
@@ -133,7 +134,36 @@ def run_pass(llm, prompts, params, profile: bool, stagger: int = 0) -> dict:
             {"name": e.key[:120], "count": e.count, "total_ms": e.self_device_time_total / 1e3}
             for e in kernels[:40]]
         result["table"] = events.table(sort_by="self_cuda_time_total", row_limit=60)
+        result["host_waits"] = host_waits(prof.events())
+        result["host_top_ops"] = [
+            {"name": e.key[:120], "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]
     return result
+
+
+# CUDA runtime calls in which the host can wait for the device (or for a copy)
+_WAITING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+                  "cudaMemcpy", "cudaMemcpyAsync", "cudaHostAlloc", "cudaMallocHost",
+                  "cudaFreeHost", "cudaMalloc", "cudaFree", "cudaStreamWaitEvent")
+
+
+def host_waits(function_events, top: int = 30) -> list[dict]:
+    """Host time in CUDA runtime calls that can block, grouped by call and by the
+    innermost vllm / vllm_adakv frame of the profiler's Python stack."""
+    total: collections.Counter[tuple[str, str]] = collections.Counter()
+    count: collections.Counter[tuple[str, str]] = collections.Counter()
+    longest: dict[tuple[str, str], float] = {}
+    for e in function_events:
+        if e.name not in _WAITING_CALLS:
+            continue
+        site = next((f for f in e.stack if "vllm_adakv" in f or "/vllm/" in f), "?")
+        key = (e.name, site.split("site-packages/")[-1])
+        us = e.cpu_time_total
+        total[key] += us
+        count[key] += 1
+        longest[key] = max(longest.get(key, 0.0), us)
+    return [{"call": k[0], "site": k[1], "count": count[k], "total_ms": round(v / 1e3, 3),
+             "max_ms": round(longest[k] / 1e3, 3)} for k, v in total.most_common(top)]
 
 
 def main() -> None:
@@ -204,6 +234,9 @@ def main() -> None:
               f"{p['mixed_s']:.2f} s, decode {p['decode_steps']} steps {p['decode_s']:.2f} s")
     print("gpu busy share (profiled pass):", round(profiled.get("gpu_busy_share", 0), 3))
     print("syncs:", json.dumps(profiled["syncs"], indent=0)[:3000])
+    for w in profiled.get("host_waits", [])[:20]:
+        print(f"host wait {w['total_ms']:9.2f} ms {w['count']:6d}x (max {w['max_ms']:.2f}) "
+              f"{w['call']} {w['site'][:100]}")
     for k in profiled.get("top_kernels", [])[:25]:
         print(f"{k['total_ms']:9.2f} ms {k['count']:6d}x {k['name'][:90]}")
 

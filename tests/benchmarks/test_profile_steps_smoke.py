@@ -48,3 +48,26 @@ def test_staggered_passes_list_prompt_steps_next_to_decoding_rows(tmp_path: Path
         assert rows[0] == 0 and rows == sorted(rows) and rows[-1] >= 2, rows
         assert all(m[2] > 0 for m in p["mixed"])
         assert p["decode_steps"] > 0 and p["wall_s"] > 0
+    profiled = result["profiled_pass"]
+    assert profiled["host_top_ops"] and all(o["self_cpu_ms"] >= 0 for o in profiled["host_top_ops"])
+    assert isinstance(profiled["host_waits"], list)  # no CUDA runtime calls on the CPU
+
+
+def test_host_waits_are_grouped_by_call_and_innermost_project_frame() -> None:
+    from types import SimpleNamespace as Event
+
+    from benchmarks.profile_steps import host_waits
+
+    site = "/x/site-packages/vllm_adakv/attention/compressor.py(88): run"
+    events = [
+        Event(name="cudaStreamSynchronize", cpu_time_total=300.0,
+              stack=["torch/cuda/__init__.py(1): synchronize", site, "/x/vllm/v1/a.py(1): f"]),
+        Event(name="cudaStreamSynchronize", cpu_time_total=100.0, stack=[site]),
+        Event(name="cudaMemcpyAsync", cpu_time_total=5.0, stack=[]),
+        Event(name="cudaLaunchKernel", cpu_time_total=900.0, stack=[site]),  # never waits
+    ]
+    waits = host_waits(events)
+    assert waits == [
+        {"call": "cudaStreamSynchronize", "site": "vllm_adakv/attention/compressor.py(88): run",
+         "count": 2, "total_ms": 0.4, "max_ms": 0.3},
+        {"call": "cudaMemcpyAsync", "site": "?", "count": 1, "total_ms": 0.005, "max_ms": 0.005}]
