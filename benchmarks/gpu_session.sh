@@ -22,6 +22,7 @@
 #   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
 #                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
 #                                               # FLAGS for both servers, e.g. "--stream-interval 8"
+#   bash benchmarks/gpu_session.sh profile [M]  # profile_steps, staggered, method M (adakv)
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -90,6 +91,13 @@ case "${1:?stage}" in
       --num-prompts 64 --request-rate "${2:-1}" --ratio 8 --kv-cache-gib 8 --reserve-output 500 \
       --port 0 --step-log --suffix="-rate${2:-1}${3:+-x}" --extra-server-args="${3:-}" \
       --out "$OUT" 2>&1 | tee "$OUT/serving-rate${2:-1}${3:+-x}.log" | grep -v '^{' | tail -20
+    ;;
+  profile)
+    # staggered arrivals (one prompt every 8 steps) in one in-process engine: host waits,
+    # sync debug mode, top kernels of the plugin's prompt steps (~4 min on a fresh machine)
+    timeout 420 python3 -m benchmarks.profile_steps --model "$MODEL" --method "${2:-adakv}" \
+      --stagger 8 --num-prompts 16 --output-len 200 --out "$OUT" 2>&1 \
+      | tee "$OUT/profile-${2:-adakv}.log" | grep -v ' pass: ' | tail -60
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
