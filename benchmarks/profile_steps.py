@@ -156,7 +156,11 @@ def host_waits(function_events, top: int = 30) -> list[dict]:
     for e in function_events:
         if e.name not in _WAITING_CALLS:
             continue
-        site = next((f for f in e.stack if "vllm_adakv" in f or "/vllm/" in f), "?")
+        node = e  # a runtime call has no stack of its own: its calling op has
+        while node is not None and not node.stack:
+            node = getattr(node, "cpu_parent", None)
+        stack = node.stack if node is not None else []
+        site = next((f for f in stack if "vllm_adakv" in f or "/vllm/" in f), "?")
         key = (e.name, site.split("site-packages/")[-1])
         us = e.cpu_time_total
         total[key] += us

@@ -62,7 +62,8 @@ def test_host_waits_are_grouped_by_call_and_innermost_project_frame() -> None:
     events = [
         Event(name="cudaStreamSynchronize", cpu_time_total=300.0,
               stack=["torch/cuda/__init__.py(1): synchronize", site, "/x/vllm/v1/a.py(1): f"]),
-        Event(name="cudaStreamSynchronize", cpu_time_total=100.0, stack=[site]),
+        Event(name="cudaStreamSynchronize", cpu_time_total=100.0, stack=[],
+              cpu_parent=Event(name="aten::index", stack=[site], cpu_parent=None)),
         Event(name="cudaMemcpyAsync", cpu_time_total=5.0, stack=[]),
         Event(name="cudaLaunchKernel", cpu_time_total=900.0, stack=[site]),  # never waits
     ]

@@ -310,8 +310,11 @@ class CompressionStore:
                     self.requests[row.req_id].pending_masks[layer_idx] = mask
                     pooled.append(row)
             if own:
-                done += self._compact_own([group[i] for i in own], masks[own], layer, layer_idx,
-                                          cache, block_table)
+                # masks[list] would upload the list from pageable memory: a host sync
+                own_masks = (masks if len(own) == len(group) else masks.index_select(
+                    0, on_device(own, torch.long, masks.device)))
+                done += self._compact_own([group[i] for i in own], own_masks, layer,
+                                          layer_idx, cache, block_table)
             seconds = (time.perf_counter() - start) / len(group)
             for row in group:
                 self.requests[row.req_id].compress_seconds += seconds
