@@ -16,7 +16,7 @@
 #                                               # pooled tables, registers (~70 s)
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
 #   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
-#   bash benchmarks/gpu_session.sh throughput-A1000
+#   bash benchmarks/gpu_session.sh throughput-A1000 # regime A, 1000 in: vanilla, 1/8/16 (64x: budget < window)
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
 #   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
@@ -71,7 +71,8 @@ case "${1:?stage}" in
     ;;
   throughput-A1000)
     python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 1000 \
-      --output-len 500 --num-prompts 256 --ratios 8,16 --out "$OUT" 2>&1 | grep -v "^{" \
+      --output-len 500 --num-prompts 256 --ratios 1,8,16 --reserve-output 500 --out "$OUT" 2>&1 \
+      | grep -v "^{" \
       | tee "$OUT/A1000.log" | tail -20
     ;;
   throughput-B-compare)

@@ -160,6 +160,15 @@ def bench_graph(fns: list) -> float:
     return bench(graph.replay) / len(fns)
 
 
+def same_traffic_copy_us(traffic_bytes: int, buffers: int) -> float:
+    """Microseconds of a device-to-device copy moving ``traffic_bytes`` (read + written),
+    timed in a CUDA graph over ``buffers`` source/destination pairs like the decode."""
+    n = max(1, traffic_bytes // 2)
+    pairs = [(torch.empty(n, dtype=torch.uint8, device="cuda").random_(),
+              torch.empty(n, dtype=torch.uint8, device="cuda")) for _ in range(buffers)]
+    return bench_graph([lambda s=src, d=dst: d.copy_(s) for src, dst in pairs])
+
+
 def graph_copies(batch: int, ctx: int, keep: float) -> int:
     """Input sets per graph: enough that the kept bytes read exceed ~200 MB (4x the H200's
     L2) where memory allows, so repeats do not measure the cache; at most 32."""
@@ -236,10 +245,16 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
                         for s in sets]) if chunked else None
     variant_us = [(cfg, timed([ours_decode(s, **cfg) for s in sets])) for cfg in variants]
     kept_bytes = sum(s["kept_bytes"] for s in sets) / len(sets)
+    copy_us = same_traffic_copy_us(int(kept_bytes), len(sets)) if graphs else None
     point = {"batch": batch, "context": ctx, "keep_ratio": keep, "ours_us": ours,
              "vllm_triton_us": vllm_us, "ours_gbs": kept_bytes / (ours * 1e-6) / 1e9,
              "kept_bytes": kept_bytes, "timing": "cuda_graph" if graphs else "launches",
              "input_sets": len(sets)}
+    if copy_us is not None:
+        # The floor at this size: a device copy moving the same bytes (half read, half
+        # written), in a graph over as many buffers; what fixed costs leave of copy speed.
+        point["same_traffic_copy_us"] = copy_us
+        point["ours_vs_same_traffic_copy"] = copy_us / ours
     if split_us:
         point["ours_split_us"] = split_us
     if chunked_us is not None:
@@ -616,6 +631,8 @@ def main() -> None:
               f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
               + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items())
               + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else "")
+              + (f" copy={p['same_traffic_copy_us']:.1f}" if "same_traffic_copy_us" in p
+                 else "")
               + "".join(f" {variant_label(e['config'])}={e['us']:.1f}"
                         for e in p.get("ours_variants", [])))
     for c in compress:

@@ -31,10 +31,13 @@ from vllm_adakv.memory import plan_compression
 
 def simulate(num_prompts: int, input_len: int, output_len: int, kept_blocks: int | None,
              capacity: int, block_size: int, step_tokens: int, token_s: float,
-             decode_s: float, reserve: bool, max_seqs: int = 256) -> dict:
+             decode_s: float, reserve: bool, max_seqs: int = 256,
+             mixed_fixed_s: float = 0.0) -> dict:
     """Wall time, steps and peak concurrency of the modelled schedule.
 
-    ``kept_blocks`` None: no compression (a request keeps its whole prompt)."""
+    ``kept_blocks`` None: no compression (a request keeps its whole prompt). A step with
+    prompt tokens costs ``mixed_fixed_s + token_s * tokens`` (its fixed part matters
+    for small ``step_tokens``)."""
     base = input_len // block_size if kept_blocks is None else kept_blocks
     computed = [0] * num_prompts
     generated = [0] * num_prompts
@@ -88,7 +91,7 @@ def simulate(num_prompts: int, input_len: int, output_len: int, kept_blocks: int
         running = [i for i in running if generated[i] < output_len]
         steps += 1
         if prompt_tokens:
-            wall += token_s * (prompt_tokens + decode_rows)
+            wall += mixed_fixed_s + token_s * (prompt_tokens + decode_rows)
         else:
             wall += decode_s
             decode_steps += 1
@@ -102,9 +105,12 @@ def main() -> None:
                     help="a throughput-*.json of benchmarks.throughput (costs and workload)")
     ap.add_argument("--step-tokens", type=int, default=16384,
                     help="vLLM's max_num_batched_tokens of that run")
+    ap.add_argument("--mixed-fixed-ms", type=float, default=0.0,
+                    help="fixed cost of a step with prompt tokens (try the decode step's)")
     ap.add_argument("--kv-heads", type=int, default=8, help="KV heads of the model shape")
     ap.add_argument("--layers", type=int, default=32, help="layers of the model shape")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     args = ap.parse_args()
     run = json.loads(args.from_run.read_text())
     points = run["points"]
@@ -116,7 +122,7 @@ def main() -> None:
     decode_s = van["decode_step_ms_median"] / 1e3
     common = dict(num_prompts=n, input_len=length, output_len=out_len, capacity=capacity,
                   block_size=bs, step_tokens=args.step_tokens, token_s=token_s,
-                  decode_s=decode_s)
+                  decode_s=decode_s, mixed_fixed_s=args.mixed_fixed_ms / 1e3)
     vanilla = simulate(kept_blocks=None, reserve=False, **common)
     rows = []
     for p in points:
@@ -132,9 +138,10 @@ def main() -> None:
     result = {"command": " ".join(["python -m benchmarks.schedule_model", *sys.argv[1:]]),
               "date": dt.date.today().isoformat(), "run": str(args.from_run),
               "run_date": run.get("date"), "gpu": run["gpu"], "token_s": token_s,
-              "decode_step_s": decode_s, "vanilla_model": vanilla,
+              "decode_step_s": decode_s, "step_tokens": args.step_tokens,
+              "mixed_fixed_s": args.mixed_fixed_ms / 1e3, "vanilla_model": vanilla,
               "vanilla_measured_wall_s": van["wall_s"], "points": rows}
-    out = Path(args.out) / f"schedule-model-{args.from_run.stem}.json"
+    out = Path(args.out) / f"schedule-model-{args.from_run.stem}{args.suffix}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"vanilla: model {vanilla['wall_s']:.1f} s, measured {van['wall_s']:.1f} s")
     for r in rows:

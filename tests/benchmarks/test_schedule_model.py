@@ -28,3 +28,16 @@ def test_model_of_the_h200_run(tmp_path: Path) -> None:
     assert by_ratio[8]["model"]["preemptions"] == by_ratio[64]["model"]["preemptions"] == 0
     for p in by_ratio.values():  # no overheads of ours in the model: never slower
         assert p["model"]["wall_s"] <= p["measured_wall_s"]
+
+
+def test_fixed_cost_of_mixed_steps_adds_once_per_prompt_step() -> None:
+    from benchmarks.schedule_model import simulate
+
+    common = dict(num_prompts=8, input_len=1000, output_len=50, kept_blocks=8, capacity=400,
+                  block_size=16, step_tokens=512, token_s=1e-5, decode_s=5e-3, reserve=True)
+    base = simulate(**common)
+    fixed = simulate(**common, mixed_fixed_s=0.02)
+    prompt_steps = base["steps"] - base["decode_steps"]
+    assert prompt_steps >= 8 * 1000 // 512  # every prompt token went through a prompt step
+    assert fixed["steps"] == base["steps"]  # the schedule itself is unchanged
+    assert abs(fixed["wall_s"] - base["wall_s"] - 0.02 * prompt_steps) < 1e-9
