@@ -19,6 +19,8 @@
 #   bash benchmarks/gpu_session.sh throughput-A1000 # regime A, 1000 in: vanilla, 1/8/16 (64x: budget < window)
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
+#   bash benchmarks/gpu_session.sh throughput-C  # C, full memory: 1x/4x/16x
+#   bash benchmarks/gpu_session.sh throughput-A6000-64 # regime A, 6000 in, 256 prompts: vanilla, 64x
 #   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
 #                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
 #                                               # FLAGS for both servers, e.g. "--stream-interval 8"
@@ -74,6 +76,16 @@ case "${1:?stage}" in
       --output-len 500 --num-prompts 256 --ratios 1,8,16 --reserve-output 500 --out "$OUT" 2>&1 \
       | grep -v "^{" \
       | tee "$OUT/A1000.log" | tail -20
+    ;;
+  throughput-A6000-64)
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 6000 \
+      --output-len 500 --num-prompts 256 --ratios 64 --reserve-output 500 --suffix=-64 \
+      --out "$OUT" 2>&1 | tee "$OUT/A6000-64.log" | grep -v "^{" | tail -20
+    ;;
+  throughput-C)
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
+      --output-len 2000 --num-prompts 64 --ratios 1,4,16 --reserve-output 2000 \
+      --out "$OUT" 2>&1 | tee "$OUT/C.log" | grep -v "^{" | tail -20
     ;;
   throughput-B-compare)
     timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
