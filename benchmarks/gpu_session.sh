@@ -15,12 +15,13 @@
 #   bash benchmarks/gpu_session.sh kernels-graphs # decode grid under graphs: default and
 #                                               # pooled tables, registers (~70 s)
 #   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
-#   bash benchmarks/gpu_session.sh throughput-A6000 # regime A, 6000 in, 256 prompts: vanilla, 8x (~8 min)
+#   bash benchmarks/gpu_session.sh throughput-A6000 [R] # regime A, 6000 in, 256 prompts:
+#                                               # vanilla, prefill-only, ratio R (default 8; ~8 min);
+#                                               # another R goes to a file suffixed -R
 #   bash benchmarks/gpu_session.sh throughput-A1000 # regime A, 1000 in: vanilla, 1/8/16 (64x: budget < window)
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C  # C, full memory: 1x/4x/16x
-#   bash benchmarks/gpu_session.sh throughput-A6000-64 # regime A, 6000 in, 256 prompts: vanilla, 64x
 #   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
 #                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
 #                                               # FLAGS for both servers, e.g. "--stream-interval 8"
@@ -67,20 +68,19 @@ case "${1:?stage}" in
       | tail -20
     ;;
   throughput-A6000)
-    python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 6000 \
-      --output-len 500 --num-prompts 256 --ratios 8 --reserve-output 500 --out "$OUT" 2>&1 \
-      | grep -v "^{" | tee "$OUT/A6000.log" | tail -20
+    # One ratio per call (the three runs fill it); the log keeps each point's JSON line.
+    ratio=${2:-8}
+    suffix=$([ "$ratio" = 8 ] || echo "-$ratio")
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 6000 \
+      --output-len 500 --num-prompts 256 --ratios "$ratio" --reserve-output 500 \
+      --suffix="$suffix" --out "$OUT" 2>&1 | tee "$OUT/A6000$suffix.log" | grep -v "^{" \
+      | tail -20
     ;;
   throughput-A1000)
     python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 1000 \
       --output-len 500 --num-prompts 256 --ratios 1,8,16 --reserve-output 500 --out "$OUT" 2>&1 \
       | grep -v "^{" \
       | tee "$OUT/A1000.log" | tail -20
-    ;;
-  throughput-A6000-64)
-    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime A --input-len 6000 \
-      --output-len 500 --num-prompts 256 --ratios 64 --reserve-output 500 --suffix=-64 \
-      --out "$OUT" 2>&1 | tee "$OUT/A6000-64.log" | grep -v "^{" | tail -20
     ;;
   throughput-C)
     timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
