@@ -14,7 +14,9 @@
 #                                               # balanced splits 4/8 x min iters 2/4
 #   bash benchmarks/gpu_session.sh kernels-graphs # decode grid under graphs: default and
 #                                               # pooled tables, registers (~70 s)
-#   bash benchmarks/gpu_session.sh throughput-B # regime B, 6000 in: vanilla, flag off, 1/8/64
+#   bash benchmarks/gpu_session.sh throughput-B [RATIOS] # regime B, 6000 in: vanilla, flag off,
+#                                               # 1/8/64; other RATIOS (e.g. 2,4,16): no flag
+#                                               # off, file suffixed -2-4-16
 #   bash benchmarks/gpu_session.sh throughput-A6000 [R] # regime A, 6000 in, 256 prompts:
 #                                               # vanilla, prefill-only, ratio R (default 8; ~8 min);
 #                                               # another R goes to a file suffixed -R
@@ -62,10 +64,14 @@ case "${1:?stage}" in
       --out "$OUT" 2>&1 | tee "$OUT/kernels-graphs.log" | grep -v '^{' | tail -45
     ;;
   throughput-B)
-    python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
-      --output-len 500 --num-prompts 64 --ratios 1,8,64 --kv-cache-gib 8 \
-      --reserve-output 500 --flag-off --out "$OUT" 2>&1 | grep -v "^{" | tee "$OUT/B.log" \
-      | tail -20
+    # $2: ratios (default 1,8,64 with the flag-off run); others go to a file suffixed -RATIOS
+    ratios=${2:-1,8,64}
+    if [ "$ratios" = 1,8,64 ]; then extra=(--flag-off); suffix=""; else
+      extra=(); suffix="-${ratios//,/-}"; fi
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
+      --output-len 500 --num-prompts 64 --ratios "$ratios" --kv-cache-gib 8 \
+      --reserve-output 500 ${extra[@]+"${extra[@]}"} --suffix="$suffix" --out "$OUT" 2>&1 \
+      | tee "$OUT/B$suffix.log" | grep -v "^{" | tail -20
     ;;
   throughput-A6000)
     # One ratio per call (the three runs fill it); the log keeps each point's JSON line.
