@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_session.sh throughput-B [RATIOS] # regime B, 6000 in: vanilla, flag off,
 #                                               # 1/8/64; other RATIOS (e.g. 2,4,16): no flag
 #                                               # off, file suffixed -2-4-16
+#   bash benchmarks/gpu_session.sh throughput-B1000 # regime B, 1000 in, 256 prompts: vanilla, 1/8/16
 #   bash benchmarks/gpu_session.sh throughput-A6000 [R] # regime A, 6000 in, 256 prompts:
 #                                               # vanilla, prefill-only, ratio R (default 8; ~8 min);
 #                                               # another R goes to a file suffixed -R
@@ -72,6 +73,12 @@ case "${1:?stage}" in
       --output-len 500 --num-prompts 64 --ratios "$ratios" --kv-cache-gib 8 \
       --reserve-output 500 ${extra[@]+"${extra[@]}"} --suffix="$suffix" --out "$OUT" 2>&1 \
       | tee "$OUT/B$suffix.log" | grep -v "^{" | tail -20
+    ;;
+  throughput-B1000)
+    # regime B at 1000 in (issue 8's grid: 256 prompts like A; 32x and 64x: budget < window)
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 1000 \
+      --output-len 500 --num-prompts 256 --ratios 1,8,16 --kv-cache-gib 8 \
+      --reserve-output 500 --out "$OUT" 2>&1 | tee "$OUT/B1000.log" | grep -v "^{" | tail -20
     ;;
   throughput-A6000)
     # One ratio per call (the three runs fill it); the log keeps each point's JSON line.
