@@ -10,36 +10,135 @@ and the tail up to p. Query tokens of row r are the last
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+_MAX_PAGES = 1024  # head-pages gathered at once (bounds the scratch buffer)
+_SCRATCH: dict[str, torch.Tensor] = {}
 
-def _row_keys_values(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    pages: torch.Tensor,
-    counts: torch.Tensor,
-    block_row: torch.Tensor,
-    tail_start: int,
-    seq_len: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    max_pages = pages.shape[1]
-    safe = pages.clamp(min=0).long()
-    k_kept = key_cache[safe // heads, safe % heads]  # [H, P, bs, D]
-    v_kept = value_cache[safe // heads, safe % heads]
-    dim = k_kept.shape[-1]
-    k_kept = k_kept.reshape(heads, max_pages * block_size, dim)
-    v_kept = v_kept.reshape(heads, max_pages * block_size, dim)
-    kept_valid = torch.arange(max_pages * block_size, device=pages.device)[None, :] < counts[
-        :, None
-    ].long()
-    tail_pos = torch.arange(tail_start, seq_len, device=pages.device)
-    tail_blocks = block_row.long()[tail_pos // block_size]
-    k_tail = key_cache[tail_blocks, :, tail_pos % block_size].transpose(0, 1)  # [H, T, D]
-    v_tail = value_cache[tail_blocks, :, tail_pos % block_size].transpose(0, 1)
-    keys = torch.cat([k_kept, k_tail], dim=1)
-    values = torch.cat([v_kept, v_tail], dim=1)
-    return keys, values, kept_valid, tail_pos
+
+class _Pages(NamedTuple):
+    """The head-pages some rows read, one entry per (row, head, page)."""
+
+    block: torch.Tensor  # cache block
+    slot: torch.Tensor  # cache slot (KV head) within the block
+    seg: torch.Tensor  # softmax segment: row * H + head
+    first: torch.Tensor  # position of the page's slot 0 (kept: index in the kept sequence)
+    lower: torch.Tensor  # lowest visible position
+    upper: torch.Tensor  # highest visible position (kept pages; tail pages: the query's)
+    is_tail: torch.Tensor
+
+
+def _pages(page_table: torch.Tensor, kept_counts: torch.Tensor, block_table: torch.Tensor,
+           tail_start: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> _Pages:
+    """Kept pages (``page_table >= 0``), then every head's page of each tail block."""
+    heads = page_table.shape[1]
+    dev = page_table.device
+    r, h, p = (page_table >= 0).nonzero(as_tuple=True)
+    virt = page_table[r, h, p].long()
+    first_block = tail_start.long() // block_size
+    num_tail = ((seq_lens.long() - 1) // block_size - first_block + 1).clamp(min=0)
+    j = torch.arange(int(num_tail.max()) if num_tail.numel() else 0, device=dev)
+    tr, tj = (j[None, :] < num_tail[:, None]).nonzero(as_tuple=True)
+    tblk = (first_block[tr] + tj).repeat_interleave(heads)
+    tr = tr.repeat_interleave(heads)
+    th = torch.arange(heads, device=dev).repeat(len(tj))
+    return _Pages(
+        block=torch.cat([virt // heads, block_table.long()[tr, tblk]]),
+        slot=torch.cat([virt % heads, th]),
+        seg=torch.cat([r * heads + h, tr * heads + th]),
+        first=torch.cat([p * block_size, tblk * block_size]),
+        lower=torch.cat([torch.zeros_like(p), tail_start.long()[tr]]),
+        upper=torch.cat([kept_counts.long()[r, h] - 1, torch.zeros_like(tr)]),
+        is_tail=torch.cat([torch.zeros_like(p, dtype=torch.bool),
+                           torch.ones_like(tr, dtype=torch.bool)]),
+    )
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer reused across calls: a fresh large CPU tensor costs a page fault per
+    memory page, more than the gather that fills it."""
+    buf = _SCRATCH.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = _SCRATCH[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _packed_pages(key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor | None:
+    """The caches as ``[nb * H, 2 * bs * D]`` when each head-page is its keys (stored
+    ``[D, bs]``) then its values (vLLM's CPU layout, see ``logical_kv_views``), else None."""
+    nb, heads, bs, dim = key_cache.shape
+    s0, s1 = key_cache.stride(0), key_cache.stride(1)
+    page = bs * dim
+    if (key_cache.stride()[2:] != (1, bs) or value_cache.stride() != (s0, s1, dim, 1)
+            or s0 != heads * s1 or s1 != 2 * page or value_cache.dtype != key_cache.dtype
+            or value_cache.data_ptr() != key_cache.data_ptr() + page * key_cache.element_size()):
+        return None
+    return torch.as_strided(key_cache, (nb * heads, 2 * page), (s1, 1), key_cache.storage_offset())
+
+
+def _gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block: torch.Tensor,
+               slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 keys ``[M, D, bs]`` and values ``[M, bs, D]`` of the given head-pages (views
+    of a scratch buffer in vLLM's CPU layout: valid until the next call)."""
+    m, (_, heads, bs, dim) = len(block), key_cache.shape
+    packed = _packed_pages(key_cache, value_cache)
+    if packed is None:
+        return key_cache[block, slot].float().transpose(1, 2), value_cache[block, slot].float()
+    page = bs * dim
+    pages = _scratch("pages", m * 2 * page, packed.dtype, packed.device).view(m, 2 * page)
+    torch.index_select(packed, 0, block * heads + slot, out=pages)
+    if pages.dtype != torch.float32:
+        fp32 = _scratch("pages_fp32", pages.numel(), torch.float32, pages.device)
+        pages = fp32.view(m, 2 * page).copy_(pages)
+    return pages[:, :page].view(m, dim, bs), pages[:, page:].view(m, bs, dim)
+
+
+def _chunks(rows: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """``rows`` in order, split so that each part reads at most ``limit`` pages (or is
+    one row)."""
+    parts: list[list[int]] = []
+    total = limit + 1
+    for r in rows:
+        if total + sizes[r] > limit:
+            parts.append([])
+            total = 0
+        parts[-1].append(r)
+        total += sizes[r]
+    return parts
+
+
+def _attend_rows(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 pages: _Pages, q_start: torch.Tensor, seq_lens: torch.Tensor, q_len: int,
+                 scale: float, out: torch.Tensor) -> None:
+    """Rows of ``q_len`` query tokens each: logits page by page, then one softmax per
+    (row, head, query) over all its pages (kept + tail)."""
+    rows, heads, block_size = len(q_start), key_cache.shape[1], key_cache.shape[2]
+    num_q_heads, dim = query.shape[1], query.shape[2]
+    group = num_q_heads // heads
+    dev = query.device
+    t = torch.arange(q_len, device=dev)
+    tokens = (q_start.long()[:, None] + t[None, :]).flatten()  # [R * q]
+    q = query[tokens].float().view(rows, q_len, heads, group, dim)
+    q = q.permute(0, 2, 3, 1, 4).reshape(rows * heads, group * q_len, dim)
+    keys, values = _gather_kv(key_cache, value_cache, pages.block, pages.slot)
+    logits = torch.bmm(q[pages.seg], keys)
+    logits.mul_(scale)  # [M, G * q, bs]
+    q_pos = seq_lens.long()[pages.seg // heads, None] - q_len + t[None, :]  # [M, q]
+    upper = torch.where(pages.is_tail[:, None], q_pos, pages.upper[:, None])
+    pos = pages.first[:, None] + torch.arange(block_size, device=dev)[None, :]  # [M, bs]
+    hidden = (pos[:, None, :] < pages.lower[:, None, None]) | (pos[:, None, :] > upper[..., None])
+    logits.view(-1, group, q_len, block_size).masked_fill_(hidden[:, None], float("-inf"))
+    peak = torch.full((rows * heads, group * q_len), float("-inf"), device=dev)
+    peak.scatter_reduce_(0, pages.seg[:, None].expand(-1, group * q_len), logits.amax(-1),
+                         "amax")
+    weights = torch.exp(logits - peak[pages.seg][..., None])
+    denom = torch.zeros_like(peak).index_add_(0, pages.seg, weights.sum(-1))
+    o = torch.zeros(rows * heads, group * q_len, dim, device=dev)
+    o.index_add_(0, pages.seg, torch.bmm(weights, values)).div_(denom[..., None])
+    o = o.view(rows, heads, group, q_len, dim).permute(0, 3, 1, 2, 4)
+    out[tokens] = o.reshape(rows * q_len, num_q_heads, dim).to(out.dtype)
 
 
 def headwise_attention_reference(
@@ -62,35 +161,21 @@ def headwise_attention_reference(
     kept_counts: ``[R, H]``; block_table: ``[R, NB]``; tail_start, seq_lens: ``[R]``;
     query_start_loc: ``[R + 1]``. Computes in fp32, stores in ``out.dtype``.
     """
-    heads = key_cache.shape[1]
-    num_q_heads, dim = query.shape[1], query.shape[2]
-    group = num_q_heads // heads
     qsl = query_start_loc.tolist()
+    by_len: dict[int, list[int]] = {}
     for r in range(page_table.shape[0]):
-        q_start, q_end = qsl[r], qsl[r + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        seq_len = int(seq_lens[r])
-        keys, values, kept_valid, tail_pos = _row_keys_values(
-            key_cache, value_cache, page_table[r], kept_counts[r], block_table[r],
-            int(tail_start[r]), seq_len,
-        )
-        q = query[q_start:q_end].float().reshape(q_len, heads, group, dim).permute(1, 2, 0, 3)
-        logits = torch.einsum("hgqd,hnd->hgqn", q, keys.float()) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        tail_valid = tail_pos[None, :] <= q_pos[:, None]  # [q, T]
-        valid = torch.cat(
-            [
-                kept_valid[:, None, :].expand(heads, q_len, -1),
-                tail_valid[None].expand(heads, -1, -1),
-            ],
-            dim=-1,
-        )  # [H, q, N]
-        logits = logits.masked_fill(~valid[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        o = torch.einsum("hgqn,hnd->hgqd", probs, values.float())  # [H, G, q, D]
-        out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, dim).to(out.dtype)
+        if qsl[r + 1] > qsl[r]:
+            by_len.setdefault(qsl[r + 1] - qsl[r], []).append(r)
+    block_size = key_cache.shape[2]
+    num_tail = (seq_lens.long() - 1) // block_size - tail_start.long() // block_size + 1
+    sizes = ((page_table >= 0).sum((1, 2)) + num_tail.clamp(min=0) * page_table.shape[1])
+    for q_len, rows in by_len.items():
+        for part in _chunks(rows, sizes.tolist(), _MAX_PAGES):
+            sel = torch.tensor(part, device=page_table.device)
+            pages = _pages(page_table[sel], kept_counts[sel], block_table[sel],
+                           tail_start[sel], seq_lens[sel], block_size)
+            _attend_rows(query, key_cache, value_cache, pages, query_start_loc[sel],
+                         seq_lens[sel], q_len, scale, out)
     return out
 
 
