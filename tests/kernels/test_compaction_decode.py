@@ -7,6 +7,16 @@ import torch
 
 from tests.kernels.paged_cache import random_block_tables, write_tokens
 from vllm_adakv.kernels import compact_reference, headwise_attention_reference
+from vllm_adakv.kernels.decode import _packed_pages
+
+
+def cpu_layout_caches(nblocks: int, heads: int, bs: int, dim: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random logical K/V views in vLLM's CPU layout: each head-page is its keys stored
+    transposed (``[D, bs]``) then its values (``[bs, D]``), as ``logical_kv_views`` reads it."""
+    kv = torch.randn(nblocks, heads, 2 * bs, dim)
+    keys = torch.as_strided(kv, (nblocks, heads, bs, dim), (kv.stride(0), kv.stride(1), 1, bs))
+    return keys, kv[:, :, bs:]
 
 
 def random_keep_mask(heads: int, length: int, window: int) -> torch.Tensor:
@@ -36,9 +46,10 @@ def dense_reference(q, keys, values, keep, tail_len, q_positions, length):
     return out
 
 
+@pytest.mark.parametrize("cpu_layout", [False, True])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_headwise_decode_equals_dense_over_kept(group, dim):
+def test_headwise_decode_equals_dense_over_kept(group, dim, cpu_layout):
     heads, bs, window = 4 if group < 8 else 2, 16, 8
     lengths = [int(x) for x in torch.randint(40, 150, (3,))]
     tails = [int(x) for x in torch.randint(1, 20, (3,))]
@@ -46,8 +57,13 @@ def test_headwise_decode_equals_dense_over_kept(group, dim):
     tails = [max(t, q) for t, q in zip(tails, q_lens, strict=True)]
     table, nblocks = random_block_tables(
         [n + t for n, t in zip(lengths, tails, strict=True)], bs)
-    kc = torch.randn(nblocks, heads, bs, dim)
-    vc = torch.randn(nblocks, heads, bs, dim)
+    if cpu_layout:  # the CPU backend's caches: K and V of a head-page read in one gather
+        kc, vc = cpu_layout_caches(nblocks, heads, bs, dim)
+        assert _packed_pages(kc, vc) is not None
+    else:
+        kc = torch.randn(nblocks, heads, bs, dim)
+        vc = torch.randn(nblocks, heads, bs, dim)
+        assert _packed_pages(kc, vc) is None
     originals, masks, tables, counts = [], [], [], []
     for r, (n, t) in enumerate(zip(lengths, tails, strict=True)):
         pos = torch.arange(n)
