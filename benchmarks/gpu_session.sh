@@ -60,9 +60,10 @@ case "${1:?stage}" in
   kernels-graphs)
     # The decode grid under CUDA graphs: the default and the engine's pooled tables
     # (--chunk-tables); registers/spills of each compiled variant (~70 s). Variants to time
-    # beside them: add --decode-launch W:S[:MAXNREG] or --decode-balance S.
+    # beside them: extra arguments go to benchmarks.kernels (--decode-launch W:S[:MAXNREG],
+    # --decode-balance S, --decode-variants JSON, --decode-grid 'B;C;K').
     timeout 580 python3 -m benchmarks.kernels --graphs --chunk-tables --suffix=-graphs \
-      --out "$OUT" 2>&1 | tee "$OUT/kernels-graphs.log" | grep -v '^{' | tail -45
+      --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/kernels-graphs.log" | grep -v '^{' | tail -45
     ;;
   throughput-B)
     # $2: ratios (default 1,8,64 with the flag-off run); others go to a file suffixed -RATIOS

@@ -114,9 +114,14 @@ def decode_inputs(batch: int, ctx: int, keep: float) -> dict:
 
 
 def ours_decode(x: dict, **config):
-    """A closure running our head-wise decode on ``decode_inputs``' tensors."""
+    """A closure running our head-wise decode on ``decode_inputs``' tensors (``config``:
+    options of ``headwise_attention_ranges_triton``; ``chunk_tables=True`` passes the
+    pooled-format tables)."""
     kv, query = x["kv"], x["query"]
     out = torch.empty_like(query)
+    config = dict(config)
+    if config.pop("chunk_tables", False):  # the engine's pooled-format tables
+        config.update(chunk_base=x["chunk_base"], capacity=x["capacity"])
     return lambda: headwise_attention_ranges_triton(
         query, kv[..., :DIM], kv[..., DIM:], x["starts"], x["counts"], x["table"], x["rows"],
         query.shape[0], DIM**-0.5, out, **config)
@@ -198,11 +203,33 @@ def launch_configs(spec: str) -> list[dict]:
     return configs
 
 
+def option_configs(spec: str) -> list[dict]:
+    """Decode options from a JSON list of option dicts of
+    ``headwise_attention_ranges_triton`` (e.g. ``[{"early_tables": true}]``)."""
+    if not spec:
+        return []
+    configs = json.loads(spec)
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise ValueError(f"--decode-variants wants a JSON list of objects, got {spec!r}")
+    return configs
+
+
+def decode_grid(spec: str) -> tuple[list[int], list[int], list[float]]:
+    """(batches, contexts, keep ratios) from ``"B,B;C,C;K,K"``."""
+    parts = spec.split(";")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"--decode-grid wants 'batches;contexts;keeps', got {spec!r}")
+    return ([int(b) for b in parts[0].split(",")], [int(c) for c in parts[1].split(",")],
+            [float(k) for k in parts[2].split(",")])
+
+
 def variant_label(config: dict) -> str:
     """A short name of a decode variant for the printed table."""
-    if "balance_splits" in config:
+    if set(config) == {"balance_splits", "balance_min_iters"}:
         return f"balance{config['balance_splits']}/{config['balance_min_iters']}"
-    return "launch" + ":".join(str(v) for v in config["launch"].values())
+    if set(config) == {"launch"}:
+        return "launch" + ":".join(str(v) for v in config["launch"].values())
+    return json.dumps(config, separators=(",", ":"))
 
 
 def compiled_kernel_resources(fn) -> list[dict]:
@@ -534,6 +561,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="one small point of each (quick check)")
+    ap.add_argument("--decode-grid", default="",
+                    help="batches;contexts;keep ratios of the decode grid, e.g. "
+                         "'32,128;2048,8192;1,0.0625' (default: the issue's grid)")
     ap.add_argument("--profile", action="store_true", help="profile one compression at 8k")
     ap.add_argument("--compress-only", action="store_true")
     ap.add_argument("--sweep", action="store_true",
@@ -554,6 +584,9 @@ def main() -> None:
     ap.add_argument("--decode-launch", default="",
                     help="comma list of warps:stages[:maxnreg]: also time each decode point "
                          "with those Triton launch settings")
+    ap.add_argument("--decode-variants", default="",
+                    help='JSON list of decode option dicts, e.g. \'[{"early_tables": true}]\': '
+                         "also time each decode point with each")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
     ap.add_argument("--gvote", action="store_true",
@@ -561,7 +594,7 @@ def main() -> None:
     args = ap.parse_args()
     split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     balance = balance_configs(args.decode_balance, args.decode_balance_min_iters)
-    variants = balance + launch_configs(args.decode_launch)
+    variants = balance + launch_configs(args.decode_launch) + option_configs(args.decode_variants)
     global PROFILE
     PROFILE = args.profile
     gpu = torch.cuda.get_device_name()
@@ -569,6 +602,8 @@ def main() -> None:
     batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
     if args.smoke:
         batches, contexts, keeps = [32], [2048], [1.0, 1 / 16]
+    if args.decode_grid:
+        batches, contexts, keeps = decode_grid(args.decode_grid)
     if args.compress_only or args.sweep or args.pooled or args.gvote:
         batches = []
     decode = []

@@ -78,7 +78,9 @@ def test_range_decode_real_sizes(group, dim):
     want = torch.full(query.shape, float("nan"), device=DEV)
     headwise_attention_ranges_reference(**args, out=want)
     for options in ({"num_splits": 1}, {}, {"balance_splits": 4},
-                    {"balance_splits": 8, "balance_min_iters": 1}):
+                    {"balance_splits": 8, "balance_min_iters": 1},
+                    {"num_splits": 1, "early_tables": True}, {"early_tables": True},
+                    {"balance_splits": 4, "early_tables": True}):
         out = torch.full_like(query, float("nan"))
         headwise_attention_ranges_triton(**args, out=out, **options)
         n = int(qsl[-1])
@@ -276,7 +278,9 @@ def test_pooled_decode_real_sizes():
                     layer_base=int(layer_bases[layer]), **common)
         want = torch.full(query.shape, float("nan"), device=DEV)
         headwise_attention_ranges_reference(**args, out=want)
-        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}, {"balance_splits": 4}):
+        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}, {"balance_splits": 4},
+                        {"num_splits": 1, "early_tables": True},
+                        {"balance_splits": 4, "early_tables": True}):
             out = torch.full_like(query, float("nan"))
             headwise_attention_ranges_triton(**args, out=out, **options)
             assert not torch.isnan(out[:n_tok]).any() and torch.isnan(out[n_tok:]).all()

@@ -160,6 +160,39 @@ def test_fp32_matches_reference(group, dim, pages_per_iter):
     _check(args, num_splits, atol=1e-4, rtol=1e-4, pages_per_iter=pages_per_iter)
 
 
+@pytest.mark.parametrize(("group", "dim", "dtype", "num_splits", "pages_per_iter"), [
+    (1, 64, torch.float32, 1, 1), (4, 128, torch.float32, 3, 4), (8, 64, torch.float32, 2, 2),
+    (4, 64, torch.bfloat16, 1, 2), (4, 128, torch.float16, 5, 1)])
+def test_early_tables_matches_reference(group, dim, dtype, num_splits, pages_per_iter):
+    """Tail first, table entries loaded an iteration ahead: the same attention, with
+    several iterations per loop (tiles of 1-2 pages), splits that start or end inside
+    the tail, a head with no kept token, and padding tokens left untouched."""
+    args = _build(group, dim, dtype, [3, 0, 1], empty_head=1, pad_tokens=2,
+                  transposed=dtype != torch.float32)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    _check(args, num_splits, atol=tol, rtol=tol, pad_tokens=2, pages_per_iter=pages_per_iter,
+           early_tables=True)
+
+
+def test_early_tables_balanced(nan_scratch):
+    """Balanced splits with early tables: the same partials written (k_used), same output."""
+    args = _build(4, 64, torch.float32, [1, 3, 1], keep_fn=_uneven_keep)
+    k_used = _check_balanced(args, nan_scratch, splits=4, min_iters=1, pages_per_iter=1,
+                             tol=1e-4, early_tables=True)
+    assert any(max(k) > 1 for k in k_used)
+
+
+def test_early_tables_pooled():
+    """Pooled chunk tables (tiles over chunk boundaries) with early tables."""
+    from tests.kernels.test_pooling import _check_pooled_decode, _pooled_decode_batch
+
+    x = _pooled_decode_batch(2, 16, torch.float32, one_big_layer=True)
+    _check_pooled_decode(x, 1e-4, num_splits=2, pages_per_iter=8, early_tables=True)
+    x = _pooled_decode_batch(4, 64, torch.float32)
+    _check_pooled_decode(x, 1e-4, pages_per_iter=1, balance_splits=4, balance_min_iters=1,
+                         early_tables=True)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4, None])
 def test_transposed_key_view(num_splits):
     args = _build(4, 64, torch.float32, [1, 1, 3], transposed=True)
@@ -244,14 +277,14 @@ def _uneven_keep(r: int, heads: int, length: int) -> torch.Tensor:
     return keep
 
 
-def _check_balanced(args, scratch, splits, min_iters, pages_per_iter, tol, pad_tokens=0
-                    ) -> list:
+def _check_balanced(args, scratch, splits, min_iters, pages_per_iter, tol, pad_tokens=0,
+                    **options) -> list:
     """Output == reference, and exactly the partials of heads on several splits, from
     their first k_used splits, were written (heads on one split write out directly)."""
     k_used = [_balanced_k_used(args, r, pages_per_iter, splits, min_iters)
               for r in range(args["page_table"].shape[0])]
     _check(args, None, atol=tol, rtol=tol, pad_tokens=pad_tokens, pages_per_iter=pages_per_iter,
-           balance_splits=splits, balance_min_iters=min_iters)
+           balance_splits=splits, balance_min_iters=min_iters, **options)
     if splits > 1:
         mid_m = scratch[0]  # [tokens, q heads, splits]: a token's scratch row is its index
         heads = args["key_cache"].shape[1]

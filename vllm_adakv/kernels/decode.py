@@ -161,6 +161,12 @@ def headwise_attention_reference(
     kept_counts: ``[R, H]``; block_table: ``[R, NB]``; tail_start, seq_lens: ``[R]``;
     query_start_loc: ``[R + 1]``. Computes in fp32, stores in ``out.dtype``.
     """
+    # Tables may come on another device than the caches (e.g. CPU row tensors beside CUDA
+    # caches): index everything on the caches' device.
+    dev = key_cache.device
+    page_table, kept_counts, block_table, tail_start, seq_lens, query_start_loc = (
+        t.to(dev) for t in (page_table, kept_counts, block_table, tail_start, seq_lens,
+                            query_start_loc))
     qsl = query_start_loc.tolist()
     by_len: dict[int, list[int]] = {}
     for r in range(page_table.shape[0]):

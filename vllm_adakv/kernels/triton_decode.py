@@ -110,6 +110,66 @@ def _balanced_splits(cnt_row, stride_ch, n_iter, n_tail_it, num_splits, min_iter
     return tl.minimum(k_used, num_splits)
 
 
+@triton.jit
+def _kept_addrs(i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
+                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+                NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr,
+                PAGE_RANGES: tl.constexpr, POOLED: tl.constexpr):
+    """(block, slot, valid) of each tile slot of kept iteration ``i`` of a head: where
+    its head-pages lie. Slots past the head's kept tokens are invalid (no load made)."""
+    pg = i * PAGES + page_of_t  # the head's page of each tile slot
+    tok_idx = pg * BLOCK_SIZE + offs_n
+    valid_n = mask_n & (tok_idx < kept)
+    if POOLED:
+        # Entry g = first_entry + pg of the pooled sequence: chunk g // capacity (a layer
+        # tensor at block offset chunk_base), entry e = g % capacity of it -> block
+        # block_row[e // H], slot e % H. One division per tile: its PAGES entries from g0
+        # cross at most one chunk boundary when a chunk holds PAGES entries or more.
+        g0 = first_entry + i * PAGES
+        chunk0 = g0 // capacity
+        rel = g0 - chunk0 * capacity + page_of_t
+        if capacity >= PAGES:
+            over = (rel >= capacity).to(tl.int32)
+            chunk = chunk0 + over
+            local = rel - over * capacity
+        else:
+            chunk = chunk0 + rel // capacity
+            local = rel % capacity
+        base = tl.load(cb_row + chunk * stride_cbk, mask=valid_n, other=0)
+        block = tl.load(bt_row + (local // NUM_KV_HEADS) * stride_bb, mask=valid_n, other=0)
+        block = block.to(tl.int64) + base.to(tl.int64)
+        slot = (local % NUM_KV_HEADS).to(tl.int64)
+    elif PAGE_RANGES:
+        # Page pg of the head is entry first_page + pg of the request's head-page
+        # sequence (block j, slot s) -> j * H + s.
+        seq_idx = first_page + pg
+        block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb, mask=valid_n,
+                        other=0).to(tl.int64)
+        slot = (seq_idx % NUM_KV_HEADS).to(tl.int64)
+    else:
+        page = tl.load(pt_row + pg * stride_pp, mask=valid_n, other=0).to(tl.int64)
+        block = page // NUM_KV_HEADS
+        slot = page % NUM_KV_HEADS
+    return block, slot, valid_n
+
+
+@triton.jit
+def _tail_addrs(i, bt_row, first_tail_block, tail_start, seq_len, layer_base, head,
+                stride_bb, page_of_t, offs_n, mask_n, BLOCK_SIZE: tl.constexpr,
+                PAGES: tl.constexpr, POOLED: tl.constexpr):
+    """(block, slot, valid, position) of each tile slot of tail iteration ``i``: blocks of
+    the normal layout, this head's slot. Slots outside ``[tail_start, seq_len)`` are
+    invalid (no load made)."""
+    tb = first_tail_block + i * PAGES + page_of_t
+    pos = tb * BLOCK_SIZE + offs_n
+    valid_n = mask_n & (pos >= tail_start) & (pos < seq_len)
+    block = tl.load(bt_row + tb * stride_bb, mask=valid_n, other=0).to(tl.int64)
+    if POOLED:
+        block = block + layer_base  # this layer's tensor in the all-layers view
+    slot = tl.zeros_like(block) + head
+    return block, slot, valid_n, pos
+
+
 @jit_unspecialized(ints=["num_splits", "split_iters", "min_iters", "stride_mt", "stride_mh",
                          "stride_ms", "stride_pr", "stride_pp", "stride_cr", "stride_br",
                          "layer_base", "stride_cbs", "stride_cbk", "stride_cap"],
@@ -145,6 +205,7 @@ def _headwise_fwd(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    EARLY_TABLES: tl.constexpr,
 ):
     r = tl.program_id(0)
     head = tl.program_id(1)
@@ -203,6 +264,10 @@ def _headwise_fwd(
 
     pt_row = pt_ptr + slot_row * stride_pr + head * stride_ph
     bt_row = bt_ptr + batch_row * stride_br
+    first_page = 0  # (placeholders where the layout has no such table)
+    first_entry = 0
+    capacity = 1
+    cb_row = cb_ptr
     if PAGE_RANGES:
         first_page = tl.load(pt_row).to(tl.int64)
     if POOLED:
@@ -229,64 +294,58 @@ def _headwise_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+        if EARLY_TABLES:
+            # Both loops' first table entries at once, right after the row table (the
+            # tail's need only tail_start): their round trips overlap.
+            t_blk, t_slot, t_vn, t_pos = _tail_addrs(
+                tail_lo, bt_row, first_tail_block, tail_start, seq_len, layer_base, head,
+                stride_bb, page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
+            k_blk, k_slot, k_vn = _kept_addrs(
+                kept_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
+                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS,
+                BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
         for it in tl.static_range(2):
-            # it == 0: kept head-pages; it == 1: tail blocks in the normal layout.
-            if it == 0:
-                lo = kept_lo
-                hi = kept_hi
-            else:
+            # Without EARLY_TABLES: it == 0 kept head-pages, it == 1 tail blocks (normal
+            # layout). With it: the tail first (its tables arrive first), then the kept
+            # pages; each iteration's table entries are loaded one iteration ahead.
+            # (it == 1) != EARLY_TABLES: this pass reads the tail
+            if (it == 1) != EARLY_TABLES:
                 lo = tail_lo
                 hi = tail_hi
+                if EARLY_TABLES:
+                    nxt_blk, nxt_slot, nxt_vn, nxt_pos = t_blk, t_slot, t_vn, t_pos
+            else:
+                lo = kept_lo
+                hi = kept_hi
+                if EARLY_TABLES:
+                    nxt_blk, nxt_slot, nxt_vn = k_blk, k_slot, k_vn
             for i in range(lo, hi):
-                if it == 0:
-                    pg = i * PAGES + page_of_t  # the head's page of each tile slot
-                    tok_idx = pg * BLOCK_SIZE + offs_n
-                    valid_n = mask_n & (tok_idx < kept)
-                    if POOLED:
-                        # Entry g = first_page + pg of the pooled sequence: chunk
-                        # g // capacity (a layer tensor at block offset chunk_base), entry
-                        # e = g % capacity of it -> block block_row[e // H], slot e % H.
-                        # One division per tile: its PAGES entries from g0 cross at most
-                        # one chunk boundary when a chunk holds PAGES entries or more.
-                        g0 = first_entry + i * PAGES
-                        chunk0 = g0 // capacity
-                        rel = g0 - chunk0 * capacity + page_of_t
-                        if capacity >= PAGES:
-                            over = (rel >= capacity).to(tl.int32)
-                            chunk = chunk0 + over
-                            local = rel - over * capacity
-                        else:
-                            chunk = chunk0 + rel // capacity
-                            local = rel % capacity
-                        base = tl.load(cb_row + chunk * stride_cbk, mask=valid_n, other=0)
-                        block = tl.load(bt_row + (local // NUM_KV_HEADS) * stride_bb,
-                                        mask=valid_n, other=0)
-                        block = block.to(tl.int64) + base.to(tl.int64)
-                        slot = local % NUM_KV_HEADS
-                    elif PAGE_RANGES:
-                        # Page pg of the head is entry first_page + pg of the request's
-                        # head-page sequence (block j, slot s) -> j * H + s.
-                        seq_idx = first_page + pg
-                        block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb,
-                                        mask=valid_n, other=0)
-                        block = block.to(tl.int64)
-                        slot = seq_idx % NUM_KV_HEADS
+                if EARLY_TABLES:
+                    block, slot, valid_n = nxt_blk, nxt_slot, nxt_vn
+                    if (it == 1) != EARLY_TABLES:
+                        pos = nxt_pos
+                        nxt_blk, nxt_slot, nxt_vn, nxt_pos = _tail_addrs(
+                            i + 1, bt_row, first_tail_block, tail_start, seq_len,
+                            layer_base, head, stride_bb, page_of_t, offs_n, mask_n,
+                            BLOCK_SIZE, PAGES, POOLED)
                     else:
-                        page = tl.load(pt_row + pg * stride_pp, mask=valid_n, other=0)
-                        page = page.to(tl.int64)
-                        block = page // NUM_KV_HEADS
-                        slot = page % NUM_KV_HEADS
-                    valid = mask_m[:, None] & valid_n[None, :]
+                        nxt_blk, nxt_slot, nxt_vn = _kept_addrs(
+                            i + 1, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
+                            kept, stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+                            NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
+                elif (it == 1) != EARLY_TABLES:
+                    block, slot, valid_n, pos = _tail_addrs(
+                        i, bt_row, first_tail_block, tail_start, seq_len, layer_base, head,
+                        stride_bb, page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
                 else:
-                    tb = first_tail_block + i * PAGES + page_of_t
-                    pos = tb * BLOCK_SIZE + offs_n
-                    valid_n = mask_n & (pos >= tail_start) & (pos < seq_len)
-                    block = tl.load(bt_row + tb * stride_bb, mask=valid_n, other=0)
-                    block = block.to(tl.int64)
-                    if POOLED:
-                        block = block + layer_base  # this layer's tensor in the all-layers view
-                    slot = tl.zeros_like(block) + head
+                    block, slot, valid_n = _kept_addrs(
+                        i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
+                        stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+                        NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
+                if (it == 1) != EARLY_TABLES:
                     valid = (mask_m[:, None] & valid_n[None, :]) & (pos[None, :] <= q_pos[:, None])
+                else:
+                    valid = mask_m[:, None] & valid_n[None, :]
                 k_base = block * stride_kb + slot * stride_kh  # per tile slot
                 v_base = block * stride_vb + slot * stride_vh
                 kt = tl.load(k_ptr + k_base[None, :] + k_in_page,
@@ -514,7 +573,8 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
             split_tokens: int | None = None, chunk_base: torch.Tensor | None = None,
             capacity: torch.Tensor | None = None, layer_base: int = 0,
             balance_splits: int | None = None,
-            balance_min_iters: int = BALANCE_MIN_ITERS) -> torch.Tensor:
+            balance_min_iters: int = BALANCE_MIN_ITERS,
+            early_tables: bool = False) -> torch.Tensor:
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
@@ -621,6 +681,7 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         USE_DOT=use_dot,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
+        EARLY_TABLES=bool(early_tables),
         **(launch or {}),
     )
     if num_splits > 1:
@@ -660,6 +721,7 @@ def headwise_attention_triton(
     split_tokens: int | None = None,
     balance_splits: int | None = None,
     balance_min_iters: int = BALANCE_MIN_ITERS,
+    early_tables: bool = False,
 ) -> torch.Tensor:
     """Attention over kept head-pages plus the shared tail, written into ``out``.
 
@@ -670,6 +732,8 @@ def headwise_attention_triton(
     head of a row as many of them as it needs so that none holds more than the row's
     mean iterations per head (at least ``balance_min_iters``); at most one of the three.
     ``pages_per_iter`` head-pages are read per loop iteration (default: 128-token tiles).
+    ``early_tables``: the tail first, both loops' first table entries loaded at the start
+    and each iteration's entries one iteration ahead (fewer dependent round trips).
     """
     num_rows = page_table.shape[0]
     idx = torch.arange(num_rows, device=query.device)
@@ -680,7 +744,8 @@ def headwise_attention_triton(
                    block_table, rows, query.shape[0], scale, out, num_splits,
                    page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1],
                    pages_per_iter=pages_per_iter, split_tokens=split_tokens,
-                   balance_splits=balance_splits, balance_min_iters=balance_min_iters)
+                   balance_splits=balance_splits, balance_min_iters=balance_min_iters,
+                   early_tables=early_tables)
 
 
 def headwise_attention_ranges_triton(
@@ -703,6 +768,7 @@ def headwise_attention_ranges_triton(
     layer_base: int = 0,
     balance_splits: int | None = None,
     balance_min_iters: int = BALANCE_MIN_ITERS,
+    early_tables: bool = False,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -712,7 +778,7 @@ def headwise_attention_ranges_triton(
     ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
     Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
     ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults;
-    ``split_tokens``, ``balance_splits`` and ``balance_min_iters`` as in
+    ``split_tokens``, ``balance_splits``, ``balance_min_iters`` and ``early_tables`` as in
     ``headwise_attention_triton``.
 
     Pooled over layers: ``key_cache``/``value_cache`` view every layer's blocks,
@@ -730,4 +796,4 @@ def headwise_attention_ranges_triton(
                    max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
                    launch=launch, split_tokens=split_tokens, chunk_base=chunk_base,
                    capacity=capacity, layer_base=layer_base, balance_splits=balance_splits,
-                   balance_min_iters=balance_min_iters)
+                   balance_min_iters=balance_min_iters, early_tables=early_tables)
