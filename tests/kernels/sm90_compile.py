@@ -31,7 +31,7 @@ _FP32_PTRS = ("mid_acc_ptr", "mid_m_ptr", "mid_l_ptr")
 
 def _signature(fn: triton.JITFunction, constexprs: dict) -> dict[str, str]:
     """Triton types of ``fn``'s parameters: bf16 activations, fp32 scratch, int32
-    tables, fp32 scale, int64 strides, int32 other integers."""
+    tables, fp32 scale, int32 integers (strides too: Triton passes ints below 2**31 so)."""
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
@@ -45,12 +45,38 @@ def _signature(fn: triton.JITFunction, constexprs: dict) -> dict[str, str]:
         elif name == "qk_scale":
             sig[name] = "fp32"
         else:
-            sig[name] = "i64" if name.startswith("stride") else "i32"
+            sig[name] = "i32"
     return sig
 
 
+# Innermost strides of contiguous activations and caches: 1, which Triton specialises as
+# a constant at launch (what lets it vectorise the K/V loads).
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+
+
+def _specialised(fn: triton.JITFunction, constexprs: dict) -> tuple[dict, dict]:
+    """(constexprs, attrs) as a launch on real tensors specialises: unit innermost strides
+    become constants; other integers and pointers not excluded from specialisation
+    (``jit_unspecialized``) are taken divisible by 16, as aligned tensors' are."""
+    consts = dict(constexprs)
+    consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
+    no_value = set(fn.do_not_specialize or ())
+    no_align = set(getattr(fn, "do_not_specialize_on_alignment", None) or ())
+    sig = _signature(fn, consts)
+    attrs = {}
+    for idx, name in enumerate(fn.arg_names):
+        kind = sig[name]
+        if kind == "constexpr" or kind == "fp32":
+            continue
+        if (kind.startswith("*") and name not in no_align) or (
+                not kind.startswith("*") and name not in no_value):
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+    return consts, attrs
+
+
 def _compile(fn: triton.JITFunction, constexprs: dict, **options):
-    src = ASTSource(fn, _signature(fn, constexprs), constexprs)
+    consts, attrs = _specialised(fn, constexprs)
+    src = ASTSource(fn, _signature(fn, consts), consts, attrs)
     return triton.compile(src, target=_SM90, options={"num_warps": 4, "num_stages": 3,
                                                       **options})
 
