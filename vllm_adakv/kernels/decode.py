@@ -30,6 +30,14 @@ class _Pages(NamedTuple):
     is_tail: torch.Tensor
 
 
+def _tail_blocks(tail_start: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the first tail block and how many blocks hold ``[tail_start, seq_len)``."""
+    first_block = tail_start.long() // block_size
+    num_tail = ((seq_lens.long() - 1) // block_size - first_block + 1).clamp(min=0)
+    return first_block, num_tail
+
+
 def _pages(page_table: torch.Tensor, kept_counts: torch.Tensor, block_table: torch.Tensor,
            tail_start: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> _Pages:
     """Kept pages (``page_table >= 0``), then every head's page of each tail block."""
@@ -37,8 +45,7 @@ def _pages(page_table: torch.Tensor, kept_counts: torch.Tensor, block_table: tor
     dev = page_table.device
     r, h, p = (page_table >= 0).nonzero(as_tuple=True)
     virt = page_table[r, h, p].long()
-    first_block = tail_start.long() // block_size
-    num_tail = ((seq_lens.long() - 1) // block_size - first_block + 1).clamp(min=0)
+    first_block, num_tail = _tail_blocks(tail_start, seq_lens, block_size)
     j = torch.arange(int(num_tail.max()) if num_tail.numel() else 0, device=dev)
     tr, tj = (j[None, :] < num_tail[:, None]).nonzero(as_tuple=True)
     tblk = (first_block[tr] + tj).repeat_interleave(heads)
@@ -173,8 +180,8 @@ def headwise_attention_reference(
         if qsl[r + 1] > qsl[r]:
             by_len.setdefault(qsl[r + 1] - qsl[r], []).append(r)
     block_size = key_cache.shape[2]
-    num_tail = (seq_lens.long() - 1) // block_size - tail_start.long() // block_size + 1
-    sizes = ((page_table >= 0).sum((1, 2)) + num_tail.clamp(min=0) * page_table.shape[1])
+    _, num_tail = _tail_blocks(tail_start, seq_lens, block_size)
+    sizes = (page_table >= 0).sum((1, 2)) + num_tail * page_table.shape[1]
     for q_len, rows in by_len.items():
         for part in _chunks(rows, sizes.tolist(), _MAX_PAGES):
             sel = torch.tensor(part, device=page_table.device)
