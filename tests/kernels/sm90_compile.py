@@ -1,15 +1,22 @@
-"""Compile the decode kernels for sm_90 (H100/H200) without a GPU; run without
-TRITON_INTERPRET (the test suite interprets kernels, and an interpreted kernel cannot be
-compiled): ``python -m tests.kernels.sm90_compile`` prints one JSON line per variant.
+"""Compile the Triton kernels for sm_90 (H100/H200) without a GPU.
+
+Run without TRITON_INTERPRET (the test suite interprets kernels, and an interpreted kernel
+cannot be compiled): ``python -m tests.kernels.sm90_compile [RECORDS.json]`` compiles the
+decode forward/reduce at the engine's shape and every launch recorded in RECORDS.json (see
+``record_launches``), printing one JSON line per kernel with its registers and stack.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import json
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -118,6 +125,114 @@ _REDUCE = dict(HEAD_DIM=128, BLOCK_S=4, BLOCK_D=128, BALANCED=False, NUM_KV_HEAD
                BLOCK_H=8, BLOCK_SIZE=16, PAGES=8)
 
 
+# Every kernel the package launches (``name[grid](...)``), by module.
+LAUNCHED = {
+    "vllm_adakv.kernels.triton_decode": ("_headwise_fwd", "_headwise_reduce"),
+    "vllm_adakv.kernels.triton_scoring": ("_window_stats", "_candidate_scores"),
+    "vllm_adakv.kernels.triton_compaction": ("_page_ranges", "_gather_kept", "_scatter_pages",
+                                             "_pooled_plan", "_pooled_step"),
+    "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),
+    "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),
+}
+_TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
+                "torch.float64": "fp64",
+                "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8",
+                "torch.uint8": "u8", "torch.bool": "i1"}
+
+
+def _cuda_dot_fp32(kernel: str, args: dict) -> bool:
+    """``DOT_FP32`` as the launchers set it on CUDA: the decode never (its dots take the
+    cache dtype, fp32 ones at ieee precision); scoring and voting for fp32 queries."""
+    return kernel != "_headwise_fwd" and args["q_ptr"]["ptr"] == "fp32"
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    return "constexpr" in str(param.annotation)
+
+
+def launch_record(module: str, name: str, fn, args: tuple, kwargs: dict) -> dict:
+    """What a launch of kernel ``name`` passed, as JSON: tensors by dtype, integers and
+    constexprs by value, floats by kind (for ``compile_record``)."""
+    params = inspect.signature(fn.fn).parameters
+    bound = dict(zip(fn.arg_names, args, strict=False))
+    bound.update(kwargs)
+    out = {}
+    for pname, param in params.items():
+        value = bound.get(pname, param.default)
+        if _is_constexpr(param):
+            out[pname] = {"constexpr": value}
+        elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+            out[pname] = {"ptr": _TORCH_TYPES[str(value.dtype)]}
+        elif isinstance(value, bool):
+            out[pname] = {"bool": value}
+        elif isinstance(value, int):
+            out[pname] = {"int": value}
+        elif isinstance(value, float):
+            out[pname] = {"float": value}
+        else:
+            raise TypeError(f"{name}: argument {pname} of type {type(value).__name__}")
+    return {"module": module, "kernel": name, "args": out}
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[dict]]:
+    """Within the block, every interpreted launch of a ``LAUNCHED`` kernel appends its
+    ``launch_record`` to the yielded list (through Triton's pre-run hooks)."""
+    records: list[dict] = []
+    hooks = []
+    for module, names in LAUNCHED.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            fn = getattr(mod, name)
+
+            def hook(*args, _m=module, _n=name, _f=fn, **kwargs):
+                records.append(launch_record(_m, _n, _f, args, kwargs))
+
+            fn.add_pre_run_hook(hook)
+            hooks.append((fn, hook))
+    try:
+        yield records
+    finally:
+        for fn, hook in hooks:
+            fn.pre_run_hooks.remove(hook)
+
+
+def compile_record(record: dict) -> tuple:
+    """Compile a recorded launch for sm_90 as a GPU launch of the same arguments would:
+    the CUDA path of the dots (``_cuda_dot_fp32``; the interpreter always takes the fp32
+    one), integers
+    equal to 1 as constants and 16-divisible ones (and pointers) marked so, except those
+    ``jit_unspecialized`` excludes. Returns the compiled kernel and its constants."""
+    fn = getattr(importlib.import_module(record["module"]), record["kernel"])
+    no_value = set(fn.do_not_specialize or ())
+    no_align = set(getattr(fn, "do_not_specialize_on_alignment", None) or ())
+    sig, consts, attrs = {}, {}, {}
+    for idx, pname in enumerate(fn.arg_names):
+        arg = record["args"][pname]
+        if "constexpr" in arg:
+            value = (_cuda_dot_fp32(record["kernel"], record["args"]) if pname == "DOT_FP32"
+                     else arg["constexpr"])
+            sig[pname], consts[pname] = "constexpr", value
+        elif "ptr" in arg:
+            sig[pname] = "*" + arg["ptr"]
+            if pname not in no_align:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif "bool" in arg:
+            sig[pname] = "i1"
+        elif "float" in arg:
+            sig[pname] = "fp32"
+        else:
+            value = arg["int"]
+            if value == 1 and pname not in no_value:
+                sig[pname], consts[pname] = "constexpr", 1
+                continue
+            sig[pname] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and pname not in no_value:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, consts, attrs)
+    return triton.compile(src, target=_SM90, options={"num_warps": 4, "num_stages": 3}), consts
+
+
 def main() -> None:
     jobs = [("_headwise_fwd", td._headwise_fwd, {**_ENGINE, **v}, v) for v in FORWARD_VARIANTS]
     jobs += [("_headwise_reduce", td._headwise_reduce, {**_REDUCE, "BALANCED": b},
@@ -127,6 +242,14 @@ def main() -> None:
         print(json.dumps({"kernel": name, "variant": variant,
                           "cubin_bytes": len(kernel.asm["cubin"]),
                           "resources": _resources(kernel)}), flush=True)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1]) as f:
+            records = json.load(f)
+        for record in records:
+            kernel, consts = compile_record(record)
+            print(json.dumps({"kernel": record["kernel"], "recorded": consts,
+                              "cubin_bytes": len(kernel.asm["cubin"]),
+                              "resources": _resources(kernel)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The decode kernels compile for an H100/H200 (sm_90) on this CPU-only machine.
+"""The Triton kernels compile for an H100/H200 (sm_90) on this CPU-only machine.
 
 The Triton interpreter runs a kernel's Python source: code that only the compiler
 rejects (a name bound in one branch of a dynamic ``if``, a reassigned constexpr) passes
 there and fails on the GPU. Triton's NVIDIA backend (LLVM and ptxas ship in its wheel)
-compiles to a cubin without a GPU, so the variants the engine launches are compiled here;
-the test reports each one's registers and stack (spills) from ``cuobjdump``.
+compiles to a cubin without a GPU: the decode kernels at the engine's shape, and every
+kernel the package launches with the arguments the interpreter tests launch it with
+(recorded here, compiled in a subprocess without the interpreter), each on its CUDA path.
 """
 
 from __future__ import annotations
@@ -16,25 +17,69 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton.backends.nvidia")
-from tests.kernels.sm90_compile import FORWARD_VARIANTS, ptxas_available  # noqa: E402
+from tests.kernels.sm90_compile import (  # noqa: E402
+    FORWARD_VARIANTS,
+    LAUNCHED,
+    ptxas_available,
+    record_launches,
+)
 
 if not ptxas_available():
     pytest.skip("no ptxas for Triton's NVIDIA backend", allow_module_level=True)
 
 
-def test_decode_kernels_compile_for_sm90():
-    """Every variant the engine launches (and the options) compiles to a cubin; the
-    registers and stack of each are printed (``-s``)."""
+def _launch_every_kernel(monkeypatch) -> None:
+    """Interpreter tests that between them launch every kernel in ``LAUNCHED`` (in fp32,
+    bf16 and fp16 where the kernel takes either)."""
+    from tests.kernels import (
+        test_pooling,
+        test_ranges,
+        test_triton_allocation,
+        test_triton_decode,
+        test_triton_scoring,
+        test_triton_voting,
+    )
+
+    test_triton_scoring.test_fp32_matches_reference(4, 128)
+    test_triton_scoring.test_low_precision(torch.bfloat16)
+    test_triton_scoring.test_rows_of_different_lengths("max", 7)
+    test_triton_voting.test_voter_probs_match_reference(4, 128, torch.bfloat16)
+    test_triton_voting.test_min_mass_above_matches_reference(0.9, 40)
+    test_triton_allocation.test_matches_reference(8, 0.2)
+    test_ranges.test_triton_compaction_rows_match_reference(torch.bfloat16)
+    test_pooling.test_triton_pooled_compaction_matches_reference(
+        torch.bfloat16, 4, 64, "given", True, monkeypatch)
+    test_triton_decode.test_low_precision(torch.float16, 2)
+    test_triton_decode.test_splits_by_tokens(40, 2, torch.bfloat16)
+    test_pooling.test_triton_pooled_decode_low_precision(torch.bfloat16)
+
+
+def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
+    """The decode variants the engine launches at its shape, and every launched kernel as
+    the interpreter tests launch it, compile to a cubin; registers and stack are printed
+    (``-s``)."""
+    with record_launches() as records:
+        _launch_every_kernel(monkeypatch)
+    launched = {name for names in LAUNCHED.values() for name in names}
+    assert {r["kernel"] for r in records} == launched
+    unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile"], cwd=root,
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", str(path)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     print("\n".join(json.dumps(line) for line in lines))
-    assert [line["variant"] for line in lines if line["kernel"] == "_headwise_fwd"] == \
+    engine = [line for line in lines if "variant" in line]
+    assert [line["variant"] for line in engine if line["kernel"] == "_headwise_fwd"] == \
         FORWARD_VARIANTS
-    assert len(lines) == len(FORWARD_VARIANTS) + 2
+    assert len(engine) == len(FORWARD_VARIANTS) + 2
+    recorded = [line for line in lines if "recorded" in line]
+    assert len(recorded) == len(unique)
+    assert {line["kernel"] for line in recorded} == launched
     assert all(line["cubin_bytes"] > 0 for line in lines)
