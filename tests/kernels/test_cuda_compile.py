@@ -57,6 +57,23 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_pooling.test_triton_pooled_decode_low_precision(torch.bfloat16)
 
 
+def test_launched_lists_every_kernel_launch():
+    """``LAUNCHED`` names every kernel a ``triton_*`` module launches (``name[grid](``)."""
+    import importlib
+    import re
+
+    kernels_dir = Path(__file__).resolve().parents[2] / "vllm_adakv" / "kernels"
+    found = {}
+    for path in sorted(kernels_dir.glob("triton_*.py")):
+        module = f"vllm_adakv.kernels.{path.stem}"
+        mod = importlib.import_module(module)
+        names = {n for n in re.findall(r"\b(_\w+)\[", path.read_text())
+                 if hasattr(getattr(mod, n, None), "add_pre_run_hook")}
+        if names:
+            found[module] = names
+    assert found == {m: set(names) for m, names in LAUNCHED.items()}
+
+
 def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     """The decode variants the engine launches at its shape, and every launched kernel as
     the interpreter tests launch it, compile to a cubin; registers and stack are printed
