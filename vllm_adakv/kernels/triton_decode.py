@@ -176,6 +176,27 @@ def _tail_addrs(i, bt_row, first_tail_block, tail_start, seq_len, layer_base, he
     return block, slot, valid_n, pos
 
 
+@triton.jit
+def _tile_addrs(TAIL: tl.constexpr, i, pt_row, bt_row, cb_row, first_page, first_entry,
+                capacity, kept, first_tail_block, tail_start, seq_len, layer_base, head,
+                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+                NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr,
+                PAGE_RANGES: tl.constexpr, POOLED: tl.constexpr):
+    """(block, slot, valid, position) of iteration ``i`` of the tail pass (``TAIL``) or
+    of the kept pass (position: the index in the kept sequence, unused)."""
+    if TAIL:
+        block, slot, valid_n, pos = _tail_addrs(
+            i, bt_row, first_tail_block, tail_start, seq_len, layer_base, head, stride_bb,
+            page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
+    else:
+        block, slot, valid_n = _kept_addrs(
+            i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept, stride_pp,
+            stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
+            PAGES, PAGE_RANGES, POOLED)
+        pos = (i * PAGES + page_of_t) * BLOCK_SIZE + offs_n
+    return block, slot, valid_n, pos
+
+
 @jit_unspecialized(ints=["num_splits", "split_iters", "min_iters", "stride_mt", "stride_mh",
                          "stride_ms", "stride_pr", "stride_pp", "stride_cr", "stride_br",
                          "layer_base", "stride_cbs", "stride_cbk", "stride_cap"],
@@ -217,6 +238,7 @@ def _headwise_fwd(
     head = tl.program_id(1)
     split = tl.program_id(2)
     BLOCK_M: tl.constexpr = BLOCK_G * BLOCK_Q
+    AHEAD: tl.constexpr = 1 if EARLY_TABLES else 0  # table entries loaded ahead
 
     meta = rows_ptr + r * ROW_FIELDS
     batch_row = tl.load(meta + 0).to(tl.int64)
@@ -303,55 +325,45 @@ def _headwise_fwd(
         if EARLY_TABLES:
             # Both loops' first table entries at once, right after the row table (the
             # tail's need only tail_start): their round trips overlap.
-            t_blk, t_slot, t_vn, t_pos = _tail_addrs(
-                tail_lo, bt_row, first_tail_block, tail_start, seq_len, layer_base, head,
-                stride_bb, page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
-            k_blk, k_slot, k_vn = _kept_addrs(
-                kept_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
-                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS,
-                BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
+            t_blk, t_slot, t_vn, t_pos = _tile_addrs(
+                True, tail_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
+                kept, first_tail_block, tail_start, seq_len, layer_base, head, stride_pp,
+                stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
+                PAGES, PAGE_RANGES, POOLED)
+            k_blk, k_slot, k_vn, k_pos = _tile_addrs(
+                False, kept_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
+                kept, first_tail_block, tail_start, seq_len, layer_base, head, stride_pp,
+                stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
+                PAGES, PAGE_RANGES, POOLED)
         for it in tl.static_range(2):
             # Without EARLY_TABLES: it == 0 kept head-pages, it == 1 tail blocks (normal
             # layout). With it: the tail first (its tables arrive first), then the kept
             # pages; each iteration's table entries are loaded one iteration ahead.
-            # (it == 1) != EARLY_TABLES: this pass reads the tail
+            # (it == 1) != EARLY_TABLES: this pass reads the tail.
             if (it == 1) != EARLY_TABLES:
                 lo = tail_lo
                 hi = tail_hi
                 if EARLY_TABLES:
-                    nxt_blk, nxt_slot, nxt_vn, nxt_pos = t_blk, t_slot, t_vn, t_pos
+                    n_blk, n_slot, n_vn, n_pos = t_blk, t_slot, t_vn, t_pos
             else:
                 lo = kept_lo
                 hi = kept_hi
                 if EARLY_TABLES:
-                    nxt_blk, nxt_slot, nxt_vn = k_blk, k_slot, k_vn
+                    n_blk, n_slot, n_vn, n_pos = k_blk, k_slot, k_vn, k_pos
             for i in range(lo, hi):
-                if EARLY_TABLES:
-                    block, slot, valid_n = nxt_blk, nxt_slot, nxt_vn
-                    if (it == 1) != EARLY_TABLES:
-                        pos = nxt_pos
-                        nxt_blk, nxt_slot, nxt_vn, nxt_pos = _tail_addrs(
-                            i + 1, bt_row, first_tail_block, tail_start, seq_len,
-                            layer_base, head, stride_bb, page_of_t, offs_n, mask_n,
-                            BLOCK_SIZE, PAGES, POOLED)
-                    else:
-                        nxt_blk, nxt_slot, nxt_vn = _kept_addrs(
-                            i + 1, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
-                            kept, stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
-                            NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
-                elif (it == 1) != EARLY_TABLES:
-                    block, slot, valid_n, pos = _tail_addrs(
-                        i, bt_row, first_tail_block, tail_start, seq_len, layer_base, head,
-                        stride_bb, page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
+                f_blk, f_slot, f_vn, f_pos = _tile_addrs(
+                    (it == 1) != EARLY_TABLES, i + AHEAD, pt_row, bt_row, cb_row, first_page,
+                    first_entry, capacity, kept, first_tail_block, tail_start, seq_len,
+                    layer_base, head, stride_pp, stride_bb, stride_cbk, page_of_t, offs_n,
+                    mask_n, NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
+                if EARLY_TABLES:  # this iteration's entries came one iteration ago
+                    block, slot, valid_n, pos = n_blk, n_slot, n_vn, n_pos
+                    n_blk, n_slot, n_vn, n_pos = f_blk, f_slot, f_vn, f_pos
                 else:
-                    block, slot, valid_n = _kept_addrs(
-                        i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
-                        stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
-                        NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
+                    block, slot, valid_n, pos = f_blk, f_slot, f_vn, f_pos
+                valid = mask_m[:, None] & valid_n[None, :]
                 if (it == 1) != EARLY_TABLES:
-                    valid = (mask_m[:, None] & valid_n[None, :]) & (pos[None, :] <= q_pos[:, None])
-                else:
-                    valid = mask_m[:, None] & valid_n[None, :]
+                    valid = valid & (pos[None, :] <= q_pos[:, None])
                 k_base = block * stride_kb + slot * stride_kh  # per tile slot
                 v_base = block * stride_vb + slot * stride_vh
                 kt = tl.load(k_ptr + k_base[None, :] + k_in_page,
