@@ -36,56 +36,33 @@ _BF16_PTRS = ("q_ptr", "k_ptr", "v_ptr", "out_ptr")
 _FP32_PTRS = ("mid_acc_ptr", "mid_m_ptr", "mid_l_ptr")
 
 
-def _signature(fn: triton.JITFunction, constexprs: dict) -> dict[str, str]:
-    """Triton types of ``fn``'s parameters: bf16 activations, fp32 scratch, int32
-    tables, fp32 scale, int32 integers (strides too: Triton passes ints below 2**31 so)."""
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _BF16_PTRS:
-            sig[name] = "*bf16"
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*i32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 # Innermost strides of contiguous activations and caches: 1, which Triton specialises as
 # a constant at launch (what lets it vectorise the K/V loads).
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 
-def _specialised(fn: triton.JITFunction, constexprs: dict) -> tuple[dict, dict]:
-    """(constexprs, attrs) as a launch on real tensors specialises: unit innermost strides
-    become constants; other integers and pointers not excluded from specialisation
-    (``jit_unspecialized``) are taken divisible by 16, as aligned tensors' are."""
-    consts = dict(constexprs)
-    consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
-    no_value = set(fn.do_not_specialize or ())
-    no_align = set(getattr(fn, "do_not_specialize_on_alignment", None) or ())
-    sig = _signature(fn, consts)
-    attrs = {}
-    for idx, name in enumerate(fn.arg_names):
-        kind = sig[name]
-        if kind == "constexpr" or kind == "fp32":
-            continue
-        if (kind.startswith("*") and name not in no_align) or (
-                not kind.startswith("*") and name not in no_value):
-            attrs[(idx,)] = [["tt.divisibility", 16]]
-    return consts, attrs
+def engine_record(kernel: str, constexprs: dict) -> dict:
+    """A ``launch_record`` of a decode kernel on the engine's tensors: bf16 activations,
+    fp32 scratch, int32 tables, unit innermost strides, other integers 16-divisible."""
+    fn = getattr(td, kernel)
+    args = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            args[name] = {"constexpr": constexprs[name]}
+        elif name.endswith("_ptr"):
+            args[name] = {"ptr": "bf16" if name in _BF16_PTRS else
+                          "fp32" if name in _FP32_PTRS else "i32"}
+        elif name == "qk_scale":
+            args[name] = {"float": 1.0}
+        else:
+            args[name] = {"int": 1 if name in _UNIT_STRIDES else 16}
+    return {"module": td.__name__, "kernel": kernel, "args": args}
 
 
-def _compile(fn: triton.JITFunction, constexprs: dict, **options):
-    consts, attrs = _specialised(fn, constexprs)
-    src = ASTSource(fn, _signature(fn, consts), consts, attrs)
-    return triton.compile(src, target=_SM90, options={"num_warps": 4, "num_stages": 3,
-                                                      **options})
+def compile_engine(kernel: str, constexprs: dict, **options):
+    """``kernel`` of the decode compiled for sm_90 at the engine's tensors (``options``:
+    Triton launch options such as ``num_stages``)."""
+    return compile_record(engine_record(kernel, constexprs), **options)[0]
 
 
 def _resources(kernel) -> str:
@@ -197,7 +174,7 @@ def record_launches() -> Iterator[list[dict]]:
             fn.pre_run_hooks.remove(hook)
 
 
-def compile_record(record: dict) -> tuple:
+def compile_record(record: dict, **options) -> tuple:
     """Compile a recorded launch for sm_90 as a GPU launch of the same arguments would:
     the CUDA path of the dots (``_cuda_dot_fp32``; the interpreter always takes the fp32
     one), integers
@@ -230,15 +207,16 @@ def compile_record(record: dict) -> tuple:
             if value % 16 == 0 and pname not in no_value:
                 attrs[(idx,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=_SM90, options={"num_warps": 4, "num_stages": 3}), consts
+    options = {"num_warps": 4, "num_stages": 3, **options}
+    return triton.compile(src, target=_SM90, options=options), consts
 
 
 def main() -> None:
-    jobs = [("_headwise_fwd", td._headwise_fwd, {**_ENGINE, **v}, v) for v in FORWARD_VARIANTS]
-    jobs += [("_headwise_reduce", td._headwise_reduce, {**_REDUCE, "BALANCED": b},
-              {"BALANCED": b}) for b in (False, True)]
-    for name, fn, consts, variant in jobs:
-        kernel = _compile(fn, consts)
+    jobs = [("_headwise_fwd", {**_ENGINE, **v}, v) for v in FORWARD_VARIANTS]
+    jobs += [("_headwise_reduce", {**_REDUCE, "BALANCED": b}, {"BALANCED": b})
+             for b in (False, True)]
+    for name, consts, variant in jobs:
+        kernel = compile_engine(name, consts)
         print(json.dumps({"kernel": name, "variant": variant,
                           "cubin_bytes": len(kernel.asm["cubin"]),
                           "resources": _resources(kernel)}), flush=True)
