@@ -26,7 +26,7 @@ import triton
 from benchmarks.machine import device_tag
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import top_mass_lists
-from vllm_adakv.policies.gvote import gvote_voters
+from vllm_adakv.methods.gvote import gvote_voters
 
 
 def bench(fn) -> float:

@@ -44,7 +44,7 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
-    from vllm_adakv.attention import cpu_backend
+    from vllm_adakv.worker.context import current
     spec = json.loads(sys.argv[1])
     llm = LLM(model=spec["model"], dtype="float32", block_size=spec["block_size"],
               max_model_len=4096, seed=0, enforce_eager=True,
@@ -65,7 +65,7 @@ if __name__ == "__main__":
         "used_pages": u.used_pages, "kept_tokens": u.kept_tokens,
         "max_head_tokens": u.max_head_tokens, "layer_pages": list(u.layer_pages),
         "num_kv_heads": u.num_kv_heads, "block_size": u.block_size,
-    } for rid, u in cpu_backend._STORE.page_usage.items()}
+    } for rid, u in current().store.page_usage.items()}
     print("@@RESULT@@" + json.dumps({
         "usage": usage, "released_blocks": mgr.num_released_blocks_total
         + mgr.num_shrunk_blocks_total, "shrunk_blocks": mgr.num_shrunk_blocks_total}))

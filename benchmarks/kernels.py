@@ -48,6 +48,7 @@ import torch
 import triton
 
 from benchmarks.machine import device_tag
+from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
@@ -59,8 +60,8 @@ from vllm_adakv.kernels.triton_decode import (
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import mass_above, voter_softmax
-from vllm_adakv.policies import select_keep_masks
-from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters
+from vllm_adakv.methods import get_method
+from vllm_adakv.methods.gvote import gvote_keep_masks, gvote_voters
 
 Q_HEADS, KV_HEADS, DIM, BS = 32, 8, 128, 16
 HIDDEN, FFN = 4096, 14336
@@ -391,9 +392,9 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) ->
     def compress():
         scores = score_windows_triton(wq, key_cache, table, block_rows, lengths, DIM**-0.5,
                                       gqa_reduce="mean", pooling="max", pool_kernel=7)
-        masks = select_keep_masks("adakv", scores, num_heads=KV_HEADS, prompt_lens=lengths,
-                                  window=window, layer_budgets=[budget] * rows, alpha=0.2,
-                                  sink_tokens=4)
+        masks = get_method("adakv").select(
+            scores, num_heads=KV_HEADS, prompt_lens=lengths, budgets=[budget] * rows,
+            cfg=KVCompressionConfig(method="adakv", window=window))
         compact_rows_triton(key_cache, value_cache, table, block_rows, masks,
                             [kept_blocks] * rows)
 

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_adakv.config import METHODS, KVCompressionConfig
 from vllm_adakv.memory import plan_compression
-from vllm_adakv.policies import pyramid_layer_budgets
+from vllm_adakv.methods.pyramidkv import pyramid_layer_budgets
 
 ENABLED = tuple(m for m in METHODS if m != "none")
 
@@ -304,7 +304,7 @@ def _gvote(**kw) -> KVCompressionConfig:
 
 
 def test_gvote_cap_definition(rnd):
-    from vllm_adakv.memory import gvote_cap
+    from vllm_adakv.methods.gvote import gvote_cap
 
     seed = rnd.seed_value
     for _ in range(300):

@@ -2,7 +2,8 @@
 
 The same object travels from the CLI flags (or ``LLM(additional_config=...)``)
 to every vLLM process inside ``VllmConfig.additional_config["kv_compression"]``.
-Nothing here imports vLLM.
+Nothing here imports vLLM; the method names and each method's own checks come from
+the registry (``vllm_adakv.methods``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS: tuple[str, ...] = ("none", "snapkv", "adakv", "pyramidkv", "streamingllm", "gvote")
+from vllm_adakv.methods import METHOD_NAMES, get_method
+
+METHODS: tuple[str, ...] = METHOD_NAMES
 POOLINGS: tuple[str, ...] = ("max", "avg")
 GQA_REDUCES: tuple[str, ...] = ("mean", "max")
 
@@ -83,7 +86,7 @@ class KVCompressionConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
+        return get_method(self.method).compresses
 
     @property
     def selectable(self) -> int:
@@ -168,11 +171,6 @@ def validate(cfg: KVCompressionConfig) -> None:
         )
     if cfg.sink_tokens < 0:
         raise KVCompressionConfigError(f"--kv-sink-tokens must be >= 0, got {cfg.sink_tokens}")
-    if cfg.method == "streamingllm" and cfg.sink_tokens > cfg.selectable:
-        raise KVCompressionConfigError(
-            f"--kv-sink-tokens ({cfg.sink_tokens}) must not exceed "
-            f"--kv-budget minus --kv-window ({cfg.selectable}) for streamingllm"
-        )
     if not (math.isfinite(cfg.pyramid_beta) and cfg.pyramid_beta >= 1.0):
         raise KVCompressionConfigError(
             f"--kv-pyramid-beta must be a finite number >= 1, got {cfg.pyramid_beta}"
@@ -181,6 +179,10 @@ def validate(cfg: KVCompressionConfig) -> None:
         raise KVCompressionConfigError(
             f"--kv-reserve-output must be >= 0 (tokens), got {cfg.reserve_output}")
     _validate_gvote(cfg)
+    try:
+        get_method(cfg.method).validate(cfg)
+    except ValueError as exc:
+        raise KVCompressionConfigError(str(exc)) from None
 
 
 def _validate_gvote(cfg: KVCompressionConfig) -> None:

@@ -16,22 +16,15 @@ inputs, so they agree on ``kept_blocks`` without talking to each other.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.policies import layer_budget
+from vllm_adakv.methods import get_method
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# Methods whose heads all keep the same number of tokens within a layer.
-UNIFORM_METHODS = ("snapkv", "pyramidkv", "streamingllm")
-# Methods whose kept set is unknown before compression: planned at their cap.
-CAPPED_METHODS = ("gvote",)
 
 
 @dataclass(frozen=True)
@@ -73,22 +66,6 @@ def max_head_pages(
     return min(bound, num_kv_heads * cdiv(prompt_len, block_size))
 
 
-def gvote_cap(cfg: KVCompressionConfig, prompt_len: int) -> int:
-    """Most tokens a GVote head may keep in any layer (window included) for this prompt.
-
-    ``min(max_budget, floor(prompt_len / min_compression))`` over the caps that are set
-    (``budget`` when none is), clamped to ``[window, prompt_len]``: the window is always
-    kept, so prompts shorter than ``window * min_compression`` compress less than asked.
-    """
-    caps = []
-    if cfg.max_budget:
-        caps.append(cfg.max_budget)
-    if cfg.min_compression > 1.0:
-        caps.append(math.floor(prompt_len / cfg.min_compression))
-    cap = min(caps) if caps else cfg.budget
-    return max(cfg.window, min(prompt_len, cap))
-
-
 def pooled_blocks(total_pages: int, num_layers: int, num_kv_heads: int) -> int:
     """Fewest blocks whose head-pages in ``num_layers`` layer tensors hold ``total_pages``."""
     return max(1, cdiv(total_pages, num_layers * num_kv_heads))
@@ -117,32 +94,19 @@ def plan_compression(
     (per-layer budgets) and always for gvote (counts unknown before selection; planned
     at the cap, then reported).
     """
-    if not cfg.enabled:
+    method = get_method(cfg.method)
+    if not method.compresses or prompt_len <= method.budget(cfg, prompt_len):
         return None
     layers = layer_indices or tuple(range(num_layers))
-    if cfg.method in CAPPED_METHODS:
-        # Worst case: every head of every layer keeps its cap (the worker trims to it).
-        cap = gvote_cap(cfg, prompt_len)
-        if prompt_len <= cap:
-            return None
-        budgets = (cap,) * num_layers
-    else:
-        if prompt_len <= cfg.budget:
-            return None
-        budgets = tuple(
-            min(
-                prompt_len,
-                layer_budget(cfg.method, cfg.budget, i, num_layers, cfg.window,
-                             cfg.pyramid_beta),
-            )
-            for i in range(num_layers)
-        )
-    uniform = cfg.method in UNIFORM_METHODS or cfg.method in CAPPED_METHODS
+    # Measured methods: the worst case, every head of every layer at its cap (the worker
+    # trims to it); the workers report what the pages use.
+    budgets = method.layer_budgets(cfg, prompt_len, num_layers)
+    uniform = method.uniform
     pages = [max_head_pages(num_kv_heads, budgets[i], prompt_len, block_size, uniform)
              for i in layers]
     own = max(1, cdiv(max(pages), num_kv_heads))
     pooled = pooled_blocks(sum(pages), len(layers), num_kv_heads)
-    measured = cfg.method in CAPPED_METHODS
+    measured = method.measured
     use_pool = measured or pooled < own
     kept_blocks = own if measured else min(own, pooled)
     tail_block = prompt_len // block_size

@@ -3,7 +3,7 @@
 vLLM 0.32 has extension points for attention backends (register_backend), KV
 cache specs and their managers (KVCacheSpecRegistry) and general plugins, but
 none for: extra CLI flags, validating a plugin's additional_config at start-up,
-giving an attention backend the request ids of its batch rows, or sending a
+giving an attention backend the model runner of its batch rows, or sending a
 worker's numbers to the scheduler without a KV connector (patch_kept_block_reports).
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from vllm_adakv.cli import add_kv_compression_args, fold_into_additional_config
 from vllm_adakv.config import ADDITIONAL_CONFIG_KEY, KVCompressionConfig, KVCompressionConfigError
+from vllm_adakv.methods import get_method
 
 # Under the "vllm" namespace so that vLLM's logging configuration prints it.
 logger = logging.getLogger("vllm.adakv")
@@ -127,26 +128,28 @@ def select_cuda_backend(engine_args: Any) -> None:
 
 
 def patch_model_runner() -> None:
-    """Let the attention backend map batch rows to request ids and prompt lengths.
+    """Give each model runner its compression context (``worker/context.py``).
 
-    Why: attention metadata builders only see tensors (no request ids, no
-    prompt lengths); the model runner's input batch has both. Recording the
-    runner when it allocates its KV cache costs nothing per step.
+    Why: attention backends, metadata builders and impls are built by vLLM without a
+    handle on the model runner, whose input batch alone maps batch rows to request ids,
+    prompt lengths and per-request settings. The context is made with the runner (the
+    CPU runner subclasses this one) and holds the worker's compression state.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_adakv.attention.batch import link_model_runner
+    from vllm_adakv.worker.context import attach_context
 
-    if _already(GPUModelRunner.initialize_kv_cache):
+    if _already(GPUModelRunner.__init__):
         return
-    orig = GPUModelRunner.initialize_kv_cache
+    orig = GPUModelRunner.__init__
 
-    def initialize_kv_cache(self, *a, **kw):
-        link_model_runner(self)
-        return orig(self, *a, **kw)
+    @functools.wraps(orig)
+    def __init__(self, *a, **kw):
+        orig(self, *a, **kw)
+        attach_context(self)
 
-    setattr(initialize_kv_cache, _MARK, True)
-    GPUModelRunner.initialize_kv_cache = initialize_kv_cache  # type: ignore[method-assign]
+    setattr(__init__, _MARK, True)
+    GPUModelRunner.__init__ = __init__  # type: ignore[method-assign]
     _keep_prompt_steps_out_of_full_graphs(GPUModelRunner)
 
 
@@ -159,7 +162,7 @@ def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
     is one token; no attention-builder hook can veto that (cascade attention, the
     old veto, is gone), so such steps are dispatched as mixed batches here.
     """
-    from vllm_adakv.attention.settings import decode_graphs_need_prompt_free_steps
+    from vllm_adakv.worker.context import context_of
 
     orig = runner_cls._determine_batch_execution_and_padding
     if _already(orig):
@@ -167,8 +170,9 @@ def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
 
     @functools.wraps(orig)
     def determine(self, *args: Any, **kwargs: Any):
-        if (kwargs.get("force_uniform_decode") is None
-                and decode_graphs_need_prompt_free_steps()):
+        ctx = context_of(self)
+        if (kwargs.get("force_uniform_decode") is None and ctx is not None
+                and ctx.prompt_free_decode_graphs):
             num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
             batch = self.input_batch
             computed = batch.num_computed_tokens_cpu[:num_reqs]
@@ -228,7 +232,7 @@ def patch_scheduler() -> None:
     vllm_xargs land) are seen by the scheduler alone. Record them on admission,
     drop them when the request's blocks are finally freed.
 
-    Kept-block reports (``core/kept_reports.py``) ride on the ModelRunnerOutput
+    Kept-block reports (``scheduler/kept_reports.py``) ride on the ModelRunnerOutput
     (patch_kept_block_reports) and are applied after vLLM has processed that output.
     A preemption resets ``num_computed_tokens``, which tells whether the prefill it
     cuts short had compressed; the book counts it first, so that a late report of that
@@ -237,9 +241,8 @@ def patch_scheduler() -> None:
     """
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_adakv.attention.reports import entries_of
-    from vllm_adakv.core.kept_reports import book_of
-    from vllm_adakv.core.spec import forget_request, record_request
+    from vllm_adakv.protocol import entries_of
+    from vllm_adakv.scheduler.kept_reports import book_of
 
     if _already(Scheduler.add_request):
         return
@@ -249,18 +252,23 @@ def patch_scheduler() -> None:
     orig_preempt = Scheduler._preempt_request
 
     def add_request(self, request, *a, **kw):
-        params = request.sampling_params
-        record_request(request.request_id, params.extra_args if params is not None else None,
-                       params.max_tokens if params is not None else None)
+        book = book_of(self)
+        if book is not None:
+            params = request.sampling_params
+            for manager in book.managers:
+                manager.record_request(
+                    request.request_id, params.extra_args if params is not None else None,
+                    params.max_tokens if params is not None else None)
         return orig_add(self, request, *a, **kw)
 
     def _free_blocks(self, request, *a, **kw):
         try:
             return orig_free(self, request, *a, **kw)
         finally:
-            forget_request(request.request_id)
             book = book_of(self)
             if book is not None:
+                for manager in book.managers:
+                    manager.forget_request(request.request_id)
                 book.forget(request.request_id)
 
     def update_from_output(self, scheduler_output, model_runner_output, *a, **kw):
@@ -303,10 +311,10 @@ def patch_kept_block_reports() -> None:
     reports ride on the ModelRunnerOutput instead, as an extra attribute that vLLM
     never reads (pickled with it by the multiprocess executor):
     - worker: ``GPUModelRunner.sample_tokens`` (the CPU runner inherits it) hangs what
-      was posted since the last step on its output (``attention/reports.attach``);
+      was posted since the last step on its output (``worker/reports.attach``);
     - tensor parallel: the multiprocess executor keeps one rank's output unless it has
       a ``kv_output_aggregator``; with GVote and tp > 1 the executor gets
-      ``reports.KeptBlocksAggregator`` (wrapping vLLM's, if a connector set one), and
+      ``protocol.KeptBlocksAggregator`` (wrapping vLLM's, if a connector set one), and
       ranks other than 0 return a minimal output that carries only their reports (vLLM
       reads nothing else from them), so the engine waits for one small message per rank
       and step rather than unpickling every rank's full output;
@@ -316,7 +324,9 @@ def patch_kept_block_reports() -> None:
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_adakv.attention import reports
+    from vllm_adakv.protocol import KeptBlocksAggregator
+    from vllm_adakv.worker import reports
+    from vllm_adakv.worker.context import context_of
 
     if _already(GPUModelRunner.sample_tokens):
         return
@@ -331,21 +341,22 @@ def patch_kept_block_reports() -> None:
         if role is None:
             return output
         rank, minimal = role
+        posts = context_of(self).reports
         if minimal:
-            return reports.minimal_output(output, self.requests, rank)
-        return reports.attach(output, self.requests, rank)
+            return reports.minimal_output(output, posts, self.requests, rank)
+        return reports.attach(output, posts, self.requests, rank)
 
     @functools.wraps(orig_init)
     def __init__(self, vllm_config, *args: Any, **kwargs: Any):
         orig_init(self, vllm_config, *args, **kwargs)
         if _every_rank_reports(self):
-            self.kv_output_aggregator = reports.KeptBlocksAggregator(None)
+            self.kv_output_aggregator = KeptBlocksAggregator(None)
 
     @functools.wraps(orig_aggregator)
     def init_kv_output_aggregator(self, connector, *args: Any, **kwargs: Any):
         orig_aggregator(self, connector, *args, **kwargs)
         if _every_rank_reports(self):
-            self.kv_output_aggregator = reports.KeptBlocksAggregator(self.kv_output_aggregator)
+            self.kv_output_aggregator = KeptBlocksAggregator(self.kv_output_aggregator)
 
     for fn in (sample_tokens, __init__, init_kv_output_aggregator):
         setattr(fn, _MARK, True)
@@ -355,11 +366,12 @@ def patch_kept_block_reports() -> None:
 
 
 def reports_need_every_rank(vllm_config: Any) -> bool:
-    """GVote server with tensor parallelism: each rank's kept-block report must reach the
-    scheduler. (A request switched to gvote by its vllm_xargs on another method's server
-    is reported by rank 0 only at tp > 1 and so keeps its cap.)"""
+    """Measured method (GVote) with tensor parallelism: each rank's kept-block report must
+    reach the scheduler. (A request switched to gvote by its vllm_xargs on another
+    method's server is reported by rank 0 only at tp > 1 and so keeps its cap.)"""
     cfg = KVCompressionConfig.from_additional_config(vllm_config.additional_config)
-    return cfg.method == "gvote" and vllm_config.parallel_config.tensor_parallel_size > 1
+    return (get_method(cfg.method).measured
+            and vllm_config.parallel_config.tensor_parallel_size > 1)
 
 
 def _every_rank_reports(executor: Any) -> bool:
@@ -375,17 +387,18 @@ def _every_rank_reports(executor: Any) -> bool:
     return True
 
 
-_ROLE = "_vllm_adakv_report_role"
-
-
 def _report_role(runner: Any) -> tuple[int, bool] | None:
     """(tensor-parallel rank, whether to return a minimal output) of a compressing
-    worker, None when this engine compresses nothing; cached on the runner."""
-    role = runner.__dict__.get(_ROLE, False)
-    if role is False:
+    worker, None when this engine compresses nothing; cached on the runner's context."""
+    from vllm_adakv.worker.context import context_of
+
+    ctx = context_of(runner)
+    if ctx is None:
+        return None
+    if ctx.report_role is False:
         role = None
         vllm_config = runner.vllm_config
-        if KVCompressionConfig.from_additional_config(vllm_config.additional_config).enabled:
+        if ctx.cfg.enabled:
             from vllm.distributed import get_tensor_model_parallel_rank
 
             rank = get_tensor_model_parallel_rank()
@@ -396,5 +409,5 @@ def _report_role(runner: Any) -> tuple[int, bool] | None:
                        and vllm_config.kv_transfer_config is None
                        and getattr(vllm_config, "ec_transfer_config", None) is None)
             role = (rank, minimal)
-        runner.__dict__[_ROLE] = role
-    return role
+        ctx.report_role = role
+    return ctx.report_role

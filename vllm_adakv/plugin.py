@@ -12,7 +12,6 @@ def register() -> None:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_adakv.core.spec import register_spec
     from vllm_adakv.patches import (
         patch_engine_args,
         patch_input_processor,
@@ -20,16 +19,17 @@ def register() -> None:
         patch_model_runner,
         patch_scheduler,
     )
+    from vllm_adakv.scheduler.manager import register_spec
 
     # The CPU platform always asks for CPU_ATTN (it ignores --attention-backend), so
     # the override goes on that member; with compression off it behaves identically.
     register_backend(
-        AttentionBackendEnum.CPU_ATTN, "vllm_adakv.attention.cpu_backend.AdaKVCPUBackend"
+        AttentionBackendEnum.CPU_ATTN, "vllm_adakv.worker.cpu_backend.AdaKVCPUBackend"
     )
     # CUDA: compression runs on our TRITON_ATTN extension, selected as CUSTOM only
     # when --kv-compression is on (patches.select_cuda_backend).
     register_backend(
-        AttentionBackendEnum.CUSTOM, "vllm_adakv.attention.cuda_backend.AdaKVTritonBackend"
+        AttentionBackendEnum.CUSTOM, "vllm_adakv.worker.cuda_backend.AdaKVTritonBackend"
     )
     register_spec()
     patch_engine_args()

@@ -74,17 +74,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def _page_usage() -> dict[str, Any]:
     """The in-process worker's page usage by LLM request id (compressed requests only):
     kept tokens per (layer, head), the memory a request actually holds."""
-    import torch
+    from vllm_adakv.worker.context import current
 
-    from vllm_adakv.attention import cpu_backend
-
-    stores = [cpu_backend._STORE]
-    if torch.cuda.is_available():
-        from vllm_adakv.attention import cuda_backend
-
-        stores.append(cuda_backend._STORE)
     usage: dict[str, Any] = {}
-    for store in stores:
+    for store in [current().store]:
         if store is not None:
             # The engine's ids carry a random suffix ("<LLM id>-<8 chars>").
             usage.update({rid.rsplit("-", 1)[0]: u for rid, u in store.page_usage.items()})

@@ -36,7 +36,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
 
     if spec.get("apply_kept_reports", True) is False:  # GVote left at its cap plan
-        from vllm_adakv.core.kept_reports import KeptReports
+        from vllm_adakv.scheduler.kept_reports import KeptReports
 
         KeptReports.apply = lambda self, entries, requests: 0
     delayed = _DelayedReports(spec["delay_kept_reports"]) if spec.get(
@@ -93,7 +93,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         step += 1
         if step > spec.get("max_steps", 5000):
             raise RuntimeError("scenario did not finish")
-    from vllm_adakv.core.kept_reports import book_of
+    from vllm_adakv.scheduler.kept_reports import book_of
 
     book = book_of(scheduler)
     return {
@@ -125,27 +125,28 @@ class _DelayedReports:
     preemption to come first."""
 
     def __init__(self, steps: int) -> None:
-        from vllm_adakv.attention import reports
+        from vllm_adakv.worker.reports import KeptBlockPosts
 
         self.steps = steps
-        self.post = reports.post_kept_blocks
-        self.held: list[tuple[int, str, int]] = []
+        self.post = KeptBlockPosts.post
+        self.held: list[tuple[int, KeptBlockPosts, str, int]] = []
         self.step = 0
-        reports.post_kept_blocks = lambda req_id, m: self.held.append((self.step, req_id, m))
+        KeptBlockPosts.post = lambda posts, req_id, m: self.held.append(
+            (self.step, posts, req_id, m))
 
     def release(self, step: int) -> None:
         self.step = step
         due = [h for h in self.held if h[0] + self.steps <= step]
         self.held = [h for h in self.held if h[0] + self.steps > step]
-        for _, req_id, m in due:
-            self.post(req_id, m)
+        for _, posts, req_id, m in due:
+            self.post(posts, req_id, m)
 
 
 def _worker_kept_blocks(worker) -> dict[str, int]:
     """On a worker (llm.collective_rpc): request id prefix -> blocks its pages use."""
-    from vllm_adakv.attention import cpu_backend
+    from vllm_adakv.worker.context import current
 
-    store = cpu_backend._STORE
+    store = current().store
     if store is None:
         return {}
     return {rid.split("-")[0]: u.kept_blocks for rid, u in store.page_usage.items()}
@@ -153,9 +154,9 @@ def _worker_kept_blocks(worker) -> dict[str, int]:
 
 def _page_usage() -> dict[str, dict[str, int]]:
     """Per compressed request: head-pages reserved vs filled (in-process worker only)."""
-    from vllm_adakv.attention import cpu_backend
+    from vllm_adakv.worker.context import current
 
-    store = cpu_backend._STORE
+    store = current().store
     if store is None:
         return {}
     return {rid: {"reserved_pages": u.reserved_pages, "used_pages": u.used_pages,

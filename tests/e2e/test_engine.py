@@ -9,6 +9,7 @@ import pytest
 from tests.e2e.conftest import WITHOUT_PLUGIN, run_scenario
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import plan_compression
+from vllm_adakv.methods import REGISTRY
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,8 @@ def test_budget_at_least_prompt_reproduces_vanilla(small_model):
     off = run_scenario({**base, "compression": None})
     assert off["outputs"] == vanilla["outputs"]
     assert off["manager"] == "FullAttentionManager"
-    for method in ("adakv", "snapkv", "pyramidkv", "streamingllm"):
+    # every method with a fixed budget, from the registry (measured ones: tests/e2e/test_gvote.py)
+    for method in [n for n, m in REGISTRY.items() if m.compresses and not m.measured]:
         same = run_scenario({**base, "compression": {"method": method, "budget": 512}})
         assert same["manager"] == "CompressedKVManager"
         assert same["released_blocks"] == 0

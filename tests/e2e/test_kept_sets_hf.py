@@ -1,7 +1,7 @@
 """Kept sets inside vLLM vs an independent HF-transformers reference of SnapKV / Ada-KV.
 
 The reference is written from ``shared/design/ALGORITHMS.md`` in plain torch (nothing
-from ``vllm_adakv.policies`` or ``vllm_adakv.kernels``): SmolLM2 runs in transformers,
+from ``vllm_adakv.methods`` or ``vllm_adakv.kernels``): SmolLM2 runs in transformers,
 fp32, eager attention with ``output_attentions``; the last ``w`` rows of each layer's
 attention are the window's softmax, summed over the window, averaged over each GQA
 group, max-pooled (kernel 7), then selected. vLLM runs the same token ids with

@@ -93,10 +93,11 @@ def test_compression_never_waits_for_the_gpu():
     under PyTorch's sync debug mode: any synchronising call (a blocking upload, an
     ``.item()``, ``nonzero``) raises. A sync would stall the host inside the forward pass,
     so the launches that follow could no longer queue behind the layer's prefill."""
-    from vllm_adakv.attention.range_pool import RangePool
+    from vllm_adakv.config import KVCompressionConfig
     from vllm_adakv.kernels import compact_rows_ranges, score_windows
-    from vllm_adakv.policies import select_keep_masks
+    from vllm_adakv.methods import get_method
     from vllm_adakv.tensors import on_device
+    from vllm_adakv.worker.range_pool import RangePool
 
     heads, q_heads, dim, window = 8, 32, 128, 32
     lengths = [3000, 4100, 2048]
@@ -111,9 +112,9 @@ def test_compression_never_waits_for_the_gpu():
         for method in ("adakv", "snapkv"):
             scores = score_windows(queries, kv[..., :dim], table, [0, 1, 2], lengths,
                                    dim**-0.5, gqa_reduce="mean", pooling="max", pool_kernel=7)
-            masks = select_keep_masks(method, scores, num_heads=heads, prompt_lens=lengths,
-                                      window=window, layer_budgets=[512, 700, 300], alpha=0.2,
-                                      sink_tokens=4)
+            masks = get_method(method).select(
+                scores, num_heads=heads, prompt_lens=lengths, budgets=[512, 700, 300],
+                cfg=KVCompressionConfig(method=method, window=window))
             done = compact_rows_ranges(kv[..., :dim], kv[..., dim:], table, [0, 1, 2], masks,
                                        [48, 60, 30])
             bases = on_device([0, nb], torch.int32, DEV)
@@ -151,7 +152,7 @@ def test_gvote_vote_never_waits_for_the_gpu(lengths):
     the kept sets equal the CPU pipeline's up to a few boundary keys (float32 on two
     devices)."""
     from vllm_adakv import kernels
-    from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters
+    from vllm_adakv.methods.gvote import gvote_keep_masks, gvote_voters
 
     window, q_heads, heads, dim = 32, 32, 8, 128
     table, nb = random_block_tables(lengths, BS)

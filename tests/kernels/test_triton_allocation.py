@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from vllm_adakv.kernels.allocation import safeguard_caps_reference  # noqa: E402
 from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton  # noqa: E402
-from vllm_adakv.policies.adakv import safeguard_caps_reference  # noqa: E402
 
 
 def _random_hits(heads: int, selectable: int, candidates: int, clumped: bool) -> torch.Tensor:

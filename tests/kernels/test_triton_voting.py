@@ -25,7 +25,7 @@ from vllm_adakv.kernels.triton_voting import (  # noqa: E402
     voter_probs_triton,
 )
 from vllm_adakv.kernels.voting import mass_above_top  # noqa: E402
-from vllm_adakv.policies.gvote import gvote_keep_masks, gvote_voters  # noqa: E402
+from vllm_adakv.methods.gvote import gvote_keep_masks, gvote_voters  # noqa: E402
 
 
 def _case(group, dim, dtype, lengths, samples=5):

@@ -15,7 +15,7 @@ from tests.kernels.paged_cache import random_block_tables, write_tokens
 from vllm_adakv.kernels import min_mass_above_reference, voter_probs_reference
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.voting import mass_above, mass_above_nucleus, mass_above_top
-from vllm_adakv.policies.gvote import gvote_keep_mask, gvote_keep_masks, gvote_voters
+from vllm_adakv.methods.gvote import gvote_keep_mask, gvote_keep_masks, gvote_voters
 
 BLOCK_SIZE = 16
 

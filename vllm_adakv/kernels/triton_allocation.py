@@ -1,6 +1,6 @@
 """Ada-KV's safeguarded allocation (hits per head -> kept candidates per head): one program.
 
-Same signature and result as ``policies.adakv.safeguard_caps_reference``, which
+Same signature and result as ``kernels.allocation.safeguard_caps_reference``, which
 takes about 75 tiny torch launches on ``[H]`` vectors per row (each a few
 microseconds of GPU time, and more of host time). Here one program per row: the two
 largest-remainder passes run in one program over a ``[H, H]`` tile: a head's
@@ -67,7 +67,7 @@ def _safeguard_caps(hits_ptr, ints_ptr, params_ptr, out_ptr, num_heads,
 def safeguard_caps_triton(hits: torch.Tensor, selectable: list[int], alpha: float,
                           num_candidates: list[int]) -> torch.Tensor:
     """Kept candidates per head (int64 ``[R, H]``); contract of
-    ``policies.adakv.safeguard_caps_reference``. One program per row."""
+    ``kernels.allocation.safeguard_caps_reference``. One program per row."""
     import math
 
     rows, num_heads = hits.shape

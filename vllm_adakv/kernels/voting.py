@@ -5,7 +5,7 @@ Two steps, each with a Triton twin of the same signature (``triton_voting``):
 * :func:`voter_probs_reference`: every voter's softmax over its request's prompt keys,
   read from the paged cache, for all requests of a layer at once.
 * :func:`min_mass_above_reference`: per KV head and key, the smallest *mass above the
-  key* over the head's voters (``c*`` of ``policies.gvote``), exact wherever the
+  key* over the head's voters (``c*`` of ``methods.gvote``), exact wherever the
   selection can read it (below the nucleus mass ``p`` or within the cap).
 
 Shapes follow vLLM: ``R`` request rows, ``V`` voters per query head, ``Hq`` query heads,
@@ -141,7 +141,7 @@ def min_mass_above_reference(probs: torch.Tensor, prompt_lens: list[int], nucleu
 
     Each voter's mass above is :func:`mass_above_nucleus` with ``most``: exact for keys
     it ranks among its top ``min(most, m_p)``, ``inf`` or exact elsewhere. That is all
-    the selection with a cap of ``most`` tokens per head reads (``policies.gvote``, module
+    the selection with a cap of ``most`` tokens per head reads (``methods.gvote``, module
     doc); the result is never below the exact ``c*``. ``inf`` beyond each prompt.
     """
     mass = mass_above_nucleus(probs, nucleus_p, most).amin(dim=2)

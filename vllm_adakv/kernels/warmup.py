@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton
 from vllm_adakv.kernels.triton_compaction import (
     compact_pooled_rows_triton,
     compact_rows_triton,
@@ -36,18 +37,25 @@ from vllm_adakv.kernels.triton_decode import (
 )
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
-from vllm_adakv.policies import select_keep_masks
-from vllm_adakv.policies.gvote import gvote_voters
+from vllm_adakv.kernels.voting import work_dtype
+
+# Kernel families a method may launch (``Method.kernels``); compaction and the decode
+# are compiled for every compressed model.
+FAMILIES = frozenset({"scoring", "allocation", "voting"})
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
             pool_kernel: int, alpha: float, num_layers: int | None = None,
-            gvote_samples: int | None = None) -> float:
+            families: frozenset[str] = FAMILIES, gvote_samples: int = 8) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
     returns the seconds it took. ``num_layers``: layers of a pooled group (only needed
-    past 64, where the pooled plan kernel compiles another layer tile). ``gvote_samples``:
-    also GVote's vote with that many synthetic queries (``None``: not GVote)."""
+    past 64, where the pooled plan kernel compiles another layer tile). ``families``:
+    the selection kernels to compile (``FAMILIES``); the vote's voter count
+    (``gvote_samples`` + 1) is compiled in."""
+    unknown = set(families) - FAMILIES
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(FAMILIES)}")
     start = time.perf_counter()
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
@@ -59,19 +67,27 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     table = torch.arange(1, 2 * blocks + 1, dtype=torch.int32, device=device).view(2, blocks)
     queries = torch.randn(2, window, num_q_heads, head_dim, device=device, dtype=dtype)
     budgets = [window + 2 * block_size, window + block_size]
+    # Keep masks of two shapes (as two methods' selections would give) for the compaction.
     method_masks = []
-    for method in ("adakv", "snapkv"):
-        scores = score_windows_triton(queries, key_cache, table, [1, 0], lengths,
-                                      head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
-                                      pool_kernel=pool_kernel)
-        masks = select_keep_masks(method, scores, num_heads=num_kv_heads, prompt_lens=lengths,
-                                  window=window, layer_budgets=budgets, alpha=alpha,
-                                  sink_tokens=0)
+    for shift in (0, 1):
+        masks = torch.zeros(2, num_kv_heads, max(lengths), dtype=torch.bool, device=device)
+        for r, (length, budget) in enumerate(zip(lengths, budgets, strict=True)):
+            for h in range(num_kv_heads):
+                keep = budget - (h + shift) % 2 * (block_size // 2)
+                masks[r, h, length - keep : length] = True
         method_masks.append(masks)
         compact_rows_triton(key_cache, value_cache, table, [1, 0], masks,
                             [-(-n // block_size) for n in lengths])
-    if gvote_samples is not None:
-        voters = gvote_voters(queries, gvote_samples, 0, 0)
+    if "scoring" in families:
+        score_windows_triton(queries, key_cache, table, [1, 0], lengths, head_dim**-0.5,
+                             gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel)
+    if "allocation" in families:
+        selectable = [b - window for b in budgets]
+        hits = torch.tensor([[s] * num_kv_heads for s in selectable], device=device)
+        safeguard_caps_triton(hits, selectable, alpha, [n - window for n in lengths])
+    if "voting" in families:
+        voters = torch.randn(2, gvote_samples + 1, num_q_heads, head_dim, device=device,
+                             dtype=work_dtype(queries))
         probs = voter_probs_triton(voters, key_cache, table, [1, 0], lengths, head_dim**-0.5)
         min_mass_above_triton(probs, lengths, 0.9, max(budgets))
     # Pooled: layers of one buffer at block offsets (the all-layers view has the layer

@@ -1,0 +1,75 @@
+"""Ada-KV's safeguard: per-head caps from a layer's top-T hits (torch reference).
+
+``triton_allocation.safeguard_caps_triton`` is the same on CUDA, one program per row;
+``safeguard_caps`` picks by device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _stable_order(*keys: torch.Tensor) -> torch.Tensor:
+    """Head order sorted descending by ``keys[0]``, then ``keys[1]``, ...; ties: lower index."""
+    order = torch.arange(keys[0].numel(), device=keys[0].device)
+    for key in reversed(keys):
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    return order
+
+
+def _spread(amount: torch.Tensor, room: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Spread ``amount`` units over heads in ``order``: one per head with room, then greedily.
+
+    Never gives a head more than ``room[h]``. Loop-free, no host sync.
+    """
+    r = room[order]
+    has_room = r > 0
+    first = (has_room & (has_room.long().cumsum(0) <= amount)).long()
+    rest = amount - first.sum()
+    r = r - first
+    more = (rest - (r.cumsum(0) - r)).clamp(min=0).minimum(r)
+    out = torch.zeros_like(room)
+    out[order] = first + more
+    return out
+
+
+def safeguard_caps_reference(hits: torch.Tensor, selectable: list[int], alpha: float,
+                             num_candidates: list[int]) -> torch.Tensor:
+    """Ada-KV's safeguard: per-head caps ``[R, H]`` from each row's layer-wide top-T ``hits``.
+
+    Row ``r``: ``s = selectable[r]`` with ``0 < s < C = num_candidates[r]``, ``T = H * s``.
+    Quota ``q[h] = alpha * s + (1 - alpha) * hits[h]``, floored and clamped to
+    ``[floor(alpha * s), C]``, then rounded by largest remainder (ties: more hits, then
+    lower head) so that the caps sum to ``T``; units taken back go first from the heads
+    with most room above the floor (ties: smaller remainder, then lower head). The work is
+    on [H]-sized vectors on the device: no host sync.
+    """
+    return torch.stack([_safeguard_row(hits[r], selectable[r], alpha, num_candidates[r])
+                        for r in range(hits.shape[0])])
+
+
+def _safeguard_row(hits: torch.Tensor, selectable: int, alpha: float,
+                   num_candidates: int) -> torch.Tensor:
+    num_heads = hits.numel()
+    total = num_heads * selectable
+    quota = alpha * selectable + (1.0 - alpha) * hits.double()
+    lower = math.floor(alpha * selectable)
+    caps = quota.floor().long().clamp(lower, num_candidates)
+    frac = quota - caps.double()
+    diff = total - caps.sum()
+    give = _spread(diff.clamp(min=0), num_candidates - caps, _stable_order(frac, hits))
+    take = _spread((-diff).clamp(min=0), caps - lower, _stable_order(caps - lower, -frac))
+    return caps + give - take
+
+
+def safeguard_caps(hits: torch.Tensor, selectable: list[int], alpha: float,
+                   num_candidates: list[int]) -> torch.Tensor:
+    """``safeguard_caps_reference``'s contract; Triton on CUDA (one program per row instead
+    of ~75 tiny launches on [H] vectors, same result)."""
+    if hits.is_cuda:
+        from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton
+
+        return safeguard_caps_triton(hits, selectable, alpha, num_candidates)
+    return safeguard_caps_reference(hits, selectable, alpha, num_candidates)

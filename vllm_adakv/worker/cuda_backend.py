@@ -1,0 +1,289 @@
+"""CUDA attention backend with compression: vLLM's TRITON_ATTN plus head-wise paged KV.
+
+Registered as ``AttentionBackendEnum.CUSTOM`` and selected on CUDA when
+``--kv-compression`` is on. Per step, the metadata builder finds the rows of
+compressible requests (``batch.build_step_plan``), uploads one small per-row
+table for the rows served head-wise, and hides their released blocks from the
+dense kernel (their ``seq_lens`` become their query lengths; that output is
+replaced). Per layer, the impl runs vLLM's ``unified_attention`` over the
+batch, then (1) keeps the observation-window queries of prompts being
+prefilled, (2) scores, selects and compacts the layer of every request whose
+prompt completes in this step, all of them in one launch set (Triton scoring,
+batched torch selection with Ada-KV's safeguard in Triton, Triton compaction),
+and (3) serves compressed rows with the Triton head-wise kernel over their kept
+head-pages and tail.
+
+CUDA graphs: decode-only steps (one query token per row, no prompt token in the
+batch) run in vLLM's full graphs. Their per-step state lives in persistent
+device buffers that the builder rewrites every step (the dense kernel's
+clamped ``seq_lens`` and a row table with one row per batch row, empty rows
+for requests that are not compressed), so the captured launches read the
+current step. Steps with prompt tokens need Python per layer (window queries,
+compression) and run with piecewise graphs; ``patches.patch_model_runner``
+keeps them out of full graphs even when every row has one token.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from vllm_adakv import kernels
+from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
+from vllm_adakv.methods import get_method
+from vllm_adakv.protocol import CompressedAttentionSpec
+from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
+from vllm_adakv.worker.batch import RowPlan, StepPlan
+from vllm_adakv.worker.compressor import CompressionStore
+from vllm_adakv.worker.context import WorkerContext
+from vllm_adakv.worker.range_pool import RangePool
+
+logger = logging.getLogger("vllm.adakv")
+
+
+def range_pool(ctx: WorkerContext, spec: CompressedAttentionSpec, num_slots: int,
+               device: torch.device) -> RangePool:
+    """The context's page-range pool for ``spec`` (made anew when its shape changes)."""
+    shape = (num_slots, spec.num_layers, spec.num_kv_heads)
+    pool = ctx.pool
+    if (pool is None or pool.shape != shape
+            or pool.chunk_base.shape[1] != len(spec.compressed_layers)):
+        pool = RangePool(*shape, device=device, num_chunks=len(spec.compressed_layers))
+        ctx.pool = pool
+    return pool
+
+
+@dataclass
+class AdaKVTritonMetadata(TritonAttentionMetadata):
+    """TRITON_ATTN metadata plus this step's compression work."""
+
+    step: StepPlan | None = None
+    prefill_rows: list[RowPlan] | None = None  # rows still prefilling their prompt
+    query_start_cpu: list[int] | None = None
+    headwise_rows: torch.Tensor | None = None  # int32 [R, 7] (see triton_decode.row_table)
+    num_headwise_tokens: int = 0
+    layer_names: list[str] | None = None  # the compressed layers of this group
+    store: CompressionStore | None = None  # this worker's compression state
+    pool: RangePool | None = None
+
+
+class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        # Decode-only steps read persistent buffers (full graphs); steps with
+        # prompt tokens run Python per layer (piecewise graphs).
+        if isinstance(kv_cache_spec, CompressedAttentionSpec):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if self.init_compression(layer_names, vllm_config):
+            max_rows = vllm_config.scheduler_config.max_num_seqs
+            self.pool = range_pool(self.ctx, kv_cache_spec, max_rows, device)
+            # Persistent per-step state read by captured decode graphs.
+            self.decode_rows = torch.zeros(max_rows, ROW_COLUMNS, dtype=torch.int32,
+                                           device=device)
+            self.dense_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            self.ctx.prompt_free_decode_graphs = True
+            _warm_up_kernels(kv_cache_spec, vllm_config, device)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> TritonAttentionMetadata:
+        if not self.compressed:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        # A decode-only batch with no compressed request: the captured launches
+        # are the same as for any decode step; only the buffers' contents change.
+        cm = common_attn_metadata
+        n = cm.seq_lens.shape[0]
+        seq_lens = self.dense_seq_lens[:n]
+        seq_lens.fill_(1)
+        rows = self.decode_rows[:n]
+        rows.zero_()
+        dense = TritonAttentionMetadataBuilder.build(self, 0, replace(cm, seq_lens=seq_lens))
+        return self._metadata(dense, step=None, prefill_rows=None, qsl=None,
+                              rows=rows, num_tokens=n)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TritonAttentionMetadata:
+        if not self.compressed:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        qsl = cm.query_start_loc_cpu.tolist()
+        step = self.begin_step(cm)
+        self.pool.retain(step.live_req_ids)
+
+        # Rows served head-wise: compressed before this step (all their queries),
+        # and resumed requests whose chunk runs past the prompt (the later queries).
+        table: list[tuple[int, int, int, int, int, int]] = []
+        hidden: list[tuple[int, int]] = []
+        for r in step.rows:
+            if r.compressed_before:
+                first = qsl[r.row]
+                hidden.append((r.row, r.query_len))
+            elif r.resumed and not r.plan.pooled:
+                # (pooled pages are served before compaction by the impl: see forward)
+                first = qsl[r.row] + r.prompt_len - r.context_start
+            else:
+                continue
+            table.append((r.row, self.pool.slot(r.req_id), first, qsl[r.row + 1],
+                          r.prompt_len, r.seq_len))
+        decode_only = cm.max_query_len == 1
+        n = cm.seq_lens.shape[0]  # padded to the graph's batch size in full graphs
+        if hidden or decode_only:
+            # Released blocks must not be read by the dense kernel: it sees only
+            # the query tokens of these rows (its output for them is replaced).
+            cm = replace(cm, seq_lens=self._dense_seq_lens(cm.seq_lens, hidden))
+        dense = super().build(common_prefix_len, cm, fast_build)
+        prefill_rows = [r for r in step.rows if not r.compressed_before]
+        if decode_only:
+            # Every batch row gets a table row (empty when not head-wise), so a
+            # captured graph of this batch size reads the whole current table.
+            rows = self.decode_rows[:n]
+            rows.copy_(_row_table_padded(table, n).pin_memory().to(self.device,
+                                                                   non_blocking=True))
+            return self._metadata(dense, step, prefill_rows, qsl, rows, n)
+        rows = None
+        num_tokens = 0
+        if table:
+            rows = _row_table_padded(table, len(table)).pin_memory().to(self.device,
+                                                                        non_blocking=True)
+            num_tokens = sum(t[3] - t[2] for t in table)
+        return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
+
+    def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
+                        ) -> torch.Tensor:
+        """``seq_lens`` with the head-wise rows' lengths cut to their query lengths,
+        in the persistent buffer (a full graph reads that buffer)."""
+        n = seq_lens.shape[0]
+        out = self.dense_seq_lens[:n]
+        if not hidden:
+            out.copy_(seq_lens)
+            return out
+        clamp = torch.full((n,), -1, dtype=torch.int32)
+        for row, q_len in hidden:
+            clamp[row] = q_len
+        clamp = clamp.pin_memory().to(self.device, non_blocking=True)
+        torch.where(clamp >= 0, clamp, seq_lens.to(torch.int32), out=out)
+        return out
+
+    def _metadata(self, dense: TritonAttentionMetadata, step: StepPlan | None,
+                  prefill_rows: list[RowPlan] | None, qsl: list[int] | None,
+                  rows: torch.Tensor | None, num_tokens: int) -> AdaKVTritonMetadata:
+        base = {f.name: getattr(dense, f.name) for f in fields(TritonAttentionMetadata)}
+        return AdaKVTritonMetadata(**base, step=step, prefill_rows=prefill_rows,
+                                   query_start_cpu=qsl, headwise_rows=rows,
+                                   num_headwise_tokens=num_tokens,
+                                   layer_names=self.layer_names, store=self.store,
+                                   pool=self.pool)
+
+
+def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None:
+    """Compile the compressed path's Triton kernels now, not in the first requests."""
+    from vllm_adakv.kernels.warmup import warm_up
+
+    cfg = spec.compression
+    model = vllm_config.model_config
+    seconds = warm_up(
+        torch.device(device), model.dtype,
+        model.get_num_attention_heads(vllm_config.parallel_config), spec.num_kv_heads,
+        spec.head_size, spec.block_size, cfg.window, cfg.gqa_reduce, cfg.pooling,
+        cfg.pool_kernel, cfg.alpha, num_layers=len(spec.compressed_layers),
+        # Scoring and allocation always (a request may switch to a scored method), and
+        # what the server's method launches.
+        families=frozenset({"scoring", "allocation"}) | get_method(cfg.method).kernels,
+        gvote_samples=cfg.gvote_samples)
+    logger.info("vllm-adakv: compiled the compression kernels in %.1f s", seconds)
+
+
+def _row_table_padded(table: list[tuple[int, int, int, int, int, int]], n: int
+                      ) -> torch.Tensor:
+    """int32 ``[n, ROW_COLUMNS]`` host table: ``table``'s rows, then empty rows (uploaded
+    through pinned memory: a copy from pageable memory may wait for the stream)."""
+    cols = torch.zeros(6, n, dtype=torch.int64)
+    if table:
+        cols[:, : len(table)] = torch.tensor(table, dtype=torch.int64).T
+    return row_table(*cols)
+
+
+class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                        output_scale, output_block_scale)
+        if not isinstance(attn_metadata, AdaKVTritonMetadata):
+            return output
+        # Under a full CUDA graph only the launches below replay: decode-only steps
+        # have no prefill rows, and their row table lives in a persistent buffer.
+        if not attn_metadata.prefill_rows and attn_metadata.headwise_rows is None:
+            return output
+        store, pool = attn_metadata.store, attn_metadata.pool
+        assert store is not None and pool is not None
+        layer_name = layer.layer_name
+        layer_idx = extract_layer_index(layer_name)
+        head_size = self.head_size
+        cache = self.layer_cache(kv_cache, layer_name, attn_metadata.layer_names,
+                                 lambda t: (t[..., :head_size], t[..., head_size:]))
+        qsl = attn_metadata.query_start_cpu
+        block_table = attn_metadata.block_table
+        if attn_metadata.prefill_rows:
+            assert qsl is not None
+            # Resumed own-tensor rows are in the head-wise table (built by the builder).
+            done, _ = self.compress_prefills(store, attn_metadata.prefill_rows, layer_name,
+                                             layer_idx, query, output, cache, block_table, qsl)
+            pool.store_compacted(done)
+        if attn_metadata.headwise_rows is not None:
+            heads_q = self.num_heads
+            kernels.headwise_attention_ranges(
+                query.view(query.shape[0], heads_q, self.head_size),
+                cache.all_key, cache.all_value,
+                pool.page_start[:, layer_idx], pool.kept_counts[:, layer_idx],
+                block_table, attn_metadata.headwise_rows,
+                attn_metadata.num_headwise_tokens, self.scale,
+                output.view(output.shape[0], heads_q, self.head_size),
+                chunk_base=pool.chunk_base, capacity=pool.capacity, layer_base=cache.base,
+            )
+        return output
+
+
+class AdaKVTritonBackend(TritonAttentionBackend):
+    """Registered as CUSTOM; selected on CUDA when compression is on."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Head-major blocks: each (block, KV head) is one contiguous head-page.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return compressible_spec(super().customize_spec(spec))
+
+    @staticmethod
+    def get_impl_cls() -> type[AdaKVTritonImpl]:
+        return AdaKVTritonImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AdaKVTritonMetadataBuilder]:
+        return AdaKVTritonMetadataBuilder
+
+
+__all__ = ["AdaKVTritonBackend"]
