@@ -29,6 +29,8 @@
 #                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
 #                                               # FLAGS for both servers, e.g. "--stream-interval 8"
 #   bash benchmarks/gpu_session.sh profile [M]  # profile_steps, staggered, method M (adakv)
+#   bash benchmarks/gpu_session.sh compare-trees DIR [R] # B 6000 at R (8) x: Ada-KV from the
+#                                               # checkout DIR vs this tree, alternated (~8 min)
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -125,6 +127,12 @@ case "${1:?stage}" in
     timeout 420 python3 -m benchmarks.profile_steps --model "$MODEL" --method "${2:-adakv}" \
       --stagger 8 --num-prompts 16 --output-len 200 --out "$OUT" 2>&1 \
       | tee "$OUT/profile-${2:-adakv}.log" | grep -v ' pass: ' | tail -60
+    ;;
+  compare-trees)
+    timeout 590 python3 -m benchmarks.compare_trees --model "$MODEL" --before "${2:?dir}" \
+      --ratio "${3:-8}" --commit-before "$(cat "$2/COMMIT" 2>/dev/null)" \
+      --commit-after "$(cat COMMIT 2>/dev/null)" --out "$OUT" 2>&1 \
+      | tee "$OUT/compare-trees.log" | tail -8
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
