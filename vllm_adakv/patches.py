@@ -181,7 +181,8 @@ def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
 
 
 def patch_input_processor() -> None:
-    """Reject bad per-request compression settings (vllm_xargs) with HTTP 400.
+    """Reject bad per-request compression settings (vllm_xargs) with HTTP 400, and keys
+    that start with ``kv_`` but are none of them (a misspelt ``kv_bugdet`` is not ignored).
 
     Why: the only per-request validation hook, a custom logits processor's
     ``validate_params``, is a classmethod without the engine config (it cannot know
@@ -193,7 +194,12 @@ def patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_adakv.overrides import RequestOverrideError, check_overrides, overrides_of
+    from vllm_adakv.overrides import (
+        RequestOverrideError,
+        check_keys,
+        check_overrides,
+        overrides_of,
+    )
 
     if _already(InputProcessor._validate_params):
         return
@@ -201,18 +207,19 @@ def patch_input_processor() -> None:
 
     def _validate_params(self, params, *a, **kw):
         result = orig(self, params, *a, **kw)
-        if isinstance(params, SamplingParams):
-            overrides = overrides_of(params.extra_args)
-            if overrides:
-                server = KVCompressionConfig.from_additional_config(
-                    self.vllm_config.additional_config
-                )
-                try:
+        if isinstance(params, SamplingParams) and params.extra_args:
+            try:
+                check_keys(params.extra_args)
+                overrides = overrides_of(params.extra_args)
+                if overrides:
+                    server = KVCompressionConfig.from_additional_config(
+                        self.vllm_config.additional_config
+                    )
                     check_overrides(server, overrides, self.model_config.max_model_len)
-                except RequestOverrideError as exc:
-                    raise VLLMValidationError(
-                        str(exc), parameter=f"vllm_xargs.{exc.field}"
-                    ) from None
+            except RequestOverrideError as exc:
+                raise VLLMValidationError(
+                    str(exc), parameter=f"vllm_xargs.{exc.field}"
+                ) from None
         return result
 
     setattr(_validate_params, _MARK, True)

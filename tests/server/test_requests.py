@@ -167,6 +167,18 @@ def test_metrics_documented_and_exported(pressure_server):
         assert pressure_server.metric(sample) > 0, sample
 
 
+def test_misspelt_kv_key_gets_400_naming_it(pressure_server):
+    status, out = pressure_server.post(
+        "/v1/completions", dict(GOOD, vllm_xargs={"kv_bugdet": 256}))
+    assert status == 400 and out["error"]["param"] == "vllm_xargs.kv_bugdet", out
+    message = out["error"]["message"]
+    assert "kv_bugdet" in message and "kv_budget" in message and "kv_compression_ratio" in message
+    # Keys without the prefix (another plugin's) and vLLM's own kv_ keys pass untouched.
+    status, out = pressure_server.post("/v1/completions", dict(
+        GOOD, vllm_xargs={"session": "a", "kv_cache_report_mode": "incremental"}))
+    assert status == 200, out
+
+
 def test_startup_logs_effective_config(pressure_server):
     lines = [ln for ln in pressure_server.log.read_text().splitlines()
              if "vllm-adakv: KV compression" in ln]
