@@ -3,8 +3,9 @@
 vLLM 0.32 has extension points for attention backends (register_backend), KV
 cache specs and their managers (KVCacheSpecRegistry) and general plugins, but
 none for: extra CLI flags, validating a plugin's additional_config at start-up,
-giving an attention backend the request ids of its batch rows, or sending a
-worker's numbers to the scheduler without a KV connector (patch_kept_block_reports).
+giving an attention backend the request ids of its batch rows, sending a
+worker's numbers to the scheduler without a KV connector (patch_kept_block_reports),
+or showing an engine process's metrics on /metrics (record_metrics_to_files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import sys
 from typing import Any
 
+from vllm_adakv import metrics
 from vllm_adakv.cli import add_kv_compression_args, fold_into_additional_config
 from vllm_adakv.config import ADDITIONAL_CONFIG_KEY, KVCompressionConfig, KVCompressionConfigError
 
@@ -28,10 +30,13 @@ def _already(obj: Any) -> bool:
 
 
 def patch_engine_args() -> None:
-    """Flags on `vllm serve` + validation of additional_config before the engine starts.
+    """Flags on `vllm serve` + validation of additional_config before the engine starts,
+    and this package's metrics on the /metrics of the process that starts the engine.
 
     Why: EngineArgs builds the CLI parser and the VllmConfig; a plugin cannot add
-    arguments or validate its section of additional_config otherwise.
+    arguments or validate its section of additional_config otherwise. Metrics: this is
+    the first point where a frontend knows that compression is on, before it starts
+    the engine processes (the plugin's register() runs before the flags are parsed).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -90,6 +95,8 @@ def patch_engine_args() -> None:
         vllm_config = orig_create(self, *a, **kw)
         if cfg.enabled:
             logger.info("vllm-adakv: KV compression %s", cfg.to_dict())
+            # Before the engine processes start: they inherit where to write metrics.
+            metrics.collect_engine_metrics()
         return vllm_config
 
     for fn in (add_cli_args, from_cli_args, create_engine_config):
@@ -224,6 +231,32 @@ def patch_input_processor() -> None:
 
     setattr(_validate_params, _MARK, True)
     InputProcessor._validate_params = _validate_params  # type: ignore[method-assign]
+
+
+def record_metrics_to_files(collecting_pid: int | None) -> None:
+    """prometheus_client's multiprocess mode for this process, when another process
+    collects its files: the directory that ``metrics.collect_engine_metrics`` made in
+    the frontend (``collecting_pid``) for the engine processes, or a
+    ``PROMETHEUS_MULTIPROC_DIR`` exported after prometheus_client was imported here
+    (a process forked from the one that exported it). Called before this process
+    records its first vllm-adakv sample.
+
+    Why: prometheus_client reads ``PROMETHEUS_MULTIPROC_DIR`` once, at import, to
+    choose in-memory or file-backed values (``values.ValueClass``), and an engine
+    process forked from the API server inherits the API server's in-memory choice.
+    vLLM serves no metric from an engine process, so its /metrics output is unchanged.
+    """
+    import os
+
+    from prometheus_client import values
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None:
+        private = os.environ.get(metrics.ENV)
+        if not private or collecting_pid == os.getpid() or not os.path.isdir(private):
+            return  # samples stay in memory (an in-process engine: on its own /metrics)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = private  # where file values are written
+    if not values.ValueClass._multiprocess:
+        values.ValueClass = values.MultiProcessValue()
 
 
 def patch_scheduler() -> None:
