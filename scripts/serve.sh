@@ -2,6 +2,7 @@
 # Set up (once) and serve SmolLM2-135M-Instruct on the CPU with Ada-KV compression:
 # vLLM's OpenAI-compatible server on http://127.0.0.1:${PORT:-8000}/v1.
 # Extra arguments go to the server, e.g. `bash scripts/serve.sh --kv-budget 256`.
+# /metrics shows the vllm_adakv:* metrics next to vLLM's own, with nothing to set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh

@@ -12,6 +12,7 @@ from vllm_adakv.cli import FLAG_DESTS, add_kv_compression_args, fold_into_additi
 from vllm_adakv.config import (
     ADDITIONAL_CONFIG_KEY,
     FLAG_OF_FIELD,
+    SETTINGS,
     KVCompressionConfig,
     KVCompressionConfigError,
 )
@@ -51,6 +52,14 @@ def test_flag_dests_match_config_fields():
     assert set(FLAG_DESTS.values()) == set(FLAG_OF_FIELD)
     for dest, field in FLAG_DESTS.items():
         assert "--" + dest.replace("_", "-") == FLAG_OF_FIELD[field]
+
+
+def test_help_of_each_flag_shows_its_default():
+    actions = {a.option_strings[0]: a for a in _parser()._actions if a.option_strings}
+    for s in SETTINGS:
+        assert actions[s.flag].help == s.help.format(default=s.default)
+        assert f"(default: {s.default}" in actions[s.flag].help
+        assert actions[s.flag].choices == (s.choices or None)
 
 
 def test_unset_flags_are_absent_from_namespace():

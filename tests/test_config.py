@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import re
 
@@ -14,8 +15,10 @@ from vllm_adakv.config import (
     GQA_REDUCES,
     METHODS,
     POOLINGS,
+    SETTINGS,
     KVCompressionConfig,
     KVCompressionConfigError,
+    check_type,
 )
 
 
@@ -125,6 +128,32 @@ def test_error_message_lists_allowed_choices():
 def test_flag_of_field_covers_every_field():
     assert set(FLAG_OF_FIELD) == set(KVCompressionConfig().to_dict())
     assert all(flag.startswith("--kv-") for flag in FLAG_OF_FIELD.values())
+
+
+def test_fields_and_defaults_come_from_the_settings_table():
+    fields = dataclasses.fields(KVCompressionConfig)
+    assert [f.name for f in fields] == [s.field for s in SETTINGS]
+    assert [f.default for f in fields] == [s.default for s in SETTINGS]
+    for s in SETTINGS:
+        assert type(s.default) is s.type and s.type in (int, float, str)
+        assert s.key == s.flag[2:].replace("-", "_")
+        assert bool(s.choices) == (s.type is str) and (s.ok is None) == (s.rule == "")
+        assert "{default}" in s.help
+
+
+@pytest.mark.parametrize("kind,value,message", [
+    (int, 1.0, "must be an integer, got 1.0"), (int, True, "must be an integer, got True"),
+    (float, "1", "must be a number, got '1'"), (float, False, "must be a number, got False"),
+    (str, 3, "must be a string, got 3"),
+])
+def test_one_type_check(kind, value, message):
+    with pytest.raises(KVCompressionConfigError, match=f"^x {re.escape(message)}$"):
+        check_type(kind, value, lambda m: KVCompressionConfigError(f"x {m}"))
+
+
+def test_type_check_makes_numbers_floats():
+    assert type(check_type(float, 2, ValueError)) is float
+    assert check_type(int, 2, ValueError) == 2 and check_type(str, "a", ValueError) == "a"
 
 
 # ---------------------------------------------------------------- from_dict

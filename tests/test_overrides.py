@@ -6,7 +6,14 @@ import pytest
 
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.memory import plan_compression
-from vllm_adakv.overrides import RequestOverrideError, check_overrides, overrides_of, resolve
+from vllm_adakv.overrides import (
+    XARG_KEYS,
+    RequestOverrideError,
+    check_keys,
+    check_overrides,
+    overrides_of,
+    resolve,
+)
 
 SERVER = KVCompressionConfig(method="adakv", budget=128, window=16)
 
@@ -78,3 +85,34 @@ def test_plain_server_accepts_only_opt_out():
     for xargs in ({"kv_compression": "adakv"}, {"kv_budget": 256}):
         with pytest.raises(RequestOverrideError, match="--kv-compression none"):
             check_overrides(plain, overrides_of(xargs))
+
+
+def test_keys_are_the_per_request_settings_and_the_ratio():
+    assert XARG_KEYS == ("kv_compression", "kv_budget", "kv_window", "kv_gvote_p",
+                         "kv_compression_ratio")
+
+
+@pytest.mark.parametrize("extra_args", [
+    None, {}, {"kv_budget": 64, "kv_compression_ratio": 2},
+    {"session_id": "x", "budget": 3, "KV_BUDGET": 1, 7: "non-string key"},  # not ours
+    {"kv_transfer_params": {"do_remote_prefill": True}, "kv_cache_report_mode": "full"},
+])
+def test_keys_of_others_pass(extra_args):
+    check_keys(extra_args)
+
+
+@pytest.mark.parametrize("extra_args,named", [
+    ({"kv_bugdet": 256}, "kv_bugdet"),
+    ({"kv_budget": 256, "kv_ratio": 4}, "kv_ratio"),
+    ({"kv_window_size": 8, "kv_": 1, "other": 2}, "kv_"),
+])
+def test_misspelt_kv_key_is_named_with_the_valid_keys(extra_args, named):
+    with pytest.raises(RequestOverrideError) as info:
+        check_keys(extra_args)
+    assert info.value.field == named
+    message = str(info.value)
+    assert message.startswith(f"vllm_xargs.{named}: ")
+    for key in XARG_KEYS:
+        assert key in message
+    for key in extra_args:
+        assert (key in message) == key.startswith("kv_")

@@ -1,14 +1,18 @@
-"""KV compression settings: one frozen, validated, picklable dataclass.
+"""KV compression settings: one table, one frozen, validated, picklable dataclass.
 
-The same object travels from the CLI flags (or ``LLM(additional_config=...)``)
-to every vLLM process inside ``VllmConfig.additional_config["kv_compression"]``.
-Nothing here imports vLLM; the method names and each method's own checks come from
-the registry (``vllm_adakv.methods``).
+``SETTINGS`` describes every setting once (field, flag, type, default, help, choices,
+single-value rule, whether a request may override it); the dataclass fields and
+defaults, the ``--kv-*`` flags (cli.py), the typing of ``additional_config`` and of
+``vllm_xargs`` (overrides.py) all come from it. The same object travels from the CLI
+flags (or ``LLM(additional_config=...)``) to every vLLM process inside
+``VllmConfig.additional_config["kv_compression"]``. Nothing here imports vLLM; the
+method names and each method's own checks come from the registry (``vllm_adakv.methods``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,37 +24,122 @@ GQA_REDUCES: tuple[str, ...] = ("mean", "max")
 
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
-# Field name -> the CLI flag that sets it (used in every error message).
-FLAG_OF_FIELD: dict[str, str] = {
-    "method": "--kv-compression",
-    "budget": "--kv-budget",
-    "window": "--kv-window",
-    "pooling": "--kv-pooling",
-    "pool_kernel": "--kv-pool-kernel",
-    "alpha": "--kv-alpha",
-    "gqa_reduce": "--kv-gqa-reduce",
-    "sink_tokens": "--kv-sink-tokens",
-    "pyramid_beta": "--kv-pyramid-beta",
-    "gvote_samples": "--kv-gvote-samples",
-    "gvote_p": "--kv-gvote-p",
-    "gvote_seed": "--kv-gvote-seed",
-    "max_budget": "--kv-max-budget",
-    "min_compression": "--kv-min-compression",
-    "reserve_output": "--kv-reserve-output",
-}
-
-INT_FIELDS = ("budget", "window", "pool_kernel", "sink_tokens", "gvote_samples", "gvote_seed",
-              "max_budget", "reserve_output")
-FLOAT_FIELDS = ("alpha", "pyramid_beta", "gvote_p", "min_compression")
-
 
 class KVCompressionConfigError(ValueError):
     """A compression setting is invalid; the message names the flag."""
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One compression setting.
+
+    help: the flag's help; ``{default}`` stands for the default.
+    rule, ok: a value for which ``ok(value)`` is false is rejected with
+        "<flag> must be <rule>, got <value>" (rules between settings: ``validate``).
+    per_request: a request may set it in ``vllm_xargs`` under ``key``.
+    """
+
+    field: str
+    flag: str
+    type: type  # int, float or str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    rule: str = ""
+    ok: Callable[[Any], bool] | None = None
+    per_request: bool = False
+
+    @property
+    def key(self) -> str:
+        """argparse's dest and the vllm_xargs key: --kv-budget -> kv_budget."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+def _finite_at_least_1(value: float) -> bool:
+    return math.isfinite(value) and value >= 1.0
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("method", "--kv-compression", str, "none",
+            "Compression policy (default: {default}).", choices=METHODS, per_request=True),
+    Setting("budget", "--kv-budget", int, 1024,
+            "Mean tokens kept per KV head, window included (default: {default}).",
+            per_request=True),
+    Setting("window", "--kv-window", int, 32,
+            "Observation window: last prompt tokens always kept (default: {default}).",
+            rule=">= 1", ok=lambda v: v >= 1, per_request=True),
+    Setting("pooling", "--kv-pooling", str, "max",
+            "Pooling of scores along positions (default: {default}).", choices=POOLINGS),
+    Setting("pool_kernel", "--kv-pool-kernel", int, 7,
+            "Odd pooling kernel size (default: {default}).",
+            rule="a positive odd integer", ok=lambda v: v >= 1 and v % 2 == 1),
+    Setting("alpha", "--kv-alpha", float, 0.2,
+            "Ada-KV safeguard: share of the budget every head keeps, in [0, 1] "
+            "(default: {default}).",
+            rule="in [0, 1]", ok=lambda v: math.isfinite(v) and 0.0 <= v <= 1.0),
+    Setting("gqa_reduce", "--kv-gqa-reduce", str, "mean",
+            "Reduce scores over a GQA group (default: {default}).", choices=GQA_REDUCES),
+    Setting("sink_tokens", "--kv-sink-tokens", int, 4,
+            "StreamingLLM sink tokens (default: {default}).", rule=">= 0", ok=lambda v: v >= 0),
+    Setting("pyramid_beta", "--kv-pyramid-beta", float, 20.0,
+            "PyramidKV: last layer keeps budget/beta (default: {default}).",
+            rule="a finite number >= 1", ok=_finite_at_least_1),
+    Setting("gvote_samples", "--kv-gvote-samples", int, 8,
+            "GVote: synthetic future queries per query head (default: {default}).",
+            rule=">= 0", ok=lambda v: v >= 0),
+    Setting("gvote_p", "--kv-gvote-p", float, 0.95,
+            "GVote: nucleus mass in (0, 1]; higher keeps more (default: {default}).",
+            rule="in (0, 1]", ok=lambda v: math.isfinite(v) and 0.0 < v <= 1.0,
+            per_request=True),
+    Setting("gvote_seed", "--kv-gvote-seed", int, 0,
+            "GVote: seed of the synthetic queries (default: {default}).",
+            rule="in [0, 2**63)", ok=lambda v: 0 <= v < 2**63),
+    Setting("max_budget", "--kv-max-budget", int, 0,
+            "GVote cap: at most N tokens per KV head and layer, window included; memory "
+            "is reserved for it (default: {default} = no such cap)."),
+    Setting("min_compression", "--kv-min-compression", float, 1.0,
+            "GVote cap: keep at most prompt_len / R tokens per KV head and layer "
+            "(default: {default} = no such cap). With neither cap, --kv-budget.",
+            rule="a finite number >= 1", ok=_finite_at_least_1),
+    Setting("reserve_output", "--kv-reserve-output", int, 0,
+            "Admission headroom: a new request is admitted only if the blocks every "
+            "compressed running request still needs for up to N more output tokens (at "
+            "most its max_tokens) stay free (default: {default} = vLLM's admission, no "
+            "reserve).",
+            rule=">= 0 (tokens)", ok=lambda v: v >= 0),
+)
+
+SETTING_OF_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
+# Field name -> the CLI flag that sets it (used in every error message).
+FLAG_OF_FIELD: dict[str, str] = {s.field: s.flag for s in SETTINGS}
+
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def check_type(kind: type, value: Any, error: Callable[[str], Exception]) -> Any:
+    """``value`` as ``kind`` (int, float or str; an int is a float here, a bool is no
+    number), else raise ``error("must be an integer, got 1.5")``."""
+    if kind is str:
+        good = isinstance(value, str)
+    else:
+        good = not isinstance(value, bool) and isinstance(
+            value, (int, float) if kind is float else kind)
+    if not good:
+        raise error(f"must be {_KINDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _with_settings(cls: type) -> type:
+    """``cls`` as a frozen dataclass with one field per setting, in table order."""
+    cls.__annotations__ = {s.field: s.type.__name__ for s in SETTINGS}
+    for s in SETTINGS:
+        setattr(cls, s.field, s.default)
+    return dataclass(frozen=True)(cls)
+
+
+@_with_settings
 class KVCompressionConfig:
-    """What to compress and how much.
+    """What to compress and how much: one field per entry of ``SETTINGS``.
 
     budget: mean tokens kept per KV head (window included) per layer.
     window: the last ``window`` prompt tokens are always kept; their queries
@@ -64,22 +153,6 @@ class KVCompressionConfig:
         (at most its max_tokens): compressed requests then grow into room of their own
         instead of being preempted. 0: vLLM's admission, no reserve.
     """
-
-    method: str = "none"
-    budget: int = 1024
-    window: int = 32
-    pooling: str = "max"
-    pool_kernel: int = 7
-    alpha: float = 0.2
-    gqa_reduce: str = "mean"
-    sink_tokens: int = 4
-    pyramid_beta: float = 20.0
-    gvote_samples: int = 8
-    gvote_p: float = 0.95
-    gvote_seed: int = 0
-    max_budget: int = 0
-    min_compression: float = 1.0
-    reserve_output: int = 0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -131,77 +204,36 @@ def _coerce(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         flag = FLAG_OF_FIELD[key]
-        if key in INT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise KVCompressionConfigError(f"{flag} must be an integer, got {value!r}")
-        elif key in FLOAT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise KVCompressionConfigError(f"{flag} must be a number, got {value!r}")
-            value = float(value)
-        elif not isinstance(value, str):
-            raise KVCompressionConfigError(f"{flag} must be a string, got {value!r}")
-        out[key] = value
+        out[key] = check_type(SETTING_OF_FIELD[key].type, value,
+                              lambda message, f=flag: KVCompressionConfigError(f"{f} {message}"))
     return out
-
-
-def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise KVCompressionConfigError(
-            f"{flag}: invalid choice {value!r} (allowed: {', '.join(allowed)})"
-        )
 
 
 def validate(cfg: KVCompressionConfig) -> None:
     """Raise KVCompressionConfigError naming the flag and what is allowed."""
-    _choice("--kv-compression", cfg.method, METHODS)
-    _choice("--kv-pooling", cfg.pooling, POOLINGS)
-    _choice("--kv-gqa-reduce", cfg.gqa_reduce, GQA_REDUCES)
-    if cfg.window < 1:
-        raise KVCompressionConfigError(f"--kv-window must be >= 1, got {cfg.window}")
+    for s in SETTINGS:
+        value = getattr(cfg, s.field)
+        if s.choices and value not in s.choices:
+            raise KVCompressionConfigError(
+                f"{s.flag}: invalid choice {value!r} (allowed: {', '.join(s.choices)})"
+            )
+        if s.ok is not None and not s.ok(value):
+            raise KVCompressionConfigError(f"{s.flag} must be {s.rule}, got {value}")
+    # Rules between settings.
     if cfg.budget <= cfg.window:
         raise KVCompressionConfigError(
             f"--kv-budget must be greater than --kv-window "
             f"(got budget={cfg.budget}, window={cfg.window})"
         )
-    if not (math.isfinite(cfg.alpha) and 0.0 <= cfg.alpha <= 1.0):
-        raise KVCompressionConfigError(f"--kv-alpha must be in [0, 1], got {cfg.alpha}")
-    if cfg.pool_kernel < 1 or cfg.pool_kernel % 2 == 0:
-        raise KVCompressionConfigError(
-            f"--kv-pool-kernel must be a positive odd integer, got {cfg.pool_kernel}"
-        )
-    if cfg.sink_tokens < 0:
-        raise KVCompressionConfigError(f"--kv-sink-tokens must be >= 0, got {cfg.sink_tokens}")
-    if not (math.isfinite(cfg.pyramid_beta) and cfg.pyramid_beta >= 1.0):
-        raise KVCompressionConfigError(
-            f"--kv-pyramid-beta must be a finite number >= 1, got {cfg.pyramid_beta}"
-        )
-    if cfg.reserve_output < 0:
-        raise KVCompressionConfigError(
-            f"--kv-reserve-output must be >= 0 (tokens), got {cfg.reserve_output}")
-    _validate_gvote(cfg)
     try:
         get_method(cfg.method).validate(cfg)
     except ValueError as exc:
         raise KVCompressionConfigError(str(exc)) from None
-
-
-def _validate_gvote(cfg: KVCompressionConfig) -> None:
-    if cfg.gvote_samples < 0:
-        raise KVCompressionConfigError(
-            f"--kv-gvote-samples must be >= 0, got {cfg.gvote_samples}")
-    if not (math.isfinite(cfg.gvote_p) and 0.0 < cfg.gvote_p <= 1.0):
-        raise KVCompressionConfigError(f"--kv-gvote-p must be in (0, 1], got {cfg.gvote_p}")
-    if not 0 <= cfg.gvote_seed < 2**63:
-        raise KVCompressionConfigError(
-            f"--kv-gvote-seed must be in [0, 2**63), got {cfg.gvote_seed}")
     if cfg.max_budget != 0 and cfg.max_budget <= cfg.window:
         raise KVCompressionConfigError(
             f"--kv-max-budget must be 0 (no cap) or greater than --kv-window "
             f"(got max_budget={cfg.max_budget}, window={cfg.window})"
         )
-    if not (math.isfinite(cfg.min_compression) and cfg.min_compression >= 1.0):
-        raise KVCompressionConfigError(
-            f"--kv-min-compression must be a finite number >= 1, got {cfg.min_compression}")
 
 
 def check_caps_apply(cfg: KVCompressionConfig) -> None:

@@ -4,17 +4,36 @@ Compression runs in the engine-core process (scheduler: blocks released,
 requests skipped) and in the workers (compression time, kept tokens), while
 ``/metrics`` is served by the API-server process. vLLM 0.32 ships its own
 metrics to the frontend inside ``SchedulerStats``, a fixed dataclass with no
-field for a plugin, so these metrics use prometheus_client's multiprocess mode
-instead: with ``PROMETHEUS_MULTIPROC_DIR`` set (an empty directory, before the
-server starts), every process writes its samples there and vLLM's ``/metrics``
-(``get_prometheus_registry``) aggregates all of them. Without it, the samples
-stay in the process that recorded them.
+field for a plugin, so these metrics go through prometheus_client's multiprocess
+files instead, with no set-up:
 
+- the process that starts the engine (API server, ``LLM``) calls
+  :func:`collect_engine_metrics` once its config says compression is on: it makes
+  a private directory, names it to the processes it starts (``ENV``), and adds a
+  collector of this package's metrics from those files to prometheus_client's
+  default registry, the one vLLM's ``/metrics`` serves. vLLM's own metrics are
+  untouched: that process stays out of multiprocess mode (exporting
+  ``PROMETHEUS_MULTIPROC_DIR`` there would hide them: prometheus_client picks its
+  in-memory or file-backed values when first imported, long before any plugin
+  runs, while vLLM's ``/metrics`` would then read the files alone);
+- an engine process (not the one that made the directory) switches
+  prometheus_client to multiprocess mode in that directory before it records
+  its first sample (``patches.record_metrics_to_files``), as if
+  ``PROMETHEUS_MULTIPROC_DIR`` had been exported before it started; nothing of
+  vLLM's is served from these processes.
+
+A user's own ``PROMETHEUS_MULTIPROC_DIR`` (exported, empty, before the server
+starts) is kept: every process writes there and vLLM's ``/metrics`` aggregates it.
 Nothing here imports vLLM.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 RATIO_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0)
@@ -37,7 +56,56 @@ METRICS: dict[str, tuple[str, str]] = {
 # Label names of the labelled metrics.
 LABELS: dict[str, tuple[str, ...]] = {"vllm_adakv:requests_compressed": ("method",)}
 
+PREFIX = "vllm_adakv:"
+# The private directory of collect_engine_metrics, for the processes the frontend starts.
+ENV = "VLLM_ADAKV_METRICS_DIR"
+
 _made: dict[str, Any] = {}
+_collecting_pid: int | None = None  # the process that made ENV's directory
+
+
+class _EngineMetrics:
+    """This package's metrics from the multiprocess files of the engine processes."""
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._files = MultiProcessCollector(None, path=path)
+
+    def describe(self) -> list:
+        return []  # nothing to check for name clashes (and no collect() on register)
+
+    def collect(self):
+        return (m for m in self._files.collect() if m.name.startswith(PREFIX))
+
+
+def collect_engine_metrics() -> None:
+    """Show the metrics that the engine processes started from here will record on this
+    process's default registry (vLLM's ``/metrics``); idempotent.
+
+    Call it before the engine processes start. Nothing to do when the user runs
+    multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): vLLM's /metrics reads it.
+    """
+    global _collecting_pid
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _collecting_pid == os.getpid():
+        return
+    import prometheus_client
+
+    path = tempfile.mkdtemp(prefix="vllm-adakv-metrics-")
+    prometheus_client.REGISTRY.register(_EngineMetrics(path))
+    os.environ[ENV] = path
+    _collecting_pid = os.getpid()
+    atexit.register(_remove, path, _collecting_pid)
+
+
+def _remove(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked engine process that inherited the hook
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Called with the collecting process's pid before this process records its first sample
+# (patches.patch_metrics installs the switch to file-backed values there).
+BEFORE_FIRST_RECORD: list[Callable[[int | None], None]] = []
 
 
 def _metric(name: str) -> Any:
@@ -46,6 +114,9 @@ def _metric(name: str) -> Any:
     show them stuck at zero)."""
     if not _made:
         import prometheus_client
+
+        for hook in BEFORE_FIRST_RECORD:  # patches.patch_metrics
+            hook(_collecting_pid)
 
         for key, (kind, doc) in METRICS.items():
             if key in LABELS:

@@ -6,8 +6,10 @@ and the workers (the model runner's request table). Keys read here:
 
 ``kv_compression`` (method, ``"none"`` opts the request out), ``kv_budget``,
 ``kv_compression_ratio`` (budget = prompt tokens / ratio; not with ``kv_budget``),
-``kv_window``, ``kv_gvote_p`` (a number). Every other key of ``extra_args`` is left alone.
-Nothing here imports vLLM.
+``kv_window``, ``kv_gvote_p`` (a number): the settings of ``config.SETTINGS`` marked
+``per_request``, and the ratio. Any other key starting with ``kv_`` is an error (but
+vLLM's own ``kv_transfer_params`` / ``kv_cache_report_mode``); every other key of
+``extra_args`` is left alone. Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from vllm_adakv.config import FLAG_OF_FIELD, KVCompressionConfig, KVCompressionConfigError
+from vllm_adakv.config import (
+    SETTING_OF_FIELD,
+    SETTINGS,
+    KVCompressionConfig,
+    KVCompressionConfigError,
+    Setting,
+    check_type,
+)
 
-# vllm_xargs key -> KVCompressionConfig field
-XARG_FIELDS: dict[str, str] = {
-    "kv_compression": "method",
-    "kv_budget": "budget",
-    "kv_window": "window",
-    "kv_gvote_p": "gvote_p",
-}
-# Keys whose value is a number (the others but kv_compression are integers).
-FLOAT_XARGS = ("kv_gvote_p",)
-RATIO_KEY = "kv_compression_ratio"
-XARG_KEYS: tuple[str, ...] = (*XARG_FIELDS, RATIO_KEY)
+# vllm_xargs key -> the setting it overrides (the key is the flag's dest: kv_budget)
+XARG_SETTINGS: dict[str, Setting] = {s.key: s for s in SETTINGS if s.per_request}
+RATIO_KEY = "kv_compression_ratio"  # a number: budget = prompt tokens / ratio
+XARG_KEYS: tuple[str, ...] = (*XARG_SETTINGS, RATIO_KEY)
+# Keys with this prefix are this project's: one that is none of XARG_KEYS is a mistake,
+# except vLLM's own keys of extra_args that share the prefix (vLLM 0.32: disaggregated
+# serving, KV event reporting).
+PREFIX = "kv_"
+VLLM_KEYS: tuple[str, ...] = ("kv_transfer_params", "kv_cache_report_mode")
 
 # A frozen, hashable form of a request's overrides: sorted (key, value) pairs.
 Overrides = tuple[tuple[str, Any], ...]
@@ -55,16 +62,21 @@ def overrides_of(extra_args: dict[str, Any] | None) -> Overrides:
     return tuple(pairs)
 
 
-def _int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestOverrideError(key, f"must be an integer, got {value!r}")
-    return value
+def check_keys(extra_args: dict[str, Any] | None) -> None:
+    """Reject a key that starts with ``kv_`` but is not one of XARG_KEYS (a misspelt
+    setting would otherwise be ignored); keys without the prefix are left alone."""
+    unknown = sorted(key for key in extra_args or ()
+                     if isinstance(key, str) and key.startswith(PREFIX)
+                     and key not in XARG_KEYS and key not in VLLM_KEYS)
+    if unknown:
+        raise RequestOverrideError(
+            unknown[0], f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"the keys starting with {PREFIX!r} are vllm-adakv's: {', '.join(XARG_KEYS)}")
 
 
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestOverrideError(key, f"must be a number, got {value!r}")
-    return float(value)
+def _typed(key: str, value: Any) -> Any:
+    kind = float if key == RATIO_KEY else XARG_SETTINGS[key].type
+    return check_type(kind, value, lambda message: RequestOverrideError(key, message))
 
 
 def check_overrides(server: KVCompressionConfig, overrides: Overrides,
@@ -74,13 +86,11 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
         return
     given = dict(overrides)
     budget = given.get("kv_budget")
-    if max_model_len is not None and _int("kv_budget", budget or 0) > max_model_len:
+    if max_model_len is not None and _typed("kv_budget", budget or 0) > max_model_len:
         raise RequestOverrideError(
             "kv_budget", f"must be at most max_model_len ({max_model_len}), got {budget}"
         )
-    method = given.get("kv_compression", server.method)
-    if not isinstance(method, str):
-        raise RequestOverrideError("kv_compression", f"must be a string, got {method!r}")
+    method = _typed("kv_compression", given.get("kv_compression", server.method))
     if not server.enabled:
         key = "kv_compression" if method != "none" else next(
             (k for k in given if k != "kv_compression"), None)
@@ -92,15 +102,13 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
     if "kv_budget" in given and RATIO_KEY in given:
         raise RequestOverrideError(RATIO_KEY, "give kv_budget or kv_compression_ratio, not both")
     if RATIO_KEY in given:
-        ratio = given[RATIO_KEY]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise RequestOverrideError(RATIO_KEY, f"must be a number, got {ratio!r}")
+        ratio = _typed(RATIO_KEY, given[RATIO_KEY])
         if not (math.isfinite(ratio) and ratio >= 1.0):
             raise RequestOverrideError(RATIO_KEY, f"must be a finite number >= 1, got {ratio!r}")
     # Types first, uncached: resolve's cache takes True for 1 (equal and same hash).
-    for key, field in XARG_FIELDS.items():
-        if key in given and field != "method":
-            (_number if key in FLOAT_XARGS else _int)(key, given[key])
+    for key in XARG_SETTINGS:
+        if key in given:
+            _typed(key, given[key])
     # Validate the combination with a prompt long enough for any ratio to apply.
     resolve(server, overrides, prompt_len=1 << 30)
 
@@ -109,17 +117,9 @@ def _override_config(server: KVCompressionConfig, overrides: Overrides,
                      prompt_len: int) -> KVCompressionConfig:
     given = dict(overrides)
     changes: dict[str, Any] = {}
-    for key, field in XARG_FIELDS.items():
+    for key, setting in XARG_SETTINGS.items():
         if key in given:
-            value = given[key]
-            if field == "method":
-                changes[field] = value
-            elif key in FLOAT_XARGS:
-                changes[field] = _number(key, value)
-            else:
-                changes[field] = _int(key, value)
-    if not isinstance(changes.get("method", ""), str):
-        raise RequestOverrideError("kv_compression", f"must be a string, got {changes['method']!r}")
+            changes[setting.field] = _typed(key, given[key])
     if RATIO_KEY in given:
         window = changes.get("window", server.window)
         changes["budget"] = max(window + 1, int(prompt_len / float(given[RATIO_KEY])))
@@ -134,10 +134,10 @@ def _override_config(server: KVCompressionConfig, overrides: Overrides,
 def _renamed(exc: KVCompressionConfigError, changes: dict[str, Any]) -> RequestOverrideError:
     """The config's error, with each flag spelled as its vllm_xargs key."""
     message = str(exc)
-    names = {field: key for key, field in XARG_FIELDS.items()}
-    culprit = next((names[f] for f in changes if FLAG_OF_FIELD[f] in message), "kv_compression")
-    for field, key in names.items():
-        message = message.replace(FLAG_OF_FIELD[field], key)
+    culprit = next((SETTING_OF_FIELD[f].key for f in changes
+                    if SETTING_OF_FIELD[f].flag in message), "kv_compression")
+    for s in XARG_SETTINGS.values():
+        message = message.replace(s.flag, s.key)
     return RequestOverrideError(culprit, message.removeprefix(f"{culprit}: "))
 
 

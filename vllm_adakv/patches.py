@@ -3,8 +3,9 @@
 vLLM 0.32 has extension points for attention backends (register_backend), KV
 cache specs and their managers (KVCacheSpecRegistry) and general plugins, but
 none for: extra CLI flags, validating a plugin's additional_config at start-up,
-giving an attention backend the model runner of its batch rows, or sending a
-worker's numbers to the scheduler without a KV connector (patch_kept_block_reports).
+giving an attention backend the model runner of its batch rows, sending a
+worker's numbers to the scheduler without a KV connector (patch_kept_block_reports),
+or showing an engine process's metrics on /metrics (record_metrics_to_files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import sys
 from typing import Any
 
+from vllm_adakv import metrics
 from vllm_adakv.cli import add_kv_compression_args, fold_into_additional_config
 from vllm_adakv.config import ADDITIONAL_CONFIG_KEY, KVCompressionConfig, KVCompressionConfigError
 from vllm_adakv.methods import get_method
@@ -29,10 +31,13 @@ def _already(obj: Any) -> bool:
 
 
 def patch_engine_args() -> None:
-    """Flags on `vllm serve` + validation of additional_config before the engine starts.
+    """Flags on `vllm serve` + validation of additional_config before the engine starts,
+    and this package's metrics on the /metrics of the process that starts the engine.
 
     Why: EngineArgs builds the CLI parser and the VllmConfig; a plugin cannot add
-    arguments or validate its section of additional_config otherwise.
+    arguments or validate its section of additional_config otherwise. Metrics: this is
+    the first point where a frontend knows that compression is on, before it starts
+    the engine processes (the plugin's register() runs before the flags are parsed).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -91,6 +96,8 @@ def patch_engine_args() -> None:
         vllm_config = orig_create(self, *a, **kw)
         if cfg.enabled:
             logger.info("vllm-adakv: KV compression %s", cfg.to_dict())
+            # Before the engine processes start: they inherit where to write metrics.
+            metrics.collect_engine_metrics()
         return vllm_config
 
     for fn in (add_cli_args, from_cli_args, create_engine_config):
@@ -185,7 +192,8 @@ def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
 
 
 def patch_input_processor() -> None:
-    """Reject bad per-request compression settings (vllm_xargs) with HTTP 400.
+    """Reject bad per-request compression settings (vllm_xargs) with HTTP 400, and keys
+    that start with ``kv_`` but are none of them (a misspelt ``kv_bugdet`` is not ignored).
 
     Why: the only per-request validation hook, a custom logits processor's
     ``validate_params``, is a classmethod without the engine config (it cannot know
@@ -197,7 +205,12 @@ def patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_adakv.overrides import RequestOverrideError, check_overrides, overrides_of
+    from vllm_adakv.overrides import (
+        RequestOverrideError,
+        check_keys,
+        check_overrides,
+        overrides_of,
+    )
 
     if _already(InputProcessor._validate_params):
         return
@@ -205,22 +218,55 @@ def patch_input_processor() -> None:
 
     def _validate_params(self, params, *a, **kw):
         result = orig(self, params, *a, **kw)
-        if isinstance(params, SamplingParams):
-            overrides = overrides_of(params.extra_args)
-            if overrides:
-                server = KVCompressionConfig.from_additional_config(
-                    self.vllm_config.additional_config
-                )
-                try:
+        if isinstance(params, SamplingParams) and params.extra_args:
+            try:
+                check_keys(params.extra_args)
+                overrides = overrides_of(params.extra_args)
+                if overrides:
+                    server = KVCompressionConfig.from_additional_config(
+                        self.vllm_config.additional_config
+                    )
                     check_overrides(server, overrides, self.model_config.max_model_len)
-                except RequestOverrideError as exc:
-                    raise VLLMValidationError(
-                        str(exc), parameter=f"vllm_xargs.{exc.field}"
-                    ) from None
+            except RequestOverrideError as exc:
+                raise VLLMValidationError(
+                    str(exc), parameter=f"vllm_xargs.{exc.field}"
+                ) from None
         return result
 
     setattr(_validate_params, _MARK, True)
     InputProcessor._validate_params = _validate_params  # type: ignore[method-assign]
+
+
+def patch_metrics() -> None:
+    """Engine processes record vllm-adakv's metrics to files (``record_metrics_to_files``)."""
+    if record_metrics_to_files not in metrics.BEFORE_FIRST_RECORD:
+        metrics.BEFORE_FIRST_RECORD.append(record_metrics_to_files)
+
+
+def record_metrics_to_files(collecting_pid: int | None) -> None:
+    """prometheus_client's multiprocess mode for this process, when another process
+    collects its files: the directory that ``metrics.collect_engine_metrics`` made in
+    the frontend (``collecting_pid``) for the engine processes, or a
+    ``PROMETHEUS_MULTIPROC_DIR`` exported after prometheus_client was imported here
+    (a process forked from the one that exported it). Called before this process
+    records its first vllm-adakv sample.
+
+    Why: prometheus_client reads ``PROMETHEUS_MULTIPROC_DIR`` once, at import, to
+    choose in-memory or file-backed values (``values.ValueClass``), and an engine
+    process forked from the API server inherits the API server's in-memory choice.
+    vLLM serves no metric from an engine process, so its /metrics output is unchanged.
+    """
+    import os
+
+    from prometheus_client import values
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None:
+        private = os.environ.get(metrics.ENV)
+        if not private or collecting_pid == os.getpid() or not os.path.isdir(private):
+            return  # samples stay in memory (an in-process engine: on its own /metrics)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = private  # where file values are written
+    if not values.ValueClass._multiprocess:
+        values.ValueClass = values.MultiProcessValue()
 
 
 def patch_scheduler() -> None:

@@ -16,6 +16,7 @@ def register() -> None:
         patch_engine_args,
         patch_input_processor,
         patch_kept_block_reports,
+        patch_metrics,
         patch_model_runner,
         patch_scheduler,
     )
@@ -37,4 +38,5 @@ def register() -> None:
     patch_input_processor()
     patch_scheduler()
     patch_kept_block_reports()
+    patch_metrics()
     _registered = True

@@ -3,7 +3,7 @@
 One server process for the whole session (start-up costs about a minute on 2 cores):
 the tiny random-weight model, fp32, compression on, and a KV pool of only
 ``NUM_BLOCKS`` blocks so that concurrent long prompts preempt each other.
-``PROMETHEUS_MULTIPROC_DIR`` is set so that /metrics shows the engine-side metrics.
+No ``PROMETHEUS_MULTIPROC_DIR``: /metrics shows the engine-side metrics without set-up.
 """
 
 from __future__ import annotations
@@ -83,8 +83,12 @@ def start_server(model: Path, log: Path, flags: list[str],
                  env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start ``python -m vllm.entrypoints.openai.api_server`` on loopback; stop it after."""
     port = free_port()
-    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     full_env.pop("TRITON_INTERPRET", None)  # set by the Triton kernel tests; not for vLLM
+    # A plain start, as a user's: metrics need no variable (only ``env`` may set one).
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "VLLM_ADAKV_METRICS_DIR"):
+        full_env.pop(name, None)
+    full_env.update(env or {})
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [*SERVER, "--model", str(model), "--served-model-name", "tiny", "--host",
@@ -114,17 +118,15 @@ def start_server(model: Path, log: Path, flags: list[str],
 
 @pytest.fixture(scope="session")
 def pressure_server(tmp_path_factory) -> Iterator[Server]:
-    """Compressed (adakv, budget 128) server with a 64-block KV pool and multiprocess metrics."""
+    """Compressed (adakv, budget 128) server with a 64-block KV pool."""
     pytest.importorskip("vllm")
     from vllm_adakv.tools.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path_factory.mktemp("pressure"), random_weights=True)
-    prom = tmp_path_factory.mktemp("prom")
     log = tmp_path_factory.mktemp("log") / "pressure-server.log"
     yield from start_server(
         model, log,
         ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(NUM_BLOCKS),
          "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
          "--kv-compression", "adakv", "--kv-budget", str(BUDGET), "--kv-window", str(WINDOW)],
-        env={"PROMETHEUS_MULTIPROC_DIR": str(prom)},
     )

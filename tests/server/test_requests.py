@@ -167,6 +167,34 @@ def test_metrics_documented_and_exported(pressure_server):
         assert pressure_server.metric(sample) > 0, sample
 
 
+def test_metrics_need_no_setup(pressure_server):
+    # The server was started with no PROMETHEUS_MULTIPROC_DIR (conftest.start_server).
+    environ = Path(f"/proc/{pressure_server.proc.pid}/environ")
+    if environ.exists():
+        assert b"PROMETHEUS_MULTIPROC_DIR=" not in environ.read_bytes()
+    compressed = pressure_server.metric(COMPRESSED, missing_ok=True, label='method="adakv"')
+    prompt_tokens = pressure_server.metric("vllm:prompt_tokens_total")
+    status, _ = pressure_server.post("/v1/completions", dict(GOOD, max_tokens=4))
+    assert status == 200
+    assert pressure_server.metric(COMPRESSED, label='method="adakv"') == compressed + 1
+    # vLLM's own metrics are served as by vanilla vLLM: its in-process registry (process_*
+    # metrics are absent from a multiprocess one), counting this request.
+    assert pressure_server.metric("vllm:prompt_tokens_total") == prompt_tokens + 300
+    assert pressure_server.metric("process_resident_memory_bytes") > 0
+
+
+def test_misspelt_kv_key_gets_400_naming_it(pressure_server):
+    status, out = pressure_server.post(
+        "/v1/completions", dict(GOOD, vllm_xargs={"kv_bugdet": 256}))
+    assert status == 400 and out["error"]["param"] == "vllm_xargs.kv_bugdet", out
+    message = out["error"]["message"]
+    assert "kv_bugdet" in message and "kv_budget" in message and "kv_compression_ratio" in message
+    # Keys without the prefix (another plugin's) and vLLM's own kv_ keys pass untouched.
+    status, out = pressure_server.post("/v1/completions", dict(
+        GOOD, vllm_xargs={"session": "a", "kv_cache_report_mode": "incremental"}))
+    assert status == 200, out
+
+
 def test_startup_logs_effective_config(pressure_server):
     lines = [ln for ln in pressure_server.log.read_text().splitlines()
              if "vllm-adakv: KV compression" in ln]
