@@ -206,7 +206,7 @@ def launch_configs(spec: str) -> list[dict]:
 
 def option_configs(spec: str) -> list[dict]:
     """Decode options from a JSON list of option dicts of
-    ``headwise_attention_ranges_triton`` (e.g. ``[{"early_tables": true}]``)."""
+    ``headwise_attention_ranges_triton`` (e.g. ``[{"num_splits": 2, "pages_per_iter": 4}]``)."""
     if not spec:
         return []
     configs = json.loads(spec)
@@ -250,11 +250,9 @@ def compiled_kernel_resources(fn) -> list[dict]:
 
 
 def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
-                 split_tokens: tuple[int, ...] = (), chunked: bool = False,
-                 variants: list[dict] | tuple = ()) -> dict:
-    """One decode point; with ``split_tokens``, also our decode with splits of that many
-    keys (``ours_split_us``: {tokens: us}); with ``chunked``, also with the pooled-format
-    chunk tables the engine passes (``ours_chunked_us``); with ``variants`` (options of
+                 chunked: bool = False, variants: list[dict] | tuple = ()) -> dict:
+    """One decode point; with ``chunked``, also with the pooled-format chunk tables the
+    engine passes (``ours_chunked_us``); with ``variants`` (options of
     ``headwise_attention_ranges_triton``), also with each of those (``ours_variants``:
     [{"config", "us", "gbs"}]); timed the same way on the same inputs."""
     x = decode_inputs(batch, ctx, keep)
@@ -268,7 +266,6 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
 
     ours = timed([ours_decode(s) for s in sets])
     vllm_us = timed([vllm_decode(s, ctx) for s in sets])
-    split_us = {t: timed([ours_decode(s, split_tokens=t) for s in sets]) for t in split_tokens}
     chunked_us = timed([ours_decode(s, chunk_base=s["chunk_base"], capacity=s["capacity"])
                         for s in sets]) if chunked else None
     variant_us = [(cfg, timed([ours_decode(s, **cfg) for s in sets])) for cfg in variants]
@@ -283,8 +280,6 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
         # written), in a graph over as many buffers; what fixed costs leave of copy speed.
         point["same_traffic_copy_us"] = copy_us
         point["ours_vs_same_traffic_copy"] = copy_us / ours
-    if split_us:
-        point["ours_split_us"] = split_us
     if chunked_us is not None:
         point["ours_chunked_us"] = chunked_us
     if variant_us:
@@ -296,21 +291,17 @@ def decode_point(batch: int, ctx: int, keep: float, graphs: bool = False,
 SWEEP_SHAPES = [(32, 2048, 1.0), (32, 8192, 1.0), (32, 2048, 1 / 16), (128, 8192, 1.0),
                 (256, 32768, 1.0), (256, 32768, 1 / 16), (1, 32768, 1.0), (32, 8192, 1 / 4),
                 (128, 8192, 1 / 4)]
-# Splits of a fixed number of keys (long heads get more programs), at the default tile.
-SWEEP_SPLIT_TOKENS = (256, 512, 1024, 2048, 4096)
 
 
 def sweep_configs(balance: list[dict] | tuple = ()) -> list[dict]:
-    """The sweep's decode options: split counts x tiles x launch settings, splits of a
-    fixed number of keys, and the given balanced-split options."""
+    """The sweep's decode options: split counts x tiles x launch settings, and the given
+    balanced-split options."""
     def launch(warps: int, stages: int) -> dict:
         return {"num_warps": warps, "num_stages": stages}
 
     configs = [{"num_splits": splits, "pages_per_iter": pages, "launch": launch(w, s)}
                for splits in (1, 2, 4, 8, 16) for pages in (2, 4, 8)
                for w, s in ((4, 2), (4, 3), (8, 2))]
-    configs += [{"num_splits": None, "split_tokens": tokens, "pages_per_iter": 8,
-                 "launch": launch(4, 3)} for tokens in SWEEP_SPLIT_TOKENS]
     configs += [{"num_splits": None, **option, "pages_per_iter": 8, "launch": launch(w, s)}
                 for option in balance for w, s in ((4, 3), (8, 2))]
     return configs
@@ -333,7 +324,6 @@ def decode_sweep(copy_bw: float, balance: list[dict] | tuple = ()) -> list[dict]
         print(f"sweep {batch}x{ctx} keep {keep:.3f}: default {base['default_us']:.1f} us, "
               f"vllm {base['vllm_triton_us']:.1f} us, best {best['us']:.1f} us "
               f"({best['pct_of_copy_bw']:.0f}% copy) with splits {best['num_splits']} "
-              f"split_tokens {best.get('split_tokens')} "
               f"balance {best.get('balance_splits')}/{best.get('balance_min_iters')} "
               f"pages {best['pages_per_iter']} {best['launch']}", flush=True)
         del x
@@ -572,8 +562,6 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true",
                     help="time decode inside CUDA graphs (no host launch time), ours and vLLM's")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
-    ap.add_argument("--split-tokens", default="",
-                    help="comma list: also time decode with splits of that many keys")
     ap.add_argument("--chunk-tables", action="store_true",
                     help="also time decode with the pooled-format chunk tables")
     ap.add_argument("--decode-balance", default="",
@@ -586,14 +574,13 @@ def main() -> None:
                     help="comma list of warps:stages[:maxnreg]: also time each decode point "
                          "with those Triton launch settings")
     ap.add_argument("--decode-variants", default="",
-                    help='JSON list of decode option dicts, e.g. \'[{"early_tables": true}]\': '
+                    help='JSON list of decode option dicts, e.g. \'[{"num_splits": 2}]\': '
                          "also time each decode point with each")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
     ap.add_argument("--gvote", action="store_true",
                     help="only GVote's selection (Triton vs torch) vs one layer's prefill")
     args = ap.parse_args()
-    split_tokens = tuple(int(t) for t in args.split_tokens.split(",") if t)
     balance = balance_configs(args.decode_balance, args.decode_balance_min_iters)
     variants = balance + launch_configs(args.decode_launch) + option_configs(args.decode_variants)
     global PROFILE
@@ -612,8 +599,7 @@ def main() -> None:
         for batch in batches:
             for keep in keeps:
                 point = decode_point(batch, ctx, keep, graphs=args.graphs,
-                                     split_tokens=split_tokens, chunked=args.chunk_tables,
-                                     variants=variants)
+                                     chunked=args.chunk_tables, variants=variants)
                 point["pct_of_copy_bw"] = 100 * point["ours_gbs"] / copy_bw
                 for entry in point.get("ours_variants", []):
                     entry["pct_of_copy_bw"] = 100 * entry["gbs"] / copy_bw
@@ -664,8 +650,7 @@ def main() -> None:
     for p in decode:
         print(f"{p['batch']:>5} {p['context']:>6} {p['keep_ratio']:>6.3f} {p['ours_us']:>9.1f} "
               f"{p['vllm_triton_us']:>9.1f} {p['ours_us'] / p['vllm_triton_us']:>7.3f} "
-              f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f} "
-              + " ".join(f"split{t}={us:.1f}" for t, us in p.get("ours_split_us", {}).items())
+              f"{p['ours_gbs']:>6.0f} {p['pct_of_copy_bw']:>6.1f}"
               + (f" chunked={p['ours_chunked_us']:.1f}" if "ours_chunked_us" in p else "")
               + (f" copy={p['same_traffic_copy_us']:.1f}" if "same_traffic_copy_us" in p
                  else "")

@@ -15,17 +15,19 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from tests.kernels.oracles import (  # noqa: E402
+    headwise_attention_ranges_reference,
+    score_window_triton,
+)
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
 from vllm_adakv.kernels import (  # noqa: E402
     compact_ranges_reference,
-    headwise_attention_ranges_reference,
     score_window_reference,
 )
 from vllm_adakv.kernels.triton_decode import (  # noqa: E402
     headwise_attention_ranges_triton,
     row_table,
 )
-from vllm_adakv.kernels.triton_scoring import score_window_triton  # noqa: E402
 
 DEV = "cuda"
 BS = 16
@@ -78,9 +80,7 @@ def test_range_decode_real_sizes(group, dim):
     want = torch.full(query.shape, float("nan"), device=DEV)
     headwise_attention_ranges_reference(**args, out=want)
     for options in ({"num_splits": 1}, {}, {"balance_splits": 4},
-                    {"balance_splits": 8, "balance_min_iters": 1},
-                    {"num_splits": 1, "early_tables": True}, {"early_tables": True},
-                    {"balance_splits": 4, "early_tables": True}):
+                    {"balance_splits": 8, "balance_min_iters": 1}):
         out = torch.full_like(query, float("nan"))
         headwise_attention_ranges_triton(**args, out=out, **options)
         n = int(qsl[-1])
@@ -279,9 +279,7 @@ def test_pooled_decode_real_sizes():
                     layer_base=int(layer_bases[layer]), **common)
         want = torch.full(query.shape, float("nan"), device=DEV)
         headwise_attention_ranges_reference(**args, out=want)
-        for options in ({"num_splits": 1}, {}, {"split_tokens": 512}, {"balance_splits": 4},
-                        {"num_splits": 1, "early_tables": True},
-                        {"balance_splits": 4, "early_tables": True}):
+        for options in ({"num_splits": 1}, {}, {"num_splits": 4}, {"balance_splits": 4}):
             out = torch.full_like(query, float("nan"))
             headwise_attention_ranges_triton(**args, out=out, **options)
             assert not torch.isnan(out[:n_tok]).any() and torch.isnan(out[n_tok:]).all()

@@ -82,19 +82,17 @@ def _resources(kernel) -> str:
 
 
 # Llama-3.1-8B decode (8 KV heads, GQA 4, d=128, block size 16, 128-token tiles), as
-# ``_launch`` sets them for bf16 on CUDA.
+# ``headwise_attention_ranges_triton`` sets them for bf16 on CUDA.
 _ENGINE = dict(NUM_KV_HEADS=8, GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, SPLIT=False,
-               BALANCED=False, BLOCK_H=8, PAGE_RANGES=True, POOLED=True, PAGES=8, BLOCK_G=4,
-               BLOCK_Q=4, BLOCK_N=128, BLOCK_D=128, USE_DOT=True, DOT_PRECISION="tf32",
-               DOT_FP32=False, EARLY_TABLES=False)
+               BALANCED=False, BLOCK_H=8, POOLED=True, PAGES=8, BLOCK_G=4, BLOCK_Q=4,
+               BLOCK_N=128, BLOCK_D=128, USE_DOT=True, DOT_PRECISION="tf32", DOT_FP32=False)
 
 
 FORWARD_VARIANTS = [
     {},  # the engine's default: pooled tables, one split
     {"SPLIT": True, "BALANCED": True},  # the balanced default at 17-65 rows
-    {"EARLY_TABLES": True},
-    {"EARLY_TABLES": True, "SPLIT": True, "BALANCED": True, "POOLED": False},
-    {"POOLED": False, "PAGE_RANGES": False, "SPLIT": True},  # explicit page tables
+    {"SPLIT": True, "BALANCED": True, "POOLED": False},  # single-layer tables
+    {"POOLED": False, "SPLIT": True},  # split-K over single-layer tables
     {"GROUP": 8, "BLOCK_G": 8, "BLOCK_Q": 2, "HEAD_DIM": 64, "BLOCK_D": 64, "PAGES": 4,
      "BLOCK_N": 64},
 ]

@@ -21,15 +21,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.kernels.oracles import headwise_attention_ranges_reference  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables  # noqa: E402
 from vllm_adakv.kernels.compaction import (  # noqa: E402
     compact_pooled_reference,
     compact_pooled_rows_reference,
 )
-from vllm_adakv.kernels.decode import (  # noqa: E402
-    headwise_attention_ranges_reference,
-    pooled_page_table,
-)
+from vllm_adakv.kernels.decode import pooled_page_table  # noqa: E402
 from vllm_adakv.kernels.triton_decode import row_table  # noqa: E402
 
 BS = 16
@@ -336,11 +334,6 @@ def test_triton_pooled_decode_pages_over_several_chunks():
     x = _pooled_decode_batch(2, 16, torch.float32, one_big_layer=True)
     assert int(x["capacity"].max()) < 8
     _check_pooled_decode(x, 1e-4, num_splits=1, pages_per_iter=8)
-
-
-def test_triton_pooled_decode_splits_by_tokens():
-    x = _pooled_decode_batch(4, 64, torch.float32)
-    _check_pooled_decode(x, 1e-4, pages_per_iter=1, split_tokens=16)
 
 
 def test_triton_decode_layer_base_without_chunks():

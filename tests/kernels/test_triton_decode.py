@@ -1,7 +1,8 @@
 """Triton head-wise decode (run by the Triton interpreter on CPU) == the torch reference.
 
 Inputs are real compacted caches (``compact_reference``) with uneven per-head page
-counts plus a tail of generated tokens. Slots the kernel must not read (past a
+counts plus a tail of generated tokens; the reference reads the page tables, the kernel
+the same pages as ranges (``_triton``). Slots the kernel must not read (past a
 head's kept count in its last page, prompt slots of the tail block before the
 tail) are poisoned with NaN after the reference ran, and ``out`` is poisoned
 before the call; the split-K scratch is filled with NaN (a partial read but never
@@ -24,9 +25,13 @@ from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa:
 from vllm_adakv.kernels import (  # noqa: E402
     compact_reference,
     headwise_attention_reference,
+    pooled_page_table,
     triton_decode,
 )
-from vllm_adakv.kernels.triton_decode import headwise_attention_triton  # noqa: E402
+from vllm_adakv.kernels.triton_decode import (  # noqa: E402
+    headwise_attention_ranges_triton,
+    row_table,
+)
 
 BLOCK_SIZE = 16
 WINDOW = 8
@@ -132,16 +137,34 @@ def _poison_unread(args) -> None:
         vc[block, :, : tail % BLOCK_SIZE] = float("nan")
 
 
-def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None, split_tokens=None,
-           **options):
+def _triton(args, out, **options):
+    """The range decode (what the engine runs) on a page-table batch: ``compact_reference``
+    gives each head the pages after those of the heads before it in its row's head-page
+    sequence, so row r is slot r with ``page_start`` the pages of the heads before h."""
+    counts = args["kept_counts"]
+    pages = (counts.long() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    starts = (pages.cumsum(1) - pages).int()
+    heads = args["page_table"].shape[1]
+    for r in range(counts.shape[0]):
+        table = pooled_page_table(starts[r], counts[r], args["block_table"][r], heads,
+                                  BLOCK_SIZE)
+        assert torch.equal(table, args["page_table"][r, :, : table.shape[1]])
+        assert (args["page_table"][r, :, table.shape[1] :] == -1).all()
+    qsl = args["query_start_loc"]
+    idx = torch.arange(counts.shape[0])
+    rows = row_table(idx, idx, qsl[:-1], qsl[1:], args["tail_start"], args["seq_lens"])
+    return headwise_attention_ranges_triton(
+        args["query"], args["key_cache"], args["value_cache"], starts, counts,
+        args["block_table"], rows, int(qsl[-1]), args["scale"], out, **options)
+
+
+def _check(args, num_splits, atol, rtol, pad_tokens=0, pages_per_iter=None, **options):
     query = args["query"]
     want = torch.full(query.shape, float("nan"), dtype=torch.float32)
     headwise_attention_reference(**args, out=want)
     _poison_unread(args)
     out = torch.full_like(query, float("nan"))
-    got = headwise_attention_triton(**args, out=out, num_splits=num_splits,
-                                    pages_per_iter=pages_per_iter, split_tokens=split_tokens,
-                                    **options)
+    got = _triton(args, out, num_splits=num_splits, pages_per_iter=pages_per_iter, **options)
     assert got is out
     n = query.shape[0] - pad_tokens
     assert not torch.isnan(out[:n]).any(), "output not fully written"
@@ -158,39 +181,6 @@ def test_fp32_matches_reference(group, dim, pages_per_iter):
     num_splits = 1 if dim == 64 else 3
     args = _build(group, dim, torch.float32, [1, 3, 1])
     _check(args, num_splits, atol=1e-4, rtol=1e-4, pages_per_iter=pages_per_iter)
-
-
-@pytest.mark.parametrize(("group", "dim", "dtype", "num_splits", "pages_per_iter"), [
-    (1, 64, torch.float32, 1, 1), (4, 128, torch.float32, 3, 4), (8, 64, torch.float32, 2, 2),
-    (4, 64, torch.bfloat16, 1, 2), (4, 128, torch.float16, 5, 1)])
-def test_early_tables_matches_reference(group, dim, dtype, num_splits, pages_per_iter):
-    """Tail first, table entries loaded an iteration ahead: the same attention, with
-    several iterations per loop (tiles of 1-2 pages), splits that start or end inside
-    the tail, a head with no kept token, and padding tokens left untouched."""
-    args = _build(group, dim, dtype, [3, 0, 1], empty_head=1, pad_tokens=2,
-                  transposed=dtype != torch.float32)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    _check(args, num_splits, atol=tol, rtol=tol, pad_tokens=2, pages_per_iter=pages_per_iter,
-           early_tables=True)
-
-
-def test_early_tables_balanced(nan_scratch):
-    """Balanced splits with early tables: the same partials written (k_used), same output."""
-    args = _build(4, 64, torch.float32, [1, 3, 1], keep_fn=_uneven_keep)
-    k_used = _check_balanced(args, nan_scratch, splits=4, min_iters=1, pages_per_iter=1,
-                             tol=1e-4, early_tables=True)
-    assert any(max(k) > 1 for k in k_used)
-
-
-def test_early_tables_pooled():
-    """Pooled chunk tables (tiles over chunk boundaries) with early tables."""
-    from tests.kernels.test_pooling import _check_pooled_decode, _pooled_decode_batch
-
-    x = _pooled_decode_batch(2, 16, torch.float32, one_big_layer=True)
-    _check_pooled_decode(x, 1e-4, num_splits=2, pages_per_iter=8, early_tables=True)
-    x = _pooled_decode_batch(4, 64, torch.float32)
-    _check_pooled_decode(x, 1e-4, pages_per_iter=1, balance_splits=4, balance_min_iters=1,
-                         early_tables=True)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4, None])
@@ -215,31 +205,6 @@ def test_head_without_kept_tokens_and_padding(num_splits, pages_per_iter):
     args = _build(8, 128, torch.float32, [3, 0, 1], empty_head=1, pad_tokens=2)
     assert int(args["kept_counts"][0, 1]) == 0
     _check(args, num_splits, atol=1e-4, rtol=1e-4, pad_tokens=2, pages_per_iter=pages_per_iter)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("split_tokens", "pages_per_iter"), [(16, 1), (40, 2), (100_000, 2)])
-def test_splits_by_tokens(split_tokens, pages_per_iter, dtype):
-    """Splits of a fixed number of keys: long heads span several splits, short heads
-    leave splits empty, an empty head none at all; one huge split is one program."""
-    args = _build(4, 64, dtype, [1, 2, 1], empty_head=1)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    _check(args, None, atol=tol, rtol=tol, pages_per_iter=pages_per_iter,
-           split_tokens=split_tokens)
-
-
-def test_splits_by_tokens_cover_the_longest_sequence():
-    """The grid always covers the bound, also where the split cap makes splits grow."""
-    from vllm_adakv.kernels.triton_decode import _MAX_SPLITS, splits_by_tokens
-
-    for tokens, bs, pages, max_pages in [(16, 16, 1, 10), (128, 16, 8, 2049), (1, 16, 8, 9999),
-                                         (1024, 32, 4, 3)]:
-        splits, per_split = splits_by_tokens(tokens, bs, pages, max_pages)
-        bound = -(-max_pages // pages) + 1
-        assert 1 <= splits <= _MAX_SPLITS and splits * per_split >= bound
-        assert per_split >= -(-tokens // (bs * pages))
-    with pytest.raises(ValueError, match="split_tokens"):
-        splits_by_tokens(0, 16, 8, 10)
 
 
 def test_decode_only_batch_default_splits():
@@ -368,16 +333,14 @@ def test_balanced_pooled(dtype):
 def test_balance_arguments():
     args = _build(1, 64, torch.float32, [1])
     out = torch.empty_like(args["query"])
-    for bad in [dict(num_splits=2), dict(split_tokens=64)]:
-        with pytest.raises(ValueError, match="balance_splits replaces"):
-            headwise_attention_triton(**args, out=out, balance_splits=2, **bad)
+    with pytest.raises(ValueError, match="balance_splits replaces"):
+        _triton(args, out, balance_splits=2, num_splits=2)
     for value in [0, 65, 2.0, True]:
         with pytest.raises(ValueError, match="balance_splits must be"):
-            headwise_attention_triton(**args, out=out, balance_splits=value)
+            _triton(args, out, balance_splits=value)
     for value in [0, 1.5]:
         with pytest.raises(ValueError, match="balance_min_iters must be"):
-            headwise_attention_triton(**args, out=out, balance_splits=2,
-                                      balance_min_iters=value)
+            _triton(args, out, balance_splits=2, balance_min_iters=value)
 
 
 def test_default_balances_where_one_split_programs_fill_the_sms_up_to_four_times(monkeypatch):

@@ -18,13 +18,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from tests.kernels.oracles import score_window_triton  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
 from vllm_adakv.kernels import score_window_reference  # noqa: E402
 from vllm_adakv.kernels.scoring import score_windows_reference  # noqa: E402
-from vllm_adakv.kernels.triton_scoring import (  # noqa: E402
-    score_window_triton,
-    score_windows_triton,
-)
+from vllm_adakv.kernels.triton_scoring import score_windows_triton  # noqa: E402
 
 BLOCK_SIZE = 16
 

@@ -1,6 +1,8 @@
 """Compression kernels. Each has one signature; the torch reference is the first
 implementation and the one the CPU path runs. The dispatchers below run the
-Triton version on CUDA tensors and the reference elsewhere."""
+Triton version on CUDA tensors and the reference elsewhere. The head-wise decode has
+no dispatcher: the CPU backend runs ``headwise_attention_reference`` over page tables,
+the CUDA backend ``triton_decode.headwise_attention_ranges_triton`` over page ranges."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from vllm_adakv.kernels.compaction import (
     compact_rows_reference,
 )
 from vllm_adakv.kernels.decode import (
-    headwise_attention_ranges_reference,
     headwise_attention_reference,
     masked_prompt_attention_reference,
     pooled_page_table,
@@ -82,24 +83,6 @@ def min_mass_above(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return min_mass_above_reference(probs, *args, **kwargs)
 
 
-def headwise_attention(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``headwise_attention_reference``'s contract; Triton on CUDA."""
-    if query.is_cuda:
-        from vllm_adakv.kernels.triton_decode import headwise_attention_triton
-
-        return headwise_attention_triton(query, *args, **kwargs)
-    return headwise_attention_reference(query, *args, **kwargs)
-
-
-def headwise_attention_ranges(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``headwise_attention_ranges_reference``'s contract; Triton on CUDA."""
-    if query.is_cuda:
-        from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
-
-        return headwise_attention_ranges_triton(query, *args, **kwargs)
-    return headwise_attention_ranges_reference(query, *args, **kwargs)
-
-
 __all__ = [
     "assign_head_pages",
     "compact",
@@ -111,9 +94,6 @@ __all__ = [
     "compact_rows_ranges",
     "compact_rows_reference",
     "gather_prompt_keys",
-    "headwise_attention",
-    "headwise_attention_ranges",
-    "headwise_attention_ranges_reference",
     "headwise_attention_reference",
     "masked_prompt_attention_reference",
     "min_mass_above",

@@ -194,16 +194,6 @@ def compact_rows_triton(
     return page_start, counts
 
 
-def compact_ranges_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          block_ids: torch.Tensor, keep_mask: torch.Tensor, kept_blocks: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact one request's kept tokens of one layer in place; contract of
-    ``compaction.compact_ranges_reference``."""
-    page_start, counts = compact_rows_triton(key_cache, value_cache, block_ids[None], [0],
-                                             keep_mask[None], [kept_blocks])
-    return page_start[0], counts[0]
-
-
 # Head-pages pooled across the layers of a group (``compaction.compact_pooled_reference``).
 # The plan kernel tiles the layers in BLOCK_K >= _PLAN_MIN_LAYERS: one compiled variant
 # serves every group of up to that many layers (the warm-up compiles it with two).

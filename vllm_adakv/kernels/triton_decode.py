@@ -1,11 +1,13 @@
 """Per-head paged attention for compressed requests: Triton kernels.
 
-Same signature and semantics as ``decode.headwise_attention_reference`` (plus the
-optional ``num_splits``). For request row r and KV head h the keys are the
-``kept_counts[r, h]`` tokens of the head-pages ``page_table[r, h]`` followed by
-the tail positions ``[tail_start[r], seq_lens[r])`` read through
-``block_table[r]``; a query at position p sees every kept token and the tail up
-to p.
+``headwise_attention_ranges_triton`` computes, for each row of a row table, what the torch
+reference ``decode.headwise_attention_reference`` computes over the page table
+``decode.pooled_page_table`` gives that row's slot (the CPU backend runs that pair). For
+row r (slot s) and KV head h the keys are the ``kept_counts[s, h]`` tokens of the
+head-pages h owns, consecutive entries of the request's head-page sequence from
+``page_start[s, h]``, followed by the tail positions ``[tail_start, seq_len)`` read
+through the row's block table row; a query at position p sees every kept token and the
+tail up to p.
 
 Design (split-K flash decoding):
 
@@ -42,13 +44,12 @@ Design (split-K flash decoding):
   zeroing and no extra launch; both kernels read the same tables in the same stream,
   so they agree.
 
-Early tables (``early_tables=True``, ``EARLY_TABLES``; off by default): the tail is read
-first, both loops' first table entries are loaded at the program's start and each
-iteration's entries one iteration ahead (4 dependent round trips before the last K/V byte
-instead of 6 at one-iteration heads). Measured on an H200 (README, GPU status): 0.90-1.04x
-the default at 2 stages on pooled tables, 1.2-2.5x slower at 3 stages.
+Measured on an H200 and removed (README, GPU status): the tail's and the next iteration's
+table entries loaded ahead ("early tables": 0.90-1.04x the default's time at 2 stages on
+pooled tables, 1.2-2.5x at 3) and splits of a fixed number of keys ("split_tokens":
+faster only at 32 rows, 10-40% slower at keep 1).
 
-Head-pages pooled across layers (``POOLED``, page ranges only): the caches view every
+Head-pages pooled across layers (``POOLED``): the caches view every
 layer's blocks; entry g of a slot's sequence is chunk ``g // capacity[s]`` at block
 offset ``chunk_base[s, chunk]``, and the tail reads this layer's tensor at
 ``layer_base``. Both tables are read in the kernel (CUDA-graph safe); ``layer_base``
@@ -117,10 +118,10 @@ def _balanced_splits(cnt_row, stride_ch, n_iter, n_tail_it, num_splits, min_iter
 
 
 @triton.jit
-def _kept_addrs(i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept,
-                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+def _kept_addrs(i, bt_row, cb_row, first_page, first_entry, capacity, kept,
+                stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
                 NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr,
-                PAGE_RANGES: tl.constexpr, POOLED: tl.constexpr):
+                POOLED: tl.constexpr):
     """(block, slot, valid) of each tile slot of kept iteration ``i`` of a head: where
     its head-pages lie. Slots past the head's kept tokens are invalid (no load made)."""
     pg = i * PAGES + page_of_t  # the head's page of each tile slot
@@ -145,17 +146,13 @@ def _kept_addrs(i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, ke
         block = tl.load(bt_row + (local // NUM_KV_HEADS) * stride_bb, mask=valid_n, other=0)
         block = block.to(tl.int64) + base.to(tl.int64)
         slot = (local % NUM_KV_HEADS).to(tl.int64)
-    elif PAGE_RANGES:
+    else:
         # Page pg of the head is entry first_page + pg of the request's head-page
         # sequence (block j, slot s) -> j * H + s.
         seq_idx = first_page + pg
         block = tl.load(bt_row + (seq_idx // NUM_KV_HEADS) * stride_bb, mask=valid_n,
                         other=0).to(tl.int64)
         slot = (seq_idx % NUM_KV_HEADS).to(tl.int64)
-    else:
-        page = tl.load(pt_row + pg * stride_pp, mask=valid_n, other=0).to(tl.int64)
-        block = page // NUM_KV_HEADS
-        slot = page % NUM_KV_HEADS
     return block, slot, valid_n
 
 
@@ -177,11 +174,11 @@ def _tail_addrs(i, bt_row, first_tail_block, tail_start, seq_len, layer_base, he
 
 
 @triton.jit
-def _tile_addrs(TAIL: tl.constexpr, i, pt_row, bt_row, cb_row, first_page, first_entry,
+def _tile_addrs(TAIL: tl.constexpr, i, bt_row, cb_row, first_page, first_entry,
                 capacity, kept, first_tail_block, tail_start, seq_len, layer_base, head,
-                stride_pp, stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
+                stride_bb, stride_cbk, page_of_t, offs_n, mask_n,
                 NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr,
-                PAGE_RANGES: tl.constexpr, POOLED: tl.constexpr):
+                POOLED: tl.constexpr):
     """(block, slot, valid, position) of iteration ``i`` of the tail pass (``TAIL``) or
     of the kept pass (position: the index in the kept sequence, unused)."""
     if TAIL:
@@ -190,26 +187,25 @@ def _tile_addrs(TAIL: tl.constexpr, i, pt_row, bt_row, cb_row, first_page, first
             page_of_t, offs_n, mask_n, BLOCK_SIZE, PAGES, POOLED)
     else:
         block, slot, valid_n = _kept_addrs(
-            i, pt_row, bt_row, cb_row, first_page, first_entry, capacity, kept, stride_pp,
-            stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
-            PAGES, PAGE_RANGES, POOLED)
+            i, bt_row, cb_row, first_page, first_entry, capacity, kept, stride_bb,
+            stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE, PAGES, POOLED)
         pos = (i * PAGES + page_of_t) * BLOCK_SIZE + offs_n
     return block, slot, valid_n, pos
 
 
-@jit_unspecialized(ints=["num_splits", "split_iters", "min_iters", "stride_mt", "stride_mh",
-                         "stride_ms", "stride_pr", "stride_pp", "stride_cr", "stride_br",
-                         "layer_base", "stride_cbs", "stride_cbk", "stride_cap"],
+@jit_unspecialized(ints=["num_splits", "min_iters", "stride_mt", "stride_mh", "stride_ms",
+                         "stride_pr", "stride_cr", "stride_br", "layer_base", "stride_cbs",
+                         "stride_cbk", "stride_cap"],
                    pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr", "cb_ptr",
                              "cap_ptr"])
 def _headwise_fwd(
     q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, cb_ptr, cap_ptr,
-    qk_scale, num_splits, split_iters, min_iters, layer_base,
+    qk_scale, num_splits, min_iters, layer_base,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pr, stride_ph, stride_pp,
+    stride_pr, stride_ph,
     stride_cr, stride_ch,
     stride_br, stride_bb,
     stride_ot, stride_oh, stride_od,
@@ -222,7 +218,6 @@ def _headwise_fwd(
     SPLIT: tl.constexpr,
     BALANCED: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    PAGE_RANGES: tl.constexpr,
     POOLED: tl.constexpr,
     PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -232,13 +227,11 @@ def _headwise_fwd(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    EARLY_TABLES: tl.constexpr,
 ):
     r = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     BLOCK_M: tl.constexpr = BLOCK_G * BLOCK_Q
-    AHEAD: tl.constexpr = 1 if EARLY_TABLES else 0  # table entries loaded ahead
 
     meta = rows_ptr + r * ROW_FIELDS
     batch_row = tl.load(meta + 0).to(tl.int64)
@@ -266,11 +259,8 @@ def _headwise_fwd(
         per_split = (n_iter + k_used - 1) // k_used
         q_todo = tl.where(split < k_used, q_len, 0)
     else:
-        # Equal parts of this (row, head)'s sequence, or (split_iters > 0) a fixed number
-        # of iterations per split, so long heads take more programs than short ones; the
-        # launcher makes num_splits * split_iters cover the longest possible sequence.
-        per_split = tl.where(split_iters > 0, split_iters,
-                             (n_iter + num_splits - 1) // num_splits)
+        # Equal parts of this (row, head)'s sequence.
+        per_split = (n_iter + num_splits - 1) // num_splits
     it_lo = tl.minimum(split * per_split, n_iter)
     it_hi = tl.minimum(it_lo + per_split, n_iter)
     kept_lo = tl.minimum(it_lo, n_kept_it)
@@ -292,12 +282,10 @@ def _headwise_fwd(
 
     pt_row = pt_ptr + slot_row * stride_pr + head * stride_ph
     bt_row = bt_ptr + batch_row * stride_br
-    first_page = 0  # (placeholders where the layout has no such table)
-    first_entry = 0
+    first_page = tl.load(pt_row).to(tl.int64)
+    first_entry = 0  # (placeholders where the tables are not pooled)
     capacity = 1
     cb_row = cb_ptr
-    if PAGE_RANGES:
-        first_page = tl.load(pt_row).to(tl.int64)
     if POOLED:
         # Entries per chunk of this slot's pooled sequence (one chunk per layer tensor);
         # entry indices fit in int32.
@@ -322,47 +310,22 @@ def _headwise_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        if EARLY_TABLES:
-            # Both loops' first table entries at once, right after the row table (the
-            # tail's need only tail_start): their round trips overlap.
-            t_blk, t_slot, t_vn, t_pos = _tile_addrs(
-                True, tail_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
-                kept, first_tail_block, tail_start, seq_len, layer_base, head, stride_pp,
-                stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
-                PAGES, PAGE_RANGES, POOLED)
-            k_blk, k_slot, k_vn, k_pos = _tile_addrs(
-                False, kept_lo, pt_row, bt_row, cb_row, first_page, first_entry, capacity,
-                kept, first_tail_block, tail_start, seq_len, layer_base, head, stride_pp,
-                stride_bb, stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE,
-                PAGES, PAGE_RANGES, POOLED)
         for it in tl.static_range(2):
-            # Without EARLY_TABLES: it == 0 kept head-pages, it == 1 tail blocks (normal
-            # layout). With it: the tail first (its tables arrive first), then the kept
-            # pages; each iteration's table entries are loaded one iteration ahead.
-            # (it == 1) != EARLY_TABLES: this pass reads the tail.
-            if (it == 1) != EARLY_TABLES:
+            # it == 0: kept head-pages; it == 1: tail blocks (normal layout).
+            if it == 1:
                 lo = tail_lo
                 hi = tail_hi
-                if EARLY_TABLES:
-                    n_blk, n_slot, n_vn, n_pos = t_blk, t_slot, t_vn, t_pos
             else:
                 lo = kept_lo
                 hi = kept_hi
-                if EARLY_TABLES:
-                    n_blk, n_slot, n_vn, n_pos = k_blk, k_slot, k_vn, k_pos
             for i in range(lo, hi):
-                f_blk, f_slot, f_vn, f_pos = _tile_addrs(
-                    (it == 1) != EARLY_TABLES, i + AHEAD, pt_row, bt_row, cb_row, first_page,
-                    first_entry, capacity, kept, first_tail_block, tail_start, seq_len,
-                    layer_base, head, stride_pp, stride_bb, stride_cbk, page_of_t, offs_n,
-                    mask_n, NUM_KV_HEADS, BLOCK_SIZE, PAGES, PAGE_RANGES, POOLED)
-                if EARLY_TABLES:  # this iteration's entries came one iteration ago
-                    block, slot, valid_n, pos = n_blk, n_slot, n_vn, n_pos
-                    n_blk, n_slot, n_vn, n_pos = f_blk, f_slot, f_vn, f_pos
-                else:
-                    block, slot, valid_n, pos = f_blk, f_slot, f_vn, f_pos
+                block, slot, valid_n, pos = _tile_addrs(
+                    it == 1, i, bt_row, cb_row, first_page, first_entry, capacity, kept,
+                    first_tail_block, tail_start, seq_len, layer_base, head, stride_bb,
+                    stride_cbk, page_of_t, offs_n, mask_n, NUM_KV_HEADS, BLOCK_SIZE, PAGES,
+                    POOLED)
                 valid = mask_m[:, None] & valid_n[None, :]
-                if (it == 1) != EARLY_TABLES:
+                if it == 1:
                     valid = valid & (pos[None, :] <= q_pos[:, None])
                 k_base = block * stride_kb + slot * stride_kh  # per tile slot
                 v_base = block * stride_vb + slot * stride_vh
@@ -536,23 +499,6 @@ def default_balance_splits(num_rows: int, num_kv_heads: int, device: torch.devic
     return None
 
 
-def splits_by_tokens(split_tokens: int, block_size: int, pages_per_iter: int,
-                     max_pages: int) -> tuple[int, int]:
-    """(grid splits, iterations per split) for splits of about ``split_tokens`` keys each.
-
-    A (row, head) sequence has at most ``max_pages`` kept head-pages plus tail blocks
-    together, i.e. at most ``cdiv(max_pages, pages_per_iter) + 1`` iterations; the grid
-    gets enough splits to cover that (at most ``_MAX_SPLITS``: the splits grow instead).
-    Splits past a sequence's end have no iterations and leave an empty partial.
-    """
-    if split_tokens < 1:
-        raise ValueError(f"split_tokens must be >= 1, got {split_tokens}")
-    bound = triton.cdiv(max_pages, pages_per_iter) + 1
-    per_split = max(triton.cdiv(split_tokens, block_size * pages_per_iter),
-                    triton.cdiv(bound, _MAX_SPLITS))
-    return triton.cdiv(bound, per_split), per_split
-
-
 def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
               q_end: torch.Tensor, tail_start: torch.Tensor, seq_lens: torch.Tensor
               ) -> torch.Tensor:
@@ -585,42 +531,79 @@ def _int_in(name: str, value, lo: int, hi: int) -> int:
     return int(value)
 
 
-def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num_mid_tokens,
-            scale, out, num_splits, page_ranges: bool, max_iters: int,
-            pages_per_iter: int | None = None, launch: dict | None = None,
-            split_tokens: int | None = None, chunk_base: torch.Tensor | None = None,
-            capacity: torch.Tensor | None = None, layer_base: int = 0,
-            balance_splits: int | None = None,
-            balance_min_iters: int = BALANCE_MIN_ITERS,
-            early_tables: bool = False) -> torch.Tensor:
+def headwise_attention_ranges_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    num_row_tokens: int,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+    pages_per_iter: int | None = None,
+    launch: dict | None = None,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
+    balance_splits: int | None = None,
+    balance_min_iters: int = BALANCE_MIN_ITERS,
+) -> torch.Tensor:
+    """Head-wise attention for selected batch rows, pages given as ranges.
+
+    Head h of the request in slot s owns the ``ceil(kept_counts[s, h] / bs)`` head-pages
+    that start at entry ``page_start[s, h]`` of its block row's head-page sequence (entry
+    i: block ``block_table[b, i // H]``, slot ``i % H``); page_start/kept_counts are
+    ``[S, H]``, block_table ``[B, NB]`` of the whole batch. ``rows`` is ``row_table(...)``;
+    ``num_row_tokens`` the sum of its query lengths (the split-K scratch's size). Only the
+    rows' query tokens of ``out`` are written; each gets what
+    ``decode.headwise_attention_reference`` computes over ``decode.pooled_page_table``'s
+    table of its slot (module doc).
+
+    ``num_splits`` splits each (row, head) key sequence over that many programs (default:
+    from shapes), or ``balance_splits`` (a grid of that many splits per head) gives each
+    head of a row as many of them as it needs so that none holds more than the row's mean
+    iterations per head (at least ``balance_min_iters``); at most one of the two.
+    ``pages_per_iter`` head-pages are read per loop iteration (default: 128-token tiles).
+    ``launch`` (e.g. ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch
+    defaults.
+
+    Pooled over layers: ``key_cache``/``value_cache`` view every layer's blocks,
+    ``chunk_base`` (int32 ``[S, K]``) and ``capacity`` (int32 ``[S]``) on the device
+    place entry g of slot s's sequence at block ``chunk_base[s, g // capacity[s]] +
+    block_row[(g % capacity[s]) // H]``, slot ``g % H`` (both read by the kernel, so
+    they may be persistent tensors under a CUDA graph), and this layer's tail blocks
+    are ``layer_base + block_row[pos // bs]``. ``layer_base`` is not specialised on:
+    one compiled variant serves every layer. Without ``chunk_base`` (and ``layer_base``
+    0) the kernel is the single-layer one, a separate compile-time variant with the
+    same code and speed as before pooling.
+    """
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and value_cache.shape == key_cache.shape
     assert num_q_heads % heads == 0
     assert out.shape == query.shape
     assert rows.dtype == torch.int32 and rows.is_contiguous() and rows.shape[1] == ROW_COLUMNS
+    assert page_start.dim() == 2
     num_rows = rows.shape[0]
     group = num_q_heads // heads
     if num_rows == 0 or num_tokens == 0:
         return out
+    max_iters = block_table.shape[1] + 1
     if pages_per_iter is None:
         pages_per_iter = default_pages_per_iter(block_size)
     pages_per_iter = triton.next_power_of_2(max(1, int(pages_per_iter)))
-    split_iters = 0
     balanced = False
     if balance_splits is not None:
-        if num_splits is not None or split_tokens is not None:
-            raise ValueError("balance_splits replaces num_splits and split_tokens: give one")
+        if num_splits is not None:
+            raise ValueError("balance_splits replaces num_splits: give one")
         balance_splits = _int_in("balance_splits", balance_splits, 1, _MAX_SPLITS)
         balance_min_iters = _int_in("balance_min_iters", balance_min_iters, 1, 2**31 - 1)
         # One split: every head has k_used = 1, i.e. the plain one-split kernel.
         num_splits = balance_splits
         balanced = num_splits > 1
-    elif split_tokens is not None:
-        if num_splits is not None:
-            raise ValueError("give num_splits or split_tokens, not both")
-        num_splits, split_iters = splits_by_tokens(split_tokens, block_size, pages_per_iter,
-                                                   max_iters)
     elif num_splits is None:
         num_splits = default_num_splits(num_rows, heads, triton.cdiv(max_iters, pages_per_iter),
                                         query.device)
@@ -643,24 +626,23 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
 
     if num_splits > 1:
         dev = query.device
-        mid_m = _scratch(max(num_mid_tokens, 1), num_q_heads, num_splits, device=dev)
+        mid_m = _scratch(max(num_row_tokens, 1), num_q_heads, num_splits, device=dev)
         mid_l = _scratch(*mid_m.shape, device=dev)
-        mid_acc = _scratch(max(num_mid_tokens, 1), num_q_heads, num_splits, block_d,
+        mid_acc = _scratch(max(num_row_tokens, 1), num_q_heads, num_splits, block_d,
                            device=dev)
         mid_strides = mid_m.stride()
     else:
         mid_m = mid_l = mid_acc = out  # unused
         mid_strides = (0, 0, 0)
-    page_strides = pages.stride() if pages.dim() == 3 else (*pages.stride(), 0)
     pooled = chunk_base is not None or layer_base != 0
     if pooled and chunk_base is None:
         # A layer's tail in an all-layers view, pages in one chunk at offset 0 (the
         # reference's single-layer page layout): the pooled kernel with a trivial table.
-        chunk_base = torch.zeros(pages.shape[0], 1, dtype=torch.int32, device=query.device)
-        capacity = torch.full((pages.shape[0],), 2**31 - 1, dtype=torch.int32,
+        chunk_base = torch.zeros(page_start.shape[0], 1, dtype=torch.int32, device=query.device)
+        capacity = torch.full((page_start.shape[0],), 2**31 - 1, dtype=torch.int32,
                               device=query.device)
     if pooled:
-        assert page_ranges and capacity is not None
+        assert capacity is not None
         assert chunk_base.dim() == 2 and capacity.dim() == 1
         assert chunk_base.device == query.device and capacity.device == query.device
         pooled_args = (chunk_base, capacity)
@@ -670,14 +652,14 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         pooled_strides = (0, 0, 0)
 
     _headwise_fwd[(num_rows, heads, num_splits)](
-        query, key_cache, value_cache, pages, counts, block_table, rows,
+        query, key_cache, value_cache, page_start, kept_counts, block_table, rows,
         out, mid_acc, mid_m, mid_l, *pooled_args,
-        float(scale) * _LOG2E, num_splits, split_iters, int(balance_min_iters), int(layer_base),
+        float(scale) * _LOG2E, num_splits, int(balance_min_iters), int(layer_base),
         *query.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
-        *page_strides,
-        *counts.stride(),
+        *page_start.stride(),
+        *kept_counts.stride(),
         *block_table.stride(),
         *out.stride(),
         *mid_strides,
@@ -689,7 +671,6 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         SPLIT=num_splits > 1,
         BALANCED=balanced,
         BLOCK_H=block_h,
-        PAGE_RANGES=page_ranges,
         POOLED=pooled,
         PAGES=pages_per_iter,
         BLOCK_G=block_g,
@@ -699,7 +680,6 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
         USE_DOT=use_dot,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
-        EARLY_TABLES=bool(early_tables),
         **(launch or {}),
     )
     if num_splits > 1:
@@ -709,10 +689,10 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
                             BLOCK_SIZE=block_size, PAGES=pages_per_iter) if balanced else \
             dict(NUM_KV_HEADS=1, GROUP=1, BLOCK_H=2, BLOCK_SIZE=1, PAGES=1)
         _headwise_reduce[(num_rows, num_q_heads)](
-            out, mid_acc, mid_m, mid_l, rows, counts, num_splits, int(balance_min_iters),
+            out, mid_acc, mid_m, mid_l, rows, kept_counts, num_splits, int(balance_min_iters),
             *out.stride(),
             *mid_strides,
-            *counts.stride(),
+            *kept_counts.stride(),
             HEAD_DIM=dim,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
@@ -720,98 +700,3 @@ def _launch(query, key_cache, value_cache, pages, counts, block_table, rows, num
             **shape_consts,
         )
     return out
-
-
-def headwise_attention_triton(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    kept_counts: torch.Tensor,
-    block_table: torch.Tensor,
-    tail_start: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    out: torch.Tensor,
-    num_splits: int | None = None,
-    pages_per_iter: int | None = None,
-    split_tokens: int | None = None,
-    balance_splits: int | None = None,
-    balance_min_iters: int = BALANCE_MIN_ITERS,
-    early_tables: bool = False,
-) -> torch.Tensor:
-    """Attention over kept head-pages plus the shared tail, written into ``out``.
-
-    Same contract as ``headwise_attention_reference``. ``num_splits`` splits each
-    (row, head) key sequence over that many programs (default: from shapes), or
-    ``split_tokens`` cuts it into splits of about that many keys (long heads get more
-    programs), or ``balance_splits`` (a grid of that many splits per head) gives each
-    head of a row as many of them as it needs so that none holds more than the row's
-    mean iterations per head (at least ``balance_min_iters``); at most one of the three.
-    ``pages_per_iter`` head-pages are read per loop iteration (default: 128-token tiles).
-    ``early_tables``: the tail first, both loops' first table entries loaded at the start
-    and each iteration's entries one iteration ahead (fewer dependent round trips).
-    """
-    num_rows = page_table.shape[0]
-    idx = torch.arange(num_rows, device=query.device)
-    qsl = query_start_loc.to(query.device)
-    rows = row_table(idx, idx, qsl[:-1], qsl[1:], tail_start.to(query.device),
-                     seq_lens.to(query.device))
-    return _launch(query, key_cache, value_cache, page_table, kept_counts,
-                   block_table, rows, query.shape[0], scale, out, num_splits,
-                   page_ranges=False, max_iters=page_table.shape[2] + block_table.shape[1],
-                   pages_per_iter=pages_per_iter, split_tokens=split_tokens,
-                   balance_splits=balance_splits, balance_min_iters=balance_min_iters,
-                   early_tables=early_tables)
-
-
-def headwise_attention_ranges_triton(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    page_start: torch.Tensor,
-    kept_counts: torch.Tensor,
-    block_table: torch.Tensor,
-    rows: torch.Tensor,
-    num_row_tokens: int,
-    scale: float,
-    out: torch.Tensor,
-    num_splits: int | None = None,
-    pages_per_iter: int | None = None,
-    launch: dict | None = None,
-    split_tokens: int | None = None,
-    chunk_base: torch.Tensor | None = None,
-    capacity: torch.Tensor | None = None,
-    layer_base: int = 0,
-    balance_splits: int | None = None,
-    balance_min_iters: int = BALANCE_MIN_ITERS,
-    early_tables: bool = False,
-) -> torch.Tensor:
-    """Head-wise attention for selected batch rows, pages given as ranges.
-
-    Same contract as ``decode.headwise_attention_ranges_reference``: head h of the
-    request in slot s owns the ``ceil(kept_counts[s, h] / bs)`` head-pages that
-    start at entry ``page_start[s, h]`` of its block row's head-page sequence.
-    ``rows`` is ``row_table(...)``; ``num_row_tokens`` the sum of its query lengths.
-    Only the rows' query tokens of ``out`` are written. ``launch`` (e.g.
-    ``{"num_warps": 8, "num_stages": 2}``) overrides Triton's launch defaults;
-    ``split_tokens``, ``balance_splits``, ``balance_min_iters`` and ``early_tables`` as in
-    ``headwise_attention_triton``.
-
-    Pooled over layers: ``key_cache``/``value_cache`` view every layer's blocks,
-    ``chunk_base`` (int32 ``[S, K]``) and ``capacity`` (int32 ``[S]``) on the device
-    place entry g of slot s's sequence at block ``chunk_base[s, g // capacity[s]] +
-    block_row[(g % capacity[s]) // H]``, slot ``g % H`` (both read by the kernel, so
-    they may be persistent tensors under a CUDA graph), and this layer's tail blocks
-    are ``layer_base + block_row[pos // bs]``. ``layer_base`` is not specialised on:
-    one compiled variant serves every layer. Without ``chunk_base`` (and ``layer_base``
-    0) the kernel is the single-layer one, a separate compile-time variant with the
-    same code and speed as before pooling.
-    """
-    return _launch(query, key_cache, value_cache, page_start, kept_counts, block_table,
-                   rows, num_row_tokens, scale, out, num_splits, page_ranges=True,
-                   max_iters=block_table.shape[1] + 1, pages_per_iter=pages_per_iter,
-                   launch=launch, split_tokens=split_tokens, chunk_base=chunk_base,
-                   capacity=capacity, layer_base=layer_base, balance_splits=balance_splits,
-                   balance_min_iters=balance_min_iters, early_tables=early_tables)

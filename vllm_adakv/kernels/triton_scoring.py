@@ -303,14 +303,3 @@ def score_windows_triton(
         BLOCK_S=MAX_SPLITS, **common,
     )
     return pool_rows(out, [n - window for n in prompt_lens], pooling, pool_kernel)
-
-
-def score_window_triton(window_query: torch.Tensor, key_cache: torch.Tensor,
-                        block_ids: torch.Tensor, prompt_len: int, scale: float, *,
-                        gqa_reduce: str, pooling: str, pool_kernel: int,
-                        num_splits: int | None = None) -> torch.Tensor:
-    """SnapKV scores ``[H, prompt_len - w]`` (fp32) of one request; contract of
-    ``score_window_reference``."""
-    return score_windows_triton(window_query[None], key_cache, block_ids[None], [0],
-                                [prompt_len], scale, gqa_reduce=gqa_reduce, pooling=pooling,
-                                pool_kernel=pool_kernel, num_splits=num_splits)[0]

@@ -142,7 +142,7 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
         idx = torch.cat(token_idx)
         q = query[idx].view(-1, self.num_heads, self.head_size)
         out = torch.empty_like(q)
-        kernels.headwise_attention(
+        kernels.headwise_attention_reference(
             q, cache.all_key, cache.all_value, page_table, torch.stack(counts),
             block_table[[r.row for r, _ in rows]] + cache.base,
             torch.tensor([r.prompt_len for r, _ in rows]),

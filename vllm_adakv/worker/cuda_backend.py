@@ -41,8 +41,11 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_adakv import kernels
-from vllm_adakv.kernels.triton_decode import ROW_COLUMNS, row_table
+from vllm_adakv.kernels.triton_decode import (
+    ROW_COLUMNS,
+    headwise_attention_ranges_triton,
+    row_table,
+)
 from vllm_adakv.methods import get_method
 from vllm_adakv.protocol import CompressedAttentionSpec
 from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
@@ -249,7 +252,7 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
             pool.store_compacted(done)
         if attn_metadata.headwise_rows is not None:
             heads_q = self.num_heads
-            kernels.headwise_attention_ranges(
+            headwise_attention_ranges_triton(
                 query.view(query.shape[0], heads_q, self.head_size),
                 cache.all_key, cache.all_value,
                 pool.page_start[:, layer_idx], pool.kept_counts[:, layer_idx],
