@@ -30,7 +30,7 @@ import json, os, sys, time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
-    from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
+    from adakv_devtools.tiny_model import tiny_prompt_token_ids
     spec = json.loads(sys.argv[1])
     kw = dict(model=spec["model"], dtype="float32", block_size=32, max_model_len=4096,
               seed=0, enforce_eager=True)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--method", default="adakv")
     args = ap.parse_args()
 
-    from vllm_adakv.tools.tiny_model import make_tiny_llama
+    from adakv_devtools.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(Path(tempfile.gettempdir()) / "vllm-adakv-bench-fat", num_layers=4,
                             hidden_size=128, num_heads=16, num_kv_heads=16, head_dim=256,

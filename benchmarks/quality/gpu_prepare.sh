@@ -67,7 +67,7 @@ build() {
     "$PY" -m pip install -q --no-index --no-deps --target "$CACHE/pylib" "$STASH"/wheels/*.whl
     export PYTHONPATH="$CACHE/pylib${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  "$PY" -m vllm_adakv.tools.prepare_model --model "${PREPARE_MODEL:-qwen2.5-coder-0.5b}" \
+  "$PY" -m adakv_devtools.prepare_model --model "${PREPARE_MODEL:-qwen2.5-coder-0.5b}" \
     --no-download --dtype "${DTYPE:-bfloat16}" | tail -1
 }
 

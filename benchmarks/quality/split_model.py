@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.src:
         src = Path(args.src).expanduser().resolve()
     else:
-        from vllm_adakv.tools.prepare_model import MODELS, find_gguf
+        from adakv_devtools.prepare_model import MODELS, find_gguf
 
         src = find_gguf(MODELS["qwen2.5-coder-0.5b"])
     out = Path(args.out)

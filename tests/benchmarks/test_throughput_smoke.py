@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_adakv.tools.tiny_model import make_tiny_llama  # noqa: E402
+from adakv_devtools.tiny_model import make_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

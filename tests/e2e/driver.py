@@ -33,7 +33,7 @@ def _engine(spec: dict[str, Any]):
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
+    from adakv_devtools.tiny_model import tiny_prompt_token_ids
 
     if spec.get("apply_kept_reports", True) is False:  # GVote left at its cap plan
         from vllm_adakv.scheduler.kept_reports import KeptReports

@@ -9,7 +9,7 @@ import pytest
 
 def smollm2_dir() -> Path:
     """Prepare (or reuse) SmolLM2 with ``prepare_model``; skip if the GGUF is unreachable."""
-    from vllm_adakv.tools import prepare_model as pm
+    from adakv_devtools import prepare_model as pm
 
     try:
         return pm.prepare_model("smollm2")

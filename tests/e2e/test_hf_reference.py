@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adakv_devtools.tiny_model import tiny_prompt_token_ids
 from tests.e2e.conftest import run_scenario
-from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids
 
 pytestmark = pytest.mark.e2e
 transformers = pytest.importorskip("transformers")

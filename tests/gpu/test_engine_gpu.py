@@ -16,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from adakv_devtools.tiny_model import make_tiny_llama  # noqa: E402
 from tests.e2e.conftest import run_scenario  # noqa: E402
-from vllm_adakv.tools.tiny_model import make_tiny_llama  # noqa: E402
 
 OUR_KERNELS = ("_window_stats", "_candidate_scores", "_safeguard_caps", "_page_ranges",
                "_gather_kept", "_scatter_pages", "_headwise_fwd", "_headwise_reduce",

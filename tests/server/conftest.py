@@ -120,7 +120,7 @@ def start_server(model: Path, log: Path, flags: list[str],
 def pressure_server(tmp_path_factory) -> Iterator[Server]:
     """Compressed (adakv, budget 128) server with a 64-block KV pool."""
     pytest.importorskip("vllm")
-    from vllm_adakv.tools.tiny_model import make_tiny_llama
+    from adakv_devtools.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path_factory.mktemp("pressure"), random_weights=True)
     log = tmp_path_factory.mktemp("log") / "pressure-server.log"

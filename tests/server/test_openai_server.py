@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from adakv_devtools.tiny_model import make_tiny_llama, tiny_prompt_token_ids  # noqa: E402
 from tests.server.conftest import SERVER, start_server  # noqa: E402
-from vllm_adakv.tools.tiny_model import make_tiny_llama, tiny_prompt_token_ids  # noqa: E402
 
 pytestmark = pytest.mark.server
 

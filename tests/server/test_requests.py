@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from adakv_devtools.tiny_model import tiny_prompt_token_ids  # noqa: E402
 from tests.server.conftest import (  # noqa: E402
     BLOCK_SIZE,
     BUDGET,
@@ -26,7 +27,6 @@ from tests.server.conftest import (  # noqa: E402
 from vllm_adakv.config import KVCompressionConfig  # noqa: E402
 from vllm_adakv.memory import plan_compression  # noqa: E402
 from vllm_adakv.metrics import METRICS  # noqa: E402
-from vllm_adakv.tools.tiny_model import tiny_prompt_token_ids  # noqa: E402
 
 pytestmark = pytest.mark.server
 

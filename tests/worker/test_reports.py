@@ -124,7 +124,7 @@ def test_aggregator_gathers_every_rank(posts, with_connector):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from vllm_adakv.tools.tiny_model import make_tiny_llama
+    from adakv_devtools.tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from vllm_adakv.tools import prepare_model as pm
-from vllm_adakv.tools.tiny_model import (
+from adakv_devtools import prepare_model as pm
+from adakv_devtools.tiny_model import (
     BOS_TOKEN,
     EOS_TOKEN,
     NUM_SPECIAL_TOKENS,

@@ -3,7 +3,7 @@
 vLLM loads the folder with ``load_format="dummy"`` (it makes seeded random weights
 itself), so tests can start a real engine in seconds on a CPU without any model hub::
 
-    from vllm_adakv.tools.tiny_model import make_tiny_llama, tiny_prompt_token_ids
+    from adakv_devtools.tiny_model import make_tiny_llama, tiny_prompt_token_ids
 
     model_dir = make_tiny_llama(tmp_path / "tiny")
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="float32",
@@ -324,7 +324,7 @@ def make_tiny_llama(
         "pad_token_id": config["pad_token_id"],
     }
     meta = {
-        "generator": "vllm_adakv.tools.tiny_model.make_tiny_llama",
+        "generator": "adakv_devtools.tiny_model.make_tiny_llama",
         "seed": seed,
         "load_format": "auto" if random_weights else "dummy",
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),

