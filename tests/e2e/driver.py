@@ -97,7 +97,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     book = book_of(scheduler)
     return {
-        "page_usage": _page_usage(),
+        "page_usage": llm.collective_rpc(_worker_page_usage)[0],
         # per worker rank: request -> blocks its pages use (reported), GVote's measure
         "worker_kept_blocks": llm.collective_rpc(_worker_kept_blocks)
         if spec.get("worker_kept_blocks") else [],
@@ -142,21 +142,26 @@ class _DelayedReports:
             self.post(posts, req_id, m)
 
 
+def _worker_store(worker):
+    """The compression store of a worker's model runner (None without compression)."""
+    from vllm_adakv.worker.context import context_of
+
+    ctx = context_of(worker.model_runner)
+    return None if ctx is None else ctx.store
+
+
 def _worker_kept_blocks(worker) -> dict[str, int]:
     """On a worker (llm.collective_rpc): request id prefix -> blocks its pages use."""
-    from vllm_adakv.worker.context import current
-
-    store = current().store
+    store = _worker_store(worker)
     if store is None:
         return {}
     return {rid.split("-")[0]: u.kept_blocks for rid, u in store.page_usage.items()}
 
 
-def _page_usage() -> dict[str, dict[str, int]]:
-    """Per compressed request: head-pages reserved vs filled (in-process worker only)."""
-    from vllm_adakv.worker.context import current
-
-    store = current().store
+def _worker_page_usage(worker) -> dict[str, dict[str, int]]:
+    """On a worker (llm.collective_rpc): per compressed request, head-pages reserved vs
+    filled."""
+    store = _worker_store(worker)
     if store is None:
         return {}
     return {rid: {"reserved_pages": u.reserved_pages, "used_pages": u.used_pages,
