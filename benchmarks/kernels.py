@@ -49,13 +49,13 @@ import triton
 
 from benchmarks.machine import device_tag
 from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
     BALANCE_MIN_ITERS,
     _headwise_fwd,
     headwise_attention_ranges_triton,
-    row_table,
 )
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton

@@ -15,18 +15,16 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from tests.kernels.oracles import (  # noqa: E402
-    headwise_attention_ranges_reference,
-    score_window_triton,
-)
+from tests.kernels.oracles import score_window_triton  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
 from vllm_adakv.kernels import (  # noqa: E402
     compact_ranges_reference,
+    headwise_attention_ranges_reference,
     score_window_reference,
 )
+from vllm_adakv.kernels.decode import row_table  # noqa: E402
 from vllm_adakv.kernels.triton_decode import (  # noqa: E402
     headwise_attention_ranges_triton,
-    row_table,
 )
 
 DEV = "cuda"
@@ -135,7 +133,7 @@ def test_worker_compression_step_never_waits_for_the_gpu(method):
     ranges) under sync debug mode "error". The kernel-level test above skips the store: a
     serving run on an H200 (2026-12-02) showed the host held inside the plugin's prompt
     steps until the GPU was done. Then every layer keeps its budget."""
-    from tests.attention.test_compressor import check_kept, run_worker_compression
+    from tests.worker.test_compressor import check_kept, run_worker_compression
 
     plans, pool, store = run_worker_compression(
         DEV, method, [3000, 4100, 2048], num_layers=4, budget=512, dtype=torch.bfloat16,

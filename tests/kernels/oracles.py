@@ -2,62 +2,71 @@
 
 Nothing in the package runs these: the CUDA backend calls the Triton kernels over row
 tables, the CPU backend the torch references of ``vllm_adakv.kernels`` directly. The tests
-use them to check the kernels against one another.
+use them to check the kernels against one another: the page-table forms below list each
+head's pages explicitly, an independent way to state where compaction put them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_adakv.kernels.decode import headwise_attention_reference, pooled_page_table
+from vllm_adakv.kernels.compaction import compact_ranges_reference
+from vllm_adakv.kernels.decode import _attend_tables
 from vllm_adakv.kernels.triton_compaction import compact_rows_triton
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 
 
-def headwise_attention_ranges_reference(
-    query: torch.Tensor,
+def assign_head_pages(
+    counts: torch.Tensor, block_ids: torch.Tensor, num_kv_heads: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Virtual page ids per head and each head's first virtual page index.
+
+    counts: ``[H]`` kept tokens per head. Returns (page_table ``[H, max_pages]`` int32
+    padded with -1, page_offset ``[H]`` int64 index of the head's first page within
+    the request's page sequence).
+    """
+    pages = (counts.long() + block_size - 1) // block_size
+    offset = torch.cumsum(pages, 0) - pages
+    max_pages = max(int(pages.max().item()), 1)
+    j = torch.arange(max_pages, device=counts.device)
+    seq = offset[:, None] + j[None, :]  # index in the request's page sequence
+    valid = j[None, :] < pages[:, None]
+    seq = torch.where(valid, seq, torch.zeros_like(seq))
+    virt = block_ids.long()[seq // num_kv_heads] * num_kv_heads + seq % num_kv_heads
+    page_table = torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
+    return page_table, offset
+
+
+def compact_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    page_start: torch.Tensor,
-    kept_counts: torch.Tensor,
-    block_table: torch.Tensor,
-    rows: torch.Tensor,
-    num_row_tokens: int,
-    scale: float,
-    out: torch.Tensor,
-    chunk_base: torch.Tensor | None = None,
-    capacity: torch.Tensor | None = None,
-    layer_base: int = 0,
-) -> torch.Tensor:
-    """Head-wise attention for selected batch rows, with pages given as ranges.
+    block_ids: torch.Tensor,
+    keep_mask: torch.Tensor,
+    kept_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``compact_ranges_reference``, with each head's pages listed explicitly.
 
-    page_start/kept_counts: ``[S, H]``: head h of the request in slot s owns the
-    ``ceil(kept_counts[s, h] / bs)`` head-pages starting at entry
-    ``page_start[s, h]`` of its head-page sequence. block_table: ``[B, NB]`` of the
-    whole batch. rows: int32 ``[R, 7]`` (batch row, slot, q_start, q_end,
-    tail_start, seq_len, scratch offset; see ``vllm_adakv.kernels.triton_decode.row_table``).
-    Single layer (``chunk_base`` None): entry i = block ``block_table[b, i // H]``, slot
-    ``i % H`` of ``key_cache``. Pooled over layers: ``key_cache``/``value_cache`` view all
-    layers' blocks (layer tensors at block offsets), ``chunk_base`` ``[S, K]`` and
-    ``capacity`` ``[S]`` place entry g as in ``decode.pooled_page_table``, and this layer's tail
-    blocks are ``layer_base + block_table[b, pos // bs]``.
-    ``num_row_tokens`` (scratch size of the Triton version) is unused here.
-    Only the rows' query tokens ``out[q_start:q_end]`` are written.
+    Returns (page_table ``[H, max_pages]`` int32 virtual page ids, -1 padded;
+    counts ``[H]`` int32).
     """
-    del num_row_tokens
-    heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    for b, s, q0, q1, tail, seq, _ in rows.tolist():
-        block_row = block_table[b].long()
-        table = pooled_page_table(
-            page_start[s], kept_counts[s], block_row, heads, block_size,
-            None if chunk_base is None else chunk_base[s],
-            None if capacity is None else int(capacity[s]))
-        headwise_attention_reference(
-            query, key_cache, value_cache, table[None], kept_counts[s][None],
-            (block_row + layer_base)[None], torch.tensor([tail]), torch.tensor([seq]),
-            torch.tensor([q0, q1]), scale, out,
-        )
-    return out
+    _, counts = compact_ranges_reference(key_cache, value_cache, block_ids, keep_mask,
+                                         kept_blocks)
+    page_table, _ = assign_head_pages(counts, block_ids, keep_mask.shape[0], key_cache.shape[2])
+    return page_table, counts
+
+
+def headwise_attention_reference(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    page_table: torch.Tensor, kept_counts: torch.Tensor, block_table: torch.Tensor,
+    tail_start: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+    scale: float, out: torch.Tensor,
+) -> torch.Tensor:
+    """Head-wise attention over explicit page tables (``page_table`` ``[R, H, P]`` virtual
+    page ids, -1 padded; one block table row per row; rows' queries consecutive): the core
+    of ``decode.headwise_attention_ranges_reference``, for tests that list pages by hand
+    (``compact_reference``)."""
+    return _attend_tables(query, key_cache, value_cache, page_table, kept_counts,
+                          block_table, tail_start, seq_lens, query_start_loc, scale, out)
 
 
 def compact_ranges_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,

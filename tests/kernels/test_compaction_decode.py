@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.kernels.paged_cache import random_block_tables, write_tokens
-from vllm_adakv.kernels import compact_reference, headwise_attention_reference
-from vllm_adakv.kernels.decode import _packed_pages
+from vllm_adakv.kernels import compact_ranges_reference, headwise_attention_ranges_reference
+from vllm_adakv.kernels.decode import _packed_pages, row_table
 
 
 def cpu_layout_caches(nblocks: int, heads: int, bs: int, dim: int
@@ -64,7 +64,7 @@ def test_headwise_decode_equals_dense_over_kept(group, dim, cpu_layout):
         kc = torch.randn(nblocks, heads, bs, dim)
         vc = torch.randn(nblocks, heads, bs, dim)
         assert _packed_pages(kc, vc) is None
-    originals, masks, tables, counts = [], [], [], []
+    originals, masks, starts, counts = [], [], [], []
     for r, (n, t) in enumerate(zip(lengths, tails, strict=True)):
         pos = torch.arange(n)
         k, v = torch.randn(n, heads, dim), torch.randn(n, heads, dim)
@@ -74,25 +74,23 @@ def test_headwise_decode_equals_dense_over_kept(group, dim, cpu_layout):
         need = int(((keep.sum(1) + bs - 1) // bs).sum())
         if need > kept_blocks * heads:
             keep[:, : n - window] = False  # keep only the window: always fits
-        pt, cnt = compact_reference(kc, vc, table[r], keep, kept_blocks)
+        st, cnt = compact_ranges_reference(kc, vc, table[r], keep, kept_blocks)
         # tokens generated after compression, in the normal layout
         tp = torch.arange(n, n + t)
         tk, tv = torch.randn(t, heads, dim), torch.randn(t, heads, dim)
         write_tokens(kc, vc, table[r], tp, tk, tv)
         originals.append((torch.cat([k, tk]).double(), torch.cat([v, tv]).double()))
         masks.append(keep)
-        tables.append(pt)
+        starts.append(st)
         counts.append(cnt)
-    max_pages = max(p.shape[1] for p in tables)
-    page_table = torch.full((3, heads, max_pages), -1, dtype=torch.int32)
-    for r, p in enumerate(tables):
-        page_table[r, :, : p.shape[1]] = p
     q = torch.randn(sum(q_lens), heads * group, dim)
     out = torch.full_like(q, float("nan"))
     qsl = torch.tensor([0] + list(torch.cumsum(torch.tensor(q_lens), 0)))
     seq_lens = torch.tensor([n + t for n, t in zip(lengths, tails, strict=True)])
-    headwise_attention_reference(q, kc, vc, page_table, torch.stack(counts), table,
-                                 torch.tensor(lengths), seq_lens, qsl, dim**-0.5, out)
+    idx = torch.arange(3)
+    rows = row_table(idx, idx, qsl[:-1], qsl[1:], torch.tensor(lengths), seq_lens)
+    headwise_attention_ranges_reference(q, kc, vc, torch.stack(starts), torch.stack(counts),
+                                        table, rows, sum(q_lens), dim**-0.5, out)
     assert not torch.isnan(out).any()
     for r in range(3):
         s, e = int(qsl[r]), int(qsl[r + 1])
@@ -108,4 +106,4 @@ def test_compaction_rejects_overflow():
     kc, vc = torch.randn(nblocks, heads, bs, dim), torch.randn(nblocks, heads, bs, dim)
     keep = torch.ones(heads, 64, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="head-pages"):
-        compact_reference(kc, vc, table[0], keep, kept_blocks=2)
+        compact_ranges_reference(kc, vc, table[0], keep, kept_blocks=2)

@@ -21,14 +21,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.kernels.oracles import headwise_attention_ranges_reference  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables  # noqa: E402
+from vllm_adakv.kernels import headwise_attention_ranges_reference  # noqa: E402
 from vllm_adakv.kernels.compaction import (  # noqa: E402
     compact_pooled_reference,
     compact_pooled_rows_reference,
 )
-from vllm_adakv.kernels.decode import pooled_page_table  # noqa: E402
-from vllm_adakv.kernels.triton_decode import row_table  # noqa: E402
+from vllm_adakv.kernels.decode import (
+    pooled_page_table,  # noqa: E402
+    row_table,  # noqa: E402
+)
 
 BS = 16
 

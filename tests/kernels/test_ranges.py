@@ -19,19 +19,19 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from tests.kernels.oracles import (  # noqa: E402
-    compact_ranges_triton,
-    headwise_attention_ranges_reference,
-)
-from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
-from vllm_adakv.kernels import (  # noqa: E402
     assign_head_pages,
-    compact_ranges_reference,
+    compact_ranges_triton,
     compact_reference,
     headwise_attention_reference,
 )
+from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
+from vllm_adakv.kernels import (  # noqa: E402
+    compact_ranges_reference,
+    headwise_attention_ranges_reference,
+)
+from vllm_adakv.kernels.decode import row_table  # noqa: E402
 from vllm_adakv.kernels.triton_decode import (  # noqa: E402
     headwise_attention_ranges_triton,
-    row_table,
 )
 
 BS = 16

@@ -21,16 +21,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from tests.kernels.oracles import compact_reference, headwise_attention_reference  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
-from vllm_adakv.kernels import (  # noqa: E402
-    compact_reference,
-    headwise_attention_reference,
-    pooled_page_table,
-    triton_decode,
-)
+from vllm_adakv.kernels import pooled_page_table, triton_decode  # noqa: E402
+from vllm_adakv.kernels.decode import row_table  # noqa: E402
 from vllm_adakv.kernels.triton_decode import (  # noqa: E402
     headwise_attention_ranges_triton,
-    row_table,
 )
 
 BLOCK_SIZE = 16

@@ -8,7 +8,11 @@ import torch
 vllm_ops = pytest.importorskip("vllm._custom_ops")
 
 from tests.kernels.paged_cache import random_block_tables  # noqa: E402
-from vllm_adakv.kernels import compact_reference, headwise_attention_reference  # noqa: E402
+from vllm_adakv.kernels import (  # noqa: E402
+    compact_ranges_reference,
+    headwise_attention_ranges_reference,
+)
+from vllm_adakv.kernels.decode import row_table  # noqa: E402
 from vllm_adakv.worker.cpu_backend import logical_kv_views  # noqa: E402
 
 
@@ -67,17 +71,15 @@ def test_keep_all_compaction_matches_vllm_cpu_kernel():
         seq_lens=seq_lens, scale=dim**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
         block_table=table, softcap=0, scheduler_metadata=meta, s_aux=None)
     key_cache, value_cache = logical_kv_views(kv_cache, isa)
-    pts, cnts = [], []
+    starts, cnts = [], []
     for r, n in enumerate(lengths):
         keep = torch.ones(heads, n, dtype=torch.bool)
-        kept_blocks = n // bs
-        pt, cnt = compact_reference(key_cache, value_cache, table[r], keep, kept_blocks)
-        pts.append(pt)
+        st, cnt = compact_ranges_reference(key_cache, value_cache, table[r], keep, n // bs)
+        starts.append(st)
         cnts.append(cnt)
-    page_table = torch.full((2, heads, max(p.shape[1] for p in pts)), -1, dtype=torch.int32)
-    for r, p in enumerate(pts):
-        page_table[r, :, : p.shape[1]] = p
     got = torch.full_like(q, float("nan"))
-    headwise_attention_reference(q, key_cache, value_cache, page_table, torch.stack(cnts),
-                                 table, torch.tensor(lengths), seq_lens, qsl, dim**-0.5, got)
+    idx = torch.arange(2)
+    rows = row_table(idx, idx, qsl[:-1], qsl[1:], torch.tensor(lengths), seq_lens)
+    headwise_attention_ranges_reference(q, key_cache, value_cache, torch.stack(starts),
+                                        torch.stack(cnts), table, rows, 2, dim**-0.5, got)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

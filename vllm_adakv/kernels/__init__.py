@@ -1,23 +1,22 @@
 """Compression kernels. Each has one signature; the torch reference is the first
 implementation and the one the CPU path runs. The dispatchers below run the
-Triton version on CUDA tensors and the reference elsewhere. The head-wise decode has
-no dispatcher: the CPU backend runs ``headwise_attention_reference`` over page tables,
-the CUDA backend ``triton_decode.headwise_attention_ranges_triton`` over page ranges."""
+Triton version on CUDA tensors and the reference elsewhere. The head-wise decode has one
+contract (page ranges) and no dispatcher: the CPU backend runs
+``headwise_attention_ranges_reference``, the CUDA backend
+``triton_decode.headwise_attention_ranges_triton`` (with its launch options)."""
 
 from __future__ import annotations
 
 import torch
 
 from vllm_adakv.kernels.compaction import (
-    assign_head_pages,
     compact_pooled_reference,
     compact_pooled_rows_reference,
     compact_ranges_reference,
-    compact_reference,
     compact_rows_reference,
 )
 from vllm_adakv.kernels.decode import (
-    headwise_attention_reference,
+    headwise_attention_ranges_reference,
     masked_prompt_attention_reference,
     pooled_page_table,
 )
@@ -28,8 +27,6 @@ from vllm_adakv.kernels.scoring import (
     score_windows_reference,
 )
 from vllm_adakv.kernels.voting import min_mass_above_reference, voter_probs_reference
-
-compact = compact_reference
 
 
 def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
@@ -84,17 +81,14 @@ def min_mass_above(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 __all__ = [
-    "assign_head_pages",
-    "compact",
     "compact_pooled_reference",
     "compact_pooled_rows",
     "compact_pooled_rows_reference",
     "compact_ranges_reference",
-    "compact_reference",
     "compact_rows_ranges",
     "compact_rows_reference",
     "gather_prompt_keys",
-    "headwise_attention_reference",
+    "headwise_attention_ranges_reference",
     "masked_prompt_attention_reference",
     "min_mass_above",
     "min_mass_above_reference",

@@ -12,27 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def assign_head_pages(
-    counts: torch.Tensor, block_ids: torch.Tensor, num_kv_heads: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Virtual page ids per head and each head's first virtual page index.
-
-    counts: ``[H]`` kept tokens per head. Returns (page_table ``[H, max_pages]`` int32
-    padded with -1, page_offset ``[H]`` int64 index of the head's first page within
-    the request's page sequence).
-    """
-    pages = (counts.long() + block_size - 1) // block_size
-    offset = torch.cumsum(pages, 0) - pages
-    max_pages = max(int(pages.max().item()), 1)
-    j = torch.arange(max_pages, device=counts.device)
-    seq = offset[:, None] + j[None, :]  # index in the request's page sequence
-    valid = j[None, :] < pages[:, None]
-    seq = torch.where(valid, seq, torch.zeros_like(seq))
-    virt = block_ids.long()[seq // num_kv_heads] * num_kv_heads + seq % num_kv_heads
-    page_table = torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
-    return page_table, offset
-
-
 def compact_ranges_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -96,24 +75,6 @@ def compact_rows_reference(
                                         kept_blocks[r])
                for r, b in enumerate(block_rows)]
     return (torch.stack([p for p, _ in results]), torch.stack([c for _, c in results]))
-
-
-def compact_reference(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    keep_mask: torch.Tensor,
-    kept_blocks: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like ``compact_ranges_reference``, with each head's pages listed explicitly.
-
-    Returns (page_table ``[H, max_pages]`` int32 virtual page ids, -1 padded;
-    counts ``[H]`` int32).
-    """
-    _, counts = compact_ranges_reference(key_cache, value_cache, block_ids, keep_mask,
-                                         kept_blocks)
-    page_table, _ = assign_head_pages(counts, block_ids, keep_mask.shape[0], key_cache.shape[2])
-    return page_table, counts
 
 
 def pooled_layer_order(pages: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,17 @@
-"""Per-head paged attention for compressed requests.
+"""Per-head paged attention for compressed requests: the torch reference.
 
-Torch reference. For request r and KV head h the keys are the ``kept_counts[r, h]``
-tokens in the head-pages ``page_table[r, h]`` (all older than the prompt end),
-followed by the tail: positions [tail_start[r], seq_lens[r]) in the normal
-layout through ``block_table[r]``. A query at position p sees the kept tokens
-and the tail up to p. Query tokens of row r are the last
-``query_start_loc[r+1] - query_start_loc[r]`` positions before ``seq_lens[r]``.
+One contract for both backends, that of ``triton_decode.headwise_attention_ranges_triton``
+(the CUDA backend's kernel): ``headwise_attention_ranges_reference`` is what the CPU
+backend runs. Head h of the request in slot s owns the ``ceil(kept_counts[s, h] / bs)``
+head-pages that start at entry ``page_start[s, h]`` of the request's head-page sequence
+(``pooled_page_table`` says where each entry lies). For a row and KV head the keys are the
+kept tokens of those pages (all older than the prompt end), followed by the tail:
+positions ``[tail_start, seq_len)`` in the normal layout through the row's block table
+row. A query at position p sees every kept token and the tail up to p; a row's query
+tokens are the last ``q_end - q_start`` positions before ``seq_len``.
+
+Inside, the ranges become explicit page tables and the rows are attended in batches of
+equal query length (``_attend_tables``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+# Columns of the per-row table ``rows`` (int32 [R, ROW_COLUMNS]), see ``row_table``.
+ROW_COLUMNS = 7
 _MAX_PAGES = 1024  # head-pages gathered at once (bounds the scratch buffer)
 _SCRATCH: dict[str, torch.Tensor] = {}
 
@@ -148,7 +156,7 @@ def _attend_rows(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     out[tokens] = o.reshape(rows * q_len, num_q_heads, dim).to(out.dtype)
 
 
-def headwise_attention_reference(
+def _attend_tables(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -161,12 +169,14 @@ def headwise_attention_reference(
     scale: float,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention over kept head-pages plus the shared tail, written into ``out``.
+    """Attention over kept head-pages plus the tail, written into ``out``, with each
+    row's pages listed explicitly.
 
     query/out: ``[T, Hq, D]``; key_cache/value_cache: logical ``[nb, H, bs, D]``;
     page_table: ``[R, H, P]`` int32 virtual page ids (block * H + slot, -1 pad);
-    kept_counts: ``[R, H]``; block_table: ``[R, NB]``; tail_start, seq_lens: ``[R]``;
-    query_start_loc: ``[R + 1]``. Computes in fp32, stores in ``out.dtype``.
+    kept_counts: ``[R, H]``; block_table: ``[R, NB]`` (tail blocks); tail_start,
+    seq_lens: ``[R]``; query_start_loc: ``[R + 1]`` (row r's queries are
+    ``query[qsl[r]:qsl[r + 1]]``). Computes in fp32, stores in ``out.dtype``.
     """
     # Tables may come on another device than the caches (e.g. CPU row tensors beside CUDA
     # caches): index everything on the caches' device.
@@ -226,6 +236,75 @@ def pooled_page_table(
         local = idx % capacity
     virt = (base + block_row.long()[local // num_kv_heads]) * num_kv_heads + local % num_kv_heads
     return torch.where(valid, virt, torch.full_like(virt, -1)).to(torch.int32)
+
+
+def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
+              q_end: torch.Tensor, tail_start: torch.Tensor, seq_lens: torch.Tensor
+              ) -> torch.Tensor:
+    """Per-row int32 table ``[R, 7]`` the kernels read, from ``[R]`` tensors:
+    batch row (block table row), slot (row of the page/count tables), query token
+    range ``[q_start, q_end)``, tail start, sequence length, and the row's first
+    index in the split-K scratch (its queries, counted from row 0)."""
+    q_len = (q_end - q_start).to(torch.int64)
+    mid_start = torch.cumsum(q_len, 0) - q_len
+    cols = (batch_rows, slots, q_start, q_end, tail_start, seq_lens, mid_start)
+    return torch.stack([c.to(device=batch_rows.device, dtype=torch.int32) for c in cols], 1)
+
+
+def headwise_attention_ranges_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    num_row_tokens: int,
+    scale: float,
+    out: torch.Tensor,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
+) -> torch.Tensor:
+    """Head-wise attention for selected batch rows, pages given as ranges (module doc).
+
+    query/out: ``[T, Hq, D]``; key_cache/value_cache: logical ``[nb, H, bs, D]``;
+    page_start/kept_counts: ``[S, H]`` by slot; block_table: ``[B, NB]`` of the whole
+    batch; rows: int32 ``[R, 7]`` from ``row_table`` (batch row, slot,
+    q_start, q_end, tail_start, seq_len, scratch offset). Single layer (``chunk_base``
+    None): entry i is block ``block_table[b, i // H]``, slot ``i % H``. Pooled over
+    layers: the caches view every layer's blocks, ``chunk_base`` ``[S, K]`` and
+    ``capacity`` ``[S]`` place the entries as ``pooled_page_table`` says, and the tail
+    blocks are ``layer_base + block_table[b, pos // bs]``. ``num_row_tokens`` sizes the
+    Triton version's scratch and is unused here. Only the rows' query tokens of ``out``
+    are written.
+    """
+    del num_row_tokens
+    table = rows.tolist()
+    if not table:
+        return out
+    heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    page_tables, counts, token_idx, starts = [], [], [], [0]
+    for b, s, q0, q1, _, _, _ in table:
+        page_tables.append(pooled_page_table(
+            page_start[s], kept_counts[s], block_table[b], heads, block_size,
+            None if chunk_base is None else chunk_base[s],
+            None if capacity is None else int(capacity[s])))
+        counts.append(kept_counts[s])
+        token_idx.append(torch.arange(q0, q1))
+        starts.append(starts[-1] + q1 - q0)
+    width = max(t.shape[1] for t in page_tables)
+    padded = torch.full((len(table), heads, width), -1, dtype=torch.int32)
+    for i, t in enumerate(page_tables):
+        padded[i, :, : t.shape[1]] = t
+    cols = torch.tensor(table, dtype=torch.int64)
+    idx = torch.cat(token_idx).to(query.device)
+    part = torch.empty_like(query[idx])
+    _attend_tables(query[idx], key_cache, value_cache, padded, torch.stack(counts),
+                   block_table[cols[:, 0].to(block_table.device)].long() + layer_base,
+                   cols[:, 4], cols[:, 5], torch.tensor(starts), scale, part)
+    out[idx] = part.to(out.dtype)
+    return out
 
 
 def masked_prompt_attention_reference(

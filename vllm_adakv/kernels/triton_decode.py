@@ -1,8 +1,8 @@
 """Per-head paged attention for compressed requests: Triton kernels.
 
-``headwise_attention_ranges_triton`` computes, for each row of a row table, what the torch
-reference ``decode.headwise_attention_reference`` computes over the page table
-``decode.pooled_page_table`` gives that row's slot (the CPU backend runs that pair). For
+``headwise_attention_ranges_triton`` computes, for each row of a row table
+(``decode.row_table``), what the torch reference
+``decode.headwise_attention_ranges_reference`` computes (the CPU backend runs that). For
 row r (slot s) and KV head h the keys are the ``kept_counts[s, h]`` tokens of the
 head-pages h owns, consecutive entries of the request's head-page sequence from
 ``page_start[s, h]``, followed by the tail positions ``[tail_start, seq_len)`` read
@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.decode import ROW_COLUMNS
 from vllm_adakv.kernels.jit import jit_unspecialized
 
 _LOG2E = 1.4426950408889634
@@ -79,8 +80,6 @@ BALANCE_MIN_ITERS = 4
 # this many times over, on a grid of DEFAULT_BALANCE_SPLITS (``default_balance_splits``).
 BALANCE_MAX_WAVES = 4
 DEFAULT_BALANCE_SPLITS = 4
-# Columns of the per-row table ``rows`` (int32 [R, ROW_FIELDS]), see ``row_table``.
-ROW_COLUMNS = 7
 ROW_FIELDS: tl.constexpr = tl.constexpr(ROW_COLUMNS)
 
 
@@ -499,19 +498,6 @@ def default_balance_splits(num_rows: int, num_kv_heads: int, device: torch.devic
     return None
 
 
-def row_table(batch_rows: torch.Tensor, slots: torch.Tensor, q_start: torch.Tensor,
-              q_end: torch.Tensor, tail_start: torch.Tensor, seq_lens: torch.Tensor
-              ) -> torch.Tensor:
-    """Per-row int32 table ``[R, 7]`` the kernels read, from ``[R]`` tensors:
-    batch row (block table row), slot (row of the page/count tables), query token
-    range ``[q_start, q_end)``, tail start, sequence length, and the row's first
-    index in the split-K scratch (its queries, counted from row 0)."""
-    q_len = (q_end - q_start).to(torch.int64)
-    mid_start = torch.cumsum(q_len, 0) - q_len
-    cols = (batch_rows, slots, q_start, q_end, tail_start, seq_lens, mid_start)
-    return torch.stack([c.to(device=batch_rows.device, dtype=torch.int32) for c in cols], 1)
-
-
 def default_pages_per_iter(block_size: int) -> int:
     """Head-pages per loop iteration: tiles of about 128 tokens (more loads in flight;
     8 pages of 16 beat 4 and 2 at every swept shape on an H200)."""
@@ -559,8 +545,7 @@ def headwise_attention_ranges_triton(
     ``[S, H]``, block_table ``[B, NB]`` of the whole batch. ``rows`` is ``row_table(...)``;
     ``num_row_tokens`` the sum of its query lengths (the split-K scratch's size). Only the
     rows' query tokens of ``out`` are written; each gets what
-    ``decode.headwise_attention_reference`` computes over ``decode.pooled_page_table``'s
-    table of its slot (module doc).
+    ``decode.headwise_attention_ranges_reference`` computes (module doc).
 
     ``num_splits`` splits each (row, head) key sequence over that many programs (default:
     from shapes), or ``balance_splits`` (a grid of that many splits per head) gives each

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.kernels.triton_allocation import safeguard_caps_triton
 from vllm_adakv.kernels.triton_compaction import (
     compact_pooled_rows_triton,
@@ -33,7 +34,6 @@ from vllm_adakv.kernels.triton_decode import (
     _MAX_SPLITS,
     DEFAULT_BALANCE_SPLITS,
     headwise_attention_ranges_triton,
-    row_table,
 )
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton

@@ -24,6 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_adakv import kernels
+from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
 from vllm_adakv.worker.batch import StepPlan
 from vllm_adakv.worker.compressor import CompressionStore, LayerCache
@@ -122,34 +123,31 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
 
     def _headwise(self, store: CompressionStore, layer_name, rows, query, cache: LayerCache,
                   block_table, qsl, output) -> None:
-        """Attention over kept pages + tail for the given rows' queries (from a skip offset)."""
-        heads, block_size = cache.key.shape[1], cache.key.shape[2]
-        tables, counts, token_idx, starts = [], [], [], [0]
-        for row, skip in rows:
+        """Attention over kept pages + tail for the given rows' queries (from a skip offset):
+        the CUDA backend's range contract, slot i = row i."""
+        heads = cache.key.shape[1]
+        starts, counts, chunk_base, capacity = [], [], [], []
+        for row, _ in rows:
             p = store.pages_of(row.req_id, layer_name)
             state = store.requests[row.req_id]
-            tables.append(kernels.pooled_page_table(
-                p.page_start, p.counts, block_table[row.row], heads, block_size,
-                state.chunk_base, int(state.kept_blocks) * heads))
+            starts.append(p.page_start)
             counts.append(p.counts)
-            begin = qsl[row.row] + skip
-            token_idx.append(torch.arange(begin, qsl[row.row] + row.query_len))
-            starts.append(starts[-1] + row.query_len - skip)
-        max_pages = max(t.shape[1] for t in tables)
-        page_table = torch.full((len(rows), heads, max_pages), -1, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            page_table[i, :, : t.shape[1]] = t
-        idx = torch.cat(token_idx)
-        q = query[idx].view(-1, self.num_heads, self.head_size)
-        out = torch.empty_like(q)
-        kernels.headwise_attention_reference(
-            q, cache.all_key, cache.all_value, page_table, torch.stack(counts),
-            block_table[[r.row for r, _ in rows]] + cache.base,
+            chunk_base.append(state.chunk_base)
+            capacity.append(int(state.kept_blocks) * heads)
+        slots = torch.arange(len(rows))
+        table = row_table(
+            torch.tensor([r.row for r, _ in rows]), slots,
+            torch.tensor([qsl[r.row] + skip for r, skip in rows]),
+            torch.tensor([qsl[r.row] + r.query_len for r, _ in rows]),
             torch.tensor([r.prompt_len for r, _ in rows]),
-            torch.tensor([r.seq_len for r, _ in rows]),
-            torch.tensor(starts), self.scale, out,
-        )
-        output.view(output.shape[0], -1)[idx] = out.reshape(len(idx), -1).to(output.dtype)
+            torch.tensor([r.seq_len for r, _ in rows]))
+        q3 = query.view(query.shape[0], self.num_heads, self.head_size)
+        kernels.headwise_attention_ranges_reference(
+            q3, cache.all_key, cache.all_value, torch.stack(starts), torch.stack(counts),
+            block_table, table, 0, self.scale,
+            output.view(output.shape[0], self.num_heads, self.head_size),
+            chunk_base=torch.stack(chunk_base), capacity=torch.tensor(capacity),
+            layer_base=cache.base)
 
 
 class AdaKVCPUBackend(CPUAttentionBackend):

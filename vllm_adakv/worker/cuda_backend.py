@@ -41,10 +41,9 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from vllm_adakv.kernels.decode import ROW_COLUMNS, row_table
 from vllm_adakv.kernels.triton_decode import (
-    ROW_COLUMNS,
     headwise_attention_ranges_triton,
-    row_table,
 )
 from vllm_adakv.methods import get_method
 from vllm_adakv.protocol import CompressedAttentionSpec
