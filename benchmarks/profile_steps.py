@@ -194,7 +194,7 @@ def main() -> None:
                   skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len + 16,
                   kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
                   # the passes repeat the prompts: a cache hit would skip vanilla's prefill
-                  # (compression turns prefix caching off)
+                  # (compressed requests do not use the prefix cache)
                   enable_prefix_caching=False)
     if args.method == "none":
         if torch.cuda.is_available():  # the backend ours extends (the CPU has one)

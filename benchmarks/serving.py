@@ -12,15 +12,16 @@ for the same reason) sends the random dataset with Poisson arrivals (``--request
 
 Vanilla = no plugin (``VLLM_PLUGINS`` leaves it out) and, on CUDA, TRITON_ATTN, the
 backend ours extends (as in benchmarks/throughput.py); ours = ``--kv-compression
-METHOD --kv-budget input_len // ratio``. Both run with prefix caching off (compression
-turns it off; random prompts share no prefix, but the warm-up request repeats the first
-prompt). A folder without weights is loaded with ``--load-format dummy``; one without a
-tokenizer uses ``--tokenizer``, by default a word-level tokenizer of exactly the model's
-vocabulary (``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and with
-a smaller tokenizer (the 512-token tiny one, used up to 2026-12-02) detokenizing the
-unknown ids cost the API server ~0.22 s per 6,000-token request, part of the load that
-held requests in the API server at 2 req/s on an H200 (README, GPU status). Output token
-counts come from the server's usage.
+METHOD --kv-budget input_len // ratio``. Both run with prefix caching off (random
+prompts share no prefix, but the warm-up request repeats the first prompt, and
+compressed requests do not use the cache). A folder without weights is loaded with
+``--load-format dummy``; one without a tokenizer uses ``--tokenizer``, by default a
+word-level tokenizer of exactly the model's vocabulary
+(``benchmarks/vocab_tokenizer.py``): dummy weights generate any id, and with a smaller
+tokenizer (the 512-token tiny one, used up to 2026-12-02) detokenizing the unknown ids
+cost the API server ~0.22 s per 6,000-token request, part of the load that held requests
+in the API server at 2 req/s on an H200 (README, GPU status). Output token counts come
+from the server's usage.
 ``vs_vanilla`` in each point is metric / vanilla's metric (latencies: < 1 is better).
 """
 

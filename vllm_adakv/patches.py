@@ -65,9 +65,6 @@ def patch_engine_args() -> None:
     def create_engine_config(self, *a, **kw):
         cfg = KVCompressionConfig.from_additional_config(self.additional_config)
         if cfg.enabled:
-            # Compression rewrites blocks in place: a prefix-cache hit on them
-            # would read another request's compacted pages.
-            self.enable_prefix_caching = False
             if self.speculative_config is not None:
                 raise KVCompressionConfigError(
                     "--kv-compression cannot be combined with speculative decoding yet"
@@ -270,13 +267,16 @@ def record_metrics_to_files(collecting_pid: int | None) -> None:
 
 
 def patch_scheduler() -> None:
-    """Tell the KV manager each request's per-request compression settings, and the
-    workers' kept-block reports (GVote).
+    """Tell the KV manager each request's per-request compression settings, keep the
+    requests it compresses out of the prefix cache, and apply the workers' kept-block
+    reports (GVote).
 
     Why: vLLM's KVCacheManager passes only the request id down to a single-type
     manager's ``remove_skipped_blocks``; the request's SamplingParams (where
     vllm_xargs land) are seen by the scheduler alone. Record them on admission,
-    drop them when the request's blocks are finally freed.
+    drop them when the request's blocks are finally freed. The prefix-cache lookup
+    happens in ``KVCacheManager.get_computed_blocks``, above the managers, and reads
+    the request's own ``skip_reading_prefix_cache``: admission is where to set it.
 
     Kept-block reports (``scheduler/kept_reports.py``) ride on the ModelRunnerOutput
     (patch_kept_block_reports) and are applied after vLLM has processed that output.
@@ -301,10 +301,14 @@ def patch_scheduler() -> None:
         book = book_of(self)
         if book is not None:
             params = request.sampling_params
-            for manager in book.managers:
-                manager.record_request(
-                    request.request_id, params.extra_args if params is not None else None,
-                    params.max_tokens if params is not None else None)
+            compressed = [manager.record_request(
+                request.request_id, params.extra_args if params is not None else None,
+                params.max_tokens if params is not None else None,
+                request.num_prompt_tokens) for manager in book.managers]
+            if any(compressed):
+                # Its first blocks will be rewritten by compaction: no prefix-cache hit
+                # may stand in for them (the managers hash none of its blocks either).
+                request.skip_reading_prefix_cache = True
         return orig_add(self, request, *a, **kw)
 
     def _free_blocks(self, request, *a, **kw):

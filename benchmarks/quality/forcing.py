@@ -1,7 +1,7 @@
 """Question-agnostic mode: feed the question after compression, as forced decode tokens.
 
 vLLM compresses a request's KV cache when its prompt's prefill completes, and a later
-request cannot reuse that cache (prefix caching is off under compression). So the
+request cannot reuse that cache (compressed requests stay out of the prefix cache). So the
 only way to ask a question *after* the context was compressed, within one request, is
 to make the question part of the generated sequence: the prompt is the context alone,
 and this logits processor forces the first ``len(forced)`` sampled tokens to be the

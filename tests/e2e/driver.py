@@ -58,6 +58,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         arrivals = {0: pending}
     outputs: dict[str, list[int]] = {}
     finished_reasons: dict[str, str] = {}
+    cached_tokens: dict[str, int] = {}  # prefix-cache hit tokens per request
+    hashed = _HashedBlocks() if spec.get("check_hashed_blocks") else None
     max_running = 0
     max_preemptions = 0
     trace: list[dict[str, int]] = []
@@ -66,6 +68,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for idx in arrivals.get(step, []):
             r = requests[idx]
             ids = tiny_prompt_token_ids(r["len"], seed=r.get("seed", idx), vocab_size=vocab)
+            if "prefix" in r:  # [length, seed] of a prefix shared with other requests
+                ids = tiny_prompt_token_ids(r["prefix"][0], seed=r["prefix"][1],
+                                            vocab_size=vocab) + ids
             params = SamplingParams(temperature=0, max_tokens=r.get("max_tokens", 16),
                                     ignore_eos=True,
                                     extra_args=spec.get("request_extra_args", {}).get(str(idx)))
@@ -79,7 +84,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
+                cached_tokens[out.request_id] = out.num_cached_tokens or 0
                 finished_reasons[out.request_id] = str(out.outputs[0].finish_reason)
+        if hashed is not None:
+            hashed.check(llm, pool)
         running = len(scheduler.running)
         max_running = max(max_running, running)
         for req in scheduler.requests.values():
@@ -106,6 +114,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if book is not None else None,
         "blocks_trace": blocks_trace,
         "outputs": outputs,
+        "num_cached_tokens": cached_tokens,
+        "hashed_blocks": hashed.summary() if hashed is not None else None,
         "finish_reasons": finished_reasons,
         "free_start": free_start,
         "free_end": pool.get_num_free_blocks(),
@@ -117,6 +127,49 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": step,
         "trace": trace if spec.get("trace") else [],
     }
+
+
+class _HashedBlocks:
+    """Checks, after every step, that no block the prefix cache can hand out (it has a
+    block hash) changed its bytes since the step it was first seen with that hash."""
+
+    def __init__(self) -> None:
+        self.digests: dict[int, tuple[Any, str]] = {}  # block -> (hash, bytes digest)
+        self.changed: list[int] = []
+        self.seen = 0
+
+    def check(self, llm, pool) -> None:
+        now = {b.block_id: b.block_hash for b in pool.blocks
+               if b.block_hash is not None and not b.is_null}
+        digests = llm.collective_rpc(_worker_block_digests, args=(sorted(now),))[0]
+        for block, key in now.items():
+            old = self.digests.get(block)
+            if old is not None and old[0] == key and old[1] != digests[block]:
+                self.changed.append(block)
+            if old is None or old[0] != key:
+                self.seen += 1
+            self.digests[block] = (key, digests[block])
+        for block in set(self.digests) - set(now):  # evicted: its hash is gone
+            del self.digests[block]
+
+    def summary(self) -> dict[str, Any]:
+        return {"seen": self.seen, "changed": sorted(set(self.changed))}
+
+
+def _worker_block_digests(worker, blocks: list[int]) -> dict[int, str]:
+    """On a worker: a digest of each block's bytes over every layer's KV cache."""
+    import hashlib
+
+    import torch
+
+    caches = worker.model_runner.kv_caches
+    out = {}
+    for b in blocks:
+        h = hashlib.blake2b(digest_size=16)
+        for cache in caches:
+            h.update(cache[b].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        out[b] = h.hexdigest()
+    return out
 
 
 class _DelayedReports:

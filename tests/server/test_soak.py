@@ -1,7 +1,8 @@
 """Soak: hundreds of mixed requests, 16 concurrent clients, aborts, memory pressure.
 
 Against the shared compressed server of tests/server/conftest.py (a 64-block KV
-pool, so that long prompts preempt each other). Checks: no 5xx, every finished
+pool, so that long prompts preempt each other; prefix caching on, as in vLLM by default,
+and half the prompts share a prefix). Checks: no 5xx, every finished
 response well formed, greedy outputs under load equal the same requests sent
 alone afterwards, preemption happened, and the KV pool is empty after the drain.
 """
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.server
 NUM_REQUESTS = 300
 CONCURRENCY = 16
 NUM_CHECKED = 12  # greedy requests compared with a solo run afterwards
+PREFIX_LEN = 64  # shared prefixes: prefix-cache hits for the requests left uncompressed
 
 
 @dataclass
@@ -61,8 +63,12 @@ def _jobs(seed: int = 0) -> list[Job]:
         length = rng.choice([rng.randint(16, BUDGET), rng.randint(300, 900),
                              rng.randint(300, 900)])
         abort = None if checked else rng.choices([None, "timeout", "close"], [0.8, 0.1, 0.1])[0]
+        prompt = tiny_prompt_token_ids(length, seed=1000 + i)
+        shared = rng.choice([None, 0, 1])  # half share one of two 64-token prefixes
+        if shared is not None and length > PREFIX_LEN:
+            prompt = tiny_prompt_token_ids(PREFIX_LEN, seed=shared) + prompt[PREFIX_LEN:]
         jobs.append(Job(
-            idx=i, prompt=tiny_prompt_token_ids(length, seed=1000 + i),
+            idx=i, prompt=prompt,
             max_tokens=rng.randint(8, 48), stream=abort == "close" or rng.random() < 0.3,
             abort=abort, timeout=rng.uniform(0.05, 1.0) if abort == "timeout" else 300.0,
             xargs=rng.choice([None, None, {"kv_budget": 200}, {"kv_compression": "none"}]),
@@ -135,6 +141,7 @@ def test_soak(pressure_server):
     preemptions = pressure_server.metric("vllm:num_preemptions_total")
     released = pressure_server.metric("vllm_adakv:blocks_released_total", missing_ok=True)
     compressed = pressure_server.metric("vllm_adakv:requests_compressed_total", missing_ok=True)
+    hits = pressure_server.metric("vllm:prefix_cache_hits_total", missing_ok=True)
     client = openai.OpenAI(base_url=pressure_server.url + "/v1", api_key="none",
                            max_retries=0, timeout=300)
     jobs = _jobs()
@@ -149,6 +156,7 @@ def test_soak(pressure_server):
     assert pressure_server.metric("vllm:num_preemptions_total") > preemptions
     assert pressure_server.metric("vllm_adakv:blocks_released_total") > released
     assert pressure_server.metric("vllm_adakv:requests_compressed_total") - compressed >= 50
+    assert pressure_server.metric("vllm:prefix_cache_hits_total") > hits  # uncompressed ones
 
     _wait_idle(pressure_server)
     # The usage gauge is sent with each step's stats: an abort after the last step

@@ -7,6 +7,13 @@ the registry maps that class to :class:`CompressedKVManager`, which, once a
 request's prompt is fully processed, replaces the blocks in
 ``[kept_blocks, tail_block)`` by the null block and returns them to the
 ``BlockPool`` (the same mechanism vLLM's R-SWA manager uses for its middle gap).
+
+Prefix caching: compaction rewrites a compressed request's first blocks in place, so
+those blocks must never be shared. A request that will be compressed neither reads the
+prefix cache (``patches.patch_scheduler`` sets vLLM's ``skip_reading_prefix_cache`` on
+it) nor writes it (``cache_blocks`` hashes none of its blocks); every other request
+(prompt within its budget, opted out, compression off) uses vLLM's prefix cache as in
+vanilla vLLM.
 """
 
 from __future__ import annotations
@@ -41,20 +48,40 @@ class CompressedKVManager(FullAttentionManager):
         # from admission (``record_request``) until their blocks are freed.
         self._overrides: dict[str, Overrides] = {}
         self._max_tokens: dict[str, int] = {}
+        # Requests this group compresses: kept out of the prefix cache (module doc).
+        self._compressed: set[str] = set()
 
     def record_request(self, request_id: str, extra_args: dict | None,
-                       max_tokens: int | None = None) -> None:
-        """A request the scheduler admits (``patches.patch_scheduler``)."""
+                       max_tokens: int | None = None,
+                       num_prompt_tokens: int | None = None) -> bool:
+        """A request the scheduler admits (``patches.patch_scheduler``); returns whether
+        this group will compress it (then it must not read the prefix cache)."""
         overrides = overrides_of(extra_args)
         if overrides:
             self._overrides[request_id] = overrides
         if max_tokens is not None:
             self._max_tokens[request_id] = max_tokens
+        if num_prompt_tokens is None:
+            return False
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        if spec.plan(num_prompt_tokens, overrides) is None:
+            return False
+        self._compressed.add(request_id)
+        return True
 
     def forget_request(self, request_id: str) -> None:
         """A request whose blocks the scheduler freed."""
         self._overrides.pop(request_id, None)
         self._max_tokens.pop(request_id, None)
+        self._compressed.discard(request_id)
+
+    def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
+        """vLLM's prefix caching of the request's full blocks, except for a compressed
+        request: its first blocks are rewritten by compaction, the others released."""
+        if request.request_id in self._compressed:
+            return
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def reserved_blocks(self) -> int:
         """Blocks the compressed running requests still need for their reserved output."""
