@@ -284,13 +284,12 @@ def headwise_attention_ranges_reference(
     if not table:
         return out
     heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    page_tables, counts, token_idx, starts = [], [], [], [0]
+    page_tables, token_idx, starts = [], [], [0]
     for b, s, q0, q1, _, _, _ in table:
         page_tables.append(pooled_page_table(
             page_start[s], kept_counts[s], block_table[b], heads, block_size,
             None if chunk_base is None else chunk_base[s],
             None if capacity is None else int(capacity[s])))
-        counts.append(kept_counts[s])
         token_idx.append(torch.arange(q0, q1))
         starts.append(starts[-1] + q1 - q0)
     width = max(t.shape[1] for t in page_tables)
@@ -300,7 +299,8 @@ def headwise_attention_ranges_reference(
     cols = torch.tensor(table, dtype=torch.int64)
     idx = torch.cat(token_idx).to(query.device)
     part = torch.empty_like(query[idx])
-    _attend_tables(query[idx], key_cache, value_cache, padded, torch.stack(counts),
+    counts = kept_counts[cols[:, 1].to(kept_counts.device)]
+    _attend_tables(query[idx], key_cache, value_cache, padded, counts,
                    block_table[cols[:, 0].to(block_table.device)].long() + layer_base,
                    cols[:, 4], cols[:, 5], torch.tensor(starts), scale, part)
     out[idx] = part.to(out.dtype)

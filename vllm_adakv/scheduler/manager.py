@@ -52,8 +52,7 @@ class CompressedKVManager(FullAttentionManager):
         self._compressed: set[str] = set()
 
     def record_request(self, request_id: str, extra_args: dict | None,
-                       max_tokens: int | None = None,
-                       num_prompt_tokens: int | None = None) -> bool:
+                       max_tokens: int | None, num_prompt_tokens: int) -> bool:
         """A request the scheduler admits (``patches.patch_scheduler``); returns whether
         this group will compress it (then it must not read the prefix cache)."""
         overrides = overrides_of(extra_args)
@@ -61,8 +60,6 @@ class CompressedKVManager(FullAttentionManager):
             self._overrides[request_id] = overrides
         if max_tokens is not None:
             self._max_tokens[request_id] = max_tokens
-        if num_prompt_tokens is None:
-            return False
         spec = self.kv_cache_spec
         assert isinstance(spec, CompressedAttentionSpec)
         if spec.plan(num_prompt_tokens, overrides) is None:
