@@ -246,19 +246,20 @@ class Server:
                 pass
 
 
-def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path,
-              load_format: str) -> dict[str, Any]:
-    """Start a server for ``method``, run bench serve against it, stop it; the point."""
-    port = args.port or free_port()
-    budget = args.input_len // args.ratio if method != "none" else None
+def server_command(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path,
+                   load_format: str, port: int, max_model_len: int, budget: int | None,
+                   prefix_caching: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The OpenAI server's command line and environment for ``method`` ('none': vanilla,
+    no plugin). Reads ``args``' model, dtype, seed, kv_cache_gib, vanilla_backend,
+    reserve_output, step_log and extra_server_args."""
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
               "--model", args.model, "--served-model-name", SERVED_NAME,
               "--tokenizer", str(tokenizer), "--host", "127.0.0.1", "--port", str(port),
               "--dtype", dtype, "--load-format", load_format, "--seed", str(args.seed),
-              "--max-model-len", str(args.input_len + args.output_len + 64),
-              "--no-enable-prefix-caching", "--disable-uvicorn-access-log",
-              "--shutdown-timeout", "30"]
+              "--max-model-len", str(max_model_len),
+              *(() if prefix_caching else ("--no-enable-prefix-caching",)),
+              "--disable-uvicorn-access-log", "--shutdown-timeout", "30"]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # set by the Triton kernel tests; not for vLLM
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -279,6 +280,16 @@ def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path
     if args.step_log:
         server.append("--enable-logging-iteration-details")
     server += shlex.split(args.extra_server_args)
+    return server, env
+
+
+def run_point(args: argparse.Namespace, method: str, cuda: bool, tokenizer: Path,
+              load_format: str) -> dict[str, Any]:
+    """Start a server for ``method``, run bench serve against it, stop it; the point."""
+    port = args.port or free_port()
+    budget = args.input_len // args.ratio if method != "none" else None
+    server, env = server_command(args, method, cuda, tokenizer, load_format, port,
+                                 args.input_len + args.output_len + 64, budget)
 
     tmp = Path(tempfile.mkdtemp(prefix=f"serving-{method}-"))  # removed unless it fails
     bench = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",

@@ -99,8 +99,10 @@ def run_engine(spec: dict) -> list[dict]:
     return results
 
 
-def measure(engine, scheduler, pool) -> dict:
-    """Step the engine until every request has finished; what the run did."""
+def measure(engine, scheduler, pool, on_outputs=None) -> dict:
+    """Step the engine until every request has finished; what the run did.
+    ``on_outputs(outputs, seconds)``, if given, sees each step's request outputs and the
+    time since the start."""
     peak, blocks_peak, out_tokens, blocks_sum = 0, 0, 0, 0
     preempted: dict[str, int] = {}
     total_blocks = pool.num_gpu_blocks
@@ -120,6 +122,8 @@ def measure(engine, scheduler, pool) -> dict:
         ts = time.perf_counter()
         outs = engine.step()
         step_s.append(time.perf_counter() - ts)
+        if on_outputs is not None:
+            on_outputs(outs, time.perf_counter() - t0)
         for out in outs:
             if out.finished:
                 out_tokens += len(out.outputs[0].token_ids)
@@ -159,12 +163,13 @@ def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dic
             "mixed_step_ms_median": float(np.median(mixed) * 1e3) if mixed else None}
 
 
-def spawn(spec: dict) -> list[dict]:
-    """Run ``run_engine(spec)`` in a fresh process; one result (or error) per point."""
+def spawn(spec: dict, module: str = "benchmarks.throughput") -> list[dict]:
+    """Run ``run_engine(spec)`` in a fresh process (``python -m MODULE --engine SPEC``,
+    which prints ``@@POINTS@@`` and its results); one result (or error) per point."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if spec["method"] == "none":
         env.update(NO_PLUGIN)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--engine",
+    proc = subprocess.run([sys.executable, "-m", module, "--engine",
                            json.dumps(spec)], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("@@POINTS@@"):
