@@ -31,6 +31,12 @@
 #   bash benchmarks/gpu_session.sh profile [M]  # profile_steps, staggered, method M (adakv)
 #   bash benchmarks/gpu_session.sh compare-trees DIR [R] # B 6000 at R (8) x: Ada-KV from the
 #                                               # checkout DIR vs this tree, alternated (~8 min)
+#   bash benchmarks/gpu_session.sh prefix-shared [RATIOS] # issue 28: 64 x (5000 shared + 1000
+#                                               # own) in, 500 out, 8 GiB: vanilla+PC vs Ada-KV
+#                                               # at RATIOS (8) (~4-5 min)
+#   bash benchmarks/gpu_session.sh prefix-multiturn [STAGGER] [GIB] # issue 28: 32 conversations
+#                                               # x 6 turns re-sending their history, online,
+#                                               # vanilla+PC vs Ada-KV 8x (~5-7.5 min)
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
@@ -133,6 +139,34 @@ case "${1:?stage}" in
       --ratio "${3:-8}" --commit-before "$(cat "$2/COMMIT" 2>/dev/null)" \
       --commit-after "$(cat COMMIT 2>/dev/null)" --out "$OUT" 2>&1 \
       | tee "$OUT/compare-trees.log" | tail -8
+    ;;
+  prefix-shared)
+    # Issue 28, one shared prefix (offline, benchmarks/prefix.py): 64 requests = 5000 shared +
+    # 1000 own random tokens, 500 out, all at once, prefix cold at the start; vanilla+PC,
+    # then Ada-KV at RATIOS ($2, default 8: budget 750) in one engine. H100, 8B shape,
+    # dummy bf16: two engine starts of ~60-110 s; vanilla+PC ran in 20.9 s; Ada-KV 8x
+    # ~25-35 s while compressed requests read no cached prefix (each ratio more ~25-35 s):
+    # ~4-5 min in all. Results: $OUT/prefix-<gpu>-<date>.json, log $OUT/prefix-shared.log.
+    timeout 590 python3 -m benchmarks.prefix shared-prefix --model "$MODEL" --prefix-len 5000 \
+      --unique-len 1000 --output-len 500 --num-prompts 64 --ratios "${2:-8}" --kv-cache-gib 8 \
+      --reserve-output 500 --out "$OUT" 2>&1 | tee "$OUT/prefix-shared.log" | grep -v '^{'
+    ;;
+  prefix-multiturn)
+    # Issue 28, multi-turn (online, one OpenAI server per method): 32 conversations, one
+    # starting every STAGGER s ($2, default 1), 6 turns each: a shared 1000-token system
+    # prompt, 800 new user tokens and 200 generated per turn, the whole history re-sent
+    # (prompts 1800 ... 6800 tokens); KV GIB ($3, default 8: ~65k tokens of the 8B shape,
+    # less than the conversations' histories); vanilla+PC, then Ada-KV with each request's
+    # budget = its prompt / 8. H100 estimate: two server starts of ~60-110 s, vanilla+PC
+    # ~55-80 s, Ada-KV ~60-100 s while it re-prefills every history (~825k prompt tokens vs
+    # ~190k): ~5-7.5 min; each run is cut at 150 s (--deadline; its point says so) so that
+    # the call ends in time. Results: $OUT/prefix-<gpu>-<date>.json (a separate call:
+    # `python -m benchmarks.prefix merge` joins the two calls' files), log
+    # $OUT/prefix-multiturn.log, server logs $OUT/prefix-multi-turn-*.log.gz.
+    timeout 590 python3 -m benchmarks.prefix multi-turn --model "$MODEL" --conversations 32 \
+      --turns 6 --system-len 1000 --user-len 800 --output-len 200 --stagger "${2:-1}" \
+      --ratio 8 --kv-cache-gib "${3:-8}" --reserve-output 200 --step-log --deadline 150 \
+      --server-logs "$OUT" --out "$OUT" 2>&1 | tee "$OUT/prefix-multiturn.log" | grep -v '^{'
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
