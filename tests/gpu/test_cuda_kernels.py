@@ -192,13 +192,17 @@ def test_gvote_vote_never_waits_for_the_gpu(lengths):
 POOL_LAYERS, POOL_HEADS, POOL_Q_HEADS, POOL_DIM = 32, 8, 32, 128
 
 
-def _pooled_setup(lengths: list[int], seed: int = 0):
+def _pooled_setup(lengths: list[int], seed: int = 0, fresh_blocks: int = 0):
+    """Table, all-layers buffer, layer bases and masks. ``fresh_blocks``: block ids past the
+    table's (from ``table.max() + 1`` on) that each layer's tensor has too."""
     torch.manual_seed(seed)
     layers, heads = POOL_LAYERS, POOL_HEADS
     table, nb = random_block_tables(lengths, BS)
     order = torch.randperm(layers)
-    layer_bases = (order * nb).to(torch.int32)
-    kv = torch.randn(layers * nb + 1, heads, BS, 2 * POOL_DIM, device=DEV).to(torch.bfloat16)
+    per_layer = nb + fresh_blocks
+    layer_bases = (order * per_layer).to(torch.int32)
+    kv = torch.randn(layers * per_layer + 1, heads, BS, 2 * POOL_DIM,
+                     device=DEV).to(torch.bfloat16)
     masks = torch.zeros(len(lengths), layers, heads, max(lengths), dtype=torch.bool,
                         device=DEV)
     for r, n in enumerate(lengths):
@@ -233,6 +237,106 @@ def test_pooled_compaction_real_sizes():
             assert g.is_cuda and g.dtype == torch.int32, name
             assert torch.equal(g, w.to(DEV)), name
         assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        del got_kv, want_kv
+        torch.cuda.empty_cache()
+
+
+def _sync_free(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under sync debug mode "error" (any host sync raises)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("heads,dim", [(8, 128), (2, 64)])
+def test_compaction_into_fresh_blocks_real_sizes(heads, dim):
+    """``compact_rows_triton`` into fresh destination blocks (the prefix-caching path) for 4
+    requests of 2k-32k tokens, rows shuffled, kept blocks tight and with spare ones: with
+    the destination table on the device and on the host, under sync debug mode "error",
+    byte-equal to the reference with the same destinations, which leaves every source
+    block as it was; in place still equals the reference."""
+    from vllm_adakv.kernels.compaction import compact_rows_reference
+    from vllm_adakv.kernels.triton_compaction import compact_rows_triton
+
+    lengths = [8192, 2048, 32768, 5000]
+    table, nb = random_block_tables(lengths, BS)
+    table = table.to(DEV)
+    block_rows = [2, 0, 3, 1]
+    masks = torch.zeros(4, heads, max(lengths), dtype=torch.bool, device=DEV)
+    for r, b in enumerate(block_rows):
+        n = lengths[b]
+        budget = torch.randint(0, n // 2, (heads,), device=DEV)
+        keep = torch.rand(heads, n, device=DEV).argsort(1) < budget[:, None]
+        keep[:, n - 32:] = True
+        masks[r, :, :n] = keep
+    pages = ((masks.sum(2) + BS - 1) // BS).sum(1).tolist()
+    kept = [-(-p // heads) + spare for p, spare in zip(pages, [0, 1, 0, 3], strict=True)]
+    width = max(kept) + 2
+    dst = (nb + torch.randperm(4 * width)).view(4, width).to(torch.int32)
+    kv = torch.randn(nb + dst.numel(), heads, BS, 2 * dim, device=DEV).to(torch.bfloat16)
+    want_kv = kv.clone()
+    want = compact_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, block_rows,
+                                  masks, kept, dst_blocks=dst.to(DEV))
+    assert torch.equal(want_kv[:nb].view(torch.int16), kv[:nb].view(torch.int16))
+    assert not torch.equal(want_kv[nb:].view(torch.int16), kv[nb:].view(torch.int16))
+    for dst_blocks in (dst.to(DEV), dst):  # on the device, on the host
+        got_kv = kv.clone()
+        got = _sync_free(compact_rows_triton, got_kv[..., :dim], got_kv[..., dim:], table,
+                         block_rows, masks, kept, dst_blocks=dst_blocks)
+        for name, g, w in zip(("page_start", "counts"), got, want, strict=True):
+            assert g.is_cuda and g.dtype == torch.int32 and torch.equal(g, w), name
+        assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        del got_kv
+    got_kv, want_kv = kv.clone(), kv.clone()
+    want = compact_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, block_rows,
+                                  masks, kept)
+    got = _sync_free(compact_rows_triton, got_kv[..., :dim], got_kv[..., dim:], table,
+                     block_rows, masks, kept)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+
+
+def test_pooled_compaction_into_fresh_blocks_real_sizes():
+    """``compact_pooled_rows_triton`` into fresh destination blocks: 32 layers of 4
+    requests of 8k tokens, measured and planned rows, destination table on the device and
+    on the host, under sync debug mode "error": byte-equal to the reference with the same
+    destinations (same tables), and no block of the table's rows (sources) changes in any
+    layer tensor."""
+    from vllm_adakv.kernels.compaction import compact_pooled_rows_reference
+    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
+
+    lengths = [8192, 8000, 8192, 7900]
+    width = 256  # blocks per row: far more than the kept pages need (asserted below)
+    table, kv, layer_bases, masks = _pooled_setup(lengths, seed=3, fresh_blocks=4 * width)
+    first = int(table.max()) + 1
+    dst = (first + torch.randperm(4 * width)).view(4, width).to(torch.int32)
+    block_rows = [2, 0, 3, 1]
+    masks = masks[torch.tensor(block_rows)]
+    pages = (masks.sum(3) + BS - 1) // BS
+    need = [max(1, -(-int(p.sum()) // (POOL_LAYERS * POOL_HEADS))) for p in pages]
+    assert max(need) + 3 <= width
+    dim = POOL_DIM
+    bases = layer_bases.tolist()
+    for kept_blocks, dst_blocks in (([None] * 4, dst.to(DEV)),
+                                    ([need[0], need[1] + 3, None, need[3]], dst)):
+        got_kv, want_kv = kv.clone(), kv.clone()
+        want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table,
+                                             block_rows, masks, layer_bases, kept_blocks,
+                                             dst_blocks=dst.to(DEV))
+        got = _sync_free(compact_pooled_rows_triton, got_kv[..., :dim], got_kv[..., dim:],
+                         table, block_rows, masks, layer_bases, kept_blocks,
+                         dst_blocks=dst_blocks)
+        for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got,
+                              want, strict=True):
+            assert g.is_cuda and g.dtype == torch.int32, name
+            assert torch.equal(g, w.to(DEV)), name
+        assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        for base in bases:  # block ids below ``first``: the table's, never destinations
+            assert torch.equal(got_kv[base:base + first].view(torch.int16),
+                               kv[base:base + first].view(torch.int16))
         del got_kv, want_kv
         torch.cuda.empty_cache()
 

@@ -172,15 +172,24 @@ def record_launches() -> Iterator[list[dict]]:
             fn.pre_run_hooks.remove(hook)
 
 
-def compile_record(record: dict, **options) -> tuple:
-    """Compile a recorded launch for sm_90 as a GPU launch of the same arguments would:
-    the CUDA path of the dots (``_cuda_dot_fp32``; the interpreter always takes the fp32
-    one), integers
-    equal to 1 as constants and 16-divisible ones (and pointers) marked so, except those
-    ``jit_unspecialized`` excludes. Returns the compiled kernel and its constants."""
+def _jit_option(fn, name: str) -> set[str]:
+    """A ``triton.jit`` option listing argument names, compiled or interpreted (the
+    interpreter's function keeps the options in ``kwargs``)."""
+    value = getattr(fn, name, None)
+    if value is None:
+        value = getattr(fn, "kwargs", {}).get(name)
+    return set(value or ())
+
+
+def specialization(record: dict) -> tuple[dict, dict, dict]:
+    """What a GPU launch of a recorded launch's arguments compiles: (signature, constants,
+    attributes) as Triton specialises them: the CUDA path of the dots
+    (``_cuda_dot_fp32``; the interpreter always takes the fp32 one), integers equal to 1
+    as constants and 16-divisible ones (and pointers, taken as aligned) marked so, except
+    those ``jit_unspecialized`` excludes."""
     fn = getattr(importlib.import_module(record["module"]), record["kernel"])
-    no_value = set(fn.do_not_specialize or ())
-    no_align = set(getattr(fn, "do_not_specialize_on_alignment", None) or ())
+    no_value = _jit_option(fn, "do_not_specialize")
+    no_align = _jit_option(fn, "do_not_specialize_on_alignment")
     sig, consts, attrs = {}, {}, {}
     for idx, pname in enumerate(fn.arg_names):
         arg = record["args"][pname]
@@ -204,6 +213,22 @@ def compile_record(record: dict, **options) -> tuple:
             sig[pname] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0 and pname not in no_value:
                 attrs[(idx,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def variant(record: dict) -> str:
+    """A key of the compiled variant a recorded launch uses (``specialization``): two
+    launches with the same key share one compiled kernel."""
+    sig, consts, attrs = specialization(record)
+    return json.dumps([record["module"], record["kernel"], sig, consts,
+                       sorted((list(k), v) for k, v in attrs.items())], sort_keys=True)
+
+
+def compile_record(record: dict, **options) -> tuple:
+    """Compile a recorded launch for sm_90 as a GPU launch of the same arguments would
+    (``specialization``). Returns the compiled kernel and its constants."""
+    fn = getattr(importlib.import_module(record["module"]), record["kernel"])
+    sig, consts, attrs = specialization(record)
     src = ASTSource(fn, sig, consts, attrs)
     options = {"num_warps": 4, "num_stages": 3, **options}
     return triton.compile(src, target=_SM90, options=options), consts

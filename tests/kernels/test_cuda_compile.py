@@ -5,7 +5,9 @@ rejects (a name bound in one branch of a dynamic ``if``, a reassigned constexpr)
 there and fails on the GPU. Triton's NVIDIA backend (LLVM and ptxas ship in its wheel)
 compiles to a cubin without a GPU: the decode kernels at the engine's shape, and every
 kernel the package launches with the arguments the interpreter tests launch it with
-(recorded here, compiled in a subprocess without the interpreter), each on its CUDA path.
+(recorded here, compiled in a subprocess without the interpreter), each on its CUDA path:
+one compile per variant (``sm90_compile.variant``), e.g. compaction in place and into
+destination blocks share theirs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tests.kernels.sm90_compile import (  # noqa: E402
     LAUNCHED,
     ptxas_available,
     record_launches,
+    variant,
 )
 
 if not ptxas_available():
@@ -35,6 +38,7 @@ def _launch_every_kernel(monkeypatch) -> None:
     """Interpreter tests that between them launch every kernel in ``LAUNCHED`` (in fp32,
     bf16 and fp16 where the kernel takes either)."""
     from tests.kernels import (
+        test_compaction_dst,
         test_pooling,
         test_ranges,
         test_triton_allocation,
@@ -52,6 +56,10 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_ranges.test_triton_compaction_rows_match_reference(torch.bfloat16)
     test_pooling.test_triton_pooled_compaction_matches_reference(
         torch.bfloat16, 4, 64, "given", True, monkeypatch)
+    test_compaction_dst.test_triton_rows_into_fresh_blocks_match_reference(
+        torch.bfloat16, 8, 32, "strided")
+    test_compaction_dst.test_triton_pooled_rows_into_fresh_blocks_match_reference(
+        torch.bfloat16, 4, 64, "given", True, "strided", monkeypatch)
     test_triton_decode.test_low_precision(torch.float16, 2)
     test_triton_decode.test_low_precision(torch.bfloat16, 2)
     test_pooling.test_triton_pooled_decode_low_precision(torch.bfloat16)
@@ -82,7 +90,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
         _launch_every_kernel(monkeypatch)
     launched = {name for names in LAUNCHED.values() for name in names}
     assert {r["kernel"] for r in records} == launched
-    unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
+    unique = list({variant(r): r for r in records}.values())
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

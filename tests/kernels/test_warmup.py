@@ -1,21 +1,79 @@
 """The start-up warm-up launches every compressed-path kernel without error (interpreter).
 
 That it leaves nothing to compile during inference is checked on a GPU, where vLLM's
-JIT monitor runs in error mode (tests/gpu/test_engine_gpu.py)."""
+JIT monitor runs in error mode (tests/gpu/test_engine_gpu.py). Here: the compaction
+launches of other batches (other lengths, rows, layer counts; in place and into fresh
+destination blocks given as int32, int64 or row-strided tables) use only variants the
+warm-up compiled, as Triton specialises their arguments on a GPU
+(``sm90_compile.variant``)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from tests.kernels.paged_cache import random_block_tables  # noqa: E402
 from vllm_adakv.kernels.warmup import warm_up  # noqa: E402
+
+BS = 16
+
+
+def _compact_other_batches(kv_heads: int, dim: int, dtype: torch.dtype) -> None:
+    """Own-layer and pooled compaction of a batch unlike the warm-up's, as the engine
+    launches them: in place and into fresh destination blocks."""
+    from vllm_adakv.kernels.triton_compaction import (
+        compact_pooled_rows_triton,
+        compact_rows_triton,
+    )
+
+    lengths = [300, 77, 150]
+    table, nb = random_block_tables(lengths, BS)
+    layers = 3
+    fresh = nb + torch.randperm(3 * table.shape[1]).view(3, -1).to(torch.int32)
+    per_layer = nb + fresh.numel()
+    kv = torch.randn(layers * per_layer, kv_heads, BS, 2 * dim, dtype=dtype)
+    keys, values = kv[..., :dim], kv[..., dim:]
+    masks = torch.zeros(layers, 3, kv_heads, max(lengths), dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        masks[:, r, :, n - 20:n] = True
+        masks[0, r, :, : n // 2] = True
+    kept = [-(-n // BS) for n in lengths]
+    wide = torch.zeros(3, 32, dtype=torch.int32)  # a row stride of 32 (16-divisible)
+    wide[:, 1:1 + fresh.shape[1]] = fresh
+    for dst in (None, fresh, fresh.long(), wide[:, 1:1 + fresh.shape[1]]):
+        compact_rows_triton(keys[:per_layer], values[:per_layer], table, [1, 2, 0], masks[0],
+                            kept, dst_blocks=dst)
+        bases = torch.arange(layers, dtype=torch.int32) * per_layer
+        for kept_blocks in ([None] * 3, [None, kept[1], kept[2]]):
+            compact_pooled_rows_triton(keys, values, table, [1, 2, 0],
+                                       masks.transpose(0, 1), bases, kept_blocks,
+                                       dst_blocks=dst)
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(8, 2, 64)])
 def test_warm_up_runs_every_kernel(q_heads, kv_heads, dim):
-    seconds = warm_up(torch.device("cpu"), torch.float32, q_heads, kv_heads, dim, 16,
-                      window=8, gqa_reduce="mean", pooling="max", pool_kernel=7, alpha=0.2,
-                      gvote_samples=3)
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        seconds = warm_up(torch.device("cpu"), torch.float32, q_heads, kv_heads, dim, BS,
+                          window=8, gqa_reduce="mean", pooling="max", pool_kernel=7,
+                          alpha=0.2, gvote_samples=3)
+        assert seconds >= 0.0
+        return
+    from tests.kernels.sm90_compile import record_launches, variant
+
+    with record_launches() as records:
+        seconds = warm_up(torch.device("cpu"), torch.float32, q_heads, kv_heads, dim, BS,
+                          window=8, gqa_reduce="mean", pooling="max", pool_kernel=7,
+                          alpha=0.2, gvote_samples=3)
     assert seconds >= 0.0
+    warmed = {variant(r) for r in records}
+    with record_launches() as records:
+        _compact_other_batches(kv_heads, dim, torch.float32)
+    assert {r["kernel"] for r in records} == {"_page_ranges", "_gather_kept",
+                                              "_scatter_pages", "_pooled_plan",
+                                              "_pooled_step"}
+    missing = sorted({r["kernel"] for r in records if variant(r) not in warmed})
+    assert not missing, f"compaction variants the warm-up does not compile: {missing}"

@@ -31,8 +31,8 @@ from vllm_adakv.kernels.voting import min_mass_above_reference, voter_probs_refe
 
 def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``compact_rows_reference``'s contract, one ``(page_start, counts)`` per row; Triton
-    (no host sync) on CUDA."""
+    """``compact_rows_reference``'s contract (``dst_blocks`` included: in place without
+    it), one ``(page_start, counts)`` per row; Triton (no host sync) on CUDA."""
     if key_cache.is_cuda:
         from vllm_adakv.kernels.triton_compaction import compact_rows_triton
 
@@ -44,7 +44,8 @@ def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
 
 def compact_pooled_rows(key_cache: torch.Tensor, *args, **kwargs
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``compact_pooled_rows_reference``'s contract; Triton (no host sync) on CUDA."""
+    """``compact_pooled_rows_reference``'s contract (``dst_blocks`` included: in place
+    without it); Triton (no host sync) on CUDA."""
     if key_cache.is_cuda:
         from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
 

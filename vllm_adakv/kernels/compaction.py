@@ -1,10 +1,18 @@
-"""Compaction: move each head's kept tokens into head-pages of the request's own blocks.
+"""Compaction: move each head's kept tokens into head-pages of destination blocks.
 
 Torch reference. A head-page is one (block, slot) pair of a layer's cache,
-addressed by the virtual page id ``block * H + slot``. Pages are handed out in
-order: head 0 takes the first ceil(n_0 / bs) virtual pages of the request's
-first blocks, head 1 the next ones, and so on, so a head's pages may sit in
-any slot. Kept tokens stay in position order and keep their RoPE rotation.
+addressed by the virtual page id ``block * H + slot``. The destination blocks of a
+request form its head-page sequence, entry i being block ``dst[i // H]``, slot
+``i % H``; pages are handed out in order: head 0 takes the first ceil(n_0 / bs)
+entries, head 1 the next ones, and so on, so a head's pages may sit in any slot.
+Kept tokens stay in position order and keep their RoPE rotation.
+
+Sources are always the request's block table row (position p in block
+``block_ids[p // bs]``). Destinations are either that same row (``dst_blocks=None``:
+in place, into the request's first blocks) or blocks given apart (``dst_blocks``:
+e.g. fresh blocks, so that blocks shared with other requests or hashed in the prefix
+cache are never written). Given destinations must not be source blocks of the
+compaction (of any request compacted with it); their count is checked.
 """
 
 from __future__ import annotations
@@ -18,20 +26,24 @@ def compact_ranges_reference(
     block_ids: torch.Tensor,
     keep_mask: torch.Tensor,
     kept_blocks: int,
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact one request's kept tokens of one layer, in place; pages as ranges.
+    """Compact one request's kept tokens of one layer; pages as ranges.
 
     key_cache/value_cache: logical ``[num_blocks, H, bs, D]`` views of the layer.
-    block_ids: the request's block table row (positions -> blocks, as vLLM has it).
-    keep_mask: ``[H, L]`` bool over prompt positions.
-    kept_blocks: pages must fit in the request's first ``kept_blocks`` blocks.
+    block_ids: the request's block table row (positions -> blocks, as vLLM has it): the
+    sources. keep_mask: ``[H, L]`` bool over prompt positions.
+    kept_blocks: pages must fit in ``kept_blocks`` destination blocks.
+    dst_blocks: 1-D integer tensor of at least ``kept_blocks`` destination block ids, none
+    of them a source block; None: ``block_ids`` (in place, the request's first blocks).
     Returns (page_start ``[H]`` int32: index of each head's first page in the
-    request's head-page sequence, entry i being block ``block_ids[i // H]``, slot
+    request's head-page sequence, entry i being block ``dst[i // H]``, slot
     ``i % H``; counts ``[H]`` int32 kept tokens per head). A head's pages follow
     one another in that sequence.
     """
     heads, _ = keep_mask.shape
     block_size = key_cache.shape[2]
+    dst = _destinations(block_ids, dst_blocks, kept_blocks)
     counts = keep_mask.sum(dim=1)
     pages = (counts + block_size - 1) // block_size
     offset = torch.cumsum(pages, 0) - pages
@@ -43,18 +55,36 @@ def compact_ranges_reference(
         )
     head_idx, pos = keep_mask.nonzero(as_tuple=True)  # row-major: by head, then position
     blocks = block_ids.long()
-    # Gather first (a copy): sources and destinations overlap in the first blocks.
+    # Gather first (a copy): in place, sources and destinations overlap in the first blocks.
     k_sel = key_cache[blocks[pos // block_size], head_idx, pos % block_size]
     v_sel = value_cache[blocks[pos // block_size], head_idx, pos % block_size]
     start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(pos.numel(), device=pos.device) - start[head_idx]  # t within head
     seq = offset[head_idx] + rank // block_size
-    dst_block = blocks[seq // heads]
+    dst_block = dst[seq // heads]
     dst_slot = seq % heads
     dst_off = rank % block_size
     key_cache[dst_block, dst_slot, dst_off] = k_sel
     value_cache[dst_block, dst_slot, dst_off] = v_sel
     return offset.to(torch.int32), counts.to(torch.int32)
+
+
+def _destinations(block_ids: torch.Tensor, dst_blocks: torch.Tensor | None,
+                  kept_blocks: int) -> torch.Tensor:
+    """The destination blocks (int64): ``dst_blocks``, at least ``kept_blocks`` of them,
+    or ``block_ids`` (in place)."""
+    if dst_blocks is None:
+        return block_ids.long()
+    if dst_blocks.dim() != 1 or dst_blocks.numel() < kept_blocks:
+        raise RuntimeError(
+            f"compaction needs {kept_blocks} destination blocks but dst_blocks has shape "
+            f"{tuple(dst_blocks.shape)} (1-D, at least {kept_blocks} ids)")
+    return dst_blocks.to(block_ids.device).long()
+
+
+def _dst_row(dst_blocks: torch.Tensor | None, r: int) -> torch.Tensor | None:
+    """Row ``r`` of a ``[R, W]`` destination table (None: in place)."""
+    return None if dst_blocks is None else dst_blocks[r]
 
 
 def compact_rows_reference(
@@ -64,17 +94,26 @@ def compact_rows_reference(
     block_rows: list[int],
     keep_masks: torch.Tensor,
     kept_blocks: list[int],
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compact_ranges_reference`` for ``R`` requests of one layer.
 
     Request ``r``: blocks ``block_table[block_rows[r]]``, mask ``keep_masks[r]``
-    (``[H, Lmax]``, False past its prompt), ``kept_blocks[r]`` reserved blocks.
+    (``[H, Lmax]``, False past its prompt), ``kept_blocks[r]`` reserved blocks,
+    destinations ``dst_blocks[r]`` (``dst_blocks``: ``[R, W]`` integer, ``W`` at least
+    every ``kept_blocks[r]``; None: in place, each request's own row).
     Returns (page_start, counts), both int32 ``[R, H]``.
     """
+    _check_dst_table(dst_blocks, len(block_rows))
     results = [compact_ranges_reference(key_cache, value_cache, block_table[b], keep_masks[r],
-                                        kept_blocks[r])
+                                        kept_blocks[r], _dst_row(dst_blocks, r))
                for r, b in enumerate(block_rows)]
     return (torch.stack([p for p, _ in results]), torch.stack([c for _, c in results]))
+
+
+def _check_dst_table(dst_blocks: torch.Tensor | None, rows: int) -> None:
+    if dst_blocks is not None and (dst_blocks.dim() != 2 or dst_blocks.shape[0] != rows):
+        raise RuntimeError(f"dst_blocks must be [R={rows}, W], got {tuple(dst_blocks.shape)}")
 
 
 def pooled_layer_order(pages: torch.Tensor) -> torch.Tensor:
@@ -90,22 +129,27 @@ def compact_pooled_reference(
     keep_masks: torch.Tensor,
     layer_bases: torch.Tensor,
     kept_blocks: int | None,
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Compact one request's kept tokens of all ``K`` layers of a group into head-pages
-    pooled across the layers' tensors, in place.
+    pooled across the layers' tensors.
 
     key_cache/value_cache: logical ``[NB, H, bs, D]`` views over every layer's blocks (layer
-    k's block b is ``layer_bases[k] + b``). block_ids: the request's block table row.
-    keep_masks: ``[K, H, L]``. kept_blocks: the request keeps blocks ``[0, m)`` in every
-    layer tensor; None: the fewest that hold the kept pages, ``m = max(1, cdiv(sum pages,
-    K * H))``. The pooled sequence has ``K`` chunks of ``C = m * H`` entries; chunk k is
-    the tensor of layer ``order[k]`` (``pooled_layer_order``), entry e of a chunk block
-    ``block_ids[e // H]``, slot ``e % H``. Layer ``order[i]`` owns the entries after those
-    of ``order[:i]``, heads in order, so each head's pages are consecutive entries.
+    k's block b is ``layer_bases[k] + b``). block_ids: the request's block table row (the
+    sources). keep_masks: ``[K, H, L]``. dst_blocks: 1-D integer tensor of destination
+    block ids, none of them a source block; None: ``block_ids`` (in place). kept_blocks:
+    the request keeps ``m`` blocks, ``dst[0:m]``, in every layer tensor; None: the fewest
+    that hold the kept pages, ``m = max(1, cdiv(sum pages, K * H))``; ``dst_blocks`` must
+    hold at least ``m`` ids. The pooled sequence has ``K`` chunks of ``C = m * H``
+    entries; chunk k is the tensor of layer ``order[k]`` (``pooled_layer_order``), entry
+    e of a chunk block ``layer_bases[order[k]] + dst[e // H]``, slot ``e % H``. Layer
+    ``order[i]`` owns the entries after those of ``order[:i]``, heads in order, so each
+    head's pages are consecutive entries.
 
     Why in place is safe: the ``i`` smallest page counts sum to at most ``i * C``, so the
     layer placed i-th writes only to chunks ``<= i``, i.e. to its own tensor (gathered
-    before writing) or to tensors of layers already compacted.
+    before writing) or to tensors of layers already compacted. Destinations apart from
+    the sources need no such argument.
 
     Returns (page_start ``[K, H]`` int32 first entry of each head, counts ``[K, H]``
     int32, chunk_layer ``[K]`` int32 (= order), m).
@@ -123,6 +167,7 @@ def compact_pooled_reference(
         raise RuntimeError(
             f"compaction needs {total} head-pages over {num_layers} layers but only "
             f"{kept_blocks} blocks ({kept_blocks * heads * num_layers} pages) are reserved")
+    dst = _destinations(block_ids, dst_blocks, kept_blocks)
     capacity = kept_blocks * heads
     order = pooled_layer_order(layer_pages)
     blocks = block_ids.long()
@@ -132,14 +177,15 @@ def compact_pooled_reference(
     for k in order.tolist():
         head_idx, pos = keep_masks[k].nonzero(as_tuple=True)
         src_block = layer_bases[k].long() + blocks[pos // block_size]
-        # Gather first (a copy): this layer's sources and destinations may overlap.
+        # Gather first (a copy): in place, this layer's sources and destinations may
+        # overlap.
         k_sel = key_cache[src_block, head_idx, pos % block_size]
         v_sel = value_cache[src_block, head_idx, pos % block_size]
         start = torch.cumsum(counts[k], 0) - counts[k]
         rank = torch.arange(pos.numel(), device=pos.device) - start[head_idx]
         entry = page_start[k, head_idx] + rank // block_size
         chunk, local = entry // capacity, entry % capacity
-        dst_block = layer_bases.long()[order[chunk]] + blocks[local // heads]
+        dst_block = layer_bases.long()[order[chunk]] + dst[local // heads]
         key_cache[dst_block, local % heads, rank % block_size] = k_sel
         value_cache[dst_block, local % heads, rank % block_size] = v_sel
     return page_start.to(torch.int32), counts.to(torch.int32), order.to(torch.int32), kept_blocks
@@ -153,12 +199,15 @@ def compact_pooled_rows_reference(
     keep_masks: torch.Tensor,
     layer_bases: torch.Tensor,
     kept_blocks: list[int | None],
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``compact_pooled_reference`` for ``R`` requests: keep_masks ``[R, K, H, Lmax]``
-    (False past each prompt). Returns (page_start ``[R, K, H]``, counts ``[R, K, H]``,
-    chunk_layer ``[R, K]``, kept_blocks ``[R]``), all int32."""
+    (False past each prompt); dst_blocks ``[R, W]`` integer, row r the destinations of
+    request r (None: in place, each request's own row). Returns (page_start ``[R, K, H]``,
+    counts ``[R, K, H]``, chunk_layer ``[R, K]``, kept_blocks ``[R]``), all int32."""
+    _check_dst_table(dst_blocks, len(block_rows))
     results = [compact_pooled_reference(key_cache, value_cache, block_table[b], keep_masks[r],
-                                        layer_bases, kept_blocks[r])
+                                        layer_bases, kept_blocks[r], _dst_row(dst_blocks, r))
                for r, b in enumerate(block_rows)]
     return (torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results]),
             torch.stack([r[2] for r in results]),

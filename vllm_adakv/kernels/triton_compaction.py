@@ -1,7 +1,14 @@
 """Compaction: Triton kernels for all requests of a layer at once.
 
-Same contract as ``compaction.compact_rows_reference``. Nothing here synchronises
-with the host (the reference needs ``nonzero``):
+Same contract as ``compaction.compact_rows_reference``: kept tokens are read from each
+request's block table row and written into the head-page sequence of its destination
+blocks. The kernels always read destinations from a ``[R, W]`` int32 destination table
+(row r: request r), ``dst_blocks`` or, by default (in place), the requests' block table
+rows gathered on the device (``_dst_table``); both cases launch the same compiled
+variants (the table's row stride and alignment are not specialised on). Given
+destinations must hold no source block of the launch (of any of its requests); in place
+is the other case handled. Nothing here synchronises with the host (the reference needs
+``nonzero``):
 
 1. torch: each kept position's rank within its (request, head), an inclusive
    cumsum of the masks (kept positions stay in position order).
@@ -15,9 +22,10 @@ with the host (the reference needs ``nonzero``):
    the reserved capacity, ``kept_blocks * H * bs`` tokens per request.
 4. ``_scatter_pages``, same grid: scratch slot (h, i) into head-page
    ``page_start[h] + i // bs`` of the request's head-page sequence (entry j =
-   block ``block_ids[j // H]``, slot ``j % H``), offset ``i % bs``.
-Sources and destinations overlap (the first blocks), hence the scratch and
-two launches. Lengths and strides that vary per step are not specialised on.
+   block ``dst[r, j // H]``, slot ``j % H``), offset ``i % bs``.
+In place, sources and destinations overlap (the first blocks), hence the scratch and
+two launches (destinations apart take the same path). Lengths and strides that vary
+per step are not specialised on.
 
 ``compact_pooled_rows_triton`` compacts all K layers of a group at once, head-pages
 pooled across the layers' tensors (``compaction.compact_pooled_rows_reference``): the
@@ -26,11 +34,14 @@ the counts, the layers' stable ascending order of pages (chunk k of the pooled
 sequence = tensor of layer ``chunk_layer[k]``), each head's first entry, the blocks
 kept per layer tensor and the blocks needed (checked on the device as above); then K
 passes, pass i compacting in every row the layer placed in chunk i: a gather (kept
-tokens bound for earlier chunks written in place, those of its own chunk staged in a
+tokens bound for earlier chunks written directly, those of its own chunk staged in a
 scratch) and a scatter (scratch into its own chunk), pass i's scatter sharing one
 launch (``_pooled_step``) with pass i + 1's gather: K + 1 launches in all, with two
 scratch halves (or, where those would exceed ``_FUSED_SCRATCH_BYTES``, one half and 2K
-launches; same compiled variants).
+launches; same compiled variants). Chunk k lies at blocks ``layer_bases[chunk_layer[k]]
++ dst[r, :]``, destinations from the destination table as above. The pass order and
+the scratch are what make in place safe; destinations apart from the sources take the
+same path.
 """
 
 from __future__ import annotations
@@ -61,16 +72,14 @@ def _page_ranges(rank_ptr, meta_ptr, cnt_ptr, start_ptr, over_ptr, width, stride
 
 
 @triton.jit
-def _row_meta(meta_ptr, bt_ptr, stride_br, start_ptr, NUM_KV_HEADS: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr):
-    """Request row and head of this program, the row's block ids, and the scratch slot of
-    the head's first kept token."""
+def _row_meta(meta_ptr, start_ptr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Request row and head of this program, and the scratch slot of the head's first kept
+    token."""
     r = tl.program_id(0) // NUM_KV_HEADS
     head = tl.program_id(0) % NUM_KV_HEADS
-    block_row = tl.load(meta_ptr + 3 * r).to(tl.int64)
     base = tl.load(meta_ptr + 3 * r + 2).to(tl.int64) * BLOCK_SIZE
     first = tl.load(start_ptr + r * NUM_KV_HEADS + head).to(tl.int64)
-    return r, head, bt_ptr + block_row * stride_br, base + first * BLOCK_SIZE
+    return r, head, base + first * BLOCK_SIZE
 
 
 @jit_unspecialized(ints=["width", "stride_br", "stride_mr", "stride_mh", "stride_rr",
@@ -86,8 +95,8 @@ def _gather_kept(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r, head, bid_ptr, slot0 = _row_meta(meta_ptr, bt_ptr, stride_br, start_ptr, NUM_KV_HEADS,
-                                        BLOCK_SIZE)
+    r, head, slot0 = _row_meta(meta_ptr, start_ptr, NUM_KV_HEADS, BLOCK_SIZE)
+    bid_ptr = bt_ptr + tl.load(meta_ptr + 3 * r).to(tl.int64) * stride_br  # sources
     pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     row = r.to(tl.int64) * stride_mr + head * stride_mh
@@ -106,27 +115,27 @@ def _gather_kept(
     tl.store(dst + stride_sk, v, mask=mask)
 
 
-@jit_unspecialized(ints=["stride_br"])
+@jit_unspecialized(ints=["stride_dr"], pointers=["dst_ptr"])
 def _scatter_pages(
-    k_ptr, v_ptr, bt_ptr, meta_ptr, start_ptr, cnt_ptr, scratch_ptr,
+    k_ptr, v_ptr, dst_ptr, meta_ptr, start_ptr, cnt_ptr, scratch_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_br, stride_st, stride_sk,
+    stride_dr, stride_st, stride_sk,
     NUM_KV_HEADS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r, head, bid_ptr, slot0 = _row_meta(meta_ptr, bt_ptr, stride_br, start_ptr, NUM_KV_HEADS,
-                                        BLOCK_SIZE)
+    r, head, slot0 = _row_meta(meta_ptr, start_ptr, NUM_KV_HEADS, BLOCK_SIZE)
+    dst_row = dst_ptr + r.to(tl.int64) * stride_dr  # the row's destination blocks
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     count = tl.load(cnt_ptr + r * NUM_KV_HEADS + head)
     valid = offs_t < count
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     seq = tl.load(start_ptr + r * NUM_KV_HEADS + head).to(tl.int64) + offs_t // BLOCK_SIZE
-    blk = tl.load(bid_ptr + seq // NUM_KV_HEADS, mask=valid, other=0).to(tl.int64)
+    blk = tl.load(dst_row + seq // NUM_KV_HEADS, mask=valid, other=0).to(tl.int64)
     slot = seq % NUM_KV_HEADS
     off = (offs_t % BLOCK_SIZE).to(tl.int64)
     src = scratch_ptr + (slot0 + offs_t.to(tl.int64))[:, None] * stride_st + offs_d[None, :]
@@ -145,8 +154,16 @@ def compact_rows_triton(
     block_rows: list[int],
     keep_masks: torch.Tensor,
     kept_blocks: list[int],
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact ``R`` requests' kept tokens of one layer in place; see the reference."""
+    """Compact ``R`` requests' kept tokens of one layer; contract of
+    ``compaction.compact_rows_reference``.
+
+    dst_blocks: ``[R, W]`` integer destination ids (device or host; row r for request r,
+    ``W >= max(kept_blocks)``), none of them a source block of any row; None: in place.
+    Returns (page_start, counts), int32 ``[R, H]`` on the device. Nothing waits for the
+    device on CUDA.
+    """
     rows, heads, width = keep_masks.shape
     _, cache_heads, block_size, dim = key_cache.shape
     assert cache_heads == heads and value_cache.shape == key_cache.shape
@@ -160,6 +177,10 @@ def compact_rows_triton(
         bases.append(bases[-1] + blocks * heads)
     meta = on_device([[b, k, base] for b, k, base in zip(block_rows, kept_blocks, bases,
                                                         strict=False)], torch.int64, dev)
+    dst = _dst_table(block_table, meta, dst_blocks, rows, dev)
+    if dst_blocks is not None and rows and max(kept_blocks) > dst.shape[1]:
+        raise RuntimeError(f"compaction needs up to {max(kept_blocks)} destination blocks "
+                           f"per row but dst_blocks has {dst.shape[1]}")
     # Rank of each kept position within its head (1-based; kept positions stay in order).
     ranks = torch.cumsum(keep_masks, dim=2, dtype=torch.int32)
     counts = torch.empty(rows, heads, dtype=torch.int32, device=dev)
@@ -187,11 +208,29 @@ def compact_rows_triton(
         scratch.stride(0), scratch.stride(1), **common,
     )
     _scatter_pages[grid](
-        key_cache, value_cache, block_table, meta, page_start, counts, scratch,
-        *key_cache.stride(), *value_cache.stride(), block_table.stride(0),
+        key_cache, value_cache, dst, meta, page_start, counts, scratch,
+        *key_cache.stride(), *value_cache.stride(), dst.stride(0),
         scratch.stride(0), scratch.stride(1), **common,
     )
     return page_start, counts
+
+
+def _dst_table(block_table: torch.Tensor, meta: torch.Tensor,
+               dst_blocks: torch.Tensor | None, rows: int, dev: torch.device) -> torch.Tensor:
+    """The launch's destination table: ``[R, W]`` int32 on ``dev``, unit column stride.
+    ``dst_blocks`` (uploaded through pinned memory if on the host), or, in place, the
+    rows' own block table rows (``meta[:, 0]``) gathered on the device: no host sync."""
+    if dst_blocks is None:
+        dst = block_table.index_select(0, meta.view(-1, 3)[:, 0])
+    else:
+        if dst_blocks.dim() != 2 or dst_blocks.shape[0] != rows:
+            raise RuntimeError(f"dst_blocks must be [R={rows}, W], got "
+                               f"{tuple(dst_blocks.shape)}")
+        dst = dst_blocks
+        if dst.device != dev:
+            dst = host_to_device(dst.to(torch.int32), dev)
+    dst = dst.to(torch.int32)
+    return dst if dst.stride(1) == 1 else dst.contiguous()
 
 
 # Head-pages pooled across the layers of a group (``compaction.compact_pooled_reference``).
@@ -251,10 +290,11 @@ def _pooled_plan(rank_ptr, meta_ptr, cnt_ptr, start_ptr, chunk_ptr, kb_ptr, need
 
 
 @triton.jit
-def _pass_meta(meta_ptr, bt_ptr, stride_br, chunk_ptr, lb_ptr, kb_ptr, pass_idx, num_layers,
-               NUM_KV_HEADS: tl.constexpr):
-    """Request row, head, layer (chunk ``pass_idx``'s) of this program; the row's block ids,
-    the layer's block offset, the chunk capacity and the row's first scratch entry."""
+def _pass_meta(meta_ptr, bt_ptr, stride_br, dst_ptr, stride_dr, chunk_ptr, lb_ptr, kb_ptr,
+               pass_idx, num_layers, NUM_KV_HEADS: tl.constexpr):
+    """Request row, head, layer (chunk ``pass_idx``'s) of this program; the row's source
+    block ids (block table row) and destination block ids (destination table row r), the
+    layer's block offset, the chunk capacity and the row's first scratch entry."""
     r = tl.program_id(0) // NUM_KV_HEADS
     head = tl.program_id(0) % NUM_KV_HEADS
     block_row = tl.load(meta_ptr + 3 * r).to(tl.int64)
@@ -262,26 +302,28 @@ def _pass_meta(meta_ptr, bt_ptr, stride_br, chunk_ptr, lb_ptr, kb_ptr, pass_idx,
     layer = tl.load(chunk_ptr + r * num_layers + pass_idx).to(tl.int64)
     layer_base = tl.load(lb_ptr + layer).to(tl.int64)
     capacity = tl.maximum(tl.load(kb_ptr + r).to(tl.int64), 1) * NUM_KV_HEADS
-    return (r, head, layer, bt_ptr + block_row * stride_br, layer_base, capacity, scratch0)
+    return (r, head, layer, bt_ptr + block_row * stride_br,
+            dst_ptr + r.to(tl.int64) * stride_dr, layer_base, capacity, scratch0)
 
 
 @triton.jit
 def _pooled_gather(
-    k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, mask_ptr, rank_ptr,
-    scratch_ptr, pass_idx, tile, num_layers, width,
+    k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, mask_ptr,
+    rank_ptr, scratch_ptr, pass_idx, tile, num_layers, width,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_br, stride_mr, stride_mk, stride_mh, stride_rr, stride_rk, stride_rh,
+    stride_br, stride_dr, stride_mr, stride_mk, stride_mh, stride_rr, stride_rk, stride_rh,
     stride_st, stride_sk,
     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass ``pass_idx``: the kept tokens of head h of the layer placed in that chunk.
-    Entries in earlier chunks (tensors of layers already compacted: no source of this
-    pass) are written in place; entries in the layer's own chunk go to the scratch."""
-    r, head, layer, bid_ptr, layer_base, capacity, scratch0 = _pass_meta(
-        meta_ptr, bt_ptr, stride_br, chunk_ptr, lb_ptr, kb_ptr, pass_idx, num_layers,
-        NUM_KV_HEADS)
+    Entries in earlier chunks (in place: tensors of layers already compacted, no source
+    of this pass) are written directly; entries in the layer's own chunk go to the
+    scratch."""
+    r, head, layer, bid_ptr, dst_row, layer_base, capacity, scratch0 = _pass_meta(
+        meta_ptr, bt_ptr, stride_br, dst_ptr, stride_dr, chunk_ptr, lb_ptr, kb_ptr, pass_idx,
+        num_layers, NUM_KV_HEADS)
     pos = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = (offs_d < HEAD_DIM)[None, :]
@@ -306,7 +348,7 @@ def _pooled_gather(
     staged = keep & (chunk == pass_idx)
     dst_layer = tl.load(chunk_ptr + r * num_layers + chunk, mask=direct, other=0).to(tl.int64)
     dst_blk = tl.load(lb_ptr + dst_layer, mask=direct, other=0).to(tl.int64) \
-        + tl.load(bid_ptr + local // NUM_KV_HEADS, mask=direct, other=0).to(tl.int64)
+        + tl.load(dst_row + local // NUM_KV_HEADS, mask=direct, other=0).to(tl.int64)
     dst_slot = local % NUM_KV_HEADS
     dmask = direct[:, None] & mask_d
     tl.store(k_ptr + dst_blk[:, None] * stride_kb + dst_slot[:, None] * stride_kh
@@ -322,19 +364,19 @@ def _pooled_gather(
 
 @triton.jit
 def _pooled_scatter(
-    k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, cnt_ptr,
+    k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, cnt_ptr,
     scratch_ptr, pass_idx, tile, num_layers,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_br, stride_st, stride_sk,
+    stride_br, stride_dr, stride_st, stride_sk,
     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass ``pass_idx``: head h's staged tokens (those in the layer's own chunk) from the
     scratch into their head-pages of the layer's tensor."""
-    r, head, layer, bid_ptr, layer_base, capacity, scratch0 = _pass_meta(
-        meta_ptr, bt_ptr, stride_br, chunk_ptr, lb_ptr, kb_ptr, pass_idx, num_layers,
-        NUM_KV_HEADS)
+    r, head, layer, _, dst_row, layer_base, capacity, scratch0 = _pass_meta(
+        meta_ptr, bt_ptr, stride_br, dst_ptr, stride_dr, chunk_ptr, lb_ptr, kb_ptr, pass_idx,
+        num_layers, NUM_KV_HEADS)
     offs_t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     idx = (r * num_layers + layer) * NUM_KV_HEADS + head
@@ -343,7 +385,7 @@ def _pooled_scatter(
     local = entry - pass_idx * capacity
     valid = (offs_t < count) & (local >= 0) & (local < capacity)
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    blk = layer_base + tl.load(bid_ptr + local // NUM_KV_HEADS, mask=valid,
+    blk = layer_base + tl.load(dst_row + local // NUM_KV_HEADS, mask=valid,
                                other=0).to(tl.int64)
     slot = local % NUM_KV_HEADS
     off = offs_t % BLOCK_SIZE
@@ -357,15 +399,16 @@ def _pooled_scatter(
              + off[:, None] * stride_vn + offs_d[None, :] * stride_vd, v, mask=mask)
 
 
-@jit_unspecialized(ints=["pass_idx", "tiles", "num_layers", "width", "stride_br", "stride_mr",
-                         "stride_mk", "stride_mh", "stride_rr", "stride_rk", "stride_rh"],
-                   pointers=["lb_ptr"])
+@jit_unspecialized(ints=["pass_idx", "tiles", "num_layers", "width", "stride_br", "stride_dr",
+                         "stride_mr", "stride_mk", "stride_mh", "stride_rr", "stride_rk",
+                         "stride_rh"],
+                   pointers=["lb_ptr", "dst_ptr"])
 def _pooled_step(
-    k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, cnt_ptr, mask_ptr,
-    rank_ptr, scratch_ptr, pass_idx, tiles, num_layers, width,
+    k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, cnt_ptr,
+    mask_ptr, rank_ptr, scratch_ptr, pass_idx, tiles, num_layers, width,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_br, stride_mr, stride_mk, stride_mh, stride_rr, stride_rk, stride_rh,
+    stride_br, stride_dr, stride_mr, stride_mk, stride_mh, stride_rr, stride_rk, stride_rh,
     stride_sb, stride_st, stride_sk,
     GATHER: tl.constexpr, SCATTER: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -380,34 +423,34 @@ def _pooled_step(
     if SCATTER and GATHER:
         if tile < tiles:
             _pooled_scatter(
-                k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr,
-                cnt_ptr, scratch_ptr + ((pass_idx - 1) % 2) * stride_sb, pass_idx - 1, tile,
-                num_layers, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
-                stride_vh, stride_vn, stride_vd, stride_br, stride_st, stride_sk,
-                NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
+                k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr,
+                start_ptr, cnt_ptr, scratch_ptr + ((pass_idx - 1) % 2) * stride_sb,
+                pass_idx - 1, tile, num_layers, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_br, stride_dr, stride_st,
+                stride_sk, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
         else:
             _pooled_gather(
-                k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr,
-                mask_ptr, rank_ptr, scratch_ptr + (pass_idx % 2) * stride_sb, pass_idx,
-                tile - tiles, num_layers, width, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_br, stride_mr, stride_mk,
-                stride_mh, stride_rr, stride_rk, stride_rh, stride_st, stride_sk,
-                NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
+                k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr,
+                start_ptr, mask_ptr, rank_ptr, scratch_ptr + (pass_idx % 2) * stride_sb,
+                pass_idx, tile - tiles, num_layers, width, stride_kb, stride_kh, stride_kn,
+                stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_br, stride_dr,
+                stride_mr, stride_mk, stride_mh, stride_rr, stride_rk, stride_rh, stride_st,
+                stride_sk, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
     elif SCATTER:
         _pooled_scatter(
-            k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, cnt_ptr,
-            scratch_ptr + ((pass_idx - 1) % 2) * stride_sb, pass_idx - 1, tile, num_layers,
-            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
-            stride_vd, stride_br, stride_st, stride_sk, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
-            BLOCK_T, BLOCK_D)
+            k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr,
+            cnt_ptr, scratch_ptr + ((pass_idx - 1) % 2) * stride_sb, pass_idx - 1, tile,
+            num_layers, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
+            stride_vn, stride_vd, stride_br, stride_dr, stride_st, stride_sk, NUM_KV_HEADS,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
     else:
         _pooled_gather(
-            k_ptr, v_ptr, bt_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr, mask_ptr,
-            rank_ptr, scratch_ptr + (pass_idx % 2) * stride_sb, pass_idx, tile, num_layers,
-            width, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
-            stride_vn, stride_vd, stride_br, stride_mr, stride_mk, stride_mh, stride_rr,
-            stride_rk, stride_rh, stride_st, stride_sk, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
-            BLOCK_T, BLOCK_D)
+            k_ptr, v_ptr, bt_ptr, dst_ptr, meta_ptr, lb_ptr, chunk_ptr, kb_ptr, start_ptr,
+            mask_ptr, rank_ptr, scratch_ptr + (pass_idx % 2) * stride_sb, pass_idx, tile,
+            num_layers, width, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+            stride_vh, stride_vn, stride_vd, stride_br, stride_dr, stride_mr, stride_mk,
+            stride_mh, stride_rr, stride_rk, stride_rh, stride_st, stride_sk, NUM_KV_HEADS,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_T, BLOCK_D)
 
 
 def compact_pooled_rows_triton(
@@ -418,14 +461,18 @@ def compact_pooled_rows_triton(
     keep_masks: torch.Tensor,
     layer_bases: torch.Tensor,
     kept_blocks: list[int | None],
+    dst_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact all ``K`` layers of ``R`` requests in place, head-pages pooled across the
-    layers' tensors; contract of ``compaction.compact_pooled_rows_reference``.
+    """Compact all ``K`` layers of ``R`` requests, head-pages pooled across the layers'
+    tensors; contract of ``compaction.compact_pooled_rows_reference``.
 
     key_cache/value_cache: views over every layer's blocks (layer k's block b at
     ``layer_bases[k] + b``); keep_masks ``[R, K, H, Lmax]``; layer_bases ``[K]`` int
     (device or host); kept_blocks per row (None: the fewest blocks that hold its pages).
-    Returns (page_start ``[R, K, H]``, counts ``[R, K, H]``, chunk_layer ``[R, K]``,
+    dst_blocks: ``[R, W]`` integer destination ids (device or host; row r for request r),
+    none of them a source block of any row; ``W`` must hold each row's kept blocks
+    (checked on the host for planned counts, on the device for the others); None: in
+    place. Returns (page_start ``[R, K, H]``, counts ``[R, K, H]``, chunk_layer ``[R, K]``,
     kept_blocks ``[R]``), int32 on the device. Nothing waits for the device on CUDA.
 
     Launches: the rank cumsum; ``_pooled_plan`` (grid ``(R,)``); then K passes over all
@@ -463,6 +510,12 @@ def compact_pooled_rows_triton(
         bases.append(bases[-1] + (bound if blocks is None else blocks) * heads)
     meta = on_device([[b, -1 if k is None else k, base] for b, k, base in
                       zip(block_rows, kept_blocks, bases, strict=False)], torch.int64, dev)
+    dst = _dst_table(block_table, meta, dst_blocks, rows, dev)
+    dst_width = dst.shape[1]
+    planned = [k for k in kept_blocks if k is not None]
+    if dst_blocks is not None and planned and max(planned) > dst_width:
+        raise RuntimeError(f"pooled compaction needs up to {max(planned)} destination "
+                           f"blocks per row but dst_blocks has {dst_width}")
     # Rank of each kept position within its (layer, head): 1-based, in position order.
     ranks = torch.cumsum(keep_masks, dim=3, dtype=torch.int32)
     counts = torch.empty(rows, num_layers, heads, dtype=torch.int32, device=dev)
@@ -475,15 +528,22 @@ def compact_pooled_rows_triton(
                           ranks.stride(2), NUM_KV_HEADS=heads, BLOCK_SIZE=block_size,
                           BLOCK_K=plan_block_layers(num_layers),
                           BLOCK_H=triton.next_power_of_2(heads))
+    fits = need <= kept
+    if dst_blocks is not None:  # measured rows: the destinations must hold the count
+        fits &= kept <= dst_width
     if dev.type == "cuda":
-        torch._assert_async((need <= kept).all())
+        torch._assert_async(fits.all())
     else:
-        short = (need > kept).nonzero().flatten().tolist()
+        short = (~fits).nonzero().flatten().tolist()
         if short:
             r = short[0]
+            if int(need[r]) > int(kept[r]):
+                raise RuntimeError(
+                    f"pooled compaction of row {r} needs {int(need[r])} blocks per layer "
+                    f"tensor ({num_layers} layers) but only {int(kept[r])} are reserved")
             raise RuntimeError(
-                f"pooled compaction of row {r} needs {int(need[r])} blocks per layer tensor "
-                f"({num_layers} layers) but only {int(kept[r])} are reserved")
+                f"pooled compaction of row {r} needs {int(kept[r])} destination blocks but "
+                f"dst_blocks has {dst_width}")
     masks_u8 = keep_masks.view(torch.uint8)
     # Fused (scatter i - 1 and gather i in one launch): two scratch halves, pass i staging
     # into half i % 2 while the scatter reads the other. Where that would take more than
@@ -496,10 +556,10 @@ def compact_pooled_rows_triton(
     block_t = 64
     block_d = max(16, triton.next_power_of_2(dim))
     tiles = triton.cdiv(width, block_t)
-    args = (key_cache, value_cache, block_table, meta, layer_bases, chunk_layer, kept,
+    args = (key_cache, value_cache, block_table, dst, meta, layer_bases, chunk_layer, kept,
             page_start, counts, masks_u8, ranks, scratch)
     strides = (*key_cache.stride(), *value_cache.stride(), block_table.stride(0),
-               *masks_u8.stride()[:3], *ranks.stride()[:3],
+               dst.stride(0), *masks_u8.stride()[:3], *ranks.stride()[:3],
                scratch.stride(0) if fused else 0, *scratch.stride()[1:3])
     common = dict(NUM_KV_HEADS=heads, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_T=block_t,
                   BLOCK_D=block_d)
@@ -509,8 +569,9 @@ def compact_pooled_rows_triton(
             *args, pass_idx, tiles, num_layers, width, *strides, GATHER=gather,
             SCATTER=scatter, **common)
 
-    # In stream order. Pass i writes only into chunks <= i: the tensors of the layers
-    # compacted before it (their sources consumed) and its own (through the scratch).
+    # In stream order. Pass i writes only into chunks <= i: in place, the tensors of the
+    # layers compacted before it (their sources consumed) and its own (through the
+    # scratch); destinations apart from the sources are never read.
     if fused:  # K + 1 launches: gather 0, (scatter i - 1 + gather i), scatter K - 1
         for i in range(num_layers + 1):
             step(i, gather=i < num_layers, scatter=i > 0)

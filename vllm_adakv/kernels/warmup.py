@@ -5,13 +5,15 @@ compile-time constants. Left to the first requests, that costs about a second
 per kernel inside a forward pass (measured on an H200: 7 s of the first 6
 prefill steps). ``warm_up`` launches every kernel the CUDA backend can launch
 for one model shape on tiny scratch tensors whose strides and alignments match
-the real ones: scoring, Ada-KV's allocation, compaction, and the head-wise
-decode with and without split-K (every power-of-two split count the default
-heuristic can choose), and the variants for head-pages pooled across layers (the
-all-layers compaction and the decode over chunk tables, on a two-layer buffer; the
-plan kernel's layer tile covers groups of up to 64 layers, ``num_layers`` compiles
-the one of a larger group), and with ``gvote_samples`` GVote's vote (voter attention
-and the top-list mass kernel, whose voter count is compiled in). Also the decode's
+the real ones: scoring, Ada-KV's allocation, compaction (in place and into
+destination blocks apart from the sources, ``dst_blocks``: both launch the same
+variants, both are launched here), and the head-wise decode with and without
+split-K (every power-of-two split count the default heuristic can choose), and the
+variants for head-pages pooled across layers (the all-layers compaction and the
+decode over chunk tables, on a two-layer buffer; the plan kernel's layer tile covers
+groups of up to 64 layers, ``num_layers`` compiles the one of a larger group), and
+with ``gvote_samples`` GVote's vote (voter attention and the top-list mass kernel,
+whose voter count is compiled in). Also the decode's
 balanced-split variant (forward and reduce, single-layer and pooled) on the grid the
 default picks at some batch sizes (``default_balance_splits``). Settings a request overrides
 (another window, say) may still compile on first use.
@@ -60,11 +62,14 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     # Two requests of different lengths (several score tiles, partial last blocks).
     lengths = [window + 4 * 64 + block_size + 3, window + 2 * block_size + 1]
     blocks = -(-max(lengths) // block_size) + 2
-    # Caches as the backend sees them: [nb, H, bs, 2D] per layer, keys then values.
-    kv = torch.randn(2 * blocks + 1, num_kv_heads, block_size, 2 * head_dim, device=device,
+    # Caches as the backend sees them: [nb, H, bs, 2D] per layer, keys then values; the
+    # requests' blocks, then as many fresh ones (compaction destinations).
+    kv = torch.randn(4 * blocks + 1, num_kv_heads, block_size, 2 * head_dim, device=device,
                      dtype=dtype)
     key_cache, value_cache = kv[..., :head_dim], kv[..., head_dim:]
     table = torch.arange(1, 2 * blocks + 1, dtype=torch.int32, device=device).view(2, blocks)
+    fresh = torch.arange(2 * blocks + 1, 4 * blocks + 1, dtype=torch.int32,
+                         device=device).view(2, blocks)
     queries = torch.randn(2, window, num_q_heads, head_dim, device=device, dtype=dtype)
     budgets = [window + 2 * block_size, window + block_size]
     # Keep masks of two shapes (as two methods' selections would give) for the compaction.
@@ -77,7 +82,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
                 masks[r, h, length - keep : length] = True
         method_masks.append(masks)
         compact_rows_triton(key_cache, value_cache, table, [1, 0], masks,
-                            [-(-n // block_size) for n in lengths])
+                            [-(-n // block_size) for n in lengths],
+                            dst_blocks=fresh if shift else None)
     if "scoring" in families:
         score_windows_triton(queries, key_cache, table, [1, 0], lengths, head_dim**-0.5,
                              gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel)
@@ -100,9 +106,11 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     all_keys, all_values = kv_all[..., :head_dim], kv_all[..., head_dim:]
     layer_bases = torch.arange(layers, dtype=torch.int32, device=device) * layer_blocks
     pooled_masks = torch.stack([method_masks[k % 2] for k in range(layers)], dim=1)
-    for kept_blocks in ([None, None], [-(-n // block_size) for n in lengths]):
+    for kept_blocks, dst_blocks in (([None, None], fresh),
+                                    ([-(-n // block_size) for n in lengths], None)):
         _, _, chunk_layer, kept = compact_pooled_rows_triton(
-            all_keys, all_values, table, [1, 0], pooled_masks, layer_bases, kept_blocks)
+            all_keys, all_values, table, [1, 0], pooled_masks, layer_bases, kept_blocks,
+            dst_blocks=dst_blocks)
     # Decode: page ranges of 2 slots x 2 layers (the layer-1 column starts off 16 bytes).
     pages = torch.zeros(2, 2, num_kv_heads, dtype=torch.int32, device=device)
     counts = torch.full_like(pages, 2 * block_size)
