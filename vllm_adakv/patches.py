@@ -4,7 +4,9 @@ vLLM 0.32 has extension points for attention backends (register_backend), KV
 cache specs and their managers (KVCacheSpecRegistry) and general plugins, but
 none for: extra CLI flags, validating a plugin's additional_config at start-up,
 giving an attention backend the model runner of its batch rows, sending a
-worker's numbers to the scheduler without a KV connector (patch_kept_block_reports),
+worker's numbers to the scheduler without a KV connector (patch_kept_block_reports) or
+block ids to the workers (patch_scheduler), editing a running request's worker block
+table (_place_compaction_targets), capping a request's prefix-cache hit,
 or showing an engine process's metrics on /metrics (record_metrics_to_files).
 """
 
@@ -155,6 +157,34 @@ def patch_model_runner() -> None:
     setattr(__init__, _MARK, True)
     GPUModelRunner.__init__ = __init__  # type: ignore[method-assign]
     _keep_prompt_steps_out_of_full_graphs(GPUModelRunner)
+    _place_compaction_targets(GPUModelRunner)
+
+
+def _place_compaction_targets(runner_cls: Any) -> None:
+    """Each step's compaction targets reach the worker context, and the previous step's
+    go into the block-table rows, before vLLM copies the rows to the device.
+
+    Why: vLLM's worker keeps a running request's block-table row append-only (it applies
+    only new block ids), while with prefix caching a compressed request's first blocks
+    are replaced by its targets (``worker/targets.py``); no hook runs between vLLM's
+    ``_update_states`` and the upload of the rows in ``_prepare_inputs``.
+    """
+    from vllm_adakv.worker.context import context_of
+
+    orig = runner_cls._update_states
+    if _already(orig):
+        return
+
+    @functools.wraps(orig)
+    def _update_states(self, scheduler_output, *args: Any, **kwargs: Any):
+        result = orig(self, scheduler_output, *args, **kwargs)
+        ctx = context_of(self)
+        if ctx is not None and ctx.cfg.enabled:
+            ctx.targets.update(self, scheduler_output)
+        return result
+
+    setattr(_update_states, _MARK, True)
+    runner_cls._update_states = _update_states
 
 
 def _keep_prompt_steps_out_of_full_graphs(runner_cls: Any) -> None:
@@ -267,16 +297,25 @@ def record_metrics_to_files(collecting_pid: int | None) -> None:
 
 
 def patch_scheduler() -> None:
-    """Tell the KV manager each request's per-request compression settings, keep the
-    requests it compresses out of the prefix cache, and apply the workers' kept-block
-    reports (GVote).
+    """Tell the KV manager each request's per-request compression settings, cap a
+    compressed request's prefix-cache hit, send compaction targets to the workers, and
+    apply the workers' kept-block reports (GVote).
 
     Why: vLLM's KVCacheManager passes only the request id down to a single-type
     manager's ``remove_skipped_blocks``; the request's SamplingParams (where
     vllm_xargs land) are seen by the scheduler alone. Record them on admission,
     drop them when the request's blocks are finally freed. The prefix-cache lookup
-    happens in ``KVCacheManager.get_computed_blocks``, above the managers, and reads
-    the request's own ``skip_reading_prefix_cache``: admission is where to set it.
+    (``KVCacheManager.get_computed_blocks``) runs above the managers with vLLM's own
+    limit (``num_tokens - 1``); a compressed request must compute its observation
+    window, so its hit is looked up again up to the manager's ``hit_cap``.
+
+    Compaction targets (prefix caching on; ``scheduler/manager.py``) are blocks the
+    managers take during ``schedule()`` that no block table holds yet; the worker
+    cannot guess their ids, and vLLM's scheduler-to-worker message has no field for
+    them. They ride on the SchedulerOutput as an extra attribute
+    (``protocol.TARGETS_ATTR``), which vLLM never reads and pickles with it to every
+    worker (all tensor-parallel ranks get the same ids); a KV connector's metadata
+    would carry them too, at the costs listed in ``patch_kept_block_reports``.
 
     Kept-block reports (``scheduler/kept_reports.py``) ride on the ModelRunnerOutput
     (patch_kept_block_reports) and are applied after vLLM has processed that output.
@@ -285,10 +324,12 @@ def patch_scheduler() -> None:
     compression is never taken for the next one. A connector cannot do this: its
     scheduler side hears of no preemption.
     """
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_adakv.protocol import entries_of
+    from vllm_adakv.protocol import TARGETS_ATTR, entries_of
     from vllm_adakv.scheduler.kept_reports import book_of
+    from vllm_adakv.scheduler.manager import compressed_managers
 
     if _already(Scheduler.add_request):
         return
@@ -296,20 +337,40 @@ def patch_scheduler() -> None:
     orig_free = Scheduler._free_blocks
     orig_update = Scheduler.update_from_output
     orig_preempt = Scheduler._preempt_request
+    orig_schedule = Scheduler.schedule
+    orig_computed = KVCacheManager.get_computed_blocks
 
     def add_request(self, request, *a, **kw):
         book = book_of(self)
         if book is not None:
             params = request.sampling_params
-            compressed = [manager.record_request(
-                request.request_id, params.extra_args if params is not None else None,
-                params.max_tokens if params is not None else None,
-                request.num_prompt_tokens) for manager in book.managers]
-            if any(compressed):
-                # Its first blocks will be rewritten by compaction: no prefix-cache hit
-                # may stand in for them (the managers hash none of its blocks either).
-                request.skip_reading_prefix_cache = True
+            for manager in book.managers:
+                manager.record_request(
+                    request.request_id, params.extra_args if params is not None else None,
+                    params.max_tokens if params is not None else None,
+                    request.num_prompt_tokens)
         return orig_add(self, request, *a, **kw)
+
+    def get_computed_blocks(self, request, *a, **kw):
+        blocks, num_hit, boundary = orig_computed(self, request, *a, **kw)
+        if num_hit:
+            caps = [c for m in compressed_managers(self)
+                    if (c := m.hit_cap(request)) is not None]
+            if caps and num_hit > min(caps):
+                computed, num_hit, _ = self.coordinator.find_longest_cache_hit(
+                    request.block_hashes, min(caps))
+                blocks, boundary = self.create_kv_cache_blocks(computed), 0
+        return blocks, num_hit, boundary
+
+    def schedule(self, *a, **kw):
+        output = orig_schedule(self, *a, **kw)
+        book = book_of(self)
+        if book is not None:
+            targets = {m.kv_cache_group_id: new for m in book.managers
+                       if (new := m.take_new_targets())}
+            if targets:
+                setattr(output, TARGETS_ATTR, targets)
+        return output
 
     def _free_blocks(self, request, *a, **kw):
         try:
@@ -336,12 +397,15 @@ def patch_scheduler() -> None:
             book.on_preempt(request)
         return orig_preempt(self, request, *a, **kw)
 
-    for fn in (add_request, _free_blocks, update_from_output, _preempt_request):
+    for fn in (add_request, _free_blocks, update_from_output, _preempt_request, schedule,
+               get_computed_blocks):
         setattr(fn, _MARK, True)
     Scheduler.add_request = add_request  # type: ignore[method-assign]
     Scheduler._free_blocks = _free_blocks  # type: ignore[method-assign]
     Scheduler.update_from_output = update_from_output  # type: ignore[method-assign]
     Scheduler._preempt_request = _preempt_request  # type: ignore[method-assign]
+    Scheduler.schedule = schedule  # type: ignore[method-assign]
+    KVCacheManager.get_computed_blocks = get_computed_blocks  # type: ignore[method-assign]
 
 
 def patch_kept_block_reports() -> None:

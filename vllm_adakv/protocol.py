@@ -8,6 +8,10 @@ objects both sides share:
   scheduler side, whose KV manager plans each request with it (``plan``): both sides
   call ``memory.plan_compression`` with the same inputs and so agree on the blocks a
   compressed request keeps, without a message.
+- Compaction targets (prefix caching on): the blocks each KV cache group's manager took
+  this step for requests whose prompt ends in it, ``{group id: {request id: block
+  ids}}`` on the SchedulerOutput (attribute ``TARGETS_ATTR``, ``targets_of``): the
+  workers compact those requests into them.
 - Kept-block reports (measured plans, GVote): ``KeptBlocks`` entries that a worker hangs
   on its ``ModelRunnerOutput`` (attribute ``ATTR``), gathered over tensor-parallel ranks
   by ``KeptBlocksAggregator`` in the executor, and read by the scheduler
@@ -27,6 +31,13 @@ from vllm_adakv.overrides import Overrides, resolve
 
 # The ModelRunnerOutput attribute that carries a step's entries (a tuple of KeptBlocks).
 ATTR = "adakv_kept_blocks"
+# The SchedulerOutput attribute that carries a step's compaction targets.
+TARGETS_ATTR = "adakv_targets"
+
+
+def targets_of(scheduler_output: Any) -> dict[int, dict[str, list[int]]]:
+    """The compaction targets a step's SchedulerOutput carries, by KV cache group id."""
+    return getattr(scheduler_output, TARGETS_ATTR, None) or {}
 
 
 @dataclass(frozen=True, kw_only=True)

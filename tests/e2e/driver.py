@@ -68,9 +68,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for idx in arrivals.get(step, []):
             r = requests[idx]
             ids = tiny_prompt_token_ids(r["len"], seed=r.get("seed", idx), vocab_size=vocab)
-            if "prefix" in r:  # [length, seed] of a prefix shared with other requests
-                ids = tiny_prompt_token_ids(r["prefix"][0], seed=r["prefix"][1],
-                                            vocab_size=vocab) + ids
+            # [length, seed] of the parts before its own tokens: "prefix", then "parts"
+            head = ([r["prefix"]] if "prefix" in r else []) + r.get("parts", [])
+            ids = [t for length, seed in head for t in tiny_prompt_token_ids(
+                length, seed=seed, vocab_size=vocab)] + ids
             params = SamplingParams(temperature=0, max_tokens=r.get("max_tokens", 16),
                                     ignore_eos=True,
                                     extra_args=spec.get("request_extra_args", {}).get(str(idx)))

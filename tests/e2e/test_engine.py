@@ -48,10 +48,14 @@ def test_compression_changes_only_long_prompts(small_model):
     assert compiled["released_blocks"] == comp["released_blocks"] > 0
 
 
-def test_blocks_released_after_prefill(fat_kv_model):
-    """One 1000-token request: blocks in use drop by exactly the plan's release."""
+@pytest.mark.parametrize("caching", [True, False])
+def test_blocks_released_after_prefill(fat_kv_model, caching):
+    """One 1000-token request: blocks in use drop by exactly the plan's release. With
+    prefix caching the compaction targets are taken with the prompt's last chunk and the
+    whole prompt goes back at the release (its full blocks still cached)."""
     spec = {"model_dir": str(fat_kv_model), "compression": ADAKV, "trace": True,
-            "requests": [{"len": 1000, "max_tokens": 8}]}
+            "requests": [{"len": 1000, "max_tokens": 8}],
+            "engine": {"enable_prefix_caching": caching}}
     res = run_scenario(spec)
     plan = plan_compression(KVCompressionConfig(**ADAKV), 1000, num_kv_heads=8, block_size=32,
                             num_layers=4)
@@ -60,13 +64,14 @@ def test_blocks_released_after_prefill(fat_kv_model):
     assert plan.kept_blocks * 32 >= ADAKV["budget"]
     assert plan.kept_blocks <= -(-ADAKV["budget"] // 32) + 1
     assert plan.tail_block == 1000 // 32
+    targets = plan.kept_blocks if caching else 0
     free = [t["free"] for t in res["trace"]]
     total = res["free_start"]
-    assert total - free[0] == -(-1000 // 32)  # the prefill holds the whole prompt
+    assert total - free[0] == -(-1000 // 32) + targets  # the prefill holds the prompt
     # The first change after the prefill is the release (one step later under async
     # scheduling, where a step's output is processed after the next one is scheduled).
     changes = [b - a for a, b in zip(free, free[1:], strict=False) if b != a]
-    assert changes[0] == plan.released_blocks
+    assert changes[0] == plan.released_blocks + targets
     assert res["released_blocks"] == plan.released_blocks
     assert res["free_end"] == res["free_start"]
 

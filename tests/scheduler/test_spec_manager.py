@@ -21,7 +21,6 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 
 from vllm_adakv.config import KVCompressionConfig  # noqa: E402
 from vllm_adakv.memory import plan_compression  # noqa: E402
-from vllm_adakv.overrides import overrides_of  # noqa: E402
 from vllm_adakv.protocol import CompressedAttentionSpec  # noqa: E402
 from vllm_adakv.scheduler.manager import CompressedKVManager, register_spec  # noqa: E402
 
@@ -311,47 +310,3 @@ def test_random_sweep_with_real_block_pool():
                 raise AssertionError(f"{ctx}: {exc}") from exc
         manager.free("q")
         assert pool.get_num_free_blocks() == start, ctx
-
-
-def _request(request_id: str, prompt_len: int, extra_args: dict | None = None):
-    """A vLLM Request with block hashes, as the engine core makes it with prefix caching."""
-    from vllm import SamplingParams
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.request import Request
-
-    hash_fn = get_hash_fn_by_name("sha256")
-    init_none_hash(hash_fn)
-    ids = [random.randrange(3, 500) for _ in range(prompt_len)]
-    return Request(request_id, ids, SamplingParams(max_tokens=8, extra_args=extra_args), None,
-                   block_hasher=get_request_block_hasher(BS, hash_fn))
-
-
-@pytest.mark.parametrize("prompt_len,extra_args,compressed", [
-    (500, None, True),  # budget 64 < prompt
-    (60, None, False),  # within the budget
-    (500, {"kv_compression": "none"}, False),  # opted out
-    (500, {"kv_budget": 1024}, False),  # its own budget covers the prompt
-])
-def test_only_uncompressed_requests_fill_the_prefix_cache(prompt_len, extra_args, compressed):
-    """With prefix caching on, a request the group compresses gets no block hashed (its
-    first blocks are rewritten by compaction, the next released); any other request's
-    full blocks are hashed as vLLM does. Release and free keep the pool's count exact."""
-    spec = _wrapped()
-    manager, pool = _manager(spec, caching=True)
-    start = pool.get_num_free_blocks()
-    req = _request("r", prompt_len, extra_args)
-    assert manager.record_request("r", extra_args, 8, prompt_len) is compressed
-    manager.allocate_new_blocks("r", prompt_len, prompt_len)
-    manager.cache_blocks(req, prompt_len, replay_boundaries=())
-    hashed = [b.block_hash is not None for b in manager.req_to_blocks["r"]]
-    assert hashed == [not compressed and i < prompt_len // BS for i in range(len(hashed))]
-    manager.remove_skipped_blocks("r", prompt_len, num_prompt_tokens=prompt_len)
-    plan = spec.plan(prompt_len, overrides_of(extra_args))
-    assert (plan is not None) is compressed
-    released = plan.released_blocks if compressed else 0
-    assert manager.num_released_blocks_total == released
-    manager.free("r")
-    manager.forget_request("r")
-    assert pool.get_num_free_blocks() == start  # cached blocks count as free, as in vLLM
-    assert manager.record_request("r", extra_args, 8, prompt_len) is compressed  # again

@@ -8,12 +8,18 @@ request's prompt is fully processed, replaces the blocks in
 ``[kept_blocks, tail_block)`` by the null block and returns them to the
 ``BlockPool`` (the same mechanism vLLM's R-SWA manager uses for its middle gap).
 
-Prefix caching: compaction rewrites a compressed request's first blocks in place, so
-those blocks must never be shared. A request that will be compressed neither reads the
-prefix cache (``patches.patch_scheduler`` sets vLLM's ``skip_reading_prefix_cache`` on
-it) nor writes it (``cache_blocks`` hashes none of its blocks); every other request
-(prompt within its budget, opted out, compression off) uses vLLM's prefix cache as in
-vanilla vLLM.
+Prefix caching (docs/architecture.md, "Prefix caching"): a compressed request may hit
+cached blocks of its prompt, up to ``hit_cap`` (its observation window is always
+computed); its full prompt blocks are hashed as in vanilla vLLM (computed densely, they
+are exact), its tail and generated blocks never (their KV attended to the compressed
+cache). Compaction must never write a hashed or shared block, so with caching on a
+compressed request gets ``kept_blocks`` fresh blocks (``targets``) at the allocation
+that reaches the end of its prompt, sent to the workers (``take_new_targets``); the
+workers compact into them. At the release the targets take the places ``[0, m)`` of
+its block list, ``[m, T)`` become null blocks, and every old prompt block goes back to
+the pool through ``free_blocks``: still hashed, at the LRU end, so the next turn of a
+conversation or another request with the prefix hits them. With caching off, nothing
+can share a block, and compaction writes into the request's own first blocks.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_adakv import metrics
 from vllm_adakv.memory import CompressionPlan
+from vllm_adakv.methods import get_method
 from vllm_adakv.overrides import Overrides, overrides_of
 from vllm_adakv.protocol import CompressedAttentionSpec
 
@@ -48,13 +56,18 @@ class CompressedKVManager(FullAttentionManager):
         # from admission (``record_request``) until their blocks are freed.
         self._overrides: dict[str, Overrides] = {}
         self._max_tokens: dict[str, int] = {}
-        # Requests this group compresses: kept out of the prefix cache (module doc).
-        self._compressed: set[str] = set()
+        # Requests this group compresses -> prompt length, from admission until freed.
+        self._prompt_len: dict[str, int] = {}
+        # Prefix caching on: compaction targets taken and not yet swapped in (module doc),
+        # and the ids of those taken since the last schedule() ended, for the workers.
+        self._targets: dict[str, list[KVCacheBlock]] = {}
+        self._new_targets: dict[str, list[int]] = {}
+        self.num_target_blocks_total = 0
 
     def record_request(self, request_id: str, extra_args: dict | None,
                        max_tokens: int | None, num_prompt_tokens: int) -> bool:
         """A request the scheduler admits (``patches.patch_scheduler``); returns whether
-        this group will compress it (then it must not read the prefix cache)."""
+        this group will compress it."""
         overrides = overrides_of(extra_args)
         if overrides:
             self._overrides[request_id] = overrides
@@ -64,21 +77,78 @@ class CompressedKVManager(FullAttentionManager):
         assert isinstance(spec, CompressedAttentionSpec)
         if spec.plan(num_prompt_tokens, overrides) is None:
             return False
-        self._compressed.add(request_id)
+        self._prompt_len[request_id] = num_prompt_tokens
         return True
 
     def forget_request(self, request_id: str) -> None:
         """A request whose blocks the scheduler freed."""
         self._overrides.pop(request_id, None)
         self._max_tokens.pop(request_id, None)
-        self._compressed.discard(request_id)
+        self._prompt_len.pop(request_id, None)
+
+    def _plan(self, request_id: str) -> CompressionPlan | None:
+        length = self._prompt_len.get(request_id)
+        if length is None:
+            return None
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        return spec.plan(length, self._overrides.get(request_id, ()))
+
+    def hit_cap(self, request: Any) -> int | None:
+        """The longest prefix-cache hit a compressed request may take (None: vLLM's own
+        rule). Methods that score with the last ``window`` queries of the prompt need those
+        computed: the hit stops at the last block boundary at or before ``L - window``."""
+        length = self._prompt_len.get(request.request_id)
+        if length is None:
+            return None
+        spec = self.kv_cache_spec
+        assert isinstance(spec, CompressedAttentionSpec)
+        cfg = spec.config_for(length, self._overrides.get(request.request_id, ()))
+        cap = length - 1
+        if get_method(cfg.method).needs_window_queries:
+            cap = (length - cfg.window) // self.block_size * self.block_size
+        return max(0, min(cap, request.num_tokens - 1))
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
-        """vLLM's prefix caching of the request's full blocks, except for a compressed
-        request: its first blocks are rewritten by compaction, the others released."""
-        if request.request_id in self._compressed:
-            return
+        """vLLM's prefix caching of the request's full blocks; a compressed request's only
+        up to its last full prompt block (its tail and generated tokens attend to the
+        compressed cache: their KV is not what an uncompressed request would compute)."""
+        length = self._prompt_len.get(request.request_id)
+        if length is not None:
+            num_tokens = min(num_tokens, length // self.block_size * self.block_size)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+    def _needs_targets(self, request_id: str, num_tokens: int) -> CompressionPlan | None:
+        """The plan of a compressed request whose allocation reaches the end of its prompt
+        now and needs compaction targets (prefix caching on, none taken yet)."""
+        if (not self.block_pool.enable_caching or request_id in self._targets
+                or request_id in self._released):
+            return None
+        length = self._prompt_len.get(request_id)
+        if length is None or num_tokens < length:
+            return None
+        return self._plan(request_id)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, *args: Any,
+                            **kwargs: Any) -> list[KVCacheBlock]:
+        """vLLM's allocation, plus the compaction targets on the allocation that reaches the
+        end of a compressed prompt (counted by ``get_num_blocks_to_allocate``). They stay
+        out of the block list (and so out of vLLM's block tables) until the release."""
+        new_blocks = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+        plan = self._needs_targets(request_id, num_tokens)
+        if plan is not None:
+            targets = self.block_pool.get_new_blocks(plan.kept_blocks)
+            assert all(self.block_pool.is_block_writable(b) for b in targets)
+            self._targets[request_id] = targets
+            self._new_targets[request_id] = [b.block_id for b in targets]
+            self.num_target_blocks_total += len(targets)
+        return new_blocks
+
+    def take_new_targets(self) -> dict[str, list[int]]:
+        """Block ids of the targets taken since the last call (the schedule() pass that
+        ends now), by request; the workers compact into them in this step."""
+        new, self._new_targets = self._new_targets, {}
+        return new
 
     def reserved_blocks(self) -> int:
         """Blocks the compressed running requests still need for their reserved output."""
@@ -90,9 +160,13 @@ class CompressedKVManager(FullAttentionManager):
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
                                    *args: Any, **kwargs: Any) -> int:
-        """vLLM's count, plus the reserve when ``request_id`` is being admitted (it holds
-        no block yet): running requests grow into the reserve, new ones never take it."""
+        """vLLM's count, plus the compaction targets where the allocation takes them, plus
+        the reserve when ``request_id`` is being admitted (it holds no block yet): running
+        requests grow into the reserve, new ones never take it."""
         needed = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
+        plan = self._needs_targets(request_id, num_tokens)
+        if plan is not None:
+            needed += plan.kept_blocks
         if self._reserve_until and not self.req_to_blocks.get(request_id):
             needed += self.reserved_blocks()
         return needed
@@ -118,7 +192,15 @@ class CompressedKVManager(FullAttentionManager):
             metrics.record_skipped()
             return
         before = self.block_pool.get_num_free_blocks()
-        self._remove_blocks_in_range(request_id, plan.kept_blocks, plan.tail_block)
+        targets = self._targets.pop(request_id, None)
+        if targets is not None:
+            self._swap_in_targets(request_id, plan, targets)
+            before += len(targets)  # taken from the pool for this compaction
+        elif self.block_pool.enable_caching:
+            raise RuntimeError(f"vllm-adakv: compressed request {request_id} reached its "
+                               "release without compaction targets")
+        else:
+            self._remove_blocks_in_range(request_id, plan.kept_blocks, plan.tail_block)
         released = self.block_pool.get_num_free_blocks() - before
         self.num_released_blocks_total += released
         metrics.record_released_blocks(released)
@@ -130,12 +212,30 @@ class CompressedKVManager(FullAttentionManager):
             tokens = reserve if limit is None else min(reserve, limit)
             self._reserve_until[request_id] = num_prompt_tokens + tokens
 
-    def pop_blocks_for_free(self, request_id: str):  # noqa: ANN201 (vLLM's type)
+    def _swap_in_targets(self, request_id: str, plan: CompressionPlan,
+                         targets: list[KVCacheBlock]) -> None:
+        """The targets (holding the compacted pages) become blocks ``[0, m)``, ``[m, T)``
+        null blocks; the old prompt blocks go back to the pool, hashed ones still hashed
+        (vLLM's ``free_blocks``: the LRU end; shared ones just lose this reference), the
+        last block first to be evicted, as vLLM frees a finished request's."""
+        blocks = self.req_to_blocks[request_id]
+        m, tail = plan.kept_blocks, plan.tail_block
+        old = blocks[:tail]
+        blocks[:m] = targets
+        blocks[m:tail] = [self._null_block] * (tail - m)
+        self.block_pool.free_blocks([b for b in reversed(old) if not b.is_null])
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        """vLLM's, plus targets not swapped in yet (finished, aborted or preempted between
+        the allocation that took them and the release)."""
         self._released.discard(request_id)
         self._reserve_until.pop(request_id, None)
         self._kept_applied.pop(request_id, None)
         self._kept_pending.pop(request_id, None)
-        return super().pop_blocks_for_free(request_id)
+        self._new_targets.pop(request_id, None)
+        blocks = super().pop_blocks_for_free(request_id)
+        targets = self._targets.pop(request_id, None)
+        return blocks + targets if targets else blocks
 
     def apply_kept_blocks(self, request_id: str, num_prompt_tokens: int,
                           kept_blocks: int) -> int:

@@ -19,6 +19,7 @@ from vllm_adakv.protocol import CompressedAttentionSpec
 from vllm_adakv.worker.batch import RowPlan, StepPlan, build_step_plan
 from vllm_adakv.worker.compressor import CompactedRow, CompressionStore, LayerCache
 from vllm_adakv.worker.context import WorkerContext, current
+from vllm_adakv.worker.targets import group_of
 
 # A layer's KV tensor -> its logical [num_blocks, H, block_size, D] key and value views.
 SplitKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -53,7 +54,8 @@ def compression_store(ctx: WorkerContext, spec: CompressedAttentionSpec) -> Comp
     if (store is None or store.cfg != spec.compression
             or store.layer_indices != spec.compressed_layers):
         store = CompressionStore(spec.compression, spec.compressed_layers,
-                                 tensor_parallel_shard(), ctx.reports)
+                                 tensor_parallel_shard(), ctx.reports,
+                                 require_targets=ctx.prefix_caching)
         ctx.store = store
     return store
 
@@ -83,14 +85,19 @@ class CompressedBuilder:
         self.store = compression_store(self.ctx, self.kv_cache_spec)
         self.store.bind_layers({extract_layer_index(n): n for n in layer_names})
         self.layer_names = list(layer_names)
+        self.group_id: int | None = None  # KV cache group, read at the first step
         return True
 
     def begin_step(self, cm: Any) -> StepPlan:
         """This step's compressible rows, the store told of them."""
         seq_lens_cpu = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                         else cm.seq_lens.cpu())
-        step = build_step_plan(self.ctx.runner, cm.num_reqs, cm.query_start_loc_cpu,
-                               seq_lens_cpu[: cm.num_reqs], self.kv_cache_spec)
+        runner = self.ctx.runner
+        if self.group_id is None:
+            self.group_id = group_of(runner, self.layer_names[0])
+        step = build_step_plan(runner, cm.num_reqs, cm.query_start_loc_cpu,
+                               seq_lens_cpu[: cm.num_reqs], self.kv_cache_spec,
+                               self.ctx.targets.step.get(self.group_id))
         self.store.begin_step(step)
         return step
 

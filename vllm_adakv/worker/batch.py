@@ -24,6 +24,9 @@ class RowPlan:
     plan: CompressionPlan
     # The request's own settings when its vllm_xargs override the server's; else None.
     cfg: KVCompressionConfig | None = None
+    # Blocks to compact into in this step (prefix caching on: ``worker/targets.py``);
+    # None: its own first blocks.
+    targets: list[int] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -72,13 +75,15 @@ def build_step_plan(
     query_start_loc_cpu: torch.Tensor,
     seq_lens_cpu: torch.Tensor,
     spec: Any,
+    targets: dict[str, list[int]] | None = None,
 ) -> StepPlan:
     """Rows whose request is compressible (``spec.plan(...)`` is not None), read from the
     model runner's request table (``runner.input_batch`` and ``runner.requests``).
 
     ``spec`` is the layer group's ``CompressedAttentionSpec``: it plans each request
     with the server's settings or, where the request's vllm_xargs override them,
-    with the request's own (then carried by the row as ``cfg``).
+    with the request's own (then carried by the row as ``cfg``). ``targets``: this
+    step's compaction targets of the group by request id.
     """
     batch = runner.input_batch
     req_ids = list(batch.req_ids[:num_reqs])
@@ -104,6 +109,7 @@ def build_step_plan(
                 query_len=q_len,
                 plan=plan,
                 cfg=cfg,
+                targets=targets.get(req_ids[i]) if targets else None,
             )
         )
     return StepPlan(rows=rows, live_req_ids=frozenset(runner.requests.keys()))

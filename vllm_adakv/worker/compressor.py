@@ -165,9 +165,12 @@ class CompressionStore:
     """All compressible requests of this worker, by request id."""
 
     def __init__(self, cfg: KVCompressionConfig, layer_indices: tuple[int, ...],
-                 tp_shard: tuple[int, int] = (0, 1), reports: KeptBlockPosts | None = None
-                 ) -> None:
+                 tp_shard: tuple[int, int] = (0, 1), reports: KeptBlockPosts | None = None,
+                 require_targets: bool = False) -> None:
         self.cfg = cfg
+        # Prefix caching on: a request's own first blocks may be shared or hashed, so every
+        # compaction writes into the targets the scheduler sent (``worker/targets.py``).
+        self.require_targets = require_targets
         # Where kept-block reports of measured plans go (the worker context's queue).
         self.reports = reports if reports is not None else KeptBlockPosts()
         self.tp_shard = tp_shard  # (rank, size): this worker's share of the heads
@@ -220,7 +223,8 @@ class CompressionStore:
         self._pending = keep
 
     def begin_step(self, step: StepPlan) -> None:
-        """Drop finished requests; restart requests whose prefill starts over (preemption).
+        """Drop finished requests; restart requests whose prefill starts over (preemption:
+        from the start, or from a prefix-cache hit once compressed before).
 
         Requests compressed in the previous step and not yet reported (a worker
         holding only some of the layers) are reported to the metrics here, and counts
@@ -233,7 +237,8 @@ class CompressionStore:
             del self.requests[req_id]
         for row in step.rows:
             state = self.requests.get(row.req_id)
-            if state is None or row.context_start == 0 or state.prompt_len != row.prompt_len:
+            if (state is None or row.context_start == 0 or state.prompt_len != row.prompt_len
+                    or (not row.compressed_before and (state.pages or state.pending_masks))):
                 self.requests[row.req_id] = RequestKV(prompt_len=row.prompt_len)
 
     def stash_window_queries(self, row: RowPlan, layer: str, query: torch.Tensor,
@@ -315,7 +320,8 @@ class CompressionStore:
         k = self.layer_indices.index(layer_idx)
         results = kernels.compact_rows_ranges(
             cache.key, cache.value, block_table, [r.row for r in rows], masks,
-            [r.plan.kept_blocks for r in rows])
+            [r.plan.kept_blocks for r in rows],
+            dst_blocks=self._destinations(rows, cache.key.device))
         done = []
         heads = cache.key.shape[1]
         capacities = on_device([r.plan.kept_blocks * heads for r in rows], torch.int32,
@@ -350,7 +356,8 @@ class CompressionStore:
                 masks[i, k, :, : row.prompt_len] = pending[idx]
         page_start, counts, chunk_layer, kept_blocks = kernels.compact_pooled_rows(
             cache.all_key, cache.all_value, block_table, [r.row for r in rows], masks,
-            cache.layer_bases, [None if r.plan.measured else r.plan.kept_blocks for r in rows])
+            cache.layer_bases, [None if r.plan.measured else r.plan.kept_blocks for r in rows],
+            dst_blocks=self._destinations(rows, cache.key.device))
         chunk_base = cache.layer_bases.to(chunk_layer.device)[chunk_layer.long()]
         capacity = kept_blocks * heads
         names = [self._layer_names[idx] for idx in self.layer_indices]
@@ -367,6 +374,20 @@ class CompressionStore:
             self._store_pages(entry, names)
             done.append(entry)
         return done
+
+    def _destinations(self, rows: list[RowPlan], device: torch.device) -> torch.Tensor | None:
+        """The compaction targets of ``rows`` as a ``[R, W]`` block-id table (padded with
+        each row's first target), or None to compact into their own first blocks."""
+        targets = [r.targets for r in rows]
+        missing = [r.req_id for r in rows if r.targets is None]
+        if len(missing) == len(rows) and not self.require_targets:
+            return None
+        if missing:
+            raise RuntimeError(
+                f"vllm-adakv: requests {missing} complete their prompt without compaction "
+                "targets; with prefix caching their own blocks may be shared")
+        width = max(len(t) for t in targets)
+        return on_device([t + t[:1] * (width - len(t)) for t in targets], torch.int32, device)
 
     def _store_pages(self, entry: CompactedRow, layers: list[str]) -> None:
         row = entry.row

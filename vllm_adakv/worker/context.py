@@ -18,6 +18,7 @@ from typing import Any
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.worker.layer_views import LayerViews
 from vllm_adakv.worker.reports import KeptBlockPosts
+from vllm_adakv.worker.targets import CompactionTargets
 
 _ATTR = "_vllm_adakv_context"
 
@@ -25,7 +26,8 @@ _ATTR = "_vllm_adakv_context"
 class WorkerContext:
     """Compression state of one model runner: the model's settings, the per-request
     store and page pool (made by the first compressed layer group's builder), the
-    all-layers views of the KV buffers and the kept-block reports waiting for a step."""
+    all-layers views of the KV buffers, the kept-block reports waiting for a step and
+    the compaction targets of this step."""
 
     def __init__(self, runner: Any) -> None:
         vllm_config = runner.vllm_config
@@ -38,6 +40,9 @@ class WorkerContext:
         self.pool: Any = None  # worker.range_pool.RangePool (CUDA)
         self.views = LayerViews()
         self.reports = KeptBlockPosts()
+        self.targets = CompactionTargets()
+        # Prefix caching on: every compaction must write into targets (never in place).
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         # Set by the CUDA builder of a compressed group: a step with a prompt token must
         # stay out of full CUDA graphs (its per-layer compression work runs in Python).
         self.prompt_free_decode_graphs = False

@@ -28,6 +28,7 @@ from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
 from vllm_adakv.worker.batch import StepPlan
 from vllm_adakv.worker.compressor import CompressionStore, LayerCache
+from vllm_adakv.worker.targets import with_targets
 
 # Per-head-page layouts this backend can read and write (see logical_kv_views).
 SUPPORTED_ISAS = ("vec", "vec16")
@@ -113,12 +114,13 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
         _, completing = self.compress_prefills(
             store, [r for r in step.rows if not r.compressed_before], layer_name, layer_idx,
             query, output, cache, block_table, qsl)
-        # Own-tensor pages are compacted already: the head-wise path serves the rest.
-        headwise_rows += [(row, row.prompt_len - row.context_start) for row in completing
-                          if row.resumed and not row.plan.pooled]
+        # Own-tensor pages are compacted already: the head-wise path serves the rest
+        # (reading them where they went: the compaction targets, if any).
+        resumed = [row for row in completing if row.resumed and not row.plan.pooled]
+        headwise_rows += [(row, row.prompt_len - row.context_start) for row in resumed]
         if headwise_rows:
-            self._headwise(store, layer_name, headwise_rows, query, cache, block_table, qsl,
-                           output)
+            self._headwise(store, layer_name, headwise_rows, query, cache,
+                           with_targets(block_table, resumed), qsl, output)
         return output
 
     def _headwise(self, store: CompressionStore, layer_name, rows, query, cache: LayerCache,

@@ -52,6 +52,7 @@ from vllm_adakv.worker.batch import RowPlan, StepPlan
 from vllm_adakv.worker.compressor import CompressionStore
 from vllm_adakv.worker.context import WorkerContext
 from vllm_adakv.worker.range_pool import RangePool
+from vllm_adakv.worker.targets import with_targets
 
 logger = logging.getLogger("vllm.adakv")
 
@@ -80,6 +81,9 @@ class AdaKVTritonMetadata(TritonAttentionMetadata):
     layer_names: list[str] | None = None  # the compressed layers of this group
     store: CompressionStore | None = None  # this worker's compression state
     pool: RangePool | None = None
+    # The block table the head-wise kernel reads, where it differs from ``block_table``
+    # (a resumed row compacted into targets in this step: ``worker/targets.py``).
+    headwise_block_table: torch.Tensor | None = None
 
 
 class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuilder):
@@ -134,6 +138,7 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
         # and resumed requests whose chunk runs past the prompt (the later queries).
         table: list[tuple[int, int, int, int, int, int]] = []
         hidden: list[tuple[int, int]] = []
+        resumed: list[RowPlan] = []
         for r in step.rows:
             if r.compressed_before:
                 first = qsl[r.row]
@@ -141,6 +146,7 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
             elif r.resumed and not r.plan.pooled:
                 # (pooled pages are served before compaction by the impl: see forward)
                 first = qsl[r.row] + r.prompt_len - r.context_start
+                resumed.append(r)
             else:
                 continue
             table.append((r.row, self.pool.slot(r.req_id), first, qsl[r.row + 1],
@@ -166,7 +172,11 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
             rows = _row_table_padded(table, len(table)).pin_memory().to(self.device,
                                                                         non_blocking=True)
             num_tokens = sum(t[3] - t[2] for t in table)
-        return self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
+        metadata = self._metadata(dense, step, prefill_rows, qsl, rows, num_tokens)
+        if resumed:
+            # Resumed rows' pages are read where this step compacts them (their targets).
+            metadata.headwise_block_table = with_targets(dense.block_table, resumed)
+        return metadata
 
     def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
                         ) -> torch.Tensor:
@@ -255,7 +265,8 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
                 query.view(query.shape[0], heads_q, self.head_size),
                 cache.all_key, cache.all_value,
                 pool.page_start[:, layer_idx], pool.kept_counts[:, layer_idx],
-                block_table, attn_metadata.headwise_rows,
+                (block_table if attn_metadata.headwise_block_table is None
+                 else attn_metadata.headwise_block_table), attn_metadata.headwise_rows,
                 attn_metadata.num_headwise_tokens, self.scale,
                 output.view(output.shape[0], heads_q, self.head_size),
                 chunk_base=pool.chunk_base, capacity=pool.capacity, layer_base=cache.base,
