@@ -8,6 +8,11 @@ pooled pages of each request use, and the scheduler releases the rest of the cap
   second compression is dropped; the second compression's report is applied.
 - TP = 2 (multiprocess executor, gloo): each rank reports its own count and the
   scheduler releases what no rank uses (max over ranks).
+
+Prefix caching off: these tests read which blocks a request's list holds step by step,
+and with caching off compaction stays in the request's own first blocks (with caching
+on it goes to fresh target blocks first: tests/e2e/test_gvote.py and
+test_prefix_caching.py cover GVote there).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ LAYERS, KV_HEADS, BLOCK = 2, 2, 32  # small_model, driver's block size
 SECTION = {"method": "gvote", "window": 16, "max_budget": 256, "gvote_p": 0.2,
            "pool_kernel": 1}
 CFG = KVCompressionConfig(**SECTION)
+NO_CACHING = {"enable_prefix_caching": False}
 
 
 def _plan(prompt_len: int, heads: int = KV_HEADS):
@@ -44,8 +50,8 @@ def test_report_releases_what_the_pages_do_not_use(small_model):
     requests = [{"len": 700, "seed": i, "max_tokens": 12 if i == 0 else 6} for i in range(3)]
     spec = {"model_dir": str(small_model), "requests": requests, "compression": SECTION,
             "arrive_at_step": {"0": [0], "2": [1], "3": [2]}, "max_model_len": 1024,
-            "engine": {"num_gpu_blocks_override": 48}, "trace": True, "blocks_trace": True,
-            "worker_kept_blocks": True}
+            "engine": {**NO_CACHING, "num_gpu_blocks_override": 48}, "trace": True,
+            "blocks_trace": True, "worker_kept_blocks": True}
     log: list[str] = []
     res = run_scenario(spec, stderr=log)
     base = run_scenario({**spec, "apply_kept_reports": False})
@@ -96,7 +102,7 @@ def test_late_report_of_a_preempted_compression_is_dropped(small_model):
                 {"len": 703, "seed": 1, "max_tokens": 24}]
     spec = {"model_dir": str(small_model), "requests": requests, "compression": SECTION,
             "arrive_at_step": {"0": [0], "1": [1]}, "max_model_len": 768,
-            "engine": {"num_gpu_blocks_override": 32}, "delay_kept_reports": 10,
+            "engine": {**NO_CACHING, "num_gpu_blocks_override": 32}, "delay_kept_reports": 10,
             "trace": True, "blocks_trace": True}
     log: list[str] = []
     res = run_scenario(spec, stderr=log)
@@ -130,7 +136,8 @@ def test_tp2_releases_what_no_rank_uses(small_model):
     # (measured: 4 vs 3 and 7 vs 6 of the cap's 8), so max and min differ.
     section = {**SECTION, "gvote_p": 0.8}
     spec = {"model_dir": str(small_model), "requests": requests, "compression": section,
-            "engine": {"tensor_parallel_size": 2}, "trace": True, "worker_kept_blocks": True}
+            "engine": {**NO_CACHING, "tensor_parallel_size": 2}, "trace": True,
+            "worker_kept_blocks": True}
     log: list[str] = []
     res = run_scenario(spec, stderr=log, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     cfg = KVCompressionConfig(**section)
