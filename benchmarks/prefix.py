@@ -145,12 +145,13 @@ def compare(p: dict, vanilla: dict) -> dict:
 
 
 def point_key(p: dict) -> tuple:
-    return (p["workload"], p["method"], p.get("ratio"), p.get("budget"))
+    return (p["workload"], p["method"], p.get("ratio"), p.get("budget"), p.get("stagger_s"))
 
 
 def merge_points(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` with each point of ``new`` in place of the one with its key (workload,
-    method, ratio, budget), the others appended; in order of workload, then as they came."""
+    method, ratio, budget, stagger), the others appended; in order of workload, then as
+    they came."""
     merged = {point_key(p): p for p in old}
     for p in new:
         merged[point_key(p)] = p
@@ -586,14 +587,26 @@ def series_label(p: dict) -> str:
         f"{p['method']} budget {p.get('budget')}"
 
 
+def workload_label(p: dict) -> str:
+    """A point's group on the plot: its workload, and how its conversations arrived."""
+    stagger = p.get("stagger_s")
+    if stagger is None:
+        return p["workload"]
+    return f"{p['workload']}\n" + ("all at once" if stagger == 0 else f"{stagger:g} s apart")
+
+
 def bar_groups(points: list[dict], key: str) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """The workloads (in WORKLOADS order) and, per series label, workload -> ``key`` of
-    the compressed points that have it (the last one of a label and workload)."""
+    """The workload groups (``workload_label``, in WORKLOADS order, then by stagger) and,
+    per series label, group -> ``key`` of the compressed points that have it (the last one
+    of a label and group)."""
     points = [p for p in points if p["method"] != "none" and p.get(key)]
-    workloads = [w for w in WORKLOADS if any(p["workload"] == w for p in points)]
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    ranked = sorted(points, key=lambda p: (order.get(p["workload"], len(order)),
+                                           p.get("stagger_s") or 0))
+    workloads = list(dict.fromkeys(workload_label(p) for p in ranked))
     series: dict[str, dict[str, float]] = {}
     for p in points:
-        series.setdefault(series_label(p), {})[p["workload"]] = p[key]
+        series.setdefault(series_label(p), {})[workload_label(p)] = p[key]
     return workloads, dict(sorted(series.items()))
 
 
