@@ -23,7 +23,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from tests.kernels.paged_cache import random_block_tables  # noqa: E402
+from tests.kernels.paged_cache import (  # noqa: E402
+    assert_pooled_triton_matches_reference,
+    random_block_tables,
+)
 from vllm_adakv.kernels.compaction import (  # noqa: E402
     compact_pooled_reference,
     compact_pooled_rows_reference,
@@ -326,7 +329,6 @@ def test_triton_pooled_rows_into_fresh_blocks_match_reference(dtype, heads, dim,
     """``fused``: one launch per pass (double scratch), else two (``_FUSED_SCRATCH_BYTES``
     forced to 0, the large-scratch path)."""
     from vllm_adakv.kernels import triton_compaction
-    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
 
     if not fused:
         monkeypatch.setattr(triton_compaction, "_FUSED_SCRATCH_BYTES", 0)
@@ -334,17 +336,8 @@ def test_triton_pooled_rows_into_fresh_blocks_match_reference(dtype, heads, dim,
     table, block_rows, masks, kept_blocks, kept, dst, kv, layer_bases = _pooled_case(
         layers, heads, dim, dtype, kept_kind)
     dst_blocks = _dst_form(dst, form)
-    want_kv = kv.clone()
-    want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table,
-                                         block_rows, masks, layer_bases, kept_blocks,
-                                         dst_blocks=dst_blocks)
-    got = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, block_rows, masks,
-                                     layer_bases, kept_blocks, dst_blocks=dst_blocks)
-    for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got, want,
-                          strict=True):
-        assert g.dtype == torch.int32 and torch.equal(g, w), name
-    assert torch.equal(kv.view(torch.uint8), want_kv.view(torch.uint8)), \
-        "caches differ after compaction (exact copy expected)"
+    assert_pooled_triton_matches_reference(kv, dim, table, block_rows, masks, layer_bases,
+                                           kept_blocks, dst_blocks)
 
 
 def test_triton_refuses_too_few_destinations():

@@ -21,7 +21,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.kernels.paged_cache import random_block_tables  # noqa: E402
+from tests.kernels.paged_cache import (  # noqa: E402
+    assert_pooled_triton_matches_reference,
+    random_block_tables,
+)
 from vllm_adakv.kernels import headwise_attention_ranges_reference  # noqa: E402
 from vllm_adakv.kernels.compaction import (  # noqa: E402
     compact_pooled_reference,
@@ -204,7 +207,6 @@ def test_triton_pooled_compaction_matches_reference(dtype, heads, dim, kept, fus
     once: byte-exact caches, equal page_start/counts/chunk_layer/kept_blocks. ``fused``:
     one launch per pass (double scratch), else two (the large-scratch path)."""
     from vllm_adakv.kernels import triton_compaction
-    from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
 
     if not fused:
         monkeypatch.setattr(triton_compaction, "_FUSED_SCRATCH_BYTES", 0)
@@ -223,16 +225,8 @@ def test_triton_pooled_compaction_matches_reference(dtype, heads, dim, kept, fus
         kept_blocks = [need[0], need[1] + 2, need[2] + 1]  # tight, and with spare blocks
     else:
         kept_blocks = [None, need[1], None]
-    want_kv = kv.clone()
-    want = compact_pooled_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table,
-                                         block_rows, masks, layer_bases, kept_blocks)
-    got = compact_pooled_rows_triton(kv[..., :dim], kv[..., dim:], table, block_rows, masks,
-                                     layer_bases, kept_blocks)
-    for name, g, w in zip(("page_start", "counts", "chunk_layer", "kept_blocks"), got, want,
-                          strict=True):
-        assert g.dtype == torch.int32 and torch.equal(g, w), name
-    assert torch.equal(kv.view(torch.uint8), want_kv.view(torch.uint8)), \
-        "caches differ after compaction (exact copy expected)"
+    assert_pooled_triton_matches_reference(kv, dim, table, block_rows, masks, layer_bases,
+                                           kept_blocks)
 
 
 def test_triton_pooled_compaction_refuses_too_few_blocks():
@@ -371,3 +365,4 @@ def test_triton_pooled_compaction_many_layers():
                           strict=True):
         assert torch.equal(g, w), (name, g, w)
     assert torch.equal(kv, want_kv)
+

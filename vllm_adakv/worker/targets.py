@@ -50,10 +50,6 @@ class CompactionTargets:
         self.step = targets_of(scheduler_output)
         self._to_place = self.step
 
-    def of(self, group: int, req_id: str) -> list[int] | None:
-        """This step's targets of a request in KV cache group ``group`` (None: none)."""
-        return self.step.get(group, {}).get(req_id)
-
 
 def group_of(runner: Any, layer_name: str) -> int:
     """The KV cache group id of ``layer_name`` in ``runner``'s KV cache config."""
