@@ -475,7 +475,8 @@ def test_fp8_pooled(fp8):
 
 def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
     """Scales None read fp8 values as they are; a bf16 cache ignores given scales (as
-    vLLM does for unquantized caches), in the reference and the kernel."""
+    vLLM does for unquantized caches), in the reference and the kernel; raw uint8 bytes
+    (no fp8 view) are refused."""
     from tests.kernels.test_triton_scoring import fp8_scale
 
     for dtype, scales, none in ((torch.float8_e4m3fn, dict(k_scale=torch.ones(1),
@@ -488,6 +489,11 @@ def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
             a = _triton(args, torch.full_like(args["query"], float("nan")), impl=impl, **scales)
             b = _triton(args, torch.full_like(args["query"], float("nan")), impl=impl, **none)
             assert torch.equal(a, b)
+            if dtype == torch.float8_e4m3fn:
+                raw = dict(args, key_cache=args["key_cache"].view(torch.uint8),
+                           value_cache=args["value_cache"].view(torch.uint8))
+                with pytest.raises(TypeError, match="view an fp8 cache"):
+                    _triton(raw, torch.empty_like(args["query"]), impl=impl, **scales)
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["q32", "q16"])

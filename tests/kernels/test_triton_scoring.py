@@ -180,7 +180,7 @@ def test_fp8_cache_matches_dequantized_definition(group, fp8, q_dtype):
 
 def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
     """``k_scale=None`` reads fp8 values as they are; a bf16 cache ignores a scale (as
-    vLLM does for unquantized caches)."""
+    vLLM does for unquantized caches); raw uint8 bytes (no fp8 view) are refused."""
     q, kc, blocks, length = _case(4, 64, torch.float32, window=8)
     kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
     k8 = kc.to(torch.float8_e4m3fn)
@@ -192,3 +192,5 @@ def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
     for fn in (score_window_reference, score_window_triton):
         assert torch.equal(fn(q, kb, blocks, length, 0.125, **kw),
                            fn(q, kb, blocks, length, 0.125, k_scale=fp8_scale(), **kw))
+        with pytest.raises(TypeError, match="view an fp8 cache"):
+            fn(q, k8.view(torch.uint8), blocks, length, 0.125, k_scale=one, **kw)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_adakv.kernels.fp8 import dequantize, index, is_fp8
+from vllm_adakv.kernels.fp8 import check_readable, dequantize, index, is_fp8
 
 # Columns of the per-row table ``rows`` (int32 [R, ROW_COLUMNS]), see ``row_table``.
 ROW_COLUMNS = 7
@@ -107,6 +107,7 @@ def _gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block: torch.
     fp8 caches dequantized (views of a scratch buffer in vLLM's CPU layout: valid until
     the next call)."""
     m, (_, heads, bs, dim) = len(block), key_cache.shape
+    check_readable(key_cache.dtype)
     packed = _packed_pages(key_cache, value_cache)
     if packed is None:
         return (dequantize(index(key_cache, (block, slot)), k_scale, dtype).transpose(1, 2),

@@ -13,7 +13,8 @@ pointer: nothing waits for the GPU); None means 1. A scale is ignored for a cach
 other dtype, as vLLM ignores it there. Every fp8 value is exactly a bfloat16, float16 and
 float32 value, so the kernels cast fp8 tiles to the queries' dtype (exact) and apply the
 scalar scales to fp32 results (logits, attention outputs). Compaction moves bytes and
-takes no scale.
+takes no scale. Kernels that read values refuse integer caches (vLLM's raw uint8 storage
+of an fp8 cache): which fp8 format the bytes hold is the caller's to say, by the view.
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def check_readable(dtype: torch.dtype) -> None:
+    """Refuse a cache whose values the kernels cannot read (integers: an fp8 cache's raw
+    bytes not viewed as an fp8 dtype)."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"cannot read a {dtype} KV cache: view an fp8 cache as "
+                        "torch.float8_e4m3fn or torch.float8_e5m2")
+
+
 def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
                ) -> torch.Tensor:
     """``x`` as ``dtype``, times ``scale`` where ``x`` is fp8 (the values vLLM reads);
-    other dtypes are only converted."""
+    other floating dtypes are only converted."""
+    check_readable(x.dtype)
     out = x.to(dtype)
     if is_fp8(x.dtype) and scale is not None:
         out = out * scale.to(dtype).reshape(())
@@ -59,6 +69,7 @@ def scale_operand(scale: torch.Tensor | None, cache: torch.Tensor,
     """What a Triton kernel's scale pointer gets: for an fp8 ``cache`` its float32 scale
     (a cached one-element 1 where None); for another cache ``placeholder``, a tensor of a
     fixed dtype the kernel never reads (so one compiled variant serves every call)."""
+    check_readable(cache.dtype)
     if not is_fp8(cache.dtype):
         return placeholder
     if scale is None:
