@@ -133,18 +133,24 @@ def test_compression_never_waits_for_the_gpu(cache_dtype):
     assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
 @pytest.mark.parametrize("method", ["adakv", "pyramidkv"])  # own tensors, pooled
-def test_worker_compression_step_never_waits_for_the_gpu(method):
+def test_worker_compression_step_never_waits_for_the_gpu(method, cache):
     """The worker's whole path of a step that completes three prompts, over 4 layers
     (window queries, ``CompressionStore.compress_rows``, the kept-count report, the page
     ranges) under sync debug mode "error". The kernel-level test above skips the store: a
     serving run on an H200 (2026-12-02) showed the host held inside the plugin's prompt
-    steps until the GPU was done. Then every layer keeps its budget."""
+    steps until the GPU was done. Then every layer keeps its budget. Also on an fp8 cache
+    with the layers' device scales, as the backend passes them."""
     from tests.worker.test_compressor import check_kept, run_worker_compression
 
+    fp8 = {}
+    if cache == "fp8":
+        fp8 = {"cache_dtype": torch.float8_e4m3fn,
+               "k_scale": torch.tensor(0.37, device=DEV), "v_scale": torch.tensor(1.9, device=DEV)}
     plans, pool, store = run_worker_compression(
         DEV, method, [3000, 4100, 2048], num_layers=4, budget=512, dtype=torch.bfloat16,
-        sync_debug=True)
+        sync_debug=True, **fp8)
     torch.cuda.synchronize()
     check_kept(plans, pool, store, heads=8)
 

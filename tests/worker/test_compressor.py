@@ -30,14 +30,16 @@ def run_worker_compression(device: str, method: str, lengths: list[int], *, head
                            buf: torch.Tensor | None = None, query: torch.Tensor | None = None,
                            k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, extra: int = 0,
-                           output: torch.Tensor | None = None):
+                           output: torch.Tensor | None = None,
+                           cache_dtype: torch.dtype | None = None):
     """One step that completes every prompt of ``lengths``, through all layers; returns
     the plans, the range pool and the store. ``table``, ``buf`` (``[layers * nb, H, BS,
     2 * dim]``, all layers' caches), ``query`` (``[tokens, q_heads, dim]``): given, or
-    random; ``k_scale`` / ``v_scale``: an fp8 ``buf``'s scales, as the backends pass
-    them. ``extra``: tokens past each prompt in the same step (a request recomputed
-    after preemption), their attention written into ``output`` at every layer before a
-    pooled plan's compaction (``serve_uncompacted``, as the backends run it)."""
+    random (of ``cache_dtype``, None: ``dtype``); ``k_scale`` / ``v_scale``: an fp8
+    ``buf``'s scales, as the backends pass them. ``extra``: tokens past each prompt in
+    the same step (a request recomputed after preemption), their attention written into
+    ``output`` at every layer before a pooled plan's compaction (``serve_uncompacted``, as
+    the backends run it)."""
     cfg = KVCompressionConfig(method=method, budget=budget)
     if table is None:
         table, nb = random_block_tables([n + extra for n in lengths], BS)
@@ -45,7 +47,8 @@ def run_worker_compression(device: str, method: str, lengths: list[int], *, head
         nb = buf.shape[0] // num_layers
     table = table.to(device)
     if buf is None:
-        buf = torch.randn(num_layers * nb, heads, BS, 2 * dim, device=device).to(dtype)
+        buf = torch.randn(num_layers * nb, heads, BS, 2 * dim, device=device).to(
+            cache_dtype or dtype)
     bases = on_device([k * nb for k in range(num_layers)], torch.int32, device)
     names = {k: f"model.layers.{k}.self_attn.attn" for k in range(num_layers)}
     store = CompressionStore(cfg, tuple(range(num_layers)))
