@@ -136,3 +136,46 @@ def test_cuda_warm_up_compiles_for_the_cache_dtype(monkeypatch, cache_dtype, wan
                              cache_config=SimpleNamespace(cache_dtype=cache_dtype))
     cuda_backend._warm_up_kernels(spec, config, "cpu")
     assert seen["cache_dtype"] == want
+
+
+def test_cuda_forward_hands_the_headwise_decode_fp8_views_scales_and_queries(monkeypatch):
+    """``AdaKVTritonImpl.forward`` after vLLM's kernel (stubbed: it needs a GPU) on a step
+    with head-wise rows: the decode gets the fp8 views of vLLM's uint8 cache, the layer's
+    scale tensors themselves, and the fp8 queries dequantized to the output's dtype."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    from vllm_adakv.worker import backend, cuda_backend
+    from vllm_adakv.worker.layer_views import GroupBlocks
+
+    impl = _triton_impl("fp8")
+    heads, kv_heads, dim, tokens = impl.num_heads, impl.num_kv_heads, impl.head_size, 3
+    raw = torch.randint(0, 120, (6, kv_heads, 32, 2 * dim), dtype=torch.uint8)
+    name = "model.layers.0.self_attn.attn"
+    views = SimpleNamespace(group_blocks=lambda kv, names: GroupBlocks(
+        kv, {name: 0}, torch.zeros(1, dtype=torch.int32)))
+    monkeypatch.setattr(backend, "current", lambda: SimpleNamespace(views=views))
+    monkeypatch.setattr(TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    seen = {}
+
+    def fake_decode(query, key_cache, value_cache, *args, **kwargs):
+        seen.update(query=query, key=key_cache, value=value_cache, **kwargs)
+
+    monkeypatch.setattr(cuda_backend, "headwise_attention_ranges_triton", fake_decode)
+    pool = SimpleNamespace(page_start=torch.zeros(2, 1, kv_heads), chunk_base=None,
+                           kept_counts=torch.zeros(2, 1, kv_heads), capacity=None)
+    meta = cuda_backend.AdaKVTritonMetadata.__new__(cuda_backend.AdaKVTritonMetadata)
+    meta.__dict__.update(prefill_rows=None, headwise_rows=torch.zeros(1, 7), store=object(),
+                         pool=pool, layer_names=[name], query_start_cpu=[0, tokens],
+                         block_table=torch.zeros(1, 2, dtype=torch.int32),
+                         headwise_block_table=None, num_headwise_tokens=tokens)
+    layer = SimpleNamespace(layer_name=name, _k_scale=torch.tensor(0.5),
+                            _v_scale=torch.tensor(2.0), _q_scale=torch.tensor(0.25))
+    q = torch.randn(tokens, heads * dim).to(torch.float8_e4m3fn)
+    output = torch.zeros(tokens, heads * dim, dtype=torch.bfloat16)
+    impl.forward(layer, q, None, None, raw, meta, output)
+    assert seen["query"].dtype == torch.bfloat16
+    assert torch.equal(seen["query"].view(tokens, -1), (q.float() * 0.25).bfloat16())
+    assert seen["key"].dtype == seen["value"].dtype == torch.float8_e4m3fn
+    assert seen["key"].data_ptr() == raw.data_ptr()
+    assert torch.equal(seen["value"].view(torch.uint8), raw[..., dim:])
+    assert seen["k_scale"] is layer._k_scale and seen["v_scale"] is layer._v_scale

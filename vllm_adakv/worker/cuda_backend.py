@@ -43,6 +43,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_adakv.config import FP8_KV_CACHE_DTYPES
 from vllm_adakv.kernels.decode import ROW_COLUMNS, row_table
+from vllm_adakv.kernels.fp8 import is_fp8
 from vllm_adakv.kernels.triton_decode import (
     headwise_attention_ranges_triton,
 )
@@ -258,9 +259,10 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
             return output
         store, pool = attn_metadata.store, attn_metadata.pool
         assert store is not None and pool is not None
-        if query.dtype != output.dtype:
-            # fp8 queries (vLLM quantizes them for TRITON_ATTN with an fp8 cache): the
-            # window queries and the head-wise rows use the values vLLM's kernel attends with.
+        if is_fp8(query.dtype):
+            # vLLM's attention layer quantizes the queries for TRITON_ATTN with an fp8 cache
+            # (the output keeps the model's dtype): the window queries and the head-wise
+            # rows use the values vLLM's kernel attends with.
             query = dequantize_query(query, layer._q_scale, output.dtype)
         layer_name = layer.layer_name
         layer_idx = extract_layer_index(layer_name)
