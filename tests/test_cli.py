@@ -340,3 +340,17 @@ def test_vllm_string_section_exits_2(vllm_parsers, capsys):
         _engine(vllm_parsers, "EngineArgs",
                 ["--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: "adakv"})])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("cls_name", ENGINE_CLASSES)
+@pytest.mark.parametrize("dtype", ["fp8", "fp8_e5m2"])
+def test_vllm_fp8_cache_with_compression_is_refused_on_cpu(vllm_parsers, cls_name, dtype):
+    """Before vLLM's own checks (its CPU fp8 error names no flag), nothing started."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("CUDA compresses fp8 caches (tests/e2e/test_fp8.py)")
+    engine = _engine(vllm_parsers, cls_name,
+                     ["--kv-compression", "adakv", "--kv-cache-dtype", dtype])
+    with pytest.raises(KVCompressionConfigError, match=f"--kv-cache-dtype {dtype} .*CPU"):
+        engine.create_engine_config()

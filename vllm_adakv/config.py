@@ -247,3 +247,34 @@ def check_caps_apply(cfg: KVCompressionConfig) -> None:
             "--kv-max-budget and --kv-min-compression only apply to --kv-compression gvote "
             f"(got method={cfg.method!r}); other methods keep exactly --kv-budget"
         )
+
+
+# vLLM's --kv-cache-dtype values of an fp8 cache with one float32 scale per layer for the
+# keys and one for the values (``kernels/fp8.py``), which compression reads on CUDA.
+FP8_KV_CACHE_DTYPES: tuple[str, ...] = ("fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+def compressible_cache_dtypes(platform: str) -> tuple[str, ...]:
+    """The --kv-cache-dtype values compression runs with on ``platform`` ("cuda": vLLM's
+    TRITON_ATTN, which stores every fp8 string as ``float8_e4m3fn``; "cpu": CPU_ATTN).
+
+    CPU: the model's dtype only. vLLM's CPU fp8 cache needs AVX-512 or AMX and packs keys
+    per ISA; no machine here runs it, so compression on it is refused, not guessed."""
+    if platform == "cuda":
+        return ("auto", *FP8_KV_CACHE_DTYPES)
+    return ("auto",)
+
+
+def check_kv_cache_dtype(cache_dtype: Any, platform: str) -> None:
+    """Reject a --kv-cache-dtype compression cannot read or write on ``platform``."""
+    name = "auto" if cache_dtype is None else str(cache_dtype)
+    accepted = compressible_cache_dtypes(platform)
+    if name in accepted:
+        return
+    if name in FP8_KV_CACHE_DTYPES:
+        raise KVCompressionConfigError(
+            f"--kv-cache-dtype {name} is not supported with --kv-compression on the CPU "
+            "(fp8 KV caches are compressed on CUDA only); use --kv-cache-dtype auto")
+    raise KVCompressionConfigError(
+        f"--kv-cache-dtype {name} is not supported with --kv-compression on "
+        f"{platform.upper()} (supported: {', '.join(accepted)})")

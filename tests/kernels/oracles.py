@@ -82,9 +82,11 @@ def compact_ranges_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,
 def score_window_triton(window_query: torch.Tensor, key_cache: torch.Tensor,
                         block_ids: torch.Tensor, prompt_len: int, scale: float, *,
                         gqa_reduce: str, pooling: str, pool_kernel: int,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, k_scale: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """SnapKV scores ``[H, prompt_len - w]`` (fp32) of one request (``score_windows_triton``
     on one row); contract of ``scoring.score_window_reference``."""
     return score_windows_triton(window_query[None], key_cache, block_ids[None], [0],
                                 [prompt_len], scale, gqa_reduce=gqa_reduce, pooling=pooling,
-                                pool_kernel=pool_kernel, num_splits=num_splits)[0]
+                                pool_kernel=pool_kernel, num_splits=num_splits,
+                                k_scale=k_scale)[0]

@@ -43,12 +43,19 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 def engine_record(kernel: str, constexprs: dict) -> dict:
     """A ``launch_record`` of a decode kernel on the engine's tensors: bf16 activations,
-    fp32 scratch, int32 tables, unit innermost strides, other integers 16-divisible."""
+    fp32 scratch, int32 tables, unit innermost strides, other integers 16-divisible; with
+    ``KV_FP8`` an fp8 (e4m3) cache and float32 scales (otherwise the scale pointers get the
+    int32 row table, never read)."""
     fn = getattr(td, kernel)
+    fp8 = constexprs.get("KV_FP8", False)
     args = {}
     for name in fn.arg_names:
         if name in constexprs:
             args[name] = {"constexpr": constexprs[name]}
+        elif fp8 and name in ("k_ptr", "v_ptr"):
+            args[name] = {"ptr": "fp8e4nv"}
+        elif fp8 and name in ("ks_ptr", "vs_ptr"):
+            args[name] = {"ptr": "fp32"}
         elif name.endswith("_ptr"):
             args[name] = {"ptr": "bf16" if name in _BF16_PTRS else
                           "fp32" if name in _FP32_PTRS else "i32"}
@@ -95,6 +102,8 @@ FORWARD_VARIANTS = [
     {"POOLED": False, "SPLIT": True},  # split-K over single-layer tables
     {"GROUP": 8, "BLOCK_G": 8, "BLOCK_Q": 2, "HEAD_DIM": 64, "BLOCK_D": 64, "PAGES": 4,
      "BLOCK_N": 64},
+    {"KV_FP8": True},  # an fp8 KV cache (e4m3), pooled tables, one split
+    {"KV_FP8": True, "SPLIT": True, "BALANCED": True},
 ]
 _REDUCE = dict(HEAD_DIM=128, BLOCK_S=4, BLOCK_D=128, BALANCED=False, NUM_KV_HEADS=8, GROUP=4,
                BLOCK_H=8, BLOCK_SIZE=16, PAGES=8)
@@ -111,6 +120,7 @@ LAUNCHED = {
 }
 _TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
                 "torch.float64": "fp64",
+                "torch.float8_e4m3fn": "fp8e4nv", "torch.float8_e5m2": "fp8e5",
                 "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8",
                 "torch.uint8": "u8", "torch.bool": "i1"}
 

@@ -10,6 +10,8 @@ copy, and put the same head-page sequence there (entry i of the destinations hol
 entry i of the in-place blocks holds, i.e. each head's kept tokens in position order, as
 read from the caches before compaction). The Triton versions (interpreter) must equal
 the references with the same destinations byte for byte, and in place still equal them.
+fp8 caches (and uint8 ones) hold random bytes, NaN patterns included: compaction moves
+bytes, and the references move the values a float64 copy of the cache moves.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def _needed_blocks(masks: torch.Tensor) -> list[int]:
     pages = ((masks.sum(-1) + BS - 1) // BS).flatten(1).sum(1)
     per = heads * (masks.shape[1] if masks.dim() == 4 else 1)
     return [max(1, -(-int(p) // per)) for p in pages]
+
+
+def _random_kv(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random caches; one-byte dtypes (fp8, uint8) as random bytes."""
+    if torch.empty(0, dtype=dtype).element_size() == 1:
+        return torch.randint(0, 256, shape, dtype=torch.uint8).view(dtype)
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
 
 
 def _fresh_dst(rows: int, width: int, first: int) -> torch.Tensor:
@@ -129,7 +138,7 @@ def _rows_case(heads: int, dim: int, dtype: torch.dtype, spare: int = 1):
     need = _needed_blocks(masks)
     kept = [need[0], need[1] + 1, need[2] + 2]
     dst = _fresh_dst(3, max(kept) + spare, nb)
-    kv = torch.randn(nb + dst.numel(), heads, BS, 2 * dim, dtype=torch.float64).to(dtype)
+    kv = _random_kv(nb + dst.numel(), heads, BS, 2 * dim, dtype=dtype)
     return table, block_rows, masks, kept, dst, kv
 
 
@@ -148,7 +157,7 @@ def _pooled_case(layers: int, heads: int, dim: int, dtype: torch.dtype, kept_kin
     dst = _fresh_dst(3, max(kept) + 1, nb)
     per_layer = nb + dst.numel()
     bases = [k * per_layer for k in torch.randperm(layers).tolist()]
-    kv = torch.randn(layers * per_layer, heads, BS, 2 * dim, dtype=torch.float64).to(dtype)
+    kv = _random_kv(layers * per_layer, heads, BS, 2 * dim, dtype=dtype)
     return (table, block_rows, masks, kept_blocks, kept, dst, kv,
             torch.tensor(bases, dtype=torch.int32))
 
@@ -274,6 +283,36 @@ def test_references_refuse_too_few_destinations():
                                  dst_blocks=dst[1, :kept[1] - 1])
 
 
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("into", [False, True], ids=["in_place", "fresh"])
+def test_references_move_fp8_values(dtype, into):
+    """Own-layer and pooled references on an fp8 cache of random bytes move exactly what
+    they move in a float64 copy of it (fp8 -> float64 is exact; NaN patterns too)."""
+    heads, dim = 2, 16
+    table, block_rows, masks, kept, dst, kv = _rows_case(heads, dim, dtype)
+    wide = kv.to(torch.float64)
+    dst_blocks = dst if into else None
+    got = compact_rows_reference(kv[..., :dim], kv[..., dim:], table, block_rows, masks, kept,
+                                 dst_blocks=dst_blocks)
+    want = compact_rows_reference(wide[..., :dim], wide[..., dim:], table, block_rows, masks,
+                                  kept, dst_blocks=dst_blocks)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    torch.testing.assert_close(kv.to(torch.float64), wide, rtol=0, atol=0, equal_nan=True)
+    table, block_rows, masks, kept_blocks, kept, dst, kv, layer_bases = _pooled_case(
+        3, heads, dim, dtype, "mixed")
+    wide = kv.to(torch.float64)
+    dst_blocks = dst if into else None
+    got = compact_pooled_rows_reference(kv[..., :dim], kv[..., dim:], table, block_rows, masks,
+                                        layer_bases, kept_blocks, dst_blocks=dst_blocks)
+    want = compact_pooled_rows_reference(wide[..., :dim], wide[..., dim:], table, block_rows,
+                                         masks, layer_bases, kept_blocks, dst_blocks=dst_blocks)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    torch.testing.assert_close(kv.to(torch.float64), wide, rtol=0, atol=0, equal_nan=True)
+
+
 # Triton (interpreter) against the references.
 
 
@@ -298,6 +337,10 @@ def _dst_form(dst: torch.Tensor, form: str) -> torch.Tensor | None:
     (torch.bfloat16, 8, 32, "strided"),
     (torch.float16, 1, 16, "int64"),
     (torch.bfloat16, 2, 32, "in_place"),
+    (E4M3, 2, 32, "fresh"),
+    (E5M2, 8, 16, "strided"),
+    (E4M3, 4, 64, "in_place"),
+    (torch.uint8, 1, 16, "int64"),
 ])
 def test_triton_rows_into_fresh_blocks_match_reference(dtype, heads, dim, form):
     from vllm_adakv.kernels.triton_compaction import compact_rows_triton
@@ -323,6 +366,10 @@ def test_triton_rows_into_fresh_blocks_match_reference(dtype, heads, dim, form):
     (torch.bfloat16, 8, 16, "mixed", True, "fresh"),
     (torch.float16, 2, 16, "mixed", True, "in_place"),
     (torch.float32, 2, 16, "mixed", False, "in_place"),
+    (E4M3, 4, 64, "given", True, "fresh"),
+    (E5M2, 2, 16, "mixed", False, "in_place"),
+    (E4M3, 8, 16, "none", True, "strided"),
+    (torch.uint8, 2, 32, "mixed", True, "in_place"),
 ])
 def test_triton_pooled_rows_into_fresh_blocks_match_reference(dtype, heads, dim, kept_kind,
                                                               fused, form, monkeypatch):

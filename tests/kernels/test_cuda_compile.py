@@ -36,7 +36,8 @@ if not ptxas_available():
 
 def _launch_every_kernel(monkeypatch) -> None:
     """Interpreter tests that between them launch every kernel in ``LAUNCHED`` (in fp32,
-    bf16 and fp16 where the kernel takes either)."""
+    bf16 and fp16 where the kernel takes either), and those that read or move the cache
+    on fp8 caches (e4m3 and e5m2; bf16 queries where the kernel takes them)."""
     from tests.kernels import (
         test_compaction_dst,
         test_pooling,
@@ -63,6 +64,16 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_decode.test_low_precision(torch.float16, 2)
     test_triton_decode.test_low_precision(torch.bfloat16, 2)
     test_pooling.test_triton_pooled_decode_low_precision(torch.bfloat16)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    test_triton_scoring.test_fp8_cache_matches_dequantized_definition(4, e4m3, torch.bfloat16)
+    test_triton_scoring.test_fp8_cache_matches_dequantized_definition(8, e5m2, torch.float32)
+    test_triton_voting.test_voter_probs_fp8_cache(4, 128, e4m3)
+    test_compaction_dst.test_triton_rows_into_fresh_blocks_match_reference(e4m3, 2, 32, "fresh")
+    test_compaction_dst.test_triton_pooled_rows_into_fresh_blocks_match_reference(
+        e4m3, 4, 64, "given", True, "fresh", monkeypatch)
+    test_triton_decode.test_fp8_cache_matches_dequantized_reference(4, e4m3, torch.bfloat16)
+    test_triton_decode.test_fp8_cache_matches_dequantized_reference(8, e5m2, torch.bfloat16)
+    test_triton_decode.test_fp8_pooled(e4m3)
 
 
 def test_launched_lists_every_kernel_launch():

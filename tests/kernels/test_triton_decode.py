@@ -7,7 +7,9 @@ head's kept count in its last page, prompt slots of the tail block before the
 tail) are poisoned with NaN after the reference ran, and ``out`` is poisoned
 before the call; the split-K scratch is filled with NaN (a partial read but never
 written would show). Tolerances: fp32 rtol/atol 1e-4; bf16/fp16 inputs rtol/atol
-2e-2 against the fp32 reference computed on the same rounded inputs.
+2e-2 against the fp32 reference computed on the same rounded inputs. fp8 caches (random
+scales): the reference and the kernel against the float64 reference on the dequantized
+caches (fp8 -> float64 * scale), at those tolerances by query dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ pytest.importorskip("triton")
 from tests.kernels.oracles import compact_reference, headwise_attention_reference  # noqa: E402
 from tests.kernels.paged_cache import random_block_tables, write_tokens  # noqa: E402
 from vllm_adakv.kernels import pooled_page_table, triton_decode  # noqa: E402
-from vllm_adakv.kernels.decode import row_table  # noqa: E402
+from vllm_adakv.kernels.decode import (  # noqa: E402
+    headwise_attention_ranges_reference,
+    masked_prompt_attention_reference,
+    row_table,
+)
 from vllm_adakv.kernels.triton_decode import (  # noqa: E402
     headwise_attention_ranges_triton,
 )
@@ -133,10 +139,11 @@ def _poison_unread(args) -> None:
         vc[block, :, : tail % BLOCK_SIZE] = float("nan")
 
 
-def _triton(args, out, **options):
-    """The range decode (what the engine runs) on a page-table batch: ``compact_reference``
-    gives each head the pages after those of the heads before it in its row's head-page
-    sequence, so row r is slot r with ``page_start`` the pages of the heads before h."""
+def _triton(args, out, impl=headwise_attention_ranges_triton, **options):
+    """The range decode (what the engine runs; ``impl``: or its reference) on a page-table
+    batch: ``compact_reference`` gives each head the pages after those of the heads before
+    it in its row's head-page sequence, so row r is slot r with ``page_start`` the pages
+    of the heads before h."""
     counts = args["kept_counts"]
     pages = (counts.long() + BLOCK_SIZE - 1) // BLOCK_SIZE
     starts = (pages.cumsum(1) - pages).int()
@@ -149,7 +156,7 @@ def _triton(args, out, **options):
     qsl = args["query_start_loc"]
     idx = torch.arange(counts.shape[0])
     rows = row_table(idx, idx, qsl[:-1], qsl[1:], args["tail_start"], args["seq_lens"])
-    return headwise_attention_ranges_triton(
+    return impl(
         args["query"], args["key_cache"], args["value_cache"], starts, counts,
         args["block_table"], rows, int(qsl[-1]), args["scale"], out, **options)
 
@@ -371,3 +378,152 @@ def test_default_decode_takes_the_balanced_kernel(monkeypatch, nan_scratch):
     assert nan_scratch and nan_scratch[0].shape[-1] == DEFAULT_BALANCE_SPLITS
     assert any(max(k) > 1 for k in k_used), k_used
     assert (~torch.isnan(nan_scratch[0])).any()
+
+
+# fp8 caches (vLLM's --kv-cache-dtype fp8): element = fp8 value * k_scale (keys) or
+# v_scale (values), one float32 scale each per layer.
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _dequantized(args, k_scale, v_scale) -> dict:
+    """The batch in float64: queries, and caches as the fp8 values times their scales."""
+    return dict(args, query=args["query"].double(),
+                key_cache=args["key_cache"].double() * k_scale.double(),
+                value_cache=args["value_cache"].double() * v_scale.double())
+
+
+def _check_fp8(args, tol, pad_tokens=0, **options):
+    """The range reference (fp32) and the kernel on the fp8 batch == the float64 page-table
+    reference on its dequantized caches; the reference at fp32 tolerance, the kernel at
+    ``tol``. Unread slots poisoned and ``out`` NaN-filled as in ``_check``."""
+    from tests.kernels.test_triton_scoring import fp8_scale
+
+    k_scale, v_scale = fp8_scale(), fp8_scale()
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    query = args["query"]
+    want = torch.full(query.shape, float("nan"), dtype=torch.float64)
+    headwise_attention_reference(**_dequantized(args, k_scale, v_scale), out=want)
+    n = query.shape[0] - pad_tokens
+    ref = _triton(args, torch.full(query.shape, float("nan")),  # fp32: no output rounding
+                  impl=headwise_attention_ranges_reference, **scales)
+    torch.testing.assert_close(ref[:n].double(), want[:n], atol=1e-4, rtol=1e-4)
+    _poison_unread(args)
+    out = torch.full_like(query, float("nan"))
+    got = _triton(args, out, **scales, **options)
+    assert got is out
+    assert not torch.isnan(out[:n]).any(), "output not fully written"
+    assert torch.isnan(out[n:]).all(), "padding tokens must be left untouched"
+    torch.testing.assert_close(out[:n].double(), want[:n], atol=tol, rtol=tol)
+
+
+def _fp8_batch(group, dim, fp8, q_dtype, q_lens, **build):
+    """``_build`` with fp8 caches and fresh queries of ``q_dtype``."""
+    args = _build(group, dim, fp8, q_lens, **build)
+    assert args["key_cache"].dtype == fp8
+    args["query"] = torch.randn(args["query"].shape).to(q_dtype)
+    return args
+
+
+# Launch options per GQA group: one split of one-page tiles, split-K over a transposed key
+# view, balanced splits of uneven heads (an empty head among them).
+_FP8_OPTIONS = {
+    1: (dict(empty_head=1), dict(num_splits=1, pages_per_iter=1)),
+    4: (dict(transposed=True), dict(num_splits=3)),
+    8: (dict(keep_fn=_uneven_keep), dict(balance_splits=4, balance_min_iters=1,
+                                         pages_per_iter=1)),
+}
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["q32", "q16"])
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_fp8_cache_matches_dequantized_reference(group, fp8, q_dtype):
+    build, options = _FP8_OPTIONS[group]
+    args = _fp8_batch(group, 64, fp8, q_dtype, [1, 3, 1], pad_tokens=2, **build)
+    _check_fp8(args, 1e-4 if q_dtype == torch.float32 else 2e-2, pad_tokens=2, **options)
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3fn", "e5m2"])
+def test_fp8_pooled(fp8):
+    """Head-pages pooled across layers (chunk tables, every layer of the batch; split-K and
+    balanced): reference and kernel == the float64 reference on dequantized caches."""
+    from tests.kernels.test_pooling import _pooled_decode_batch, _run_pooled_decode
+    from tests.kernels.test_triton_scoring import fp8_scale
+
+    x = _pooled_decode_batch(4, 64, fp8)
+    x["query"] = torch.randn(x["query"].shape)
+    k_scale, v_scale = fp8_scale(), fp8_scale()
+    x64 = _dequantized(x, k_scale, v_scale)
+    written = torch.zeros(x["query"].shape[0], dtype=torch.bool)
+    for _, _, q0, q1, *_ in x["rows"].tolist():
+        written[q0:q1] = True
+    for layer in range(x["start_tab"].shape[1]):
+        want = _run_pooled_decode(x64, layer, headwise_attention_ranges_reference)
+        ref = _run_pooled_decode(x, layer, headwise_attention_ranges_reference,
+                                 k_scale=k_scale, v_scale=v_scale)
+        torch.testing.assert_close(ref[written].double(), want[written], rtol=1e-4, atol=1e-4)
+        for options in ({"num_splits": 2}, {"balance_splits": 4, "balance_min_iters": 1}):
+            got = _run_pooled_decode(x, layer, headwise_attention_ranges_triton,
+                                     k_scale=k_scale, v_scale=v_scale, pages_per_iter=1,
+                                     **options)
+            assert not torch.isnan(got[written]).any(), "row tokens not fully written"
+            assert torch.isnan(got[~written]).all(), "tokens of other rows left untouched"
+            torch.testing.assert_close(got[written].double(), want[written], rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
+    """Scales None read fp8 values as they are; a bf16 cache ignores given scales (as
+    vLLM does for unquantized caches), in the reference and the kernel; raw uint8 bytes
+    (no fp8 view) are refused."""
+    from tests.kernels.test_triton_scoring import fp8_scale
+
+    for dtype, scales, none in ((torch.float8_e4m3fn, dict(k_scale=torch.ones(1),
+                                                           v_scale=torch.ones(1)), {}),
+                                (torch.bfloat16, {}, dict(k_scale=fp8_scale(),
+                                                          v_scale=fp8_scale()))):
+        args = _build(4, 64, dtype, [1, 2])
+        args["query"] = args["query"].float()
+        for impl in (headwise_attention_ranges_reference, headwise_attention_ranges_triton):
+            a = _triton(args, torch.full_like(args["query"], float("nan")), impl=impl, **scales)
+            b = _triton(args, torch.full_like(args["query"], float("nan")), impl=impl, **none)
+            assert torch.equal(a, b)
+            if dtype == torch.float8_e4m3fn:
+                raw = dict(args, key_cache=args["key_cache"].view(torch.uint8),
+                           value_cache=args["value_cache"].view(torch.uint8))
+                with pytest.raises(TypeError, match="view an fp8 cache"):
+                    _triton(raw, torch.empty_like(args["query"]), impl=impl, **scales)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["q32", "q16"])
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_masked_prompt_attention_fp8(group, fp8, q_dtype):
+    """The pre-compaction path (queries past the prompt over each head's kept prompt
+    positions and the tail) on fp8 caches == its float64 result on the dequantized caches
+    and queries; the output in the query dtype, every element written."""
+    from tests.kernels.test_triton_scoring import fp8_scale
+
+    heads = 4 if group < 8 else 2
+    dim, prompt = 64, int(torch.randint(40, 130, ()))
+    seq_len = prompt + int(torch.randint(1, 12, ()))
+    table, nblocks = random_block_tables([seq_len], BLOCK_SIZE)
+    kc = torch.full((nblocks, heads, BLOCK_SIZE, dim), float("nan"), dtype=fp8)
+    vc = torch.full_like(kc, float("nan"))
+    write_tokens(kc, vc, table[0], torch.arange(seq_len),
+                 torch.randn(seq_len, heads, dim).to(fp8), torch.randn(seq_len, heads, dim).to(fp8))
+    keep = _keep_mask(heads, prompt, empty_head=0)
+    q_len = seq_len - prompt
+    query = torch.randn(q_len, heads * group, dim).to(q_dtype)
+    k_scale, v_scale = fp8_scale(), fp8_scale()
+    want = masked_prompt_attention_reference(
+        query.double(), kc.double() * k_scale.double(), vc.double() * v_scale.double(),
+        table[0], keep, seq_len, dim**-0.5, torch.full(query.shape, float("nan"),
+                                                      dtype=torch.float64))
+    out = torch.full_like(query, float("nan"))
+    got = masked_prompt_attention_reference(query, kc, vc, table[0], keep, seq_len, dim**-0.5,
+                                            out, k_scale=k_scale, v_scale=v_scale)
+    assert got is out and not torch.isnan(out).any()
+    tol = 1e-5 if q_dtype == torch.float32 else 1e-2  # the output's rounding
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)

@@ -119,3 +119,78 @@ def test_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="gqa_reduce"):
         score_window_triton(q, kc, blocks, length, 0.125, gqa_reduce="sum", pooling="max",
                             pool_kernel=7)
+
+
+# fp8 key caches (vLLM's --kv-cache-dtype fp8): element = fp8 value * k_scale.
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def fp8_scale() -> torch.Tensor:
+    """A random non-trivial per-layer scale, as vLLM holds it (one float32 value)."""
+    return (0.05 + 0.6 * torch.rand(1)).float()
+
+
+def _fp8_rows(group: int, dim: int, fp8: torch.dtype, q_dtype: torch.dtype, window: int):
+    """Three requests over a NaN-poisoned fp8 key cache (slots outside each prompt), rows
+    of the batch in shuffled block-table order; the dense dequantized keys (float64) of
+    each request for the oracle."""
+    heads = 2 if group == 8 else 4 if group == 1 else 2
+    lengths = [int(torch.randint(window + 1, 300, ())) for _ in range(3)]
+    table, nblocks = random_block_tables(lengths, BLOCK_SIZE)
+    kc = torch.full((nblocks, heads, BLOCK_SIZE, dim), float("nan"), dtype=fp8)
+    vc = torch.full_like(kc, float("nan"))
+    k_scale = fp8_scale()
+    dense = []
+    for r, n in enumerate(lengths):
+        keys = (torch.randn(n, heads, dim) * 3).to(fp8)
+        write_tokens(kc, vc, table[r], torch.arange(n), keys, keys)
+        dense.append(keys.double() * k_scale.double())
+    queries = (torch.randn(3, window, heads * group, dim) * 2).to(q_dtype)
+    order = [1, 2, 0]
+    return (queries, kc, table, order, [lengths[b] for b in order], k_scale,
+            [dense[b] for b in order])
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["q32", "q16"])
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_fp8_cache_matches_dequantized_definition(group, fp8, q_dtype):
+    """Reference and Triton on an fp8 cache with a random scale == the float64 textbook
+    scores (``test_scoring.direct_scores``) of the dequantized keys, at fp32 tolerance:
+    fp8 keys are cast exactly to the queries' dtype, the scale applies to the logits."""
+    from tests.kernels.test_scoring import direct_scores
+
+    dim, window = 64, 16
+    queries, kc, table, order, lens, k_scale, dense = _fp8_rows(group, dim, fp8, q_dtype,
+                                                                window)
+    kw = dict(gqa_reduce="max" if group == 4 else "mean", pooling="max", pool_kernel=5)
+    ref = score_windows_reference(queries, kc, table, order, lens, dim**-0.5, k_scale=k_scale,
+                                  **kw)
+    got = score_windows_triton(queries, kc, table, order, lens, dim**-0.5, num_splits=3,
+                               k_scale=k_scale, **kw)
+    assert got.shape == ref.shape == (3, kc.shape[1], max(lens) - window)
+    for r, n in enumerate(lens):
+        want = direct_scores(queries[r].double(), dense[r], window, kw["gqa_reduce"], "max", 5)
+        assert torch.isfinite(got[r, :, : n - window]).all()
+        assert torch.isinf(got[r, :, n - window:]).all()
+        torch.testing.assert_close(ref[r, :, : n - window].double(), want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[r, :, : n - window].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_fp8_scale_none_is_one_and_other_caches_ignore_it():
+    """``k_scale=None`` reads fp8 values as they are; a bf16 cache ignores a scale (as
+    vLLM does for unquantized caches); raw uint8 bytes (no fp8 view) are refused."""
+    q, kc, blocks, length = _case(4, 64, torch.float32, window=8)
+    kw = dict(gqa_reduce="mean", pooling="max", pool_kernel=7)
+    k8 = kc.to(torch.float8_e4m3fn)
+    one = torch.ones(1)
+    for fn in (score_window_reference, score_window_triton):
+        assert torch.equal(fn(q, k8, blocks, length, 0.125, **kw),
+                           fn(q, k8, blocks, length, 0.125, k_scale=one, **kw))
+    kb = kc.to(torch.bfloat16)
+    for fn in (score_window_reference, score_window_triton):
+        assert torch.equal(fn(q, kb, blocks, length, 0.125, **kw),
+                           fn(q, kb, blocks, length, 0.125, k_scale=fp8_scale(), **kw))
+        with pytest.raises(TypeError, match="view an fp8 cache"):
+            fn(q, k8.view(torch.uint8), blocks, length, 0.125, k_scale=one, **kw)

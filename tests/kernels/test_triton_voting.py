@@ -78,3 +78,31 @@ def test_min_mass_above_matches_reference(p, most):
     want = min_mass_above_reference(probs, lengths, p, most)
     kw = dict(window=8, nucleus_p=p, max_keeps=caps, pool_kernel=3)
     assert torch.equal(gvote_keep_masks(got, lengths, **kw), gvote_keep_masks(want, lengths, **kw))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("group,dim", [(1, 64), (4, 128), (8, 64)])
+def test_voter_probs_fp8_cache(group, dim, fp8):
+    """An fp8 key cache (NaN outside the prompts) with a random scale: reference and
+    Triton == the float64 reference on the dequantized keys (float64 voters), at the
+    fp32 tolerance above."""
+    from tests.kernels.test_triton_scoring import fp8_scale
+
+    lengths = [int(torch.randint(9, 260, ())) for _ in range(3)]
+    queries, kc, table = paged_prompts(lengths, 2, group, dim, window=8, dtype=torch.float32)
+    k8 = (kc * 3).to(fp8)
+    k_scale = fp8_scale()
+    voters = gvote_voters(queries, 5, seed=1, layer_idx=2)
+    assert voters.dtype == torch.float32
+    order = [2, 0, 1]
+    lens = [lengths[b] for b in order]
+    want = voter_probs_reference(voters.double(), k8.double() * k_scale.double(), table, order,
+                                 lens, dim**-0.5)
+    ref = voter_probs_reference(voters, k8, table, order, lens, dim**-0.5, k_scale=k_scale)
+    got = voter_probs_triton(voters, k8, table, order, lens, dim**-0.5, num_splits=3,
+                             k_scale=k_scale)
+    assert got.shape == ref.shape == want.shape == (3, 2, group * 6, max(lens))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(ref.double(), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)

@@ -13,11 +13,16 @@ in place, into the request's first blocks) or blocks given apart (``dst_blocks``
 e.g. fresh blocks, so that blocks shared with other requests or hashed in the prefix
 cache are never written). Given destinations must not be source blocks of the
 compaction (of any request compacted with it); their count is checked.
+
+Compaction copies bytes: caches of any dtype, fp8 included (moved through a uint8 view,
+``kernels.fp8``; no scale is involved).
 """
 
 from __future__ import annotations
 
 import torch
+
+from vllm_adakv.kernels.fp8 import as_bytes
 
 
 def compact_ranges_reference(
@@ -55,6 +60,7 @@ def compact_ranges_reference(
         )
     head_idx, pos = keep_mask.nonzero(as_tuple=True)  # row-major: by head, then position
     blocks = block_ids.long()
+    key_cache, value_cache = as_bytes(key_cache), as_bytes(value_cache)
     # Gather first (a copy): in place, sources and destinations overlap in the first blocks.
     k_sel = key_cache[blocks[pos // block_size], head_idx, pos % block_size]
     v_sel = value_cache[blocks[pos // block_size], head_idx, pos % block_size]
@@ -171,6 +177,7 @@ def compact_pooled_reference(
     capacity = kept_blocks * heads
     order = pooled_layer_order(layer_pages)
     blocks = block_ids.long()
+    key_cache, value_cache = as_bytes(key_cache), as_bytes(value_cache)
     layer_start = torch.zeros(num_layers, dtype=torch.long, device=counts.device)
     layer_start[order] = torch.cumsum(layer_pages[order], 0) - layer_pages[order]
     page_start = layer_start[:, None] + torch.cumsum(pages, 1) - pages  # [K, H]

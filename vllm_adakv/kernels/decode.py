@@ -12,6 +12,10 @@ tokens are the last ``q_end - q_start`` positions before ``seq_len``.
 
 Inside, the ranges become explicit page tables and the rows are attended in batches of
 equal query length (``_attend_tables``).
+
+fp8 caches are read as ``value * k_scale`` / ``value * v_scale`` (``kernels.fp8``).
+Attention is computed in fp32 (float64 for float64 queries) and stored in the output's
+dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from vllm_adakv.kernels.fp8 import check_readable, dequantize, index, is_fp8
 
 # Columns of the per-row table ``rows`` (int32 [R, ROW_COLUMNS]), see ``row_table``.
 ROW_COLUMNS = 7
@@ -94,20 +100,30 @@ def _packed_pages(key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.T
 
 
 def _gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block: torch.Tensor,
-               slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 keys ``[M, D, bs]`` and values ``[M, bs, D]`` of the given head-pages (views
-    of a scratch buffer in vLLM's CPU layout: valid until the next call)."""
+               slot: torch.Tensor, dtype: torch.dtype = torch.float32,
+               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[M, D, bs]`` and values ``[M, bs, D]`` of the given head-pages in ``dtype``,
+    fp8 caches dequantized (views of a scratch buffer in vLLM's CPU layout: valid until
+    the next call)."""
     m, (_, heads, bs, dim) = len(block), key_cache.shape
+    check_readable(key_cache.dtype)
     packed = _packed_pages(key_cache, value_cache)
     if packed is None:
-        return key_cache[block, slot].float().transpose(1, 2), value_cache[block, slot].float()
+        return (dequantize(index(key_cache, (block, slot)), k_scale, dtype).transpose(1, 2),
+                dequantize(index(value_cache, (block, slot)), v_scale, dtype))
     page = bs * dim
     pages = _scratch("pages", m * 2 * page, packed.dtype, packed.device).view(m, 2 * page)
     torch.index_select(packed, 0, block * heads + slot, out=pages)
-    if pages.dtype != torch.float32:
-        fp32 = _scratch("pages_fp32", pages.numel(), torch.float32, pages.device)
-        pages = fp32.view(m, 2 * page).copy_(pages)
-    return pages[:, :page].view(m, dim, bs), pages[:, page:].view(m, bs, dim)
+    if pages.dtype != dtype:
+        work = _scratch("pages_work", pages.numel(), dtype, pages.device)
+        pages = work.view(m, 2 * page).copy_(pages)
+    keys, values = pages[:, :page].view(m, dim, bs), pages[:, page:].view(m, bs, dim)
+    if is_fp8(packed.dtype):
+        for part, scale in ((keys, k_scale), (values, v_scale)):
+            if scale is not None:
+                part.mul_(scale.to(dtype).reshape(()))
+    return keys, values
 
 
 def _chunks(rows: list[int], sizes: list[int], limit: int) -> list[list[int]]:
@@ -124,20 +140,28 @@ def _chunks(rows: list[int], sizes: list[int], limit: int) -> list[list[int]]:
     return parts
 
 
+def _work_dtype(query: torch.Tensor) -> torch.dtype:
+    """float64 for float64 queries, float32 otherwise."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
 def _attend_rows(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  pages: _Pages, q_start: torch.Tensor, seq_lens: torch.Tensor, q_len: int,
-                 scale: float, out: torch.Tensor) -> None:
+                 scale: float, out: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
     """Rows of ``q_len`` query tokens each: logits page by page, then one softmax per
     (row, head, query) over all its pages (kept + tail)."""
     rows, heads, block_size = len(q_start), key_cache.shape[1], key_cache.shape[2]
     num_q_heads, dim = query.shape[1], query.shape[2]
     group = num_q_heads // heads
     dev = query.device
+    work = _work_dtype(query)
     t = torch.arange(q_len, device=dev)
     tokens = (q_start.long()[:, None] + t[None, :]).flatten()  # [R * q]
-    q = query[tokens].float().view(rows, q_len, heads, group, dim)
+    q = query[tokens].to(work).view(rows, q_len, heads, group, dim)
     q = q.permute(0, 2, 3, 1, 4).reshape(rows * heads, group * q_len, dim)
-    keys, values = _gather_kv(key_cache, value_cache, pages.block, pages.slot)
+    keys, values = _gather_kv(key_cache, value_cache, pages.block, pages.slot, work, k_scale,
+                              v_scale)
     logits = torch.bmm(q[pages.seg], keys)
     logits.mul_(scale)  # [M, G * q, bs]
     q_pos = seq_lens.long()[pages.seg // heads, None] - q_len + t[None, :]  # [M, q]
@@ -145,12 +169,12 @@ def _attend_rows(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     pos = pages.first[:, None] + torch.arange(block_size, device=dev)[None, :]  # [M, bs]
     hidden = (pos[:, None, :] < pages.lower[:, None, None]) | (pos[:, None, :] > upper[..., None])
     logits.view(-1, group, q_len, block_size).masked_fill_(hidden[:, None], float("-inf"))
-    peak = torch.full((rows * heads, group * q_len), float("-inf"), device=dev)
+    peak = torch.full((rows * heads, group * q_len), float("-inf"), dtype=work, device=dev)
     peak.scatter_reduce_(0, pages.seg[:, None].expand(-1, group * q_len), logits.amax(-1),
                          "amax")
     weights = torch.exp(logits - peak[pages.seg][..., None])
     denom = torch.zeros_like(peak).index_add_(0, pages.seg, weights.sum(-1))
-    o = torch.zeros(rows * heads, group * q_len, dim, device=dev)
+    o = torch.zeros(rows * heads, group * q_len, dim, dtype=work, device=dev)
     o.index_add_(0, pages.seg, torch.bmm(weights, values)).div_(denom[..., None])
     o = o.view(rows, heads, group, q_len, dim).permute(0, 3, 1, 2, 4)
     out[tokens] = o.reshape(rows * q_len, num_q_heads, dim).to(out.dtype)
@@ -168,15 +192,18 @@ def _attend_tables(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over kept head-pages plus the tail, written into ``out``, with each
     row's pages listed explicitly.
 
-    query/out: ``[T, Hq, D]``; key_cache/value_cache: logical ``[nb, H, bs, D]``;
-    page_table: ``[R, H, P]`` int32 virtual page ids (block * H + slot, -1 pad);
-    kept_counts: ``[R, H]``; block_table: ``[R, NB]`` (tail blocks); tail_start,
-    seq_lens: ``[R]``; query_start_loc: ``[R + 1]`` (row r's queries are
-    ``query[qsl[r]:qsl[r + 1]]``). Computes in fp32, stores in ``out.dtype``.
+    query/out: ``[T, Hq, D]``; key_cache/value_cache: logical ``[nb, H, bs, D]`` (fp8:
+    dequantized with ``k_scale`` / ``v_scale``); page_table: ``[R, H, P]`` int32 virtual
+    page ids (block * H + slot, -1 pad); kept_counts: ``[R, H]``; block_table: ``[R, NB]``
+    (tail blocks); tail_start, seq_lens: ``[R]``; query_start_loc: ``[R + 1]`` (row r's
+    queries are ``query[qsl[r]:qsl[r + 1]]``). Computes in fp32 (float64 for float64
+    queries), stores in ``out.dtype``.
     """
     # Tables may come on another device than the caches (e.g. CPU row tensors beside CUDA
     # caches): index everything on the caches' device.
@@ -198,7 +225,7 @@ def _attend_tables(
             pages = _pages(page_table[sel], kept_counts[sel], block_table[sel],
                            tail_start[sel], seq_lens[sel], block_size)
             _attend_rows(query, key_cache, value_cache, pages, query_start_loc[sel],
-                         seq_lens[sel], q_len, scale, out)
+                         seq_lens[sel], q_len, scale, out, k_scale, v_scale)
     return out
 
 
@@ -265,6 +292,9 @@ def headwise_attention_ranges_reference(
     chunk_base: torch.Tensor | None = None,
     capacity: torch.Tensor | None = None,
     layer_base: int = 0,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges (module doc).
 
@@ -276,8 +306,9 @@ def headwise_attention_ranges_reference(
     layers: the caches view every layer's blocks, ``chunk_base`` ``[S, K]`` and
     ``capacity`` ``[S]`` place the entries as ``pooled_page_table`` says, and the tail
     blocks are ``layer_base + block_table[b, pos // bs]``. ``num_row_tokens`` sizes the
-    Triton version's scratch and is unused here. Only the rows' query tokens of ``out``
-    are written.
+    Triton version's scratch and is unused here. ``k_scale``/``v_scale``: an fp8 cache's
+    dequantization scales (``kernels.fp8``; None: 1). Only the rows' query tokens of
+    ``out`` are written.
     """
     del num_row_tokens
     table = rows.tolist()
@@ -298,12 +329,12 @@ def headwise_attention_ranges_reference(
         padded[i, :, : t.shape[1]] = t
     cols = torch.tensor(table, dtype=torch.int64)
     idx = torch.cat(token_idx).to(query.device)
-    part = torch.empty_like(query[idx])
+    part = out.new_empty((len(idx), *query.shape[1:]))  # rounded once, to out's dtype
     counts = kept_counts[cols[:, 1].to(kept_counts.device)]
     _attend_tables(query[idx], key_cache, value_cache, padded, counts,
                    block_table[cols[:, 0].to(block_table.device)].long() + layer_base,
-                   cols[:, 4], cols[:, 5], torch.tensor(starts), scale, part)
-    out[idx] = part.to(out.dtype)
+                   cols[:, 4], cols[:, 5], torch.tensor(starts), scale, part, k_scale, v_scale)
+    out[idx] = part
     return out
 
 
@@ -316,28 +347,34 @@ def masked_prompt_attention_reference(
     seq_len: int,
     scale: float,
     out: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one request's queries over its kept prompt tokens, before compaction.
 
     query/out: ``[T, Hq, D]``, the positions ``[seq_len - T, seq_len)``, all past the
     prompt; key_cache/value_cache: the layer's logical ``[nb, H, bs, D]`` views in the
-    normal layout through ``block_row``; keep_mask: ``[H, L]`` over the prompt. Head h sees
-    the prompt positions it keeps, then ``[L, p]`` for a query at position p. Computes in
-    fp32 (the rare path of a resumed request whose chunk runs past its prompt while its
-    pages are pooled, i.e. compacted only at the group's last layer).
+    normal layout through ``block_row`` (fp8: dequantized with ``k_scale`` / ``v_scale``,
+    None: 1); keep_mask: ``[H, L]`` over the prompt. Head h sees the prompt positions it
+    keeps, then ``[L, p]`` for a query at position p. Computes in fp32 (float64 for
+    float64 queries; the rare path of a resumed request whose chunk runs past its prompt
+    while its pages are pooled, i.e. compacted only at the group's last layer).
     """
     heads, prompt_len = keep_mask.shape
     block_size = key_cache.shape[2]
     q_len, num_q_heads, dim = query.shape
     group = num_q_heads // heads
+    work = _work_dtype(query)
     blocks = block_row.long()
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     tail_pos = torch.arange(prompt_len, seq_len, device=query.device)
     for h in range(heads):
         pos = torch.cat([keep_mask[h].nonzero().flatten(), tail_pos])
-        keys = key_cache[blocks[pos // block_size], h, pos % block_size].float()
-        values = value_cache[blocks[pos // block_size], h, pos % block_size].float()
-        q = query[:, h * group : (h + 1) * group].float()  # [T, G, D]
+        where = (blocks[pos // block_size], h, pos % block_size)
+        keys = dequantize(index(key_cache, where), k_scale, work)
+        values = dequantize(index(value_cache, where), v_scale, work)
+        q = query[:, h * group : (h + 1) * group].to(work)  # [T, G, D]
         logits = torch.einsum("tgd,nd->tgn", q, keys) * scale
         visible = (pos[None, :] < prompt_len) | (pos[None, :] <= q_pos[:, None])  # [T, N]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))

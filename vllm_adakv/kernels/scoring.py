@@ -2,7 +2,8 @@
 
 Torch reference. Shapes follow vLLM: query heads are grouped by KV head
 (query head i reads KV head i // G). Caches are logical
-``[num_blocks, H, block_size, D]`` views, whatever their physical packing.
+``[num_blocks, H, block_size, D]`` views, whatever their physical packing; an fp8 key
+cache is read as ``value * k_scale`` (``kernels.fp8``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_adakv.kernels.fp8 import dequantize, index
 from vllm_adakv.tensors import on_device
 
 
@@ -19,7 +21,7 @@ def gather_prompt_keys(
     """Keys of positions [0, prompt_len) of one request as ``[H, prompt_len, D]``."""
     block_size = key_cache.shape[2]
     num_blocks = -(-prompt_len // block_size)
-    blocks = key_cache[block_ids[:num_blocks].long()]  # [nb, H, bs, D]
+    blocks = index(key_cache, block_ids[:num_blocks].long())  # [nb, H, bs, D]
     heads, dim = blocks.shape[1], blocks.shape[3]
     return blocks.permute(1, 0, 2, 3).reshape(heads, num_blocks * block_size, dim)[:, :prompt_len]
 
@@ -71,13 +73,15 @@ def score_windows_reference(
     gqa_reduce: str,
     pooling: str,
     pool_kernel: int,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores of ``R`` requests of one layer: fp32 ``[R, H, Lmax - w]``, -inf padding.
 
     Request ``r``: window queries ``window_queries[r]`` (``[w, Hq, D]``), blocks
     ``block_table[block_rows[r]]``, prompt ``prompt_lens[r]``; its row holds
     ``score_window_reference(...)`` of that request in its first ``prompt_lens[r] - w``
-    positions.
+    positions. ``k_scale``: the key cache's dequantization scale if it is fp8
+    (``kernels.fp8``; None: 1).
     """
     rows, window = window_queries.shape[:2]
     heads = key_cache.shape[1]
@@ -86,7 +90,7 @@ def score_windows_reference(
     for r, (block_row, length) in enumerate(zip(block_rows, prompt_lens, strict=True)):
         out[r, :, : length - window] = score_window_reference(
             window_queries[r], key_cache, block_table[block_row], length, scale,
-            gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel)
+            gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel, k_scale=k_scale)
     return out
 
 
@@ -100,20 +104,25 @@ def score_window_reference(
     gqa_reduce: str,
     pooling: str,
     pool_kernel: int,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SnapKV scores of the candidates [0, prompt_len - w) for each KV head.
 
     window_query: ``[w, Hq, D]`` queries (after RoPE) of positions
         [prompt_len - w, prompt_len).
+    k_scale: the key cache's dequantization scale if it is fp8 (None: 1).
     Returns fp32 ``[H, prompt_len - w]``: softmax over all prompt keys (causal
     inside the window), summed over the window queries, reduced over each GQA
-    group (mean or max, never repeating KV heads), then pooled.
+    group (mean or max, never repeating KV heads), then pooled. Computed in fp32
+    (float64 for float64 queries).
     """
     w, num_q_heads, dim = window_query.shape
-    keys = gather_prompt_keys(key_cache, block_ids, prompt_len).float()  # [H, L, D]
+    work = torch.float64 if window_query.dtype == torch.float64 else torch.float32
+    keys = dequantize(gather_prompt_keys(key_cache, block_ids, prompt_len), k_scale,
+                      work)  # [H, L, D]
     heads = keys.shape[0]
     group = num_q_heads // heads
-    q = window_query.float().reshape(w, heads, group, dim).permute(1, 2, 0, 3)  # [H, G, w, D]
+    q = window_query.to(work).reshape(w, heads, group, dim).permute(1, 2, 0, 3)  # [H, G, w, D]
     logits = torch.einsum("hgwd,hld->hgwl", q, keys) * scale
     q_pos = torch.arange(prompt_len - w, prompt_len, device=keys.device)
     k_pos = torch.arange(prompt_len, device=keys.device)
@@ -125,4 +134,4 @@ def score_window_reference(
         reduced = attn.amax(dim=1)
     else:
         raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
-    return pool_scores(reduced[:, : prompt_len - w], pooling, pool_kernel)
+    return pool_scores(reduced[:, : prompt_len - w], pooling, pool_kernel).float()

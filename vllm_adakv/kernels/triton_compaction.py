@@ -42,6 +42,9 @@ launches; same compiled variants). Chunk k lies at blocks ``layer_bases[chunk_la
 + dst[r, :]``, destinations from the destination table as above. The pass order and
 the scratch are what make in place safe; destinations apart from the sources take the
 same path.
+
+fp8 caches are compacted through uint8 views (``kernels.fp8.as_bytes``): the kernels move
+bytes, one compiled variant for every fp8 format.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.fp8 import as_bytes
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.tensors import host_to_device, on_device
 
@@ -169,6 +173,7 @@ def compact_rows_triton(
     assert cache_heads == heads and value_cache.shape == key_cache.shape
     assert len(block_rows) == len(kept_blocks) == rows
     dev = key_cache.device
+    key_cache, value_cache = as_bytes(key_cache), as_bytes(value_cache)
     block_table = block_table.to(dev)
     keep_masks = keep_masks.contiguous()
     # Per row: block-table row, reserved blocks, first scratch page (capacities in order).
@@ -491,6 +496,7 @@ def compact_pooled_rows_triton(
     assert layer_bases.shape == (num_layers,)
     assert num_layers > 0 and width > 0
     dev = key_cache.device
+    key_cache, value_cache = as_bytes(key_cache), as_bytes(value_cache)
     if rows == 0:
         empty = torch.zeros(0, num_layers, heads, dtype=torch.int32, device=dev)
         return (empty, empty.clone(), torch.zeros(0, num_layers, dtype=torch.int32, device=dev),

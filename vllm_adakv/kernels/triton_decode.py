@@ -60,6 +60,13 @@ per-row lengths and counts are read inside the kernels, so nothing synchronises 
 device.
 Key/value caches are logical ``[nb, H, bs, D]`` views with arbitrary strides
 (e.g. keys stored transposed per head-page).
+
+fp8 caches (``KV_FP8``, from the cache dtype; ``kernels.fp8``): K and V tiles are cast to
+the query dtype (exact), the key scale is folded into the logit scale and the value
+scale applied to the fp32 accumulator before it is normalised or written as a partial
+(the reduce is linear in it); the scales are loaded from their one-element tensors.
+Other caches compile the same code as before (``KV_FP8`` False, the scale pointers
+never read).
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import triton
 import triton.language as tl
 
 from vllm_adakv.kernels.decode import ROW_COLUMNS
+from vllm_adakv.kernels.fp8 import is_fp8, scale_operand
 from vllm_adakv.kernels.jit import jit_unspecialized
 
 _LOG2E = 1.4426950408889634
@@ -196,9 +204,9 @@ def _tile_addrs(TAIL: tl.constexpr, i, bt_row, cb_row, first_page, first_entry,
                          "stride_pr", "stride_cr", "stride_br", "layer_base", "stride_cbs",
                          "stride_cbk", "stride_cap"],
                    pointers=["pt_ptr", "cnt_ptr", "bt_ptr", "q_ptr", "out_ptr", "cb_ptr",
-                             "cap_ptr"])
+                             "cap_ptr", "ks_ptr", "vs_ptr"])
 def _headwise_fwd(
-    q_ptr, k_ptr, v_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, cnt_ptr, bt_ptr, rows_ptr,
     out_ptr, mid_acc_ptr, mid_m_ptr, mid_l_ptr, cb_ptr, cap_ptr,
     qk_scale, num_splits, min_iters, layer_base,
     stride_qt, stride_qh, stride_qd,
@@ -226,6 +234,7 @@ def _headwise_fwd(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):
     r = tl.program_id(0)
     head = tl.program_id(1)
@@ -241,6 +250,8 @@ def _headwise_fwd(
     seq_len = tl.load(meta + 5).to(tl.int32)
     mid_start = tl.load(meta + 6).to(tl.int32)
     kept = tl.load(cnt_ptr + slot_row * stride_cr + head * stride_ch).to(tl.int32)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr)  # logits of fp8 keys: (q . k8) * k_scale
 
     # Iteration space of (row, head): kept head-pages, then the tail blocks, PAGES
     # pages (or blocks) per iteration.
@@ -332,6 +343,9 @@ def _headwise_fwd(
                              mask=mask_d[:, None] & valid_n[None, :], other=0.0)
                 v = tl.load(v_ptr + v_base[:, None] + v_in_page,
                             mask=valid_n[:, None] & mask_d[None, :], other=0.0)
+                if KV_FP8:  # exact casts; the scales apply to the logits and to acc
+                    kt = kt.to(q_ptr.dtype.element_ty)
+                    v = v.to(q_ptr.dtype.element_ty)
                 if DOT_FP32:
                     s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
                 elif USE_DOT:
@@ -354,6 +368,8 @@ def _headwise_fwd(
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
 
+        if KV_FP8:
+            acc = acc * tl.load(vs_ptr)  # sum_j p_j (v8_j * v_scale)
         # Balanced: a head on one split writes out itself (the reduce leaves it alone),
         # a head on several writes a partial from each of its k_used splits.
         mask_out = mask_m
@@ -536,6 +552,9 @@ def headwise_attention_ranges_triton(
     layer_base: int = 0,
     balance_splits: int | None = None,
     balance_min_iters: int = BALANCE_MIN_ITERS,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-wise attention for selected batch rows, pages given as ranges.
 
@@ -564,6 +583,11 @@ def headwise_attention_ranges_triton(
     one compiled variant serves every layer. Without ``chunk_base`` (and ``layer_base``
     0) the kernel is the single-layer one, a separate compile-time variant with the
     same code and speed as before pooling.
+
+    fp8 caches (``float8_e4m3fn`` or ``float8_e5m2`` views): ``k_scale``/``v_scale`` are
+    their dequantization scales, one-element float32 tensors on the device (None: 1;
+    ignored for other caches), read by the kernel. Computes in fp32 (dots of the query
+    dtype, as for a cache of that dtype), stores in ``out``'s dtype.
     """
     num_tokens, num_q_heads, dim = query.shape
     _, heads, block_size, kdim = key_cache.shape
@@ -637,7 +661,8 @@ def headwise_attention_ranges_triton(
         pooled_strides = (0, 0, 0)
 
     _headwise_fwd[(num_rows, heads, num_splits)](
-        query, key_cache, value_cache, page_start, kept_counts, block_table, rows,
+        query, key_cache, value_cache, scale_operand(k_scale, key_cache, rows),
+        scale_operand(v_scale, value_cache, rows), page_start, kept_counts, block_table, rows,
         out, mid_acc, mid_m, mid_l, *pooled_args,
         float(scale) * _LOG2E, num_splits, int(balance_min_iters), int(layer_base),
         *query.stride(),
@@ -665,6 +690,7 @@ def headwise_attention_ranges_triton(
         USE_DOT=use_dot,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
+        KV_FP8=is_fp8(key_cache.dtype),
         **(launch or {}),
     )
     if num_splits > 1:

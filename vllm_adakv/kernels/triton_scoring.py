@@ -22,6 +22,11 @@ one launch pair serves every request whose prompt completes in the step, and
 nothing about a length is compiled in (``jit.jit_unspecialized``). Memory: two
 ``[R, S, Hq, w]`` fp32 tensors plus the ``[R, H, Lmax - w]`` output (padding -inf).
 Pooling along positions then runs in torch on that output.
+
+fp8 key caches (``KV_FP8``, from the cache dtype; ``kernels.fp8``): key tiles are cast to
+the queries' dtype (exact) and the scale, loaded from its one-element tensor, is folded
+into the logit scale. Other caches compile the same code as before (``KV_FP8`` False,
+the scale pointer never read).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.fp8 import is_fp8, scale_operand
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.kernels.scoring import pool_rows
 from vllm_adakv.tensors import on_device
@@ -55,12 +61,25 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
-                 stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE: tl.constexpr):
-    """Keys of positions ``pos`` of one KV head as a ``[BLOCK_D, BLOCK_N]`` tile."""
+                 stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE: tl.constexpr,
+                 q_ptr, KV_FP8: tl.constexpr):
+    """Keys of positions ``pos`` of one KV head as a ``[BLOCK_D, BLOCK_N]`` tile; fp8 keys
+    in the queries' dtype (exact; the scale is applied to the logits)."""
     blk = tl.load(bid_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
     addr = (k_ptr + blk[None, :] * stride_kb + kv_head * stride_kh
             + (pos % BLOCK_SIZE)[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-    return tl.load(addr, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    kt = tl.load(addr, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    if KV_FP8:
+        kt = kt.to(q_ptr.dtype.element_ty)
+    return kt
+
+
+@triton.jit
+def _logit_scale(qk_scale, ks_ptr, KV_FP8: tl.constexpr):
+    """The logits' scale: ``qk_scale``, times the key cache's scale for fp8 keys."""
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr)
+    return qk_scale
 
 
 @triton.jit
@@ -71,9 +90,9 @@ def _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr):
     return prompt_len, bt_ptr + block_row * stride_br, q_ptr + r.to(tl.int64) * stride_qr
 
 
-@jit_unspecialized(ints=["num_splits", "stride_br"])
+@jit_unspecialized(ints=["num_splits", "stride_br"], pointers=["ks_ptr"])
 def _window_stats(
-    q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, ks_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr,
     qk_scale, num_splits,
     stride_qr, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -88,6 +107,7 @@ def _window_stats(
     DOT_FP32: tl.constexpr,
     CAUSAL: tl.constexpr = True,
     PRECISION: tl.constexpr = "ieee",
+    KV_FP8: tl.constexpr = False,
 ):
     W_BLOCKS: tl.constexpr = (WINDOW + BLOCK_W - 1) // BLOCK_W
     q_head = tl.program_id(0)
@@ -96,6 +116,7 @@ def _window_stats(
     num_q_heads = tl.num_programs(0)
     kv_head = q_head // GROUP
     prompt_len, bid_ptr, q_ptr = _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr)
+    qk_scale = _logit_scale(qk_scale, ks_ptr, KV_FP8)
     offs_w = (tl.program_id(1) % W_BLOCKS) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,7 +136,7 @@ def _window_stats(
         pos = n0 + offs_n
         mask_n = pos < hi
         kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
-                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
+                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE, q_ptr, KV_FP8)
         s = _dot(q, kt, DOT_FP32, PRECISION) * qk_scale
         valid = mask_w[:, None] & mask_n[None, :]
         if CAUSAL:
@@ -161,9 +182,10 @@ def _tile_probs(q_ptr, m_ptr, l_ptr, kt, r, q_head, num_q_heads, offs_w, mask_w,
     return tl.exp2(s - m[:, None]) / den[:, None]
 
 
-@jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh"])
+@jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh"],
+                   pointers=["ks_ptr"])
 def _candidate_scores(
-    q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
+    q_ptr, k_ptr, ks_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
     qk_scale, num_splits,
     stride_qr, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -180,11 +202,13 @@ def _candidate_scores(
     BLOCK_S: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr = "ieee",
+    KV_FP8: tl.constexpr = False,
 ):
     r = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     num_q_heads = NUM_KV_HEADS * GROUP
     prompt_len, bid_ptr, q_ptr = _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr)
+    qk_scale = _logit_scale(qk_scale, ks_ptr, KV_FP8)
     num_candidates = prompt_len - WINDOW
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if tl.program_id(1) * BLOCK_N < num_candidates:
@@ -192,7 +216,7 @@ def _candidate_scores(
         mask_n = pos < num_candidates
         mask_d = offs_d < HEAD_DIM
         kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
-                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
+                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE, q_ptr, KV_FP8)
         reduced = tl.zeros([BLOCK_N], tl.float32)
         for g in range(GROUP):
             q_head = kv_head * GROUP + g
@@ -231,12 +255,13 @@ def block_d_of(dim: int) -> int:
 
 def query_stats(queries: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
                 meta: torch.Tensor, qk_scale: float, num_splits: int | None, *, causal: bool,
-                dot_fp32: bool, precision: str = "ieee"
+                dot_fp32: bool, precision: str = "ieee", k_scale: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Pass 1 (``_window_stats``) for queries ``[R, Q, Hq, D]`` of the rows in ``meta``:
     per-split max and sum of exponentials ``[R, S, Hq, Q]`` (two tensors), the split count
     ``S`` used and the query tile. ``causal``: query ``i`` sits at position ``L - Q + i``
-    (a window); otherwise every query sees the whole prompt."""
+    (a window); otherwise every query sees the whole prompt. ``k_scale``: an fp8 key
+    cache's scale (``kernels.fp8``)."""
     rows, num_queries, num_q_heads, dim = queries.shape
     _, heads, block_size, _ = key_cache.shape
     dev = queries.device
@@ -249,11 +274,12 @@ def query_stats(queries: torch.Tensor, key_cache: torch.Tensor, block_table: tor
                           device=dev)
     stats_l = torch.empty_like(stats_m)
     _window_stats[(num_q_heads, rows * q_blocks, num_splits)](
-        queries, key_cache, block_table, meta, stats_m, stats_l, qk_scale, num_splits,
+        queries, key_cache, scale_operand(k_scale, key_cache, meta), block_table, meta,
+        stats_m, stats_l, qk_scale, num_splits,
         *queries.stride(), *key_cache.stride(), block_table.stride(0), WINDOW=num_queries,
         GROUP=num_q_heads // heads, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_W=block_q,
         BLOCK_N=BLOCK_N, BLOCK_D=block_d_of(dim), DOT_FP32=dot_fp32, CAUSAL=causal,
-        PRECISION=precision,
+        PRECISION=precision, KV_FP8=is_fp8(key_cache.dtype),
     )
     return stats_m, stats_l, num_splits, block_q
 
@@ -270,10 +296,12 @@ def score_windows_triton(
     pooling: str,
     pool_kernel: int,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[R, H, Lmax - w]`` (fp32, -inf padding) of ``R`` requests of one layer;
-    contract of ``score_windows_reference``. ``num_splits`` position ranges for the
-    window statistics (default: from shapes)."""
+    contract of ``score_windows_reference`` (``k_scale``: an fp8 key cache's scale, on
+    its device). ``num_splits`` position ranges for the window statistics (default: from
+    shapes)."""
     if gqa_reduce not in ("mean", "max"):
         raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
     rows, window, num_q_heads, dim = window_queries.shape
@@ -292,14 +320,15 @@ def score_windows_triton(
     qk_scale = float(scale) * _LOG2E
     stats_m, stats_l, num_splits, block_w = query_stats(
         window_queries, key_cache, block_table, meta, qk_scale, num_splits, causal=True,
-        dot_fp32=dot_fp32)
+        dot_fp32=dot_fp32, k_scale=k_scale)
     block_n = BLOCK_N
     common = dict(WINDOW=window, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=dim,
                   BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d_of(dim), DOT_FP32=dot_fp32)
     _candidate_scores[(rows * heads, triton.cdiv(longest - window, block_n))](
-        window_queries, key_cache, block_table, meta, stats_m, stats_l, out, qk_scale,
+        window_queries, key_cache, scale_operand(k_scale, key_cache, meta), block_table,
+        meta, stats_m, stats_l, out, qk_scale,
         num_splits, *window_queries.stride(), *key_cache.stride(), block_table.stride(0),
         out.stride(0), out.stride(1), NUM_KV_HEADS=heads, REDUCE_MAX=gqa_reduce == "max",
-        BLOCK_S=MAX_SPLITS, **common,
+        BLOCK_S=MAX_SPLITS, KV_FP8=is_fp8(key_cache.dtype), **common,
     )
     return pool_rows(out, [n - window for n in prompt_lens], pooling, pool_kernel)

@@ -16,6 +16,9 @@ Same signatures and results as ``voting.voter_probs_reference`` and
   rank in every voter's ascending top list by binary search, reads the mass above that
   rank and keeps the least over the voters: no ``[.., Lmax]`` index tensor, no scatter.
   Nothing is read back to the host.
+
+fp8 key caches as in ``triton_scoring`` (``KV_FP8``): keys cast to the voters' dtype
+(exact), the scale folded into the logit scale.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.fp8 import is_fp8, scale_operand
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.kernels.triton_scoring import (
     _LOG2E,
     BLOCK_N,
     MAX_SPLITS,
     _load_keys_t,
+    _logit_scale,
     _row_of,
     _tile_probs,
     block_d_of,
@@ -41,9 +46,10 @@ from vllm_adakv.kernels.voting import top_mass_lists
 from vllm_adakv.tensors import on_device
 
 
-@jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh", "stride_ov"])
+@jit_unspecialized(ints=["num_splits", "stride_br", "stride_or", "stride_oh", "stride_ov"],
+                   pointers=["ks_ptr"])
 def _voter_probs(
-    q_ptr, k_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
+    q_ptr, k_ptr, ks_ptr, bt_ptr, meta_ptr, m_ptr, l_ptr, out_ptr,
     qk_scale, num_splits,
     stride_qr, stride_qv, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -59,18 +65,20 @@ def _voter_probs(
     BLOCK_S: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):
     r = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     num_q_heads = NUM_KV_HEADS * GROUP
     prompt_len, bid_ptr, q_ptr = _row_of(meta_ptr, r, stride_br, bt_ptr, q_ptr, stride_qr)
+    qk_scale = _logit_scale(qk_scale, ks_ptr, KV_FP8)
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if tl.program_id(1) * BLOCK_N < prompt_len:  # the output starts as zeros
         offs_d = tl.arange(0, BLOCK_D)
         mask_n = pos < prompt_len
         mask_d = offs_d < HEAD_DIM
         kt = _load_keys_t(k_ptr, bid_ptr, kv_head, pos, mask_n, offs_d, mask_d,
-                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE)
+                          stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_SIZE, q_ptr, KV_FP8)
         out_ptr += r.to(tl.int64) * stride_or + kv_head * stride_oh
         for g in range(GROUP):
             q_head = kv_head * GROUP + g
@@ -131,10 +139,13 @@ def voter_probs_triton(
     *,
     num_splits: int | None = None,
     precision: str = "tf32x3",
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[R, H, G * V, Lmax]`` fp32 voter attention; contract of
-    ``voting.voter_probs_reference``. float32 voters are dotted in float32 with Triton's
-    ``input_precision`` ``precision``; other voters in the keys' dtype."""
+    ``voting.voter_probs_reference`` (``k_scale``: an fp8 key cache's scale, on its
+    device). float32 voters are dotted in float32 with Triton's ``input_precision``
+    ``precision``; other voters in the keys' dtype (an fp8 cache's keys in the voters'
+    dtype)."""
     rows, num_voters, num_q_heads, dim = voters.shape
     _, heads, block_size, kdim = key_cache.shape
     assert kdim == dim and num_q_heads % heads == 0 and min(prompt_lens) >= 1
@@ -148,18 +159,20 @@ def voter_probs_triton(
     out = torch.zeros(rows, heads, group * num_voters, longest, dtype=torch.float32,
                       device=dev)
     dot_fp32 = dev.type != "cuda" or voters.dtype == torch.float32
-    if not dot_fp32:
+    kv_fp8 = is_fp8(key_cache.dtype)
+    if not dot_fp32 and not kv_fp8:
         voters = voters.to(key_cache.dtype)
     qk_scale = float(scale) * _LOG2E
     stats_m, stats_l, num_splits, block_v = query_stats(
         voters, key_cache, block_table, meta, qk_scale, num_splits, causal=False,
-        dot_fp32=dot_fp32, precision=precision)
+        dot_fp32=dot_fp32, precision=precision, k_scale=k_scale)
     _voter_probs[(rows * heads, triton.cdiv(longest, BLOCK_N))](
-        voters, key_cache, block_table, meta, stats_m, stats_l, out, qk_scale, num_splits,
+        voters, key_cache, scale_operand(k_scale, key_cache, meta), block_table, meta,
+        stats_m, stats_l, out, qk_scale, num_splits,
         *voters.stride(), *key_cache.stride(), block_table.stride(0), *out.stride()[:3],
         NUM_KV_HEADS=heads, NUM_VOTERS=num_voters, GROUP=group, BLOCK_SIZE=block_size,
         HEAD_DIM=dim, BLOCK_V=block_v, BLOCK_N=BLOCK_N, BLOCK_D=block_d_of(dim),
-        BLOCK_S=MAX_SPLITS, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_S=MAX_SPLITS, DOT_FP32=dot_fp32, PRECISION=precision, KV_FP8=kv_fp8,
     )
     return out
 

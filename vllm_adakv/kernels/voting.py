@@ -11,6 +11,7 @@ Two steps, each with a Triton twin of the same signature (``triton_voting``):
 Shapes follow vLLM: ``R`` request rows, ``V`` voters per query head, ``Hq`` query heads,
 ``H`` KV heads, ``G = Hq / H``; caches are logical ``[num_blocks, H, block_size, D]``.
 Voter axis of a KV head: index ``g * V + v`` is voter ``v`` of query head ``h * G + g``.
+An fp8 key cache is read as ``value * k_scale`` (``kernels.fp8``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 
 import torch
 
+from vllm_adakv.kernels.fp8 import dequantize
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.tensors import on_device
 
@@ -35,12 +37,15 @@ def voter_probs_reference(
     block_rows: list[int],
     prompt_lens: list[int],
     scale: float,
+    *,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each voter over its request's prompt: ``[R, H, G * V, Lmax]``.
 
     voters: ``[R, V, Hq, D]`` queries that see every prompt key (no causal mask).
     Row ``r`` reads blocks ``block_table[block_rows[r]]`` and holds the softmax over its
     ``prompt_lens[r]`` keys, then zeros. float64 if an input is, float32 otherwise.
+    k_scale: the key cache's dequantization scale if it is fp8 (None: 1).
     """
     rows, num_voters, num_q_heads, dim = voters.shape
     heads = key_cache.shape[1]
@@ -49,7 +54,8 @@ def voter_probs_reference(
     out = torch.zeros(rows, heads, group * num_voters, max(prompt_lens), dtype=dtype,
                       device=voters.device)
     for r, (block_row, length) in enumerate(zip(block_rows, prompt_lens, strict=True)):
-        keys = gather_prompt_keys(key_cache, block_table[block_row], length).to(dtype)
+        keys = dequantize(gather_prompt_keys(key_cache, block_table[block_row], length),
+                          k_scale, dtype)
         out[r, :, :, :length] = voter_softmax(voters[r], keys, scale)
     return out
 

@@ -17,6 +17,12 @@ whose voter count is compiled in). Also the decode's
 balanced-split variant (forward and reduce, single-layer and pooled) on the grid the
 default picks at some batch sizes (``default_balance_splits``). Settings a request overrides
 (another window, say) may still compile on first use.
+
+The caches are of ``cache_dtype``: with an fp8 KV cache the engine launches only the fp8
+variants (scoring, voting and decode with ``KV_FP8``, compaction over uint8 views), so
+those are what the warm-up compiles, with one-element float32 scales as vLLM's
+``layer._k_scale`` / ``layer._v_scale`` (read through a pointer: their values and
+addresses compile nothing).
 """
 
 from __future__ import annotations
@@ -49,12 +55,15 @@ FAMILIES = frozenset({"scoring", "allocation", "voting"})
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
             pool_kernel: int, alpha: float, num_layers: int | None = None,
-            families: frozenset[str] = FAMILIES, gvote_samples: int = 8) -> float:
+            families: frozenset[str] = FAMILIES, gvote_samples: int = 8,
+            cache_dtype: torch.dtype | None = None) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
-    returns the seconds it took. ``num_layers``: layers of a pooled group (only needed
-    past 64, where the pooled plan kernel compiles another layer tile). ``families``:
-    the selection kernels to compile (``FAMILIES``); the vote's voter count
-    (``gvote_samples`` + 1) is compiled in."""
+    returns the seconds it took. ``dtype``: the model's (queries, outputs).
+    ``num_layers``: layers of a pooled group (only needed past 64, where the pooled plan
+    kernel compiles another layer tile). ``families``: the selection kernels to compile
+    (``FAMILIES``); the vote's voter count (``gvote_samples`` + 1) is compiled in.
+    ``cache_dtype``: the KV cache's dtype as the kernels get it (``torch.float8_e4m3fn``
+    or ``torch.float8_e5m2`` for an fp8 cache, ``kernels.fp8``); None: ``dtype``."""
     unknown = set(families) - FAMILIES
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(FAMILIES)}")
@@ -64,9 +73,13 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     blocks = -(-max(lengths) // block_size) + 2
     # Caches as the backend sees them: [nb, H, bs, 2D] per layer, keys then values; the
     # requests' blocks, then as many fresh ones (compaction destinations).
+    cache_dtype = dtype if cache_dtype is None else cache_dtype
     kv = torch.randn(4 * blocks + 1, num_kv_heads, block_size, 2 * head_dim, device=device,
-                     dtype=dtype)
+                     dtype=dtype).to(cache_dtype)
     key_cache, value_cache = kv[..., :head_dim], kv[..., head_dim:]
+    # Per-layer scales (used for fp8 caches only, ignored otherwise).
+    k_scale = torch.ones(1, dtype=torch.float32, device=device)
+    scales = dict(k_scale=k_scale, v_scale=torch.ones_like(k_scale))
     table = torch.arange(1, 2 * blocks + 1, dtype=torch.int32, device=device).view(2, blocks)
     fresh = torch.arange(2 * blocks + 1, 4 * blocks + 1, dtype=torch.int32,
                          device=device).view(2, blocks)
@@ -86,7 +99,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
                             dst_blocks=fresh if shift else None)
     if "scoring" in families:
         score_windows_triton(queries, key_cache, table, [1, 0], lengths, head_dim**-0.5,
-                             gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel)
+                             gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel,
+                             k_scale=k_scale)
     if "allocation" in families:
         selectable = [b - window for b in budgets]
         hits = torch.tensor([[s] * num_kv_heads for s in selectable], device=device)
@@ -94,7 +108,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     if "voting" in families:
         voters = torch.randn(2, gvote_samples + 1, num_q_heads, head_dim, device=device,
                              dtype=work_dtype(queries))
-        probs = voter_probs_triton(voters, key_cache, table, [1, 0], lengths, head_dim**-0.5)
+        probs = voter_probs_triton(voters, key_cache, table, [1, 0], lengths, head_dim**-0.5,
+                                   k_scale=k_scale)
         min_mass_above_triton(probs, lengths, 0.9, max(budgets))
     # Pooled: layers of one buffer at block offsets (the all-layers view has the layer
     # view's strides), compacted at once; then the decode over their chunk tables.
@@ -102,7 +117,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     if num_layers is not None and plan_block_layers(num_layers) != plan_block_layers(layers):
         layers = num_layers
     layer_blocks = kv.shape[0]
-    kv_all = torch.randn(layers * layer_blocks, *kv.shape[1:], device=device, dtype=dtype)
+    kv_all = torch.randn(layers * layer_blocks, *kv.shape[1:], device=device,
+                         dtype=dtype).to(cache_dtype)
     all_keys, all_values = kv_all[..., :head_dim], kv_all[..., head_dim:]
     layer_bases = torch.arange(layers, dtype=torch.int32, device=device) * layer_blocks
     pooled_masks = torch.stack([method_masks[k % 2] for k in range(layers)], dim=1)
@@ -128,14 +144,14 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         for layer in (0, 1):
             headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
                                              counts[:, layer], table, rows, 2,
-                                             head_dim**-0.5, out, num_splits=splits)
+                                             head_dim**-0.5, out, num_splits=splits, **scales)
             if splits <= 2:
                 # The pooled forward kernel has one variant without split-K and one with
                 # (the split count is not specialised on); the reduce kernel is shared.
                 headwise_attention_ranges_triton(
                     q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows,
                     2, head_dim**-0.5, out, num_splits=splits, chunk_base=chunk_base,
-                    capacity=capacity, layer_base=layer * layer_blocks)
+                    capacity=capacity, layer_base=layer * layer_blocks, **scales)
         splits *= 2
     # The balanced decode the default picks at some batch sizes: one forward variant per
     # (pooled or not) and one reduce for its grid (BLOCK_S); the minimum iteration count
@@ -143,11 +159,11 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
     for layer in (0, 1):
         headwise_attention_ranges_triton(q, key_cache, value_cache, pages[:, layer],
                                          counts[:, layer], table, rows, 2, head_dim**-0.5,
-                                         out, balance_splits=DEFAULT_BALANCE_SPLITS)
+                                         out, balance_splits=DEFAULT_BALANCE_SPLITS, **scales)
         headwise_attention_ranges_triton(
             q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows, 2,
             head_dim**-0.5, out, chunk_base=chunk_base, capacity=capacity,
-            layer_base=layer * layer_blocks, balance_splits=DEFAULT_BALANCE_SPLITS)
+            layer_base=layer * layer_blocks, balance_splits=DEFAULT_BALANCE_SPLITS, **scales)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -32,7 +32,7 @@ class LayerRows:
 
     Keys are read in place from the paged cache: ``key_cache`` is the layer's logical
     ``[num_blocks, H, block_size, D]`` view and row ``r``'s blocks are
-    ``block_table[rows[r]]``.
+    ``block_table[rows[r]]``; an fp8 cache holds ``key / k_scale``.
     """
 
     cfg: KVCompressionConfig
@@ -45,6 +45,9 @@ class LayerRows:
     scale: float
     window_queries: torch.Tensor | None = None  # [R, w, Hq, D] after RoPE
     tp_shard: tuple[int, int] = (0, 1)  # (rank, size) of this worker's heads
+    # An fp8 ``key_cache``'s key scale (one-element float32 on its device; None = 1),
+    # passed to every kernel that reads keys; ignored for other caches.
+    k_scale: torch.Tensor | None = None
 
     @property
     def num_heads(self) -> int:

@@ -277,7 +277,7 @@ class GVote(Method):
         voters = gvote_voters(batch.window_queries, cfg.gvote_samples, cfg.gvote_seed,
                               batch.layer_idx, batch.tp_shard)
         probs = kernels.voter_probs(voters, batch.key_cache, batch.block_table, batch.rows,
-                                    lengths, batch.scale)
+                                    lengths, batch.scale, k_scale=batch.k_scale)
         most = max(min(n, cap) for n, cap in zip(lengths, caps, strict=True))
         vote = kernels.min_mass_above(probs, lengths, cfg.gvote_p, most)
         return gvote_keep_masks(vote, lengths, window=cfg.window, nucleus_p=cfg.gvote_p,

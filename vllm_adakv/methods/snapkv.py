@@ -65,7 +65,7 @@ class SnapKV(Method):
         return kernels.score_windows(
             batch.window_queries, batch.key_cache, batch.block_table, batch.rows,
             batch.prompt_lens, batch.scale, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling,
-            pool_kernel=cfg.pool_kernel)
+            pool_kernel=cfg.pool_kernel, k_scale=batch.k_scale)
 
     def counts(self, scores: torch.Tensor, num_candidates: list[int], selectable: list[int],
                cfg: Any) -> tuple[torch.Tensor, int]:

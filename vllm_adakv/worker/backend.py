@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from vllm_adakv.config import check_kv_cache_dtype
+from vllm_adakv.kernels.fp8 import is_fp8
 from vllm_adakv.protocol import CompressedAttentionSpec
 from vllm_adakv.worker.batch import RowPlan, StepPlan, build_step_plan
 from vllm_adakv.worker.compressor import CompactedRow, CompressionStore, LayerCache
@@ -60,18 +62,42 @@ def compression_store(ctx: WorkerContext, spec: CompressedAttentionSpec) -> Comp
     return store
 
 
-def check_cache_dtype(cache_dtype: Any) -> None:
-    """Compression reads and writes the cache in the model's dtype only."""
-    if str(cache_dtype) not in ("auto", "None"):
-        raise NotImplementedError(
-            f"vllm-adakv: KV cache dtype {str(cache_dtype)!r} is not supported with "
-            "compression yet (use --kv-cache-dtype auto)")
+def check_cache_dtype(cache_dtype: Any, platform: str) -> None:
+    """Compression reads and writes the cache in the model's dtype, and on CUDA fp8 caches
+    (``config.compressible_cache_dtypes``); anything else is an error naming the flag.
+    Checked again here: vLLM may resolve ``auto`` to a checkpoint's fp8 scheme."""
+    check_kv_cache_dtype(cache_dtype, platform)
+
+
+def layer_scales(layer: Any, cache: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The layer's key and value scales (vLLM's ``_k_scale`` / ``_v_scale``, one-element
+    float32 tensors on the cache's device, read on the device) for an fp8 ``cache``
+    (logical view of the fp8 dtype); (None, None) for any other cache."""
+    if not is_fp8(cache.dtype):
+        return None, None
+    return layer._k_scale, layer._v_scale
+
+
+def dequantize_query(query: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """Queries vLLM quantized to fp8 before the impl (its attention layer does so for an
+    fp8 cache on backends that take fp8 queries, TRITON_ATTN on CUDA), as ``dtype`` values:
+    ``fp8 * q_scale``, the queries vLLM's own kernel attends with. ``q_scale``: one value,
+    or one per KV head (each scaling its group of query heads). ``query``: ``[T, Hq * D]``
+    or ``[T, Hq, D]``; the result has its shape."""
+    out = query.to(dtype)
+    if q_scale.numel() == 1:
+        return out * q_scale.to(dtype).reshape(())
+    grouped = out.view(out.shape[0], q_scale.numel(), -1)
+    return (grouped * q_scale.to(dtype).view(1, -1, 1)).view(query.shape)
 
 
 class CompressedBuilder:
     """Mixin of a metadata builder: a compressed group's set-up and step preamble."""
 
     kv_cache_spec: Any
+    platform: str  # "cpu" or "cuda": which cache dtypes compression takes
 
     def init_compression(self, layer_names: list[str], vllm_config: Any) -> bool:
         """Set up this group if its spec is compressed; returns whether it is."""
@@ -80,7 +106,7 @@ class CompressedBuilder:
             return False
         from vllm.model_executor.models.utils import extract_layer_index
 
-        check_cache_dtype(vllm_config.cache_config.cache_dtype)
+        check_cache_dtype(vllm_config.cache_config.cache_dtype, self.platform)
         self.ctx = current()
         self.store = compression_store(self.ctx, self.kv_cache_spec)
         self.store.bind_layers({extract_layer_index(n): n for n in layer_names})
@@ -109,14 +135,18 @@ class CompressedImpl:
     head_size: int
     scale: float
 
-    def layer_cache(self, kv_cache: torch.Tensor, layer_name: str, layer_names: list[str],
+    def layer_cache(self, kv_cache: torch.Tensor, layer: Any, layer_names: list[str],
                     split: SplitKV) -> LayerCache:
-        """This layer's logical K/V views and the same over all layers of its buffer."""
+        """This layer's logical K/V views and the same over all layers of its buffer (``split``
+        views vLLM's raw bytes of an fp8 cache as its fp8 dtype), with the layer's scales
+        when the cache is fp8."""
         group = current().views.group_blocks(kv_cache, layer_names)
         key, value = split(kv_cache)
         all_key, all_value = split(group.merged)
+        k_scale, v_scale = layer_scales(layer, key)
         return LayerCache(key=key, value=value, all_key=all_key, all_value=all_value,
-                          base=group.base_of[layer_name], layer_bases=group.bases)
+                          base=group.base_of[layer.layer_name], layer_bases=group.bases,
+                          k_scale=k_scale, v_scale=v_scale)
 
     def compress_prefills(self, store: CompressionStore, rows: list[RowPlan], layer_name: str,
                           layer_idx: int, query: torch.Tensor, output: torch.Tensor,

@@ -66,6 +66,10 @@ class LayerCache:
     all_value: torch.Tensor
     base: int  # this layer's first block in ``all_key``
     layer_bases: torch.Tensor  # [K] int32 first block of each compressed layer (group order)
+    # fp8 caches: the layer's key and value scales (one-element float32 on the cache's
+    # device, ``kernels/fp8.py``); None for caches in the model's dtype.
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -258,10 +262,11 @@ class CompressionStore:
         buf[lo - (row.prompt_len - w) : hi - (row.prompt_len - w)] = query[start : start + hi - lo]
 
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
-                   key_cache: torch.Tensor, block_table: torch.Tensor, scale: float
-                   ) -> torch.Tensor:
+                   key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
+                   k_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Keep masks ``[R, H, Lmax]`` of one layer for rows that share their settings but
-        the budget (``selection_key``): one batched selection by their method."""
+        the budget (``selection_key``): one batched selection by their method. ``k_scale``:
+        the key scale of an fp8 ``key_cache``."""
         cfg = rows[0].cfg or self.cfg
         method = get_method(cfg.method)
         queries = None
@@ -271,7 +276,7 @@ class CompressionStore:
             cfg=cfg, layer_idx=layer_idx, prompt_lens=[r.prompt_len for r in rows],
             budgets=[r.plan.layer_budgets[layer_idx] for r in rows], key_cache=key_cache,
             block_table=block_table, rows=[r.row for r in rows], scale=scale,
-            window_queries=queries, tp_shard=self.tp_shard))
+            window_queries=queries, tp_shard=self.tp_shard, k_scale=k_scale))
 
     def compress_rows(self, rows: list[RowPlan], layer: str, layer_idx: int,
                       cache: LayerCache, block_table: torch.Tensor, scale: float,
@@ -287,7 +292,8 @@ class CompressionStore:
         pooled: list[RowPlan] = []
         for group in group_by_selection(rows, self.cfg):
             start = time.perf_counter()
-            masks = self.keep_masks(group, layer, layer_idx, cache.key, block_table, scale)
+            masks = self.keep_masks(group, layer, layer_idx, cache.key, block_table, scale,
+                                    cache.k_scale)
             if self.record_dir is not None:
                 for i, row in enumerate(group):
                     record_kept(self.record_dir, row.req_id, layer_idx,
@@ -426,7 +432,7 @@ class CompressionStore:
             tokens = slice(first, query_start[row.row] + row.query_len)
             kernels.masked_prompt_attention_reference(
                 query[tokens], cache.key, cache.value, block_table[row.row], mask, row.seq_len,
-                scale, output[tokens])
+                scale, output[tokens], k_scale=cache.k_scale, v_scale=cache.v_scale)
 
     def pending_mask(self, req_id: str, layer_idx: int) -> torch.Tensor | None:
         """The keep mask ``[H, L]`` of a pooled request's layer not compacted yet."""

@@ -68,6 +68,8 @@ class AdaKVCPUMetadata(CPUAttentionMetadata):
 
 
 class AdaKVCPUMetadataBuilder(CompressedBuilder, CPUAttentionMetadataBuilder):
+    platform = "cpu"  # the model's dtype only: fp8 caches are refused (config.py)
+
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if self.init_compression(layer_names, vllm_config) and self.isa not in SUPPORTED_ISAS:
@@ -106,7 +108,7 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
         store = attn_metadata.store
         layer_name = layer.layer_name
         layer_idx = extract_layer_index(layer_name)
-        cache = self.layer_cache(kv_cache, layer_name, attn_metadata.layer_names,
+        cache = self.layer_cache(kv_cache, layer, attn_metadata.layer_names,
                                  lambda t: logical_kv_views(t, layer.isa))
         qsl = attn_metadata.query_start_loc.tolist()
         block_table = attn_metadata.block_table
@@ -149,7 +151,7 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
             block_table, table, 0, self.scale,
             output.view(output.shape[0], self.num_heads, self.head_size),
             chunk_base=torch.stack(chunk_base), capacity=torch.tensor(capacity),
-            layer_base=cache.base)
+            layer_base=cache.base, k_scale=cache.k_scale, v_scale=cache.v_scale)
 
 
 class AdaKVCPUBackend(CPUAttentionBackend):

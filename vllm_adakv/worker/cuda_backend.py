@@ -41,13 +41,20 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from vllm_adakv.config import FP8_KV_CACHE_DTYPES
 from vllm_adakv.kernels.decode import ROW_COLUMNS, row_table
+from vllm_adakv.kernels.fp8 import is_fp8
 from vllm_adakv.kernels.triton_decode import (
     headwise_attention_ranges_triton,
 )
 from vllm_adakv.methods import get_method
 from vllm_adakv.protocol import CompressedAttentionSpec
-from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
+from vllm_adakv.worker.backend import (
+    CompressedBuilder,
+    CompressedImpl,
+    compressible_spec,
+    dequantize_query,
+)
 from vllm_adakv.worker.batch import RowPlan, StepPlan
 from vllm_adakv.worker.compressor import CompressionStore
 from vllm_adakv.worker.context import WorkerContext
@@ -87,6 +94,7 @@ class AdaKVTritonMetadata(TritonAttentionMetadata):
 
 
 class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuilder):
+    platform = "cuda"  # the model's dtype and fp8 (config.compressible_cache_dtypes)
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
 
     @classmethod
@@ -207,10 +215,14 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
 
 def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None:
     """Compile the compressed path's Triton kernels now, not in the first requests."""
+    from vllm.platforms import current_platform
+
     from vllm_adakv.kernels.warmup import warm_up
 
     cfg = spec.compression
     model = vllm_config.model_config
+    # An fp8 cache reaches the kernels as TRITON_ATTN views it: the platform's fp8 dtype.
+    fp8 = vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES
     seconds = warm_up(
         torch.device(device), model.dtype,
         model.get_num_attention_heads(vllm_config.parallel_config), spec.num_kv_heads,
@@ -219,7 +231,8 @@ def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None
         # Scoring and allocation always (a request may switch to a scored method), and
         # what the server's method launches.
         families=frozenset({"scoring", "allocation"}) | get_method(cfg.method).kernels,
-        gvote_samples=cfg.gvote_samples)
+        gvote_samples=cfg.gvote_samples,
+        cache_dtype=current_platform.fp8_dtype() if fp8 else None)
     logger.info("vllm-adakv: compiled the compression kernels in %.1f s", seconds)
 
 
@@ -246,11 +259,14 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
             return output
         store, pool = attn_metadata.store, attn_metadata.pool
         assert store is not None and pool is not None
+        if is_fp8(query.dtype):
+            # vLLM's attention layer quantizes the queries for TRITON_ATTN with an fp8 cache
+            # (the output keeps the model's dtype): the window queries and the head-wise
+            # rows use the values vLLM's kernel attends with.
+            query = dequantize_query(query, layer._q_scale, output.dtype)
         layer_name = layer.layer_name
         layer_idx = extract_layer_index(layer_name)
-        head_size = self.head_size
-        cache = self.layer_cache(kv_cache, layer_name, attn_metadata.layer_names,
-                                 lambda t: (t[..., :head_size], t[..., head_size:]))
+        cache = self.layer_cache(kv_cache, layer, attn_metadata.layer_names, self._split_kv)
         qsl = attn_metadata.query_start_cpu
         block_table = attn_metadata.block_table
         if attn_metadata.prefill_rows:
@@ -270,8 +286,16 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
                 attn_metadata.num_headwise_tokens, self.scale,
                 output.view(output.shape[0], heads_q, self.head_size),
                 chunk_base=pool.chunk_base, capacity=pool.capacity, layer_base=cache.base,
+                k_scale=cache.k_scale, v_scale=cache.v_scale,
             )
         return output
+
+    def _split_kv(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical key and value views of a ``[nb, H, bs, 2D]`` cache; an fp8 cache's bytes
+        viewed as the platform's fp8 dtype, as TRITON_ATTN reads them (every fp8 string)."""
+        if self.kv_cache_dtype in FP8_KV_CACHE_DTYPES and kv_cache.dtype != self.fp8_dtype:
+            kv_cache = kv_cache.view(self.fp8_dtype)
+        return kv_cache[..., : self.head_size], kv_cache[..., self.head_size:]
 
 
 class AdaKVTritonBackend(TritonAttentionBackend):
