@@ -9,6 +9,13 @@
 #                                               # (check-engine balanced: 40 rows decoding
 #                                               # through the balanced default, ~3 min)
 #   bash benchmarks/gpu_session.sh check-e2e    # engine scenarios on CUDA (~2 min each)
+#   bash benchmarks/gpu_session.sh check-fp8    # issue 30: fp8 e2e tests (tests/e2e/test_fp8.py,
+#                                               # ~11 eager engines); the engine check on an
+#                                               # fp8 cache: check-engine "adakv and fp8"
+#   bash benchmarks/gpu_session.sh throughput-B-fp8 # regime B 6000, 8 GiB: vanilla bf16 (+
+#                                               # prefill-only), vanilla fp8, Ada-KV 8x/64x on
+#                                               # fp8 (~8-9 min)
+#   bash benchmarks/gpu_session.sh kernels-fp8  # decode grid under graphs on fp8 caches (~70 s)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
 #   bash benchmarks/gpu_session.sh kernels-balance # decode grid under graphs: default vs
 #                                               # balanced splits 4/8 x min iters 2/4
@@ -55,6 +62,20 @@ case "${1:?stage}" in
     timeout 560 python3 -m pytest -q tests/e2e/test_engine.py \
       -k "changes_only_long or one_token_last or together" 2>&1 | tee "$OUT/check-e2e.log" \
       | tail -3
+    ;;
+  check-fp8)
+    timeout 580 python3 -m pytest -q -rs tests/e2e/test_fp8.py 2>&1 \
+      | tee "$OUT/check-fp8.log" | tail -8
+    ;;
+  throughput-B-fp8)
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
+      --output-len 500 --num-prompts 64 --ratios 8,64 --kv-cache-gib 8 --reserve-output 500 \
+      --kv-cache-dtype fp8 --suffix=-fp8 --out "$OUT" 2>&1 | tee "$OUT/B-fp8.log" \
+      | grep -v "^{" | tail -20
+    ;;
+  kernels-fp8)
+    timeout 580 python3 -m benchmarks.kernels --graphs --kv-cache-dtype fp8 --suffix=-graphs-fp8 \
+      --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/kernels-fp8.log" | grep -v '^{' | tail -45
     ;;
   kernels)
     python3 -m benchmarks.kernels --out "$OUT" 2>&1 | grep -v '^{' | tee "$OUT/kernels.log"

@@ -22,6 +22,9 @@ with ``--decode-launch 4:3:168`` each decode point with those Triton launch sett
 five H200 leases: one entry per ``"config"``; sweep rows with ``balance_splits``).
 ``"decode_kernels"`` lists the registers, spills and shared memory of every decode kernel
 variant compiled in the run.
+With ``--kv-cache-dtype fp8`` the decode caches (ours and vLLM's) are float8_e4m3fn with
+per-layer scales, as vLLM's ``--kv-cache-dtype fp8`` gives TRITON_ATTN; GB/s then counts
+one byte per element.
 With ``--pooled`` (instead of the decode and compress points): the compaction of all
 32 layers of R requests at once with head-pages pooled across layers
 (``compact_pooled_rows_triton``; per-layer keep shares from a Dirichlet as GVote's are
@@ -67,6 +70,10 @@ Q_HEADS, KV_HEADS, DIM, BS = 32, 8, 128, 16
 HIDDEN, FFN = 4096, 14336
 DTYPE = torch.bfloat16
 PROFILE = False
+# --kv-cache-dtype fp8: decode caches in float8_e4m3fn with per-layer scales, as vLLM's
+# TRITON_ATTN views its uint8 fp8 cache (queries and outputs stay bf16).
+CACHE_DTYPE = DTYPE
+K_SCALE, V_SCALE = 0.37, 1.9
 
 
 def bench(fn, rep: int = 200) -> float:
@@ -95,6 +102,7 @@ def decode_inputs(batch: int, ctx: int, keep: float) -> dict:
     blocks_per_row = ctx // BS + 1  # the prompt, then the tail block of the new token
     num_blocks = batch * blocks_per_row + 1
     kv = torch.randn(num_blocks, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
+    kv = kv.to(CACHE_DTYPE)
     table = (torch.randperm(num_blocks - 1, device="cuda") + 1).int().view(batch, -1)
     # Ours: head h owns the pages after those of heads < h, in the row's own blocks.
     counts = uneven_counts(batch, ctx, keep)
@@ -121,6 +129,9 @@ def ours_decode(x: dict, **config):
     kv, query = x["kv"], x["query"]
     out = torch.empty_like(query)
     config = dict(config)
+    if kv.dtype != query.dtype:  # fp8: the layer's scales, on the device
+        config.update(k_scale=torch.tensor([K_SCALE], device="cuda"),
+                      v_scale=torch.tensor([V_SCALE], device="cuda"))
     if config.pop("chunk_tables", False):  # the engine's pooled-format tables
         config.update(chunk_base=x["chunk_base"], capacity=x["capacity"])
     return lambda: headwise_attention_ranges_triton(
@@ -143,12 +154,15 @@ def vllm_decode(x: dict, ctx: int):
     seg_max = torch.empty(threshold, Q_HEADS, segments, device="cuda", dtype=torch.float32)
     seg_sum = torch.empty_like(seg_max)
     descale = torch.ones(1, device="cuda", dtype=torch.float32).expand(batch, KV_HEADS)
+    k_descale, v_descale = descale, descale
+    if kv.dtype != query.dtype:  # fp8 cache: TRITON_ATTN's descales are the layer's scales
+        k_descale, v_descale = K_SCALE * descale, V_SCALE * descale
     out_v = torch.empty_like(query)
     return lambda: unified_attention(
         q=query, k=k_view, v=v_view, out=out_v, cu_seqlens_q=qsl, max_seqlen_q=1,
         seqused_k=seq, max_seqlen_k=ctx + 1, softmax_scale=DIM**-0.5, causal=True,
         window_size=(-1, -1), block_table=table, softcap=0, q_descale=None,
-        k_descale=descale, v_descale=descale, seq_threshold_3D=threshold,
+        k_descale=k_descale, v_descale=v_descale, seq_threshold_3D=threshold,
         num_par_softmax_segments=segments, softmax_segm_output=seg_out,
         softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum)
 
@@ -578,13 +592,18 @@ def main() -> None:
                          "also time each decode point with each")
     ap.add_argument("--pooled", action="store_true",
                     help="only the all-layers pooled compaction vs 32 layers of prefill")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="decode points only: fp8 = float8_e4m3fn caches with scales (what "
+                         "vLLM's --kv-cache-dtype fp8 gives TRITON_ATTN) for ours and vLLM's")
     ap.add_argument("--gvote", action="store_true",
                     help="only GVote's selection (Triton vs torch) vs one layer's prefill")
     args = ap.parse_args()
     balance = balance_configs(args.decode_balance, args.decode_balance_min_iters)
     variants = balance + launch_configs(args.decode_launch) + option_configs(args.decode_variants)
-    global PROFILE
+    global PROFILE, CACHE_DTYPE
     PROFILE = args.profile
+    if args.kv_cache_dtype == "fp8":
+        CACHE_DTYPE = torch.float8_e4m3fn
     gpu = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth_gbs()
     batches, contexts, keeps = [1, 32, 128, 256], [2048, 8192, 32768], [1.0, 0.25, 1 / 16]
@@ -617,7 +636,8 @@ def main() -> None:
     result = {"gpu": gpu, "date": date, "command": " ".join(["python -m benchmarks.kernels",
                                                               *sys.argv[1:]]),
               "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_gbs": copy_bw, "decode": decode, "compress": compress}
+              "copy_bandwidth_gbs": copy_bw, "kv_cache_dtype": args.kv_cache_dtype,
+              "decode_cache_dtype": str(CACHE_DTYPE), "decode": decode, "compress": compress}
     if sweep:
         result["decode_sweep"] = sweep
     if decode or sweep:

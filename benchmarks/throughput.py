@@ -13,6 +13,10 @@ share another. ``--fresh-engines`` starts one engine per point instead. Each poi
 draws its own prompts (seeded by its index: the engines' prefix caches never hit),
 after an untimed warm-up request of ``input_len`` tokens. ``bound_speedup`` =
 T_vanilla / T_prefill: compression after prefill cannot beat it.
+``--kv-cache-dtype fp8`` puts the compressed points on an fp8 KV cache and adds a vanilla
+run on the same fp8 cache (its own engine): points then carry ``speedup`` (vs vanilla
+with the default cache) and ``speedup_vs_vanilla_fp8``; every run names its
+``kv_cache_dtype``.
 The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the same for
 every point) so the scheduler's running set and block pool are sampled each step.
 """
@@ -47,6 +51,8 @@ def make_engine(spec: dict):
         kwargs["tensor_parallel_size"] = spec["tp"]
     if spec.get("kv_cache_gib"):
         kwargs["kv_cache_memory_bytes"] = int(spec["kv_cache_gib"] * (1 << 30))
+    if spec.get("kv_cache_dtype", "auto") != "auto":
+        kwargs["kv_cache_dtype"] = spec["kv_cache_dtype"]
     if spec["method"] in ("none", "off"):
         kwargs["attention_backend"] = "TRITON_ATTN"
     else:
@@ -93,6 +99,7 @@ def run_engine(spec: dict) -> list[dict]:
             / res["wall_s"], "max_num_seqs": kwargs["max_num_seqs"],
             "engine_extra": spec.get("engine", {}), "tp": spec.get("tp", 1),
             "reserve_output": spec.get("reserve_output", 0), "prompt_seed": index,
+            "kv_cache_dtype": spec.get("kv_cache_dtype", "auto"),
             "engine_points": len(spec["points"])})
         results.append(res)
         print(f"@@DONE@@ {json.dumps({**point, 'wall_s': res['wall_s']})}", flush=True)
@@ -178,11 +185,12 @@ def spawn(spec: dict, module: str = "benchmarks.throughput") -> list[dict]:
     return [{"error": proc.stderr[-3000:]} for _ in spec["points"]]
 
 
-def kv_bytes_per_token(model_dir: str) -> int:
-    """bf16 K and V of every layer for one token."""
+def kv_bytes_per_token(model_dir: str, kv_cache_dtype: str = "auto") -> int:
+    """K and V of every layer for one token (bf16, or one byte per element for fp8)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 2
+    element = 1 if kv_cache_dtype.startswith("fp8") else 2
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * element
 
 
 def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
@@ -194,7 +202,8 @@ def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
     if not args.kv_cache_gib:
         raise SystemExit("--max-num-seqs auto needs --kv-cache-gib")
     # --kv-cache-gib is per GPU; each of the tp GPUs holds 1/tp of the KV heads.
-    tokens = int(args.kv_cache_gib * (1 << 30)) * args.tp // kv_bytes_per_token(args.model)
+    tokens = (int(args.kv_cache_gib * (1 << 30)) * args.tp
+              // kv_bytes_per_token(args.model, args.kv_cache_dtype))
     per_request = budget + args.output_len + 32
     return max(1, min(256, (tokens - args.input_len) // per_request))
 
@@ -205,6 +214,7 @@ def run_method(args: argparse.Namespace, base: dict, method: str, ratios: list[i
     carries its budget), or one per ratio with ``--fresh-engines``."""
     out_len = args.output_len
     ours = {**base, "method": method, "reserve_output": args.reserve_output,
+            "kv_cache_dtype": args.kv_cache_dtype,
             "engine": {**base["engine"], **json.loads(args.engine_extra)}}
     if args.fresh_engines:
         for ratio in ratios:
@@ -255,6 +265,9 @@ def main() -> None:
     ap.add_argument("--flag-off", action="store_true",
                     help="also run the plugin loaded with compression off (vs vanilla)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="KV cache dtype of the compressed points (vLLM's --kv-cache-dtype); "
+                         "not auto: also a vanilla run on that cache")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -274,6 +287,13 @@ def main() -> None:
     print("vanilla", json.dumps(vanilla), "\nprefill-only", json.dumps(prefill), flush=True)
     if "error" in vanilla or "error" in prefill:
         raise SystemExit("vanilla runs failed")
+    vanilla_q = None  # vanilla on the compressed points' cache dtype, if not the default
+    if args.kv_cache_dtype != "auto":
+        vanilla_q, = spawn({**base, "method": "none", "kv_cache_dtype": args.kv_cache_dtype,
+                            "points": [{"max_tokens": out_len}]})
+        print(f"vanilla {args.kv_cache_dtype}", json.dumps(vanilla_q), flush=True)
+        if "error" in vanilla_q:
+            raise SystemExit(f"vanilla {args.kv_cache_dtype} failed")
     bound = vanilla["wall_s"] / prefill["wall_s"]
     import torch
 
@@ -293,6 +313,7 @@ def main() -> None:
             "kv_cache_gib": args.kv_cache_gib,
             "engines": "one per point" if args.fresh_engines else "one per method",
             "vanilla": vanilla, "prefill_only": prefill, "flag_off": flag_off,
+            **({f"vanilla_{args.kv_cache_dtype}": vanilla_q} if vanilla_q else {}),
             "points": points}, indent=1))
 
     def add(method: str, ratio: int, res: dict) -> None:
@@ -303,6 +324,9 @@ def main() -> None:
                  "method": method, "ratio": ratio, "budget": args.input_len // ratio,
                  **res, "vanilla_out_tok_s": vanilla["out_tok_s"],
                  "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
+        if vanilla_q:
+            point[f"speedup_vs_vanilla_{args.kv_cache_dtype}"] = (
+                res["out_tok_s"] / vanilla_q["out_tok_s"])
         print(json.dumps(point), flush=True)
         points.append(point)
 

@@ -53,6 +53,19 @@ def test_fp8_budget_at_least_prompt_reproduces_vanilla_fp8(small_model):
 
 
 @cuda_only
+def test_fp8_e5m2_budget_at_least_prompt_reproduces_vanilla(small_model):
+    """The other fp8 format TRITON_ATTN takes: Ada-KV at budget >= prompt equals vLLM
+    without the plugin on the same ``fp8_e5m2`` cache."""
+    requests = [{"len": n, "seed": i, "max_tokens": 24} for i, n in enumerate([90, 300])]
+    base = {"model_dir": str(small_model), "requests": requests,
+            "engine": {"kv_cache_dtype": "fp8_e5m2"}}
+    vanilla = run_scenario({**base, "compression": None}, env=WITHOUT_PLUGIN)
+    same = run_scenario({**base, "compression": {**ADAKV, "budget": 512}})
+    assert same["released_blocks"] == 0
+    assert same["outputs"] == vanilla["outputs"]
+
+
+@cuda_only
 @pytest.mark.parametrize("section", [ADAKV, {**ADAKV, "method": "pyramidkv"},
                                      {**ADAKV, "method": "streamingllm"},
                                      {"method": "gvote", "window": 16, "max_budget": 128}],
