@@ -250,8 +250,12 @@ def check_caps_apply(cfg: KVCompressionConfig) -> None:
 
 
 # vLLM's --kv-cache-dtype values of an fp8 cache with one float32 scale per layer for the
-# keys and one for the values (``kernels/fp8.py``), which compression reads on CUDA.
+# keys and one for the values (``kernels/fp8.py``).
 FP8_KV_CACHE_DTYPES: tuple[str, ...] = ("fp8", "fp8_e4m3", "fp8_e5m2")
+# Those compression runs with on CUDA. fp8_e5m2 is not among them: vLLM 0.32's attention
+# layer quantizes the queries for TRITON_ATTN's fp8 cache and asserts an e4m3 cache there,
+# so it stops every fp8_e5m2 engine on TRITON_ATTN, vanilla included (H100, 2026-12-07).
+CUDA_FP8_KV_CACHE_DTYPES: tuple[str, ...] = ("fp8", "fp8_e4m3")
 
 
 def compressible_cache_dtypes(platform: str) -> tuple[str, ...]:
@@ -261,7 +265,7 @@ def compressible_cache_dtypes(platform: str) -> tuple[str, ...]:
     CPU: the model's dtype only. vLLM's CPU fp8 cache needs AVX-512 or AMX and packs keys
     per ISA; no machine here runs it, so compression on it is refused, not guessed."""
     if platform == "cuda":
-        return ("auto", *FP8_KV_CACHE_DTYPES)
+        return ("auto", *CUDA_FP8_KV_CACHE_DTYPES)
     return ("auto",)
 
 
@@ -271,6 +275,11 @@ def check_kv_cache_dtype(cache_dtype: Any, platform: str) -> None:
     accepted = compressible_cache_dtypes(platform)
     if name in accepted:
         return
+    if name in FP8_KV_CACHE_DTYPES and platform == "cuda":
+        raise KVCompressionConfigError(
+            f"--kv-cache-dtype {name} is not supported with --kv-compression: vLLM's "
+            "TRITON_ATTN stops on it (its query quantization asserts an e4m3 cache, without "
+            "compression too); use --kv-cache-dtype fp8")
     if name in FP8_KV_CACHE_DTYPES:
         raise KVCompressionConfigError(
             f"--kv-cache-dtype {name} is not supported with --kv-compression on the CPU "

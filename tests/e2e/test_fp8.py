@@ -53,16 +53,15 @@ def test_fp8_budget_at_least_prompt_reproduces_vanilla_fp8(small_model):
 
 
 @cuda_only
-def test_fp8_e5m2_budget_at_least_prompt_reproduces_vanilla(small_model):
-    """The other fp8 format TRITON_ATTN takes: Ada-KV at budget >= prompt equals vLLM
-    without the plugin on the same ``fp8_e5m2`` cache."""
-    requests = [{"len": n, "seed": i, "max_tokens": 24} for i, n in enumerate([90, 300])]
-    base = {"model_dir": str(small_model), "requests": requests,
-            "engine": {"kv_cache_dtype": "fp8_e5m2"}}
-    vanilla = run_scenario({**base, "compression": None}, env=WITHOUT_PLUGIN)
-    same = run_scenario({**base, "compression": {**ADAKV, "budget": 512}})
-    assert same["released_blocks"] == 0
-    assert same["outputs"] == vanilla["outputs"]
+def test_fp8_e5m2_is_a_start_up_error_naming_the_flag(small_model):
+    """vLLM 0.32 stops an fp8_e5m2 engine on TRITON_ATTN (an assert in its attention layer,
+    seen on an H100 without the plugin too): compression refuses it at start-up."""
+    spec = {"model_dir": str(small_model), "requests": [{"len": 100, "max_tokens": 4}],
+            "compression": ADAKV, "engine": {"kv_cache_dtype": "fp8_e5m2"}}
+    stderr: list[str] = []
+    with pytest.raises(AssertionError, match="scenario failed"):
+        run_scenario(spec, stderr=stderr)
+    assert "--kv-cache-dtype fp8_e5m2 is not supported with --kv-compression" in stderr[0]
 
 
 @cuda_only

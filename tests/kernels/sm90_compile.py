@@ -3,7 +3,9 @@
 Run without TRITON_INTERPRET (the test suite interprets kernels, and an interpreted kernel
 cannot be compiled): ``python -m tests.kernels.sm90_compile [RECORDS.json]`` compiles the
 decode forward/reduce at the engine's shape and every launch recorded in RECORDS.json (see
-``record_launches``), printing one JSON line per kernel with its registers and stack.
+``record_launches``), printing one JSON line per kernel with its registers and stack;
+``--tiles`` compiles the forward's default tiles at ``TILE_SHAPES`` and prints their shared
+memory.
 """
 
 from __future__ import annotations
@@ -244,7 +246,41 @@ def compile_record(record: dict, **options) -> tuple:
     return triton.compile(src, target=_SM90, options=options), consts
 
 
+# The H100's and H200's shared memory per block (227 KiB, opt-in).
+SM90_MAX_SHARED = 232448
+
+# Decode shapes whose default tile (``default_pages_per_iter``) must fit in it: (queries,
+# cache, head_dim, block_size, GQA group). fp32 at head_dim 256 stopped an engine's warm-up
+# on an H100 with 128-token tiles (2026-12-07).
+TILE_SHAPES = [("fp32", "fp32", 256, 32, 1), ("fp32", "fp8e4nv", 256, 32, 1),
+               ("fp32", "fp8e4nv", 128, 16, 4), ("bf16", "bf16", 256, 16, 2),
+               ("bf16", "fp8e4nv", 256, 16, 2)]
+
+
+def default_tiles() -> None:
+    """Compile the forward at each of ``TILE_SHAPES`` with the launcher's default tile and
+    print its shared memory (one JSON line each)."""
+    for q_type, cache_type, dim, block_size, group in TILE_SHAPES:
+        pages = td.default_pages_per_iter(block_size, dim, 4 if q_type == "fp32" else 2)
+        consts = {**_ENGINE, "GROUP": group, "BLOCK_G": group, "BLOCK_Q": max(1, 16 // group),
+                  "HEAD_DIM": dim, "BLOCK_D": dim, "BLOCK_SIZE": block_size, "PAGES": pages,
+                  "BLOCK_N": block_size * pages, "KV_FP8": cache_type == "fp8e4nv",
+                  "DOT_PRECISION": "ieee" if q_type == "fp32" else "tf32"}
+        record = engine_record("_headwise_fwd", consts)
+        for name in ("q_ptr", "out_ptr"):
+            record["args"][name] = {"ptr": q_type}
+        for name in ("k_ptr", "v_ptr"):
+            record["args"][name] = {"ptr": cache_type}
+        kernel, _ = compile_record(record)
+        print(json.dumps({"shape": [q_type, cache_type, dim, block_size, group],
+                          "pages": pages, "shared": kernel.metadata.shared,
+                          "resources": _resources(kernel)}), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--tiles"]:
+        default_tiles()
+        return
     jobs = [("_headwise_fwd", {**_ENGINE, **v}, v) for v in FORWARD_VARIANTS]
     jobs += [("_headwise_reduce", {**_REDUCE, "BALANCED": b}, {"BALANCED": b})
              for b in (False, True)]

@@ -25,6 +25,8 @@ pytest.importorskip("triton.backends.nvidia")
 from tests.kernels.sm90_compile import (  # noqa: E402
     FORWARD_VARIANTS,
     LAUNCHED,
+    SM90_MAX_SHARED,
+    TILE_SHAPES,
     ptxas_available,
     record_launches,
     variant,
@@ -119,3 +121,18 @@ def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     assert len(recorded) == len(unique)
     assert {line["kernel"] for line in recorded} == launched
     assert all(line["cubin_bytes"] > 0 for line in lines)
+
+
+def test_default_decode_tiles_fit_in_shared_memory():
+    """The decode's default tile fits an H100's shared memory at every shape of
+    ``TILE_SHAPES`` (fp32 or bf16 queries, fp32/bf16/fp8 caches, head_dim 128-256); 128-token
+    tiles at fp32 and head_dim 256 did not (287 KB, 344 KB on an fp8 cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--tiles"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    print("\n".join(json.dumps(line) for line in lines))
+    assert [line["shape"] for line in lines] == [list(shape) for shape in TILE_SHAPES]
+    assert all(line["shared"] <= SM90_MAX_SHARED for line in lines), lines

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vllm_adakv.config import (
+    CUDA_FP8_KV_CACHE_DTYPES,
     FP8_KV_CACHE_DTYPES,
     KVCompressionConfig,
     KVCompressionConfigError,
@@ -23,10 +24,19 @@ from vllm_adakv.config import (
 from vllm_adakv.worker.backend import check_cache_dtype, dequantize_query, layer_scales
 
 
-@pytest.mark.parametrize("dtype", ["auto", None, *FP8_KV_CACHE_DTYPES])
+@pytest.mark.parametrize("dtype", ["auto", None, *CUDA_FP8_KV_CACHE_DTYPES])
 def test_cuda_takes_the_model_dtype_and_fp8(dtype):
     check_kv_cache_dtype(dtype, "cuda")
     check_cache_dtype(dtype, "cuda")
+
+
+def test_fp8_e5m2_on_cuda_is_an_error_naming_the_flag():
+    """vLLM 0.32 stops any fp8_e5m2 engine on TRITON_ATTN (an assert in its attention
+    layer); compression says so at start-up instead."""
+    for check in (check_kv_cache_dtype, check_cache_dtype):
+        with pytest.raises(KVCompressionConfigError,
+                           match="--kv-cache-dtype fp8_e5m2 .*use --kv-cache-dtype fp8"):
+            check("fp8_e5m2", "cuda")
 
 
 @pytest.mark.parametrize("dtype", FP8_KV_CACHE_DTYPES)
@@ -116,7 +126,7 @@ def test_fp8_queries_are_dequantized_as_vllm_attends_with_them(per_head, shape3)
 
 @pytest.mark.parametrize("cache_dtype,want", [("auto", None),
                                               ("fp8", torch.float8_e4m3fn),
-                                              ("fp8_e5m2", torch.float8_e4m3fn)])
+                                              ("fp8_e4m3", torch.float8_e4m3fn)])
 def test_cuda_warm_up_compiles_for_the_cache_dtype(monkeypatch, cache_dtype, want):
     import vllm_adakv.kernels.warmup as warmup
     from vllm_adakv.worker import cuda_backend

@@ -514,10 +514,23 @@ def default_balance_splits(num_rows: int, num_kv_heads: int, device: torch.devic
     return None
 
 
-def default_pages_per_iter(block_size: int) -> int:
+# Largest K (and V) tile, tokens x head-dim elements, by the bytes of the dots' operands
+# (the query's dtype): the compiled kernel's shared memory grows with it. Compiled for
+# sm_90 (tests/kernels/test_cuda_compile.py): 128 x 128 needs 41 KB in bf16 and 148 KB in
+# fp32 (173 KB on an fp8 cache); 128 x 256 in fp32 needs 287 KB, 344 KB on an fp8 cache,
+# over the H100's 227 KB (an fp32 model with head_dim 256 stopped at warm-up there).
+_MAX_TILE_ELEMENTS = {2: 128 * 256, 4: 128 * 128}
+
+
+def default_pages_per_iter(block_size: int, head_dim: int = 128, operand_bytes: int = 2
+                           ) -> int:
     """Head-pages per loop iteration: tiles of about 128 tokens (more loads in flight;
-    8 pages of 16 beat 4 and 2 at every swept shape on an H200)."""
-    return max(1, 128 // triton.next_power_of_2(block_size))
+    8 pages of 16 beat 4 and 2 at every swept shape on an H200), fewer where a tile of
+    ``head_dim`` would pass ``_MAX_TILE_ELEMENTS`` for ``operand_bytes``."""
+    page = triton.next_power_of_2(block_size)
+    tokens = _MAX_TILE_ELEMENTS[min(max(operand_bytes, 2), 4)] // max(
+        16, triton.next_power_of_2(head_dim))
+    return max(1, min(128, tokens) // page)
 
 
 def _scratch(*shape: int, device: torch.device) -> torch.Tensor:
@@ -602,7 +615,7 @@ def headwise_attention_ranges_triton(
         return out
     max_iters = block_table.shape[1] + 1
     if pages_per_iter is None:
-        pages_per_iter = default_pages_per_iter(block_size)
+        pages_per_iter = default_pages_per_iter(block_size, dim, query.element_size())
     pages_per_iter = triton.next_power_of_2(max(1, int(pages_per_iter)))
     balanced = False
     if balance_splits is not None:
