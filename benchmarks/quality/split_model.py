@@ -1,4 +1,4 @@
-"""Split a model (a GGUF file, or a prepared model folder) into parts of <= 60 MiB.
+"""Split a model (a GGUF file, or a prepared model folder) into parts of <= 56 MiB.
 
 The GPU machines have no network and take at most 64 MiB of ignored files per call, so a
 model travels as parts over consecutive calls and is rebuilt there by
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .engine import REPO
 
-PART_BYTES = 60 * 1024 * 1024
+PART_BYTES = 56 * 1024 * 1024
 # Pure-Python wheels the GGUF conversion needs on the GPU host (transformers is there).
 CONVERT_WHEELS = ("gguf==0.19.0",)
 
@@ -87,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="GGUF file or model folder (default: the Qwen2.5-Coder-0.5B GGUF, "
                     "assembled by prepare_model)")
     ap.add_argument("--out", default=str(REPO / ".gpu" / "qwen"))
-    ap.add_argument("--part-mib", type=int, default=60)
+    ap.add_argument("--part-mib", type=int, default=56)
     ap.add_argument("--no-wheels", action="store_true")
     args = ap.parse_args(argv)
-    if args.part_mib > 60:
-        ap.error("parts must stay <= 60 MiB (64 MiB per device call, with room to spare)")
+    if args.part_mib > 56:
+        ap.error("parts must stay <= 56 MiB (a device call carries 64 MiB, the working "
+                 "tree included: ~6 MiB)")
     if args.src:
         src = Path(args.src).expanduser().resolve()
     else:
