@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vllm_adakv.methods import METHOD_NAMES, get_method
+from vllm_adakv.methods.scorers import SCORER_NAMES
 
 METHODS: tuple[str, ...] = METHOD_NAMES
 POOLINGS: tuple[str, ...] = ("max", "avg")
@@ -68,6 +69,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("window", "--kv-window", int, 32,
             "Observation window: last prompt tokens always kept (default: {default}).",
             rule=">= 1", ok=lambda v: v >= 1, per_request=True),
+    Setting("scorer", "--kv-scorer", str, "window",
+            "Scores of SnapKV, Ada-KV and PyramidKV: 'window' = the last prompt tokens' "
+            "queries, 'expected' = the prompt's mean query at the positions to come, for "
+            "a question that comes later (default: {default}).",
+            choices=SCORER_NAMES, per_request=True),
     Setting("pooling", "--kv-pooling", str, "max",
             "Pooling of scores along positions (default: {default}).", choices=POOLINGS),
     Setting("pool_kernel", "--kv-pool-kernel", int, 7,
@@ -190,6 +196,7 @@ class KVCompressionConfig:
             )
         cfg = cls(**_coerce(raw))
         check_caps_apply(cfg)
+        check_scorer_applies(cfg)
         return cfg
 
     @classmethod
@@ -234,6 +241,15 @@ def validate(cfg: KVCompressionConfig) -> None:
             f"--kv-max-budget must be 0 (no cap) or greater than --kv-window "
             f"(got max_budget={cfg.max_budget}, window={cfg.window})"
         )
+
+
+def check_scorer_applies(cfg: KVCompressionConfig, flag: str = "--kv-scorer") -> None:
+    """Reject a scorer other than the default for a method that selects without one
+    (user-facing settings only, as ``check_caps_apply``)."""
+    if cfg.scorer != "window" and not get_method(cfg.method).takes_scorer:
+        raise KVCompressionConfigError(
+            f"{flag} {cfg.scorer} applies to the scored methods (snapkv, adakv, pyramidkv), "
+            f"not to --kv-compression {cfg.method}")
 
 
 def check_caps_apply(cfg: KVCompressionConfig) -> None:

@@ -6,7 +6,7 @@ and the workers (the model runner's request table). Keys read here:
 
 ``kv_compression`` (method, ``"none"`` opts the request out), ``kv_budget``,
 ``kv_compression_ratio`` (budget = prompt tokens / ratio; not with ``kv_budget``),
-``kv_window``, ``kv_gvote_p`` (a number): the settings of ``config.SETTINGS`` marked
+``kv_window``, ``kv_scorer``, ``kv_gvote_p`` (a number): the settings of ``config.SETTINGS`` marked
 ``per_request``, and the ratio. Any other key starting with ``kv_`` is an error (but
 vLLM's own ``kv_transfer_params`` / ``kv_cache_report_mode``); every other key of
 ``extra_args`` is left alone. Nothing here imports vLLM.
@@ -27,6 +27,7 @@ from vllm_adakv.config import (
     Setting,
     check_type,
 )
+from vllm_adakv.methods import REGISTRY
 
 # vllm_xargs key -> the setting it overrides (the key is the flag's dest: kv_budget)
 XARG_SETTINGS: dict[str, Setting] = {s.key: s for s in SETTINGS if s.per_request}
@@ -109,6 +110,11 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
     for key in XARG_SETTINGS:
         if key in given:
             _typed(key, given[key])
+    if given.get("kv_scorer", "window") != "window" and method in REGISTRY \
+            and not REGISTRY[method].takes_scorer:
+        raise RequestOverrideError(
+            "kv_scorer", f"{given['kv_scorer']!r} applies to the scored methods (snapkv, "
+            f"adakv, pyramidkv), not to {method!r}")
     # Validate the combination with a prompt long enough for any ratio to apply.
     resolve(server, overrides, prompt_len=1 << 30)
 

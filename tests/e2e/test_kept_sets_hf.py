@@ -73,9 +73,11 @@ def adakv_caps(s: torch.Tensor, selectable: int, alpha: float) -> list[int]:
     return caps.tolist()
 
 
-def check_layer(s: torch.Tensor, kept: torch.Tensor, caps: list[int], layer: int) -> int:
-    """Assert one layer's vLLM mask equals the reference top-k sets up to ties;
-    return how many positions were tie-broken differently."""
+def check_layer(s: torch.Tensor, kept: torch.Tensor, caps: list[int], layer: int,
+                tol: float = TOL) -> int:
+    """Assert one layer's vLLM mask equals the reference top-k sets up to ties (scores
+    within ``tol`` of the boundary); return how many positions were tie-broken
+    differently."""
     heads, cand = s.shape
     assert kept.shape == (heads, cand + WINDOW), kept.shape
     assert kept[:, cand:].all(), f"layer {layer}: window not kept"
@@ -88,7 +90,7 @@ def check_layer(s: torch.Tensor, kept: torch.Tensor, caps: list[int], layer: int
         want = torch.zeros(cand, dtype=torch.bool)
         want[order[:n]] = True
         boundary = s[h, order[n - 1]] if n else s[h].max()
-        bad = (got != want) & ((s[h] - boundary).abs() > TOL)
+        bad = (got != want) & ((s[h] - boundary).abs() > tol)
         assert not bad.any(), (
             f"layer {layer} head {h}: positions {bad.nonzero().flatten().tolist()[:10]} "
             f"differ beyond ties (boundary {float(boundary):.6f}, "
@@ -134,15 +136,15 @@ def masked_greedy(model_dir: Path, ids: list[int], keep: list[torch.Tensor],
     return out
 
 
-def vllm_masks(model_dir: Path, ids: list[int], method: str,
-               folder: Path, **settings) -> tuple[list[torch.Tensor], list[int]]:
+def vllm_masks(model_dir: Path, ids: list[int], method: str, folder: Path,
+               engine: dict | None = None, **settings) -> tuple[list[torch.Tensor], list[int]]:
     from benchmarks.quality.engine import run_in_subprocess
 
     comp = {"method": method, "budget": BUDGET, "window": WINDOW, "pool_kernel": KERNEL,
             "alpha": ALPHA, "pooling": "max", "gqa_reduce": "mean", **settings}
     job = {"model": str(model_dir), "max_model_len": 2048, "compression": comp,
            "requests": [{"id": "r", "prompt": ids, "max_tokens": STEPS}],
-           "engine": {"block_size": BLOCK}}
+           "engine": {"block_size": BLOCK, **(engine or {})}}
     res = run_in_subprocess(job, folder / "work",
                             env={"VLLM_ADAKV_RECORD_KEPT": str(folder)}, timeout=600)
     files = sorted(folder.glob("*.L*.pt"))
@@ -213,3 +215,82 @@ def test_pooled_pages_serve_exactly_the_kept_tokens(tmp_path, method, settings):
     assert masked_greedy(model_dir, ids, masks, STEPS) == generated
     dense = masked_greedy(model_dir, ids, [torch.ones_like(m) for m in masks], STEPS)
     assert dense != generated, "compression changed nothing: the check cannot fail"
+
+
+FUTURE, SKIPPED = 512, 4  # methods.scorers: FUTURE_POSITIONS, FIRST_POSITIONS_SKIPPED
+
+
+def expected_reference_scores(model_dir: Path, ids: list[int]) -> list[torch.Tensor]:
+    """Pooled scores ``[H, L - w]`` per layer of the expected scorer, from HF: the mean of
+    the prompt's queries before RoPE (``q_proj`` outputs at positions >= 4), rotated by HF's
+    RoPE to each of the 512 positions after the prompt and averaged, attends over the
+    prompt's keys (``k_proj`` outputs rotated at their positions); softmax over the prompt,
+    averaged over each GQA group, max-pooled."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    cfg = model.config
+    hq, heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = cfg.hidden_size // hq
+    length = len(ids)
+    captured: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+    hooks = []
+    for layer in model.model.layers:
+        for name in ("q", "k"):
+            proj = getattr(layer.self_attn, f"{name}_proj")
+            hooks.append(proj.register_forward_hook(
+                lambda mod, args, out, n=name: captured[n].append(out[0].detach())))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+        x = torch.zeros(1, dtype=torch.float32)
+        cos_p, sin_p = model.model.rotary_emb(x, torch.arange(length)[None])
+        cos_f, sin_f = model.model.rotary_emb(x, torch.arange(length, length + FUTURE)[None])
+    for hook in hooks:
+        hook.remove()
+    scores = []
+    for q, k in zip(captured["q"], captured["k"], strict=True):
+        mean = q.view(length, hq, dim)[SKIPPED:].mean(0)  # [Hq, D], before RoPE
+        # mean over t of R_t mean: HF's RoPE of the mean at every future position
+        future = apply_rotary_pos_emb(mean[None, :, None].expand(1, hq, FUTURE, dim),
+                                      mean[None, :heads, None].expand(1, heads, FUTURE, dim),
+                                      cos_f, sin_f)[0][0].mean(1)  # [Hq, D]
+        keys = k.view(length, heads, dim).transpose(0, 1)[None]  # [1, H, L, D]
+        keys = apply_rotary_pos_emb(keys, keys, cos_p, sin_p)[0][0]  # [H, L, D]
+        group = hq // heads
+        logits = torch.einsum("hgd,hld->hgl", future.view(heads, group, dim), keys) * dim**-0.5
+        s = torch.softmax(logits, -1).mean(1)[:, : length - WINDOW]
+        scores.append(F.max_pool1d(s[:, None], KERNEL, stride=1, padding=KERNEL // 2)[:, 0])
+    return scores
+
+
+def test_expected_scorer_kept_sets_match_hf_reference(tmp_path):
+    """``--kv-scorer expected`` inside vLLM (queries rotated back from vLLM's RoPE table,
+    summed over prefill chunks) selects what an HF computation from the model's own
+    pre-RoPE projections selects, for SnapKV and Ada-KV, and differs from the window
+    scorer's selection. The prompt is prefilled in chunks (max_num_batched_tokens 256)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.quality.tasks import make_sample
+
+    model_dir = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    sample = make_sample(tok, "niah_single", 640, 2)
+    ids = sample.prefix_ids  # the context alone: the question comes later
+    scores = expected_reference_scores(model_dir, ids)
+    selectable = BUDGET - WINDOW
+    window_masks, _ = vllm_masks(model_dir, ids, "adakv", tmp_path / "window")
+    for method in ("snapkv", "adakv"):
+        masks, _ = vllm_masks(model_dir, ids, method, tmp_path / method, scorer="expected",
+                              engine={"max_num_batched_tokens": 256})
+        assert len(masks) == len(scores)
+        ties = 0
+        for layer, (s, kept) in enumerate(zip(scores, masks, strict=True)):
+            caps = [selectable] * s.shape[0] if method == "snapkv" else \
+                adakv_caps(s, selectable, ALPHA)
+            # single softmax rows (values ~1/L): ties are within 1e-6
+            ties += check_layer(s, kept, caps, layer, tol=1e-6)
+        if method == "adakv":
+            assert any(not torch.equal(a, b) for a, b in zip(masks, window_masks, strict=True))
+        print(f"expected scorer, {method}: {len(masks)} layers, {ties} tie-broken positions")

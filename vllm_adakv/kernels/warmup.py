@@ -101,6 +101,11 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         score_windows_triton(queries, key_cache, table, [1, 0], lengths, head_dim**-0.5,
                              gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel,
                              k_scale=k_scale)
+        # The expected scorer's one-query window (``methods.scorers``; any request may
+        # ask for it).
+        score_windows_triton(queries[:, -1:].contiguous(), key_cache, table, [1, 0], lengths,
+                             head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
+                             pool_kernel=1, k_scale=k_scale)
     if "allocation" in families:
         selectable = [b - window for b in budgets]
         hits = torch.tensor([[s] * num_kv_heads for s in selectable], device=device)

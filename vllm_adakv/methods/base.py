@@ -44,6 +44,8 @@ class LayerRows:
     rows: list[int]
     scale: float
     window_queries: torch.Tensor | None = None  # [R, w, Hq, D] after RoPE
+    # The expected scorer's one query per row and head, [R, 1, Hq, D] (methods.scorers).
+    future_queries: torch.Tensor | None = None
     tp_shard: tuple[int, int] = (0, 1)  # (rank, size) of this worker's heads
     # An fp8 ``key_cache``'s key scale (one-element float32 on its device; None = 1),
     # passed to every kernel that reads keys; ignored for other caches.
@@ -69,6 +71,8 @@ class Method:
     measured: ClassVar[bool] = False
     # Kernel families the worker compiles at start for it (``kernels.warmup``).
     kernels: ClassVar[frozenset[str]] = frozenset()
+    # It selects from a scorer's scores (``--kv-scorer``, ``methods.scorers``).
+    takes_scorer: ClassVar[bool] = False
 
     def validate(self, cfg: KVCompressionConfig) -> None:
         """Raise ValueError (naming the flag) for settings this method cannot run."""

@@ -1,8 +1,8 @@
-"""SnapKV: window scores, every head keeps its own top-B' candidates (uniform budget).
+"""SnapKV: every head keeps its own top-B' candidates (uniform budget) by a scorer's scores.
 
-Scores (shared by the scored methods): the last ``w`` prompt queries attend over the
-candidates (``kernels.score_windows``: softmax per query, summed over the window,
-reduced over each GQA group, pooled along positions).
+Scores (shared by the scored methods, ``methods.scorers``): by default the last ``w``
+prompt queries attend over the candidates (``kernels.score_windows``: softmax per query,
+summed over the window, reduced over each GQA group, pooled along positions).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from vllm_adakv import kernels
 from vllm_adakv.tensors import on_device
 
 from .base import LayerRows, Method, with_window
 from .common import check_int, check_scores, topk_masks
+from .scorers import SCORERS
 
 
 def snapkv_counts(num_heads: int, num_candidates: int, selectable: int,
@@ -57,15 +57,13 @@ class SnapKV(Method):
 
     name = "snapkv"
     needs_window_queries = True
+    takes_scorer = True
     kernels = frozenset({"scoring"})
 
     def scores(self, batch: LayerRows) -> torch.Tensor:
-        """Window scores ``[R, H, Lmax - w]`` of the batch's candidates."""
-        cfg = batch.cfg
-        return kernels.score_windows(
-            batch.window_queries, batch.key_cache, batch.block_table, batch.rows,
-            batch.prompt_lens, batch.scale, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling,
-            pool_kernel=cfg.pool_kernel, k_scale=batch.k_scale)
+        """Scores ``[R, H, >= Lmax - w]`` of the batch's candidates by its scorer
+        (``cfg.scorer``)."""
+        return SCORERS[batch.cfg.scorer].scores(batch)
 
     def counts(self, scores: torch.Tensor, num_candidates: list[int], selectable: list[int],
                cfg: Any) -> tuple[torch.Tensor, int]:

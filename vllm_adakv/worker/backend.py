@@ -21,6 +21,7 @@ from vllm_adakv.protocol import CompressedAttentionSpec
 from vllm_adakv.worker.batch import RowPlan, StepPlan, build_step_plan
 from vllm_adakv.worker.compressor import CompactedRow, CompressionStore, LayerCache
 from vllm_adakv.worker.context import WorkerContext, current
+from vllm_adakv.worker.rope import find_rope
 from vllm_adakv.worker.targets import group_of
 
 # A layer's KV tensor -> its logical [num_blocks, H, block_size, D] key and value views.
@@ -57,7 +58,9 @@ def compression_store(ctx: WorkerContext, spec: CompressedAttentionSpec) -> Comp
             or store.layer_indices != spec.compressed_layers):
         store = CompressionStore(spec.compression, spec.compressed_layers,
                                  tensor_parallel_shard(), ctx.reports,
-                                 require_targets=ctx.prefix_caching)
+                                 require_targets=ctx.prefix_caching,
+                                 find_rope=lambda name: find_rope(
+                                     ctx.runner.model, name, ctx.runner.device))
         ctx.store = store
     return store
 
@@ -159,6 +162,7 @@ class CompressedImpl:
         completing = []
         for row in rows:
             store.stash_window_queries(row, layer_name, query, qsl[row.row])
+            store.add_query_sums(row, layer_name, query, qsl[row.row])
             if row.completes_prompt:
                 completing.append(row)
         if not completing:

@@ -27,8 +27,10 @@ import torch
 
 from vllm_adakv import kernels, metrics
 from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.kernels.expected import RopeTable, future_query, unrotated_sum
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
 from vllm_adakv.methods import LayerRows, get_method
+from vllm_adakv.methods.scorers import FIRST_POSITIONS_SKIPPED, FUTURE_POSITIONS, SCORERS
 from vllm_adakv.tensors import on_device
 from vllm_adakv.worker.batch import RowPlan, StepPlan
 from vllm_adakv.worker.reports import KeptBlockPosts
@@ -90,6 +92,10 @@ class RequestKV:
 
     prompt_len: int
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Expected scorer: per layer, the sum of the prompt's queries before RoPE and how many
+    # (``add_query_sums``), until the layer is compacted.
+    query_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    query_counts: dict[str, int] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
     # Pooled plans: keep masks [H, L] by model layer index, until the group's last layer.
     pending_masks: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -152,8 +158,8 @@ class _KeptCounts:
 def selection_key(cfg: KVCompressionConfig) -> tuple:
     """The settings that must agree for requests to share one selection launch (all but
     the budget, which each row carries in its plan)."""
-    return (cfg.method, cfg.window, cfg.gqa_reduce, cfg.pooling, cfg.pool_kernel, cfg.alpha,
-            cfg.sink_tokens, cfg.gvote_samples, cfg.gvote_p, cfg.gvote_seed)
+    return (cfg.method, cfg.window, cfg.scorer, cfg.gqa_reduce, cfg.pooling, cfg.pool_kernel,
+            cfg.alpha, cfg.sink_tokens, cfg.gvote_samples, cfg.gvote_p, cfg.gvote_seed)
 
 
 def group_by_selection(rows: list[RowPlan], default: KVCompressionConfig
@@ -170,8 +176,12 @@ class CompressionStore:
 
     def __init__(self, cfg: KVCompressionConfig, layer_indices: tuple[int, ...],
                  tp_shard: tuple[int, int] = (0, 1), reports: KeptBlockPosts | None = None,
-                 require_targets: bool = False) -> None:
+                 require_targets: bool = False,
+                 find_rope: Callable[[str], RopeTable] | None = None) -> None:
         self.cfg = cfg
+        # The expected scorer's rotary tables, by layer name (``worker/rope.py``).
+        self._find_rope = find_rope
+        self._ropes: dict[str, RopeTable] = {}
         # Prefix caching on: a request's own first blocks may be shared or hashed, so every
         # compaction writes into the targets the scheduler sent (``worker/targets.py``).
         self.require_targets = require_targets
@@ -261,6 +271,50 @@ class CompressionStore:
         start = token_offset + (lo - row.context_start)
         buf[lo - (row.prompt_len - w) : hi - (row.prompt_len - w)] = query[start : start + hi - lo]
 
+    def rope(self, layer: str) -> RopeTable:
+        """The rotary table of ``layer`` (found once)."""
+        table = self._ropes.get(layer)
+        if table is None:
+            if self._find_rope is None:
+                raise ValueError("--kv-scorer expected needs the model's rotary embedding; "
+                                 "this worker was given no way to find it")
+            table = self._ropes[layer] = self._find_rope(layer)
+        return table
+
+    def add_query_sums(self, row: RowPlan, layer: str, query: torch.Tensor,
+                       token_offset: int) -> None:
+        """Expected scorer: add this chunk's prompt queries ``[T, Hq, D]``, rotated back to
+        before RoPE, to the row's running sum; the first ``FIRST_POSITIONS_SKIPPED``
+        positions are left out (but never the whole prompt)."""
+        if not SCORERS[(row.cfg or self.cfg).scorer].needs_query_sums:
+            return
+        lo = max(row.context_start, min(FIRST_POSITIONS_SKIPPED, row.prompt_len - 1))
+        hi = min(row.seq_len, row.prompt_len)
+        if lo >= hi:
+            return
+        rope = self.rope(layer)
+        start = token_offset + (lo - row.context_start)
+        part = unrotated_sum(query[start : start + hi - lo],
+                             torch.arange(lo, hi, device=query.device), rope.cos_sin,
+                             rope.rotary_dim, rope.neox)
+        state = self.requests[row.req_id]
+        total = state.query_sums.get(layer)
+        state.query_sums[layer] = part if total is None else total + part
+        state.query_counts[layer] = state.query_counts.get(layer, 0) + hi - lo
+
+    def future_queries(self, rows: list[RowPlan], layer: str, dtype: torch.dtype
+                       ) -> torch.Tensor:
+        """Expected scorer: each row's mean prompt query rotated to the positions after
+        its prompt (``kernels.expected.future_query``), ``[R, 1, Hq, D]`` in ``dtype``."""
+        rope = self.rope(layer)
+        out = []
+        for row in rows:
+            state = self.requests[row.req_id]
+            mean = state.query_sums[layer] / state.query_counts[layer]
+            out.append(future_query(mean, row.prompt_len, FUTURE_POSITIONS, rope.cos_sin,
+                                    rope.rotary_dim, rope.neox))
+        return torch.stack(out)[:, None].to(dtype)
+
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
                    key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
                    k_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,14 +323,17 @@ class CompressionStore:
         the key scale of an fp8 ``key_cache``."""
         cfg = rows[0].cfg or self.cfg
         method = get_method(cfg.method)
-        queries = None
+        queries = future = None
         if method.needs_window_queries:
             queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
+        if method.takes_scorer and SCORERS[cfg.scorer].needs_query_sums:
+            future = self.future_queries(rows, layer, queries.dtype)
         return method.keep_masks(LayerRows(
             cfg=cfg, layer_idx=layer_idx, prompt_lens=[r.prompt_len for r in rows],
             budgets=[r.plan.layer_budgets[layer_idx] for r in rows], key_cache=key_cache,
             block_table=block_table, rows=[r.row for r in rows], scale=scale,
-            window_queries=queries, tp_shard=self.tp_shard, k_scale=k_scale))
+            window_queries=queries, future_queries=future, tp_shard=self.tp_shard,
+            k_scale=k_scale))
 
     def compress_rows(self, rows: list[RowPlan], layer: str, layer_idx: int,
                       cache: LayerCache, block_table: torch.Tensor, scale: float,
@@ -401,6 +458,7 @@ class CompressionStore:
         for name, start, counts in zip(layers, entry.page_start, entry.counts, strict=True):
             state.pages[name] = LayerPages(page_start=start, counts=counts)
             state.window_queries.pop(name, None)
+            state.query_sums.pop(name, None)
             self.num_compressed_layers += 1
         state.unreported = True
         state.method = (row.cfg or self.cfg).method

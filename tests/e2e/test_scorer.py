@@ -1,0 +1,52 @@
+"""The expected scorer through vLLM (``--kv-scorer expected`` / ``kv_scorer``).
+
+Its kept sets against an independent HF computation are in ``test_kept_sets_hf.py``; here
+the settings paths on the small random model: a request's ``kv_scorer`` selects what a
+server started with that scorer selects, other requests of the same step keep the window
+scorer's selection, and prompts prefilled in chunks select what one chunk selects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import run_scenario
+
+pytestmark = pytest.mark.e2e
+
+ADAKV = {"method": "adakv", "budget": 96, "window": 16}
+
+
+def kept(spec: dict, folder: Path) -> dict[str, object]:
+    """Run ``spec`` recording keep masks; {"<request>.L<layer>": mask}."""
+    import torch
+
+    run_scenario(spec, env={"VLLM_ADAKV_RECORD_KEPT": str(folder)})
+    # Files are <request id>.L<layer>.pt; vLLM suffixes our ids ("3-<random>").
+    return {p.name.split("-")[0] + p.suffixes[0]: torch.load(p)
+            for p in sorted(folder.glob("*.pt"))}
+
+
+def test_per_request_scorer_selects_as_the_server_setting(small_model, tmp_path):
+    import torch
+
+    # Request 0 and 1: the same prompt; request 1 asks for the expected scorer.
+    requests = [{"len": 700, "seed": 3, "max_tokens": 4}, {"len": 700, "seed": 3, "max_tokens": 4}]
+    base = {"model_dir": str(small_model), "requests": requests}
+    mixed = kept({**base, "compression": ADAKV,
+                  "request_extra_args": {"1": {"kv_scorer": "expected"}}}, tmp_path / "mixed")
+    server = kept({**base, "compression": {**ADAKV, "scorer": "expected"}},
+                  tmp_path / "server")
+    chunked = kept({**base, "compression": {**ADAKV, "scorer": "expected"},
+                    "engine": {"max_num_batched_tokens": 256, "max_num_seqs": 2}},
+                   tmp_path / "chunked")
+    assert len(mixed) == 4  # 2 requests x 2 layers
+    for layer in (0, 1):
+        window, expected = mixed[f"0.L{layer}"], mixed[f"1.L{layer}"]
+        assert not torch.equal(window, expected), layer
+        assert torch.equal(expected, server[f"0.L{layer}"]), layer
+        assert torch.equal(server[f"0.L{layer}"], server[f"1.L{layer}"]), layer
+        assert torch.equal(chunked[f"0.L{layer}"], server[f"0.L{layer}"]), layer
+        assert int(expected.sum()) == int(window.sum())  # same budget: H * B per layer
