@@ -116,6 +116,56 @@ def requests_for(samples: list[Sample], modes: list[str]) -> list[dict[str, Any]
     return reqs
 
 
+def build_samples(tokenizer, tasks: list[str], contexts: list[int], n: int,
+                  seed: int) -> dict[tuple[str, int], list[Sample]]:
+    """Samples ``0..n-1`` of every (task, context): what every run of the harness sends."""
+    builder = Builder(tokenizer)
+    return {(t, c): [make_sample(tokenizer, t, c, i, seed, builder) for i in range(n)]
+            for t in tasks for c in contexts}
+
+
+def cell_requests(pairs: list[tuple[int, int]], tasks: list[str],
+                  samples: dict[tuple[str, int], list[Sample]],
+                  modes: list[str]) -> list[dict[str, Any]]:
+    """The requests of one cell: every sample of its contexts, in every mode."""
+    return requests_for([s for (c, _r) in pairs for t in tasks for s in samples[(t, c)]], modes)
+
+
+def score_cell(cell: Cell, pairs: list[tuple[int, int]], tasks: list[str], modes: list[str],
+               samples: dict[tuple[str, int], list[Sample]], answers: dict[str, str],
+               kept: dict[str, float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows (one per context, task and mode) and per-sample details of one cell.
+
+    ``answers``: request id -> decoded answer; ``kept``: request id -> kept tokens per
+    (layer, KV head), for the compressed requests only (the others held the whole prompt).
+    """
+    rows: list[dict[str, Any]] = []
+    details: list[dict[str, Any]] = []
+    for c, r in pairs:
+        for t in tasks:
+            for mode in modes:
+                ok, fractions = 0, []
+                for s in samples[(t, c)]:
+                    rid = f"{t}/{c}/{s.index}/{mode}"
+                    text = answers[rid]
+                    good = is_correct(t, s.answers, text)
+                    ok += good
+                    # Memory held: kept tokens per (layer, head) over the prompt.
+                    prompt = len(s.prefix_ids) + (len(s.question_ids) if mode == "aware" else 0)
+                    fraction = kept[rid] / prompt if rid in kept else 1.0
+                    fractions.append(fraction)
+                    details.append({"task": t, "context": c, "mode": mode,
+                                    "method": cell.method, "budget": cell.budget,
+                                    "index": s.index, "prompt_len": s.prompt_len,
+                                    "kept_fraction": fraction, "correct": good,
+                                    "answers": list(s.answers), "output": text})
+                n = len(samples[(t, c)])
+                rows.append({"task": t, "context": c, "mode": mode, "method": cell.method,
+                             "budget": cell.budget, "compression": r, "n": n,
+                             "accuracy": ok / n, "kept_fraction": sum(fractions) / n})
+    return rows, details
+
+
 def plot(rows: list[dict[str, Any]], png: Path, title: str) -> bool:
     """Accuracy vs compression, one line per method, one panel per mode; False if no
     matplotlib."""
@@ -204,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(model))
     stop = end_ids(tok)
-    builder = Builder(tok)
-    samples = {(t, c): [make_sample(tok, t, c, i, args.seed, builder)
-                        for i in range(args.samples)] for t in tasks for c in contexts}
+    samples = build_samples(tok, tasks, contexts, args.samples, args.seed)
     longest = max(s.prompt_len + s.max_tokens for v in samples.values() for s in v)
     cells = plan_cells(methods, contexts, ratios, args.window)
     print(f"{len(cells)} engines, {sum(len(v) for v in samples.values())} samples x "
@@ -227,10 +275,6 @@ def main(argv: list[str] | None = None) -> int:
                   "compression_extra": extra, "rows": rows, "engines": engines,
                   "details": details}
         out.write_text(json.dumps(result, indent=1) + "\n")
-
-    def cell_requests(cell: Cell, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        batch = [s for (c, _r) in pairs for t in tasks for s in samples[(t, c)]]
-        return requests_for(batch, modes)
 
     def run_engine(comp: dict[str, Any] | None, requests: list[dict[str, Any]], tmp: str,
                    label: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 xargs = {"kv_compression": name, **xargs_extra}
                 if cell.budget is not None:
                     xargs["kv_budget"] = cell.budget
-                for r in cell_requests(cell, pairs):
+                for r in cell_requests(pairs, tasks, samples, modes):
                     requests.append({**r, "id": f"{cell.method}:{cell.budget}:{r['id']}",
                                      "xargs": xargs})
             shared = run_engine(server, requests, tmp, {"method": "per-request",
@@ -276,35 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                 comp = None if name == "none" else {
                     "method": name, "budget": cell.budget, "window": args.window,
                     **extra, **cfg_extra}
-                res = run_engine(comp, cell_requests(cell, pairs), tmp,
+                res = run_engine(comp, cell_requests(pairs, tasks, samples, modes), tmp,
                                  {"method": cell.method, "budget": cell.budget})
             outputs, kept = res["outputs"], res.get("kept_per_head", {})
-            for c, r in pairs:
-                for t in tasks:
-                    for mode in modes:
-                        ok, fractions = 0, []
-                        for s in samples[(t, c)]:
-                            rid = f"{t}/{c}/{s.index}/{mode}"
-                            text = decode_answer(tok, outputs[rid], stop)
-                            good = is_correct(t, s.answers, text)
-                            ok += good
-                            # Memory held: kept tokens per (layer, head) over the prompt
-                            # (1 where the request was not compressed).
-                            prompt = len(s.prefix_ids) + (len(s.question_ids)
-                                                          if mode == "aware" else 0)
-                            fraction = kept[rid] / prompt if rid in kept else 1.0
-                            fractions.append(fraction)
-                            details.append({"task": t, "context": c, "mode": mode,
-                                            "method": cell.method, "budget": cell.budget,
-                                            "index": s.index, "prompt_len": s.prompt_len,
-                                            "kept_fraction": fraction,
-                                            "correct": good, "answers": list(s.answers),
-                                            "output": text})
-                        n = len(samples[(t, c)])
-                        rows.append({"task": t, "context": c, "mode": mode,
-                                     "method": cell.method, "budget": cell.budget,
-                                     "compression": r, "n": n, "accuracy": ok / n,
-                                     "kept_fraction": sum(fractions) / n})
+            answers = {rid: decode_answer(tok, ids, stop) for rid, ids in outputs.items()}
+            cell_rows, cell_details = score_cell(cell, pairs, tasks, modes, samples, answers,
+                                                 kept)
+            rows.extend(cell_rows)
+            details.extend(cell_details)
             save(complete=False)  # partial results survive an interrupted sweep
     save(complete=True)
     png = out.with_suffix(".png")

@@ -133,7 +133,9 @@ def _keys(rng: random.Random, n: int) -> list[str]:
     keys: set[str] = set()
     while len(keys) < n:
         keys.add(f"{rng.choice(words['adjective'])}-{rng.choice(words['noun'])}")
-    return sorted(keys, key=lambda k: rng.random())
+    # Shuffle from sorted order: a set's order follows the process's string hashing
+    # (PYTHONHASHSEED), and would change which key is asked from one run to the next.
+    return sorted(sorted(keys), key=lambda k: rng.random())
 
 
 def _haystack_with(rng: random.Random, needles: list[str], filler: list[str],

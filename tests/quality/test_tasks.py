@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from benchmarks.quality.run import Cell, plan_cells, requests_for
@@ -43,6 +49,17 @@ def test_samples_fit_are_seeded_and_hold_their_answers(tok, task):
     assert len(full["input_ids"]) == a.prompt_len
 
 
+def test_keys_do_not_depend_on_string_hashing():
+    code = ("import random; from benchmarks.quality.tasks import _keys; "
+            "print(_keys(random.Random('niah_multikey/2048/0/0'), 4))")
+    repo = Path(__file__).resolve().parents[2]
+    seen = {subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, text=True,
+                           capture_output=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2", "3", "4")}
+    assert len(seen) == 1, seen
+
+
 def test_plan_cells_builds_one_engine_per_method_and_budget():
     cells = plan_cells(["none", "adakv"], [2048, 4096], [2, 4, 8], window=32)
     assert list(cells)[0] == Cell("none", None)
@@ -66,3 +83,37 @@ def test_method_labels_carry_gvote_p():
     assert method_settings("gvote@0.9") == ("gvote", {"gvote_p": 0.9}, {"kv_gvote_p": 0.9})
     with pytest.raises(ValueError, match="only gvote"):
         method_settings("snapkv@0.9")
+
+
+def test_run_scores_engine_outputs_into_rows(tok, tmp_path, monkeypatch):
+    from benchmarks.quality import run
+
+    calls = []
+
+    def fake_engine(job, workdir, **kw):  # answers every request with its expected values
+        calls.append(job)
+        outputs, kept = {}, {}
+        for r in job["requests"]:
+            task, context, index, _mode = r["id"].split("/")
+            s = make_sample(tok, task, int(context), int(index))
+            outputs[r["id"]] = tok(" " + ", ".join(s.answers) + ".", add_special_tokens=False
+                                   )["input_ids"] + [tok.eos_token_id, 11]
+            if job["compression"]:
+                kept[r["id"]] = job["compression"]["budget"]
+        return {"outputs": outputs, "kept_per_head": kept, "wall_s": 0.0, "load_s": 0.0}
+
+    monkeypatch.setattr(run, "run_in_subprocess", fake_engine)
+    out = tmp_path / "q.json"
+    run.main(["--model", str(smollm2_dir()), "--contexts", "1024", "--tasks", "niah_single",
+              "--samples", "2", "--methods", "none,adakv", "--ratios", "2",
+              "--modes", "agnostic", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [c["compression"] for c in calls] == [None, {"method": "adakv", "budget": 512,
+                                                        "window": 32}]
+    assert [(r["method"], r["budget"], r["compression"], r["n"], r["accuracy"])
+            for r in result["rows"]] == [("none", None, 1, 2, 1.0), ("adakv", 512, 2, 2, 1.0)]
+    assert list(result["rows"][0]) == ["task", "context", "mode", "method", "budget",
+                                       "compression", "n", "accuracy", "kept_fraction"]
+    assert result["rows"][0]["kept_fraction"] == 1.0
+    assert 0.5 < result["rows"][1]["kept_fraction"] < 0.6  # 512 of a ~980-token context
+    assert all(d["correct"] and "," not in d["output"] for d in result["details"])
