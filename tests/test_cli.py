@@ -164,6 +164,7 @@ def test_section_without_flags_is_validated_and_normalised():
     ("--kv-compression", "streamingllm", "method", "streamingllm"),
     ("--kv-budget", "77", "budget", 77),
     ("--kv-window", "5", "window", 5),
+    ("--kv-scorer", "expected", "scorer", "expected"),
     ("--kv-pooling", "avg", "pooling", "avg"),
     ("--kv-pool-kernel", "9", "pool_kernel", 9),
     ("--kv-alpha", "0.9", "alpha", 0.9),
@@ -176,7 +177,8 @@ def test_section_without_flags_is_validated_and_normalised():
     ("--kv-reserve-output", "500", "reserve_output", 500),
 ])
 def test_each_flag_overrides_its_field(flag, value, field, expected):
-    base = {"method": "snapkv", "budget": 64, "window": 8, "pooling": "max", "pool_kernel": 3,
+    base = {"method": "snapkv", "budget": 64, "window": 8, "scorer": "window",
+            "pooling": "max", "pool_kernel": 3,
             "alpha": 0.1, "gqa_reduce": "mean", "sink_tokens": 4, "pyramid_beta": 10.0,
             "gvote_samples": 2, "gvote_p": 0.8, "gvote_seed": 5, "max_budget": 0,
             "min_compression": 1.0, "reserve_output": 0}
@@ -269,10 +271,10 @@ def test_vllm_flags_fold_into_additional_config(vllm_parsers, cls_name):
     assert engine.additional_config == {
         "foo": 1,
         ADDITIONAL_CONFIG_KEY: {
-            "method": "adakv", "budget": 256, "window": 32, "pooling": "max",
-            "pool_kernel": 7, "alpha": 0.2, "gqa_reduce": "mean", "sink_tokens": 4,
-            "pyramid_beta": 20.0, "gvote_samples": 8, "gvote_p": 0.95, "gvote_seed": 0,
-            "max_budget": 0, "min_compression": 1.0, "reserve_output": 0,
+            "method": "adakv", "budget": 256, "window": 32, "scorer": "window",
+            "pooling": "max", "pool_kernel": 7, "alpha": 0.2, "gqa_reduce": "mean",
+            "sink_tokens": 4, "pyramid_beta": 20.0, "gvote_samples": 8, "gvote_p": 0.95,
+            "gvote_seed": 0, "max_budget": 0, "min_compression": 1.0, "reserve_output": 0,
         },
     }
 

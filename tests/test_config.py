@@ -354,3 +354,15 @@ def test_gvote_caps_rejected_for_other_methods_in_user_settings(raw, flag):
 
     capped = KVCompressionConfig(method="gvote", max_budget=512, min_compression=2.0)
     assert dataclasses.replace(capped, method=raw.get("method", "none")).max_budget == 512
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "gvote"])
+def test_expected_scorer_applies_to_scored_methods_only(method):
+    for scored in ("snapkv", "adakv", "pyramidkv"):
+        assert KVCompressionConfig.from_dict({"method": scored, "scorer": "expected"}).scorer \
+            == "expected"
+    with pytest.raises(KVCompressionConfigError,
+                       match=f"--kv-scorer expected applies to the scored methods.*{method}"):
+        KVCompressionConfig.from_dict({"method": method, "scorer": "expected"})
+    with pytest.raises(KVCompressionConfigError, match="--kv-scorer: invalid choice"):
+        KVCompressionConfig(method="adakv", scorer="question")

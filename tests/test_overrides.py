@@ -70,6 +70,9 @@ def test_opt_out_plans_nothing():
     ({"kv_gvote_p": 1.5}, "kv_gvote_p"),
     ({"kv_gvote_p": "0.9"}, "kv_gvote_p"),
     ({"kv_gvote_p": True}, "kv_gvote_p"),
+    ({"kv_scorer": "question"}, "kv_scorer"),
+    ({"kv_scorer": "expected", "kv_compression": "streamingllm"}, "kv_scorer"),
+    ({"kv_scorer": "expected", "kv_compression": "gvote"}, "kv_scorer"),
 ])
 def test_bad_values_name_their_key(xargs, field):
     with pytest.raises(RequestOverrideError) as info:
@@ -88,8 +91,8 @@ def test_plain_server_accepts_only_opt_out():
 
 
 def test_keys_are_the_per_request_settings_and_the_ratio():
-    assert XARG_KEYS == ("kv_compression", "kv_budget", "kv_window", "kv_gvote_p",
-                         "kv_compression_ratio")
+    assert XARG_KEYS == ("kv_compression", "kv_budget", "kv_window", "kv_scorer",
+                         "kv_gvote_p", "kv_compression_ratio")
 
 
 @pytest.mark.parametrize("extra_args", [
@@ -116,3 +119,12 @@ def test_misspelt_kv_key_is_named_with_the_valid_keys(extra_args, named):
         assert key in message
     for key in extra_args:
         assert (key in message) == key.startswith("kv_")
+
+
+def test_scorer_per_request_and_ignored_by_methods_without_one():
+    """A request names its scorer; a server's expected scorer does not stop a request from
+    switching to a method that selects without one (it ignores the scorer)."""
+    assert resolve(SERVER, overrides_of({"kv_scorer": "expected"}), 1000).scorer == "expected"
+    server = KVCompressionConfig.from_dict({"method": "adakv", "scorer": "expected"})
+    check_overrides(server, overrides_of({"kv_compression": "streamingllm"}))
+    check_overrides(server, overrides_of({"kv_compression": "gvote", "kv_scorer": "window"}))

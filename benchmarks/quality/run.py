@@ -49,14 +49,27 @@ class Cell:
 
 
 def method_settings(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``"gvote@0.9"`` -> ("gvote", {"gvote_p": 0.9}, {"kv_gvote_p": 0.9}): a method label,
-    optionally with GVote's nucleus mass, as config keys and as vllm_xargs."""
+    """A method label as (method, config keys, vllm_xargs): ``"gvote@0.9"`` -> ("gvote",
+    {"gvote_p": 0.9}, {"kv_gvote_p": 0.9}) (GVote's nucleus mass); ``"adakv+expected"`` ->
+    ("adakv", {"scorer": "expected"}, {"kv_scorer": "expected"}) (the scorer of a scored
+    method; without ``+`` a scored method names the window scorer, so that one engine
+    serves labels of either scorer)."""
+    from vllm_adakv.methods import REGISTRY
+
+    label, _, scorer = label.partition("+")
     name, _, p = label.partition("@")
-    if not p:
-        return name, {}, {}
-    if name != "gvote":
-        raise ValueError(f"{label!r}: only gvote takes '@p' (its nucleus mass)")
-    return name, {"gvote_p": float(p)}, {"kv_gvote_p": float(p)}
+    cfg: dict[str, Any] = {}
+    if p:
+        if name != "gvote":
+            raise ValueError(f"{label!r}: only gvote takes '@p' (its nucleus mass)")
+        cfg["gvote_p"] = float(p)
+    method = REGISTRY.get(name)
+    if scorer and not (method and method.takes_scorer):
+        raise ValueError(f"{label}+{scorer}: only the scored methods (snapkv, adakv, "
+                         "pyramidkv) take '+scorer'")
+    if method is not None and method.takes_scorer:
+        cfg["scorer"] = scorer or "window"
+    return name, cfg, {f"kv_{k}": v for k, v in cfg.items()}
 
 
 def _csv(value: str, cast=str) -> list:

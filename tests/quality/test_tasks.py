@@ -76,13 +76,19 @@ def test_agnostic_requests_force_the_question(tok):
     assert aware["forced"] == [] and agnostic["forced"] == s.question_ids
 
 
-def test_method_labels_carry_gvote_p():
+def test_method_labels_carry_gvote_p_and_the_scorer():
     from benchmarks.quality.run import method_settings
 
-    assert method_settings("adakv") == ("adakv", {}, {})
+    window = {"scorer": "window"}
+    assert method_settings("adakv") == ("adakv", window, {"kv_scorer": "window"})
+    assert method_settings("none") == ("none", {}, {})
     assert method_settings("gvote@0.9") == ("gvote", {"gvote_p": 0.9}, {"kv_gvote_p": 0.9})
+    assert method_settings("pyramidkv+expected") == (
+        "pyramidkv", {"scorer": "expected"}, {"kv_scorer": "expected"})
     with pytest.raises(ValueError, match="only gvote"):
         method_settings("snapkv@0.9")
+    with pytest.raises(ValueError, match="only the scored methods"):
+        method_settings("streamingllm+expected")
 
 
 def test_run_scores_engine_outputs_into_rows(tok, tmp_path, monkeypatch):
@@ -109,7 +115,7 @@ def test_run_scores_engine_outputs_into_rows(tok, tmp_path, monkeypatch):
               "--modes", "agnostic", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [c["compression"] for c in calls] == [None, {"method": "adakv", "budget": 512,
-                                                        "window": 32}]
+                                                        "window": 32, "scorer": "window"}]
     assert [(r["method"], r["budget"], r["compression"], r["n"], r["accuracy"])
             for r in result["rows"]] == [("none", None, 1, 2, 1.0), ("adakv", 512, 2, 2, 1.0)]
     assert list(result["rows"][0]) == ["task", "context", "mode", "method", "budget",
