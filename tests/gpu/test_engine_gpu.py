@@ -6,7 +6,8 @@ does compile some shapes on first use: that is vLLM's). Requests of many lengths
 over several steps (mixed steps with 1..N head-wise decode rows, hence several
 split counts; prompts whose length is and is not a multiple of 16; block-table
 rows at both alignments) under torch.compile and CUDA graphs, with the model's cache
-dtype and an fp8 cache.
+dtype and an fp8 cache; every other request of the scored methods asks for the expected
+scorer (``kv_scorer``: its one-query scoring variant is warmed up too).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def test_no_kernel_compiles_during_inference(tmp_path, method, cache):
     lengths = [300, 512, 777, 1024, 333, 640, 901, 256, 480, 1200, 700, 415]
     requests = [{"len": n, "seed": i, "max_tokens": 24} for i, n in enumerate(lengths)]
     arrivals = {str(2 * i): [i] for i in range(len(requests))}
+    expected = {str(i): {"kv_scorer": "expected"} for i in range(1, len(requests), 2)}
     spec = {"model_dir": str(model), "requests": requests, "arrive_at_step": arrivals,
             "compression": COMPRESSION[method],
+            "request_extra_args": expected if method != "gvote" else {},
             "engine": {"enforce_eager": False, "jit_monitor_verbose": True,
                        "dtype": "bfloat16", "kv_cache_dtype": cache}}
     logs: list[str] = []
