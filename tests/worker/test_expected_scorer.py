@@ -114,3 +114,26 @@ def test_window_scorer_keeps_no_sums():
     store.bind_layers({0: LAYER})
     chunked(store, cfg, torch.randn(60, Q_HEADS, DIM), 60, [30])
     assert store.requests["a"].query_sums == {}
+
+
+def test_server_scorer_finds_every_rope_at_start():
+    """``check_scorer`` (run as the worker builds its compressed group): the server's
+    expected scorer looks up every compressed layer's table then; the window scorer none."""
+    seen: list[str] = []
+
+    def find(name: str) -> RopeTable:
+        seen.append(name)
+        return RopeTable(torch.zeros(8, ROT), ROT, True)
+
+    names = {k: f"model.layers.{k}.self_attn.attn" for k in range(3)}
+    for scorer, want in (("window", []), ("expected", list(names.values()))):
+        cfg = KVCompressionConfig(method="pyramidkv", budget=40, window=8, scorer=scorer)
+        store = CompressionStore(cfg, (0, 1, 2), find_rope=find)
+        store.bind_layers(names)
+        seen.clear()
+        store.check_scorer()
+        assert seen == want
+    missing = CompressionStore(cfg, (0, 1, 2))
+    missing.bind_layers(names)
+    with pytest.raises(ValueError, match="--kv-scorer expected"):
+        missing.check_scorer()

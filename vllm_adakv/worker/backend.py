@@ -113,6 +113,7 @@ class CompressedBuilder:
         self.ctx = current()
         self.store = compression_store(self.ctx, self.kv_cache_spec)
         self.store.bind_layers({extract_layer_index(n): n for n in layer_names})
+        self.store.check_scorer()
         self.layer_names = list(layer_names)
         self.group_id: int | None = None  # KV cache group, read at the first step
         return True

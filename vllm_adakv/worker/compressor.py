@@ -271,6 +271,13 @@ class CompressionStore:
         start = token_offset + (lo - row.context_start)
         buf[lo - (row.prompt_len - w) : hi - (row.prompt_len - w)] = query[start : start + hi - lo]
 
+    def check_scorer(self) -> None:
+        """The server's expected scorer finds every compressed layer's rotary table now
+        (ValueError naming the flag at start-up, not at a request)."""
+        if get_method(self.cfg.method).takes_scorer and SCORERS[self.cfg.scorer].needs_query_sums:
+            for name in self._layer_names.values():
+                self.rope(name)
+
     def rope(self, layer: str) -> RopeTable:
         """The rotary table of ``layer`` (found once)."""
         table = self._ropes.get(layer)
@@ -286,7 +293,8 @@ class CompressionStore:
         """Expected scorer: add this chunk's prompt queries ``[T, Hq, D]``, rotated back to
         before RoPE, to the row's running sum; the first ``FIRST_POSITIONS_SKIPPED``
         positions are left out (but never the whole prompt)."""
-        if not SCORERS[(row.cfg or self.cfg).scorer].needs_query_sums:
+        cfg = row.cfg or self.cfg
+        if not (SCORERS[cfg.scorer].needs_query_sums and get_method(cfg.method).takes_scorer):
             return
         lo = max(row.context_start, min(FIRST_POSITIONS_SKIPPED, row.prompt_len - 1))
         hi = min(row.seq_len, row.prompt_len)
