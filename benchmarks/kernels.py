@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.machine import device_tag
+from benchmarks.machine import current_commit, device_tag
 from vllm_adakv.config import KVCompressionConfig
 from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.kernels.scoring import gather_prompt_keys
@@ -633,8 +633,8 @@ def main() -> None:
         compress.append(compress_point(2048, rows=8))
     date = dt.date.today().isoformat()
     tag = device_tag(gpu)
-    result = {"gpu": gpu, "date": date, "command": " ".join(["python -m benchmarks.kernels",
-                                                              *sys.argv[1:]]),
+    result = {"gpu": gpu, "date": date, "commit": current_commit(None),
+              "command": " ".join(["python -m benchmarks.kernels", *sys.argv[1:]]),
               "torch": torch.__version__, "triton": triton.__version__,
               "copy_bandwidth_gbs": copy_bw, "kv_cache_dtype": args.kv_cache_dtype,
               "decode_cache_dtype": str(CACHE_DTYPE), "decode": decode, "compress": compress}

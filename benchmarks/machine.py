@@ -1,6 +1,12 @@
-"""The machine tag in result file names (``kernels-h200-<date>.json``)."""
+"""What a result file records of where it ran: the machine tag in its name
+(``kernels-h200-<date>.json``) and the commit measured."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def device_tag(name: str) -> str:
@@ -11,3 +17,17 @@ def device_tag(name: str) -> str:
     if "H200" in name:
         return "h200"
     return "-".join(name.lower().split())
+
+
+def current_commit(given: str | None) -> str | None:
+    """``--commit``, else the COMMIT file at the repository root (written before a device
+    call: the device copy's git HEAD is stale), else ``git rev-parse --short HEAD``."""
+    if given:
+        return given
+    if (REPO / "COMMIT").is_file():
+        return (REPO / "COMMIT").read_text().strip() or None
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

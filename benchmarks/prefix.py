@@ -62,7 +62,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import device_tag
+from benchmarks.machine import current_commit, device_tag
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("shared-prefix", "multi-turn", "unique")
@@ -205,20 +204,6 @@ def unique_points(throughput: dict, commit: str | None = None) -> list[dict]:
             max_running=p.get("peak_concurrency"), preemptions=p.get("preemptions"),
             **common), vanilla))
     return out
-
-
-def current_commit(given: str | None) -> str | None:
-    """``--commit``, else the COMMIT file at the repository root (written before a device
-    call: the device copy's git HEAD is stale), else ``git rev-parse --short HEAD``."""
-    if given:
-        return given
-    if (REPO / "COMMIT").is_file():
-        return (REPO / "COMMIT").read_text().strip() or None
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ---------------------------------------------------------------- shared-prefix (offline)

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.machine import device_tag
+from benchmarks.machine import current_commit, device_tag
 
 NO_PLUGIN = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's allow-list: ours left out
 
@@ -308,7 +308,8 @@ def main() -> None:
 
     def save() -> None:  # after every engine: a run cut short keeps what it measured
         path.write_text(json.dumps({
-            "gpu": gpu, "date": date, "command": "python -m benchmarks.throughput "
+            "gpu": gpu, "date": date, "commit": current_commit(None),
+            "command": "python -m benchmarks.throughput "
             + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
             "kv_cache_gib": args.kv_cache_gib,
             "engines": "one per point" if args.fresh_engines else "one per method",
