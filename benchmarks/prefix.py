@@ -71,7 +71,6 @@ from typing import Any
 
 from benchmarks.machine import current_commit, device_tag
 
-REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("shared-prefix", "multi-turn", "unique")
 # every point has these keys (None where they do not apply)
 POINT_KEYS = ("workload", "method", "ratio", "seconds", "vanilla_pc_seconds",
