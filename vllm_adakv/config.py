@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from vllm_adakv.methods import METHOD_NAMES, get_method
+from vllm_adakv.methods import METHOD_NAMES, REGISTRY, get_method
 from vllm_adakv.methods.scorers import SCORER_NAMES
 
 METHODS: tuple[str, ...] = METHOD_NAMES
@@ -247,8 +247,9 @@ def check_scorer_applies(cfg: KVCompressionConfig, flag: str = "--kv-scorer") ->
     """Reject a scorer other than the default for a method that selects without one
     (user-facing settings only, as ``check_caps_apply``)."""
     if cfg.scorer != "window" and not get_method(cfg.method).takes_scorer:
+        scored = ", ".join(n for n, m in REGISTRY.items() if m.takes_scorer)
         raise KVCompressionConfigError(
-            f"{flag} {cfg.scorer} applies to the scored methods (snapkv, adakv, pyramidkv), "
+            f"{flag} {cfg.scorer} applies to the scored methods ({scored}), "
             f"not to --kv-compression {cfg.method}")
 
 

@@ -25,9 +25,9 @@ from vllm_adakv.config import (
     KVCompressionConfig,
     KVCompressionConfigError,
     Setting,
+    check_scorer_applies,
     check_type,
 )
-from vllm_adakv.methods import REGISTRY
 
 # vllm_xargs key -> the setting it overrides (the key is the flag's dest: kv_budget)
 XARG_SETTINGS: dict[str, Setting] = {s.key: s for s in SETTINGS if s.per_request}
@@ -110,13 +110,13 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
     for key in XARG_SETTINGS:
         if key in given:
             _typed(key, given[key])
-    if given.get("kv_scorer", "window") != "window" and method in REGISTRY \
-            and not REGISTRY[method].takes_scorer:
-        raise RequestOverrideError(
-            "kv_scorer", f"{given['kv_scorer']!r} applies to the scored methods (snapkv, "
-            f"adakv, pyramidkv), not to {method!r}")
     # Validate the combination with a prompt long enough for any ratio to apply.
-    resolve(server, overrides, prompt_len=1 << 30)
+    cfg = resolve(server, overrides, prompt_len=1 << 30)
+    if "kv_scorer" in given:  # a server's scorer is ignored by methods without one
+        try:
+            check_scorer_applies(cfg)
+        except KVCompressionConfigError as exc:
+            raise _renamed(exc, {"scorer": cfg.scorer}) from None
 
 
 def _override_config(server: KVCompressionConfig, overrides: Overrides,

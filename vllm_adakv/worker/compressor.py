@@ -94,8 +94,7 @@ class RequestKV:
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
     # Expected scorer: per layer, the sum of the prompt's queries before RoPE and how many
     # (``add_query_sums``), until the layer is compacted.
-    query_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    query_counts: dict[str, int] = field(default_factory=dict)
+    query_sums: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
     # Pooled plans: keep masks [H, L] by model layer index, until the group's last layer.
     pending_masks: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -160,6 +159,12 @@ def selection_key(cfg: KVCompressionConfig) -> tuple:
     the budget, which each row carries in its plan)."""
     return (cfg.method, cfg.window, cfg.scorer, cfg.gqa_reduce, cfg.pooling, cfg.pool_kernel,
             cfg.alpha, cfg.sink_tokens, cfg.gvote_samples, cfg.gvote_p, cfg.gvote_seed)
+
+
+def sums_queries(cfg: KVCompressionConfig) -> bool:
+    """Whether ``cfg``'s selection reads the prompt's query sums (the expected scorer of a
+    method that takes a scorer)."""
+    return get_method(cfg.method).takes_scorer and SCORERS[cfg.scorer].needs_query_sums
 
 
 def group_by_selection(rows: list[RowPlan], default: KVCompressionConfig
@@ -274,7 +279,7 @@ class CompressionStore:
     def check_scorer(self) -> None:
         """The server's expected scorer finds every compressed layer's rotary table now
         (ValueError naming the flag at start-up, not at a request)."""
-        if get_method(self.cfg.method).takes_scorer and SCORERS[self.cfg.scorer].needs_query_sums:
+        if sums_queries(self.cfg):
             for name in self._layer_names.values():
                 self.rope(name)
 
@@ -293,8 +298,7 @@ class CompressionStore:
         """Expected scorer: add this chunk's prompt queries ``[T, Hq, D]``, rotated back to
         before RoPE, to the row's running sum; the first ``FIRST_POSITIONS_SKIPPED``
         positions are left out (but never the whole prompt)."""
-        cfg = row.cfg or self.cfg
-        if not (SCORERS[cfg.scorer].needs_query_sums and get_method(cfg.method).takes_scorer):
+        if not sums_queries(row.cfg or self.cfg):
             return
         lo = max(row.context_start, min(FIRST_POSITIONS_SKIPPED, row.prompt_len - 1))
         hi = min(row.seq_len, row.prompt_len)
@@ -306,9 +310,8 @@ class CompressionStore:
                              torch.arange(lo, hi, device=query.device), rope.cos_sin,
                              rope.rotary_dim, rope.neox)
         state = self.requests[row.req_id]
-        total = state.query_sums.get(layer)
-        state.query_sums[layer] = part if total is None else total + part
-        state.query_counts[layer] = state.query_counts.get(layer, 0) + hi - lo
+        total, count = state.query_sums.get(layer, (0.0, 0))
+        state.query_sums[layer] = (part + total, count + hi - lo)
 
     def future_queries(self, rows: list[RowPlan], layer: str, dtype: torch.dtype
                        ) -> torch.Tensor:
@@ -317,10 +320,9 @@ class CompressionStore:
         rope = self.rope(layer)
         out = []
         for row in rows:
-            state = self.requests[row.req_id]
-            mean = state.query_sums[layer] / state.query_counts[layer]
-            out.append(future_query(mean, row.prompt_len, FUTURE_POSITIONS, rope.cos_sin,
-                                    rope.rotary_dim, rope.neox))
+            total, count = self.requests[row.req_id].query_sums[layer]
+            out.append(future_query(total / count, row.prompt_len, FUTURE_POSITIONS,
+                                    rope.cos_sin, rope.rotary_dim, rope.neox))
         return torch.stack(out)[:, None].to(dtype)
 
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
@@ -334,7 +336,7 @@ class CompressionStore:
         queries = future = None
         if method.needs_window_queries:
             queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
-        if method.takes_scorer and SCORERS[cfg.scorer].needs_query_sums:
+        if sums_queries(cfg):
             future = self.future_queries(rows, layer, queries.dtype)
         return method.keep_masks(LayerRows(
             cfg=cfg, layer_idx=layer_idx, prompt_lens=[r.prompt_len for r in rows],
