@@ -17,6 +17,10 @@
 #                                               # fp8 (~8-9 min)
 #   bash benchmarks/gpu_session.sh kernels-fp8  # decode grid under graphs on fp8 caches (~70 s)
 #   bash benchmarks/gpu_session.sh kernels      # decode grid + compression overhead
+#   bash benchmarks/gpu_session.sh kernels-expected # issue 31: compression overhead, expected
+#                                               # scorer vs window scorer (~2 min)
+#   bash benchmarks/gpu_session.sh quality NAME ARGS # quality harness, one engine (QMODEL)
+#   bash benchmarks/gpu_session.sh kvpress NAME ARGS # kvpress reference on the GPU (QMODEL)
 #   bash benchmarks/gpu_session.sh kernels-balance # decode grid under graphs: default vs
 #                                               # balanced splits 4/8 x min iters 2/4
 #   bash benchmarks/gpu_session.sh kernels-graphs # decode grid under graphs: default and
@@ -188,6 +192,38 @@ case "${1:?stage}" in
       --turns 6 --system-len 1000 --user-len 800 --output-len 200 --stagger "${2:-1}" \
       --ratio 8 --kv-cache-gib "${3:-8}" --reserve-output 200 --step-log --deadline 150 \
       --server-logs "$OUT" --out "$OUT" 2>&1 | tee "$OUT/prefix-multiturn.log" | grep -v '^{'
+    ;;
+  kernels-expected)
+    # Issue 31: one layer's compression with the expected scorer (its query sums included)
+    # beside the window scorer's, alone and queued behind the layer's prefill (~2 min).
+    timeout 400 python3 -m benchmarks.kernels --compress-only --kv-scorer both \
+      --suffix=-expected --out "$OUT" 2>&1 | tee "$OUT/kernels-expected.log" | grep -v '^{'
+    ;;
+  quality)
+    # The quality harness on the GPU, one engine: $2 names the result file
+    # ($OUT/quality-<model>-$2.json), the rest are harness arguments. Needs QMODEL (runbook
+    # step 3: gpu_prepare.sh build) and the task data.
+    name=${2:?name}
+    shift 2
+    timeout 590 python3 -m benchmarks.quality.run --model "${QMODEL:?run gpu_prepare first}" \
+      --device cuda --one-engine --samples 6 "$@" \
+      --out "$OUT/quality-$(basename "$QMODEL")-$name.json" --log "$OUT/quality-$name.log" \
+      2>&1 | grep -v "^INFO\|^WARNING" | tail -15
+    ;;
+  kvpress)
+    # kvpress reference on the GPU (bf16): its wheels (carry .gpu/kvpress: kvpress 0.5.5,
+    # transformers 5.2.0 ahead of the image's, datasets/dill/multiprocess/fire for its
+    # imports) go to a target folder of their own; $2 names the result file, the rest are
+    # kvpress_reference arguments. Needs QMODEL and the task data.
+    name=${2:?name}
+    shift 2
+    site=$HOME/.kvpress-site
+    [ -d "$site/kvpress" ] || python3 -m pip install -q --no-index --no-deps --target "$site" \
+      .gpu/kvpress/wheels/*.whl
+    PYTHONPATH=$site:$PYTHONPATH timeout 590 python3 -m benchmarks.quality.kvpress_reference \
+      --model "${QMODEL:?run gpu_prepare first}" --device cuda --dtype bfloat16 "$@" \
+      --out "$OUT/quality-$(basename "$QMODEL")-kvpress-$name.json" 2>&1 \
+      | tee "$OUT/kvpress-$name.log" | grep -v "agnostic: " | tail -15
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -10,9 +10,11 @@ token per request. Keep ratio r: each request keeps ``r * context`` tokens per
 KV head on average, split unevenly over heads (as Ada-KV does), plus one tail
 token. GB/s counts the K/V bytes of kept tokens (read once); the copy bandwidth
 (bytes read + written by a large device-to-device copy) is measured in the same
-run. Compress: scoring + Ada-KV selection + compaction of one request's layer
-vs one Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at
-the same context. Times are medians of ``triton.testing.do_bench``; with ``--graphs``
+run. Compress: scoring + Ada-KV selection + compaction of one request's layer vs one
+Llama-3.1-8B layer's prefill (QKV/O/MLP matmuls + causal attention) at the same context;
+``--kv-scorer expected`` (or ``both``) times the expected scorer's path (its query sums
+included) instead of (or beside) the window's. Times are medians of
+``triton.testing.do_bench``; with ``--graphs``
 the decode calls (ours and vLLM's, on several input sets so repeats do not hit L2) are
 captured in one CUDA graph and timed by replay, as the engine runs decode. With
 ``--decode-balance 4,8`` (and ``--decode-balance-min-iters``) each decode point (and each
@@ -52,7 +54,9 @@ import triton
 
 from benchmarks.machine import current_commit, device_tag
 from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.kernels import unrotated_sum
 from vllm_adakv.kernels.decode import row_table
+from vllm_adakv.kernels.expected import future_query
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
@@ -60,11 +64,11 @@ from vllm_adakv.kernels.triton_decode import (
     _headwise_fwd,
     headwise_attention_ranges_triton,
 )
-from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import mass_above, voter_softmax
-from vllm_adakv.methods import get_method
+from vllm_adakv.methods import LayerRows, get_method
 from vllm_adakv.methods.gvote import gvote_keep_masks, gvote_voters
+from vllm_adakv.methods.scorers import FUTURE_POSITIONS
 
 Q_HEADS, KV_HEADS, DIM, BS = 32, 8, 128, 16
 HIDDEN, FFN = 4096, 14336
@@ -380,25 +384,42 @@ def queued_after_us(layer, work, t_layer: float) -> float:
     return bench(both) - t_layer
 
 
-def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) -> dict:
+def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1,
+                   scorer: str = "window") -> dict:
     """Scoring + Ada-KV selection + compaction of one layer of ``rows`` requests of ``ctx``
     tokens (one launch set, as the backend runs every request whose prompt completes in a
-    step) against that layer's prefill of the same requests."""
+    step) against that layer's prefill of the same requests, through the method's own
+    ``keep_masks``. ``scorer="expected"`` adds what that scorer costs the layer: the sum of
+    the prompt queries rotated back (``kernels.unrotated_sum``, one chunk per prompt), the
+    mean rotated to the positions to come (``future_query``), then its one-query scoring."""
     per_row = ctx // BS + 2
     kv = torch.randn(rows * per_row + 1, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
     key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
     table = (torch.randperm(rows * per_row, device="cuda") + 1).int().view(rows, per_row)
     wq = torch.randn(rows, window, Q_HEADS, DIM, device="cuda", dtype=DTYPE)
+    # The step's packed q/k/v rows: the backend's queries are a strided view of them.
+    qkv = torch.randn(rows * ctx, Q_HEADS + 2 * KV_HEADS, DIM, device="cuda", dtype=DTYPE)
+    angles = torch.arange(ctx + 1024, device="cuda", dtype=torch.float32)[:, None] * \
+        torch.logspace(0, -4, DIM // 2, device="cuda")[None]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), -1).contiguous()
+    positions = torch.arange(ctx, device="cuda")
     budget = ctx // ratio
     kept_blocks = min(ctx // BS, -(-(KV_HEADS * budget + KV_HEADS * (BS - 1)) // BS))
     block_rows, lengths = list(range(rows)), [ctx] * rows
+    cfg = KVCompressionConfig(method="adakv", window=window, scorer=scorer)
+    method = get_method("adakv")
 
     def compress():
-        scores = score_windows_triton(wq, key_cache, table, block_rows, lengths, DIM**-0.5,
-                                      gqa_reduce="mean", pooling="max", pool_kernel=7)
-        masks = get_method("adakv").select(
-            scores, num_heads=KV_HEADS, prompt_lens=lengths, budgets=[budget] * rows,
-            cfg=KVCompressionConfig(method="adakv", window=window))
+        future = None
+        if scorer == "expected":
+            means = [unrotated_sum(qkv[r * ctx:(r + 1) * ctx, :Q_HEADS], positions, cos_sin,
+                                   DIM, True) / ctx for r in range(rows)]
+            future = torch.stack([future_query(m, ctx, FUTURE_POSITIONS, cos_sin, DIM, True)
+                                  for m in means])[:, None].to(DTYPE)
+        masks = method.keep_masks(LayerRows(
+            cfg=cfg, layer_idx=0, prompt_lens=lengths, budgets=[budget] * rows,
+            key_cache=key_cache, block_table=table, rows=block_rows, scale=DIM**-0.5,
+            window_queries=wq, future_queries=future))
         compact_rows_triton(key_cache, value_cache, table, block_rows, masks,
                             [kept_blocks] * rows)
 
@@ -415,7 +436,7 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1) ->
     layer = prefill_layer(ctx, rows)
     t_layer = bench(layer)
     t_in_stream = queued_after_us(layer, compress, t_layer)
-    return {"context": ctx, "rows": rows, "prefill_layer_us": t_layer,
+    return {"context": ctx, "rows": rows, "scorer": scorer, "prefill_layer_us": t_layer,
             "compress_us": t_compress, "overhead_pct": 100 * t_compress / t_layer,
             "compress_in_stream_us": t_in_stream,
             "overhead_in_stream_pct": 100 * t_in_stream / t_layer, "ratio": ratio}
@@ -595,6 +616,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="decode points only: fp8 = float8_e4m3fn caches with scales (what "
                          "vLLM's --kv-cache-dtype fp8 gives TRITON_ATTN) for ours and vLLM's")
+    ap.add_argument("--kv-scorer", choices=["window", "expected", "both"], default="window",
+                    help="scorer(s) of the compress points (both: each context twice)")
     ap.add_argument("--gvote", action="store_true",
                     help="only GVote's selection (Triton vs torch) vs one layer's prefill")
     args = ap.parse_args()
@@ -626,11 +649,13 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
     sweep = decode_sweep(copy_bw, balance) if args.sweep else []
+    scorers = ["window", "expected"] if args.kv_scorer == "both" else [args.kv_scorer]
     compress = [] if args.sweep or args.graphs or args.pooled or args.gvote else [
-        compress_point(ctx) for ctx in ([2048] if args.smoke else contexts)]
+        compress_point(ctx, scorer=sc) for ctx in ([2048] if args.smoke else contexts)
+        for sc in scorers]
     if not (args.sweep or args.smoke or args.graphs or args.pooled or args.gvote):
         # A 16k-token prefill step holding 8 prompts of 2k: all compressed in one launch set.
-        compress.append(compress_point(2048, rows=8))
+        compress.extend(compress_point(2048, rows=8, scorer=sc) for sc in scorers)
     date = dt.date.today().isoformat()
     tag = device_tag(gpu)
     result = {"gpu": gpu, "date": date, "commit": current_commit(None),
@@ -677,7 +702,8 @@ def main() -> None:
               + "".join(f" {variant_label(e['config'])}={e['us']:.1f}"
                         for e in p.get("ours_variants", [])))
     for c in compress:
-        print(f"compress {c['rows']} x ctx {c['context']}: {c['compress_us']:.0f} us vs layer "
+        print(f"compress {c['rows']} x ctx {c['context']} ({c['scorer']} scorer): "
+              f"{c['compress_us']:.0f} us vs layer "
               f"prefill {c['prefill_layer_us']:.0f} us = {c['overhead_pct']:.1f}%; queued after "
               f"the layer: +{c['compress_in_stream_us']:.0f} us = "
               f"{c['overhead_in_stream_pct']:.1f}%")

@@ -104,18 +104,20 @@ def generate(model, press, context: list[int], question: list[int],
     from transformers import DynamicCache
 
     cache = DynamicCache()
+    device = model.device
     with torch.inference_mode():
         with press(model) if press is not None else nullcontext():
-            model.model(input_ids=torch.tensor([context]), past_key_values=cache)
+            model.model(input_ids=torch.tensor([context], device=device),
+                        past_key_values=cache)
         kept = kept_per_head(model, cache)
-        step, pos, out = torch.tensor([question]), len(context), []
+        step, pos, out = torch.tensor([question], device=device), len(context), []
         for _ in range(max_tokens):
-            positions = torch.arange(pos, pos + step.shape[1]).unsqueeze(0)
+            positions = torch.arange(pos, pos + step.shape[1], device=device).unsqueeze(0)
             logits = model(input_ids=step, past_key_values=cache, position_ids=positions,
                            logits_to_keep=1).logits
             out.append(int(logits[0, -1].argmax()))
             pos += step.shape[1]
-            step = torch.tensor([[out[-1]]])
+            step = torch.tensor([[out[-1]]], device=device)
     return out, kept
 
 
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model folder (prepare_model)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (AdaKVPress: not eager)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model).expanduser().resolve()
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, args.dtype), attn_implementation=args.attn,
-        local_files_only=True).eval()
+        local_files_only=True).to(args.device).eval()
     load_s = time.perf_counter() - t0
     samples = build_samples(tok, tasks, contexts, args.samples, args.seed)
     cells = plan_cells(methods, contexts, ratios, args.window)
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(complete: bool) -> None:
         result = {"model": model_dir.name, "date": date, "command": command,
                   "notes": args.notes, "complete": complete, "reference": reference,
-                  "device": "cpu", "dtype": args.dtype, "attn_implementation": args.attn,
+                  "device": args.device, "gpu": gpu, "dtype": args.dtype,
+                  "attn_implementation": args.attn,
                   "threads": torch.get_num_threads(), "host": platform.node(),
                   "window": args.window, "kernel": args.kernel, "alpha": args.alpha,
                   "seed": args.seed, "plain_ratio": args.plain_ratio,

@@ -309,13 +309,13 @@ def main(argv: list[str] | None = None) -> int:
             compressed = [c for c in cells if c.method != "none"]
             server = None
             if compressed:
-                name, cfg_extra, _ = method_settings(compressed[0].method)
-                server = {"method": name, "budget": compressed[0].budget,
+                method, cfg_extra, _ = method_settings(compressed[0].method)
+                server = {"method": method, "budget": compressed[0].budget,
                           "window": args.window, **extra, **cfg_extra}
             requests = []
             for cell, pairs in cells.items():
-                name, _, xargs_extra = method_settings(cell.method)
-                xargs = {"kv_compression": name, **xargs_extra}
+                method, _, xargs_extra = method_settings(cell.method)
+                xargs = {"kv_compression": method, **xargs_extra}
                 if cell.budget is not None:
                     xargs["kv_budget"] = cell.budget
                 for r in cell_requests(pairs, tasks, samples, modes):
@@ -329,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = {key: {k[len(prefix):]: v for k, v in shared[key].items()
                              if k.startswith(prefix)} for key in ("outputs", "kept_per_head")}
             else:
-                name, cfg_extra, _ = method_settings(cell.method)
-                comp = None if name == "none" else {
-                    "method": name, "budget": cell.budget, "window": args.window,
+                method, cfg_extra, _ = method_settings(cell.method)
+                comp = None if method == "none" else {
+                    "method": method, "budget": cell.budget, "window": args.window,
                     **extra, **cfg_extra}
                 res = run_engine(comp, cell_requests(pairs, tasks, samples, modes), tmp,
                                  {"method": cell.method, "budget": cell.budget})

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_adakv.kernels.expected import future_query, rotate, unrotated_sum
+from vllm_adakv.kernels.expected import future_query, rotate
+from vllm_adakv.kernels.expected import unrotated_sum_reference as unrotated_sum
 
 
 def random_table(positions: int, rotary_dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -96,3 +97,50 @@ def test_rotate_inverts_vllm_rotary_embedding(neox):
     torch.testing.assert_close(back, q.view(11, 4, head), rtol=1e-5, atol=1e-5)
     again = rotate(q.view(11, 4, head), cos, sin, rotary_dim, neox)
     torch.testing.assert_close(again, rotated.view(11, 4, head), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rotary_dim,dim", [(64, 64), (32, 64), (16, 24)])
+def test_triton_unrotated_sum_matches_the_reference(neox, rotary_dim, dim, dtype):
+    """The fused kernel (interpreter) == the torch reference on a strided view of packed
+    q/k/v rows, over tiles with a partial last one; positions not contiguous."""
+    pytest.importorskip("triton")
+    from vllm_adakv.kernels.triton_expected import BLOCK_T, unrotated_sum_triton
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    tokens, heads = 2 * BLOCK_T + 9, 3
+    table = random_table(400, rotary_dim, gen).float()
+    packed = torch.randn(tokens, heads + 4, dim, generator=gen).to(dtype)
+    q = packed[:, 1 : 1 + heads]  # stride(0) = (heads + 4) * dim
+    positions = torch.randperm(400, generator=gen)[:tokens]
+    want = unrotated_sum(q.double(), positions, table.double(), rotary_dim, neox)
+    got = unrotated_sum_triton(q, positions, table, rotary_dim, neox)
+    assert got.dtype == torch.float32 and got.shape == (heads, dim)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # The pass-through dims and the rotated ones both count: a wrong pairing is caught.
+    wrong = unrotated_sum(q.double(), positions, table.double(), rotary_dim, not neox)
+    assert not torch.allclose(got.double(), wrong, rtol=1e-3, atol=1e-3)
+    # Fewer tokens than a tile, and none.
+    few = unrotated_sum_triton(q[:5], positions[:5], table, rotary_dim, neox)
+    torch.testing.assert_close(
+        few.double(), unrotated_sum(q[:5].double(), positions[:5], table.double(), rotary_dim,
+                                    neox), rtol=1e-4, atol=1e-4)
+    assert not unrotated_sum_triton(q[:0], positions[:0], table, rotary_dim, neox).any()
+
+
+def test_triton_unrotated_sum_refuses_what_it_cannot_read():
+    pytest.importorskip("triton")
+    from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
+
+    table = torch.ones(8, 16)
+    q = torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match="float64"):
+        unrotated_sum_triton(q.double(), torch.arange(4), table, 16, True)
+    with pytest.raises(ValueError, match="unit stride"):
+        unrotated_sum_triton(q.transpose(1, 2).contiguous().transpose(1, 2), torch.arange(4),
+                             table, 16, True)
+    with pytest.raises(ValueError, match="fp32 cos_sin"):
+        unrotated_sum_triton(q, torch.arange(4), table.double(), 16, True)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        unrotated_sum_triton(q, torch.arange(4), table, 15, True)

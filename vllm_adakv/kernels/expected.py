@@ -6,12 +6,12 @@ frequencies (scaled ones included: the table is the model's), applied to the fir
 ``rotary_dim`` dims of a head, as halves (``neox``) or interleaved pairs (GPT-J).
 
 A prompt query ``q_p`` at position ``p`` is ``R_p q~_p`` with ``q~_p`` the query before
-RoPE. :func:`unrotated_sum` adds ``R_p^T q_p`` over a chunk's tokens, so the mean over the
-prompt ``mu~`` needs no weights and no change to the model. :func:`future_query` returns
-``mean_t R_t mu~`` over the ``future`` positions after the prompt: the rotation is
-linear in ``(cos, sin)``, so that is ``mu~`` rotated by the averaged table rows. It is
-the expected query of the positions to come, read by the window scorer's kernels as a
-one-query window (``methods.scorers``).
+RoPE. :func:`unrotated_sum_reference` (Triton: ``triton_expected``) adds ``R_p^T q_p``
+over a chunk's tokens, so the mean over the prompt ``mu~`` needs no weights and no
+change to the model. :func:`future_query` returns ``mean_t R_t mu~`` over the ``future``
+positions after the prompt: the rotation is linear in ``(cos, sin)``, so that is ``mu~``
+rotated by the averaged table rows. It is the expected query of the positions to come,
+read by the window scorer's kernels as a one-query window (``methods.scorers``).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _table(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     return rows.chunk(2, dim=-1)
 
 
-def unrotated_sum(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                  rotary_dim: int, neox: bool) -> torch.Tensor:
+def unrotated_sum_reference(query: torch.Tensor, positions: torch.Tensor,
+                            cos_sin: torch.Tensor, rotary_dim: int, neox: bool) -> torch.Tensor:
     """``sum_p R_p^T q_p``: fp32 ``[Hq, D]`` over a chunk's queries ``[T, Hq, D]`` (after
     RoPE) at ``positions`` ``[T]`` (float64 for float64 queries)."""
     work = torch.float64 if query.dtype == torch.float64 else torch.float32

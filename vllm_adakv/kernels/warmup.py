@@ -3,20 +3,20 @@
 Triton compiles a kernel the first time it is launched with a new set of
 compile-time constants. Left to the first requests, that costs about a second
 per kernel inside a forward pass (measured on an H200: 7 s of the first 6
-prefill steps). ``warm_up`` launches every kernel the CUDA backend can launch
-for one model shape on tiny scratch tensors whose strides and alignments match
-the real ones: scoring, Ada-KV's allocation, compaction (in place and into
-destination blocks apart from the sources, ``dst_blocks``: both launch the same
-variants, both are launched here), and the head-wise decode with and without
+prefill steps). ``warm_up`` launches every kernel the CUDA backend can launch for one
+model shape on tiny scratch tensors whose strides and alignments match the real ones:
+scoring (and the expected scorer's query sums), Ada-KV's allocation, compaction (in
+place and into destination blocks apart from the sources, ``dst_blocks``: both launch
+the same variants, both are launched here), and the head-wise decode with and without
 split-K (every power-of-two split count the default heuristic can choose), and the
-variants for head-pages pooled across layers (the all-layers compaction and the
-decode over chunk tables, on a two-layer buffer; the plan kernel's layer tile covers
-groups of up to 64 layers, ``num_layers`` compiles the one of a larger group), and
-with ``gvote_samples`` GVote's vote (voter attention and the top-list mass kernel,
-whose voter count is compiled in). Also the decode's
-balanced-split variant (forward and reduce, single-layer and pooled) on the grid the
-default picks at some batch sizes (``default_balance_splits``). Settings a request overrides
-(another window, say) may still compile on first use.
+variants for head-pages pooled across layers (the all-layers compaction and the decode
+over chunk tables, on a two-layer buffer; the plan kernel's layer tile covers groups of
+up to 64 layers, ``num_layers`` compiles the one of a larger group), and with
+``gvote_samples`` GVote's vote (voter attention and the top-list mass kernel, whose
+voter count is compiled in). Also the decode's balanced-split variant (forward and
+reduce, single-layer and pooled) on the grid the default picks at some batch sizes
+(``default_balance_splits``). Settings a request overrides (another window, say) may
+still compile on first use.
 
 The caches are of ``cache_dtype``: with an fp8 KV cache the engine launches only the fp8
 variants (scoring, voting and decode with ``KV_FP8``, compaction over uint8 views), so
@@ -43,6 +43,7 @@ from vllm_adakv.kernels.triton_decode import (
     DEFAULT_BALANCE_SPLITS,
     headwise_attention_ranges_triton,
 )
+from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import work_dtype
@@ -106,6 +107,13 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         score_windows_triton(queries[:, -1:].contiguous(), key_cache, table, [1, 0], lengths,
                              head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
                              pool_kernel=1, k_scale=k_scale)
+        # Its per-chunk sum of the prompt queries rotated back (a strided view of a
+        # packed q/k/v row, as the backend's queries are).
+        packed = torch.randn(window, num_q_heads + 2 * num_kv_heads, head_dim,
+                             device=device, dtype=dtype)
+        cos_sin = torch.ones(window, head_dim, device=device, dtype=torch.float32)
+        unrotated_sum_triton(packed[:, :num_q_heads], torch.arange(window, device=device),
+                             cos_sin, head_dim, True)
     if "allocation" in families:
         selectable = [b - window for b in budgets]
         hits = torch.tensor([[s] * num_kv_heads for s in selectable], device=device)

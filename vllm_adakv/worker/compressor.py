@@ -27,7 +27,7 @@ import torch
 
 from vllm_adakv import kernels, metrics
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.kernels.expected import RopeTable, future_query, unrotated_sum
+from vllm_adakv.kernels.expected import RopeTable, future_query
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
 from vllm_adakv.methods import LayerRows, get_method
 from vllm_adakv.methods.scorers import FIRST_POSITIONS_SKIPPED, FUTURE_POSITIONS, SCORERS
@@ -306,9 +306,9 @@ class CompressionStore:
             return
         rope = self.rope(layer)
         start = token_offset + (lo - row.context_start)
-        part = unrotated_sum(query[start : start + hi - lo],
-                             torch.arange(lo, hi, device=query.device), rope.cos_sin,
-                             rope.rotary_dim, rope.neox)
+        part = kernels.unrotated_sum(query[start : start + hi - lo],
+                                     torch.arange(lo, hi, device=query.device), rope.cos_sin,
+                                     rope.rotary_dim, rope.neox)
         state = self.requests[row.req_id]
         total, count = state.query_sums.get(layer, (0.0, 0))
         state.query_sums[layer] = (part + total, count + hi - lo)
