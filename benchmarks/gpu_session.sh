@@ -53,6 +53,15 @@ OUT=${OUT:?set OUT to the results folder}
 # shellcheck disable=SC1091
 source scripts/gpu-env.sh >/dev/null 2>&1 || { echo "gpu-env failed" >&2; exit 1; }
 MODEL=benchmarks/models/llama-3.1-8b
+
+quality_data() {
+  # The harness's task data, carried in .gpu/qdata (runbook step 3): essays into the
+  # cache, wonderwords on the path (gpu-env.sh sets PYTHONPATH afresh).
+  mkdir -p "$HOME/.cache/vllm-adakv/data"
+  [ -d "$HOME/.cache/vllm-adakv/data/PaulGrahamEssays" ] \
+    || cp -r .gpu/qdata/PaulGrahamEssays "$HOME/.cache/vllm-adakv/data/"
+  export PYTHONPATH=$PYTHONPATH:$PWD/.gpu/qdata/pylib
+}
 case "${1:?stage}" in
   check)
     timeout 300 python3 -m pytest -q tests/gpu/test_cuda_kernels.py 2>&1 | tee "$OUT/check.log" \
@@ -205,6 +214,7 @@ case "${1:?stage}" in
     # step 3: gpu_prepare.sh build) and the task data.
     name=${2:?name}
     shift 2
+    quality_data
     timeout 590 python3 -m benchmarks.quality.run --model "${QMODEL:?run gpu_prepare first}" \
       --device cuda --one-engine --samples 6 "$@" \
       --out "$OUT/quality-$(basename "$QMODEL")-$name.json" --log "$OUT/quality-$name.log" \
@@ -217,6 +227,7 @@ case "${1:?stage}" in
     # kvpress_reference arguments. Needs QMODEL and the task data.
     name=${2:?name}
     shift 2
+    quality_data
     site=$HOME/.kvpress-site
     [ -d "$site/kvpress" ] || python3 -m pip install -q --no-index --no-deps --target "$site" \
       .gpu/kvpress/wheels/*.whl
