@@ -18,8 +18,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_adakv"
 PURE = {"vllm_adakv.tensors", "vllm_adakv.kernels", "vllm_adakv.methods"}
-SHARED = {"vllm_adakv.config", "vllm_adakv.memory", "vllm_adakv.overrides",
-          "vllm_adakv.metrics", "vllm_adakv.protocol", *PURE}
+SHARED = {"vllm_adakv.config", "vllm_adakv.memory", "vllm_adakv.decode_plan",
+          "vllm_adakv.overrides", "vllm_adakv.metrics", "vllm_adakv.protocol", *PURE}
 
 
 def _module(path: Path) -> str:

@@ -71,6 +71,17 @@ def pooled_blocks(total_pages: int, num_layers: int, num_kv_heads: int) -> int:
     return max(1, cdiv(total_pages, num_layers * num_kv_heads))
 
 
+def blocks_for_pages(pages: list[int], num_kv_heads: int, measured: bool
+                     ) -> tuple[int, bool]:
+    """(blocks, pooled) holding the head-pages ``pages[l]`` of the compressed layers: each
+    layer in its own tensor (``ceil(max_l pages_l / H)``) or pooled across them, whichever
+    is fewer; measured methods are always pooled, at the own-tensor count."""
+    own = max(1, cdiv(max(pages), num_kv_heads))
+    pooled = pooled_blocks(sum(pages), len(pages), num_kv_heads)
+    use_pool = measured or pooled < own
+    return (own if measured else min(own, pooled)), use_pool
+
+
 # Pure and called for every compressible row of every step: cache by its inputs.
 @lru_cache(maxsize=8192)
 def plan_compression(
@@ -104,11 +115,8 @@ def plan_compression(
     uniform = method.uniform
     pages = [max_head_pages(num_kv_heads, budgets[i], prompt_len, block_size, uniform)
              for i in layers]
-    own = max(1, cdiv(max(pages), num_kv_heads))
-    pooled = pooled_blocks(sum(pages), len(layers), num_kv_heads)
     measured = method.measured
-    use_pool = measured or pooled < own
-    kept_blocks = own if measured else min(own, pooled)
+    kept_blocks, use_pool = blocks_for_pages(pages, num_kv_heads, measured)
     tail_block = prompt_len // block_size
     if kept_blocks >= tail_block:
         return None

@@ -64,6 +64,36 @@ def _safeguard_row(hits: torch.Tensor, selectable: int, alpha: float,
     return caps + give - take
 
 
+def safeguard_caps_heads_reference(hits: torch.Tensor, totals: torch.Tensor, alpha: float,
+                                   num_candidates: torch.Tensor) -> torch.Tensor:
+    """Ada-KV's safeguard when each head has its own candidate count (decode events):
+    caps ``[R, H]`` summing to ``totals[r]``.
+
+    ``num_candidates`` ``[R, H]`` bounds each head; ``totals`` ``[R]`` must lie in
+    ``[0, sum_h num_candidates[r, h]]``. With ``share = T / H``: quota
+    ``q[h] = alpha * share + (1 - alpha) * hits[h]``, floored and clamped to
+    ``[lower[h], n[h]]`` with ``lower[h] = min(floor(alpha * share), n[h])``, then the
+    same largest-remainder rounding as ``safeguard_caps_reference``, which this equals
+    when every head has ``C`` candidates and ``T = H * s`` with ``0 < s < C``.
+    """
+    return torch.stack([
+        _safeguard_heads(hits[r], totals[r], alpha, num_candidates[r].long())
+        for r in range(hits.shape[0])])
+
+
+def _safeguard_heads(hits: torch.Tensor, total: torch.Tensor, alpha: float,
+                     upper: torch.Tensor) -> torch.Tensor:
+    share = total.double() / hits.numel()
+    quota = alpha * share + (1.0 - alpha) * hits.double()
+    lower = torch.minimum(torch.floor(alpha * share).long(), upper)
+    caps = torch.maximum(torch.minimum(quota.floor().long(), upper), lower)
+    frac = quota - caps.double()
+    diff = total - caps.sum()
+    give = _spread(diff.clamp(min=0), upper - caps, _stable_order(frac, hits))
+    take = _spread((-diff).clamp(min=0), caps - lower, _stable_order(caps - lower, -frac))
+    return caps + give - take
+
+
 def safeguard_caps(hits: torch.Tensor, selectable: list[int], alpha: float,
                    num_candidates: list[int]) -> torch.Tensor:
     """``safeguard_caps_reference``'s contract; Triton on CUDA (one program per row instead

@@ -58,7 +58,8 @@ def pool_rows(scores: torch.Tensor, num_candidates: list[int], pooling: str,
         return torch.where(valid, pooled, float("-inf"))
     out = torch.full_like(scores, float("-inf"))
     for r, c in enumerate(num_candidates):
-        out[r, :, :c] = pool_scores(scores[r, :, :c], pooling, kernel)
+        if c:  # avg_pool1d refuses an empty row
+            out[r, :, :c] = pool_scores(scores[r, :, :c], pooling, kernel)
     return out
 
 
@@ -135,3 +136,53 @@ def score_window_reference(
     else:
         raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
     return pool_scores(reduced[:, : prompt_len - w], pooling, pool_kernel).float()
+
+
+def score_decode_windows_reference(
+    window_queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_candidates: torch.Tensor,
+    window_keys: torch.Tensor,
+    scale: float,
+    *,
+    gqa_reduce: str,
+    pooling: str,
+    pool_kernel: int,
+) -> torch.Tensor:
+    """Scores of one decode event's candidates (``methods.base.DecodeRows``): ``[R, H, Cmax]``,
+    -inf padding; float64 for float64 queries, fp32 otherwise.
+
+    window_queries: ``[R, w, Hq, D]`` queries of the row's last ``w`` positions (after RoPE);
+    keys: ``[R, H, Cmax, D]`` each head's candidates in position order, the first
+    ``num_candidates[r, h]`` real; window_keys: ``[R, H, w, D]``. Each window query's
+    softmax runs over all it sees (its head's candidates and the window keys up to its
+    own position), is summed over the window, reduced over each GQA group and pooled
+    along the candidate sequence of its (row, head): neighbours in position order among
+    the head's candidates, whatever the positions between them (evicted tokens are not
+    padded back). Pooling edges are the ends of that sequence, as ``pool_rows``.
+    """
+    rows, window, num_q_heads, dim = window_queries.shape
+    heads, width = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    work = torch.float64 if window_queries.dtype == torch.float64 else torch.float32
+    device = window_queries.device
+    counts = num_candidates.to(device=device, dtype=torch.long)
+    q = window_queries.to(work).reshape(rows, window, heads, group, dim).permute(0, 2, 3, 1, 4)
+    cand = torch.einsum("rhgqd,rhcd->rhgqc", q, keys.to(device, work)) * scale
+    valid = torch.arange(width, device=device) < counts[..., None]  # [R, H, C]
+    cand = cand.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+    own = torch.einsum("rhgqd,rhkd->rhgqk", q, window_keys.to(device, work)) * scale
+    order = torch.arange(window, device=device)
+    own = own.masked_fill(order[None, :] > order[:, None], float("-inf"))  # causal
+    attn = torch.softmax(torch.cat([cand, own], dim=-1), dim=-1)[..., :width].sum(dim=3)
+    if gqa_reduce == "mean":
+        reduced = attn.mean(dim=2)
+    elif gqa_reduce == "max":
+        reduced = attn.amax(dim=2)
+    else:
+        raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
+    if width == 0:
+        return reduced
+    pooled = pool_rows(reduced.reshape(rows * heads, 1, width), counts.flatten().tolist(),
+                       pooling, pool_kernel)
+    return pooled.view(rows, heads, width)

@@ -155,3 +155,27 @@ def min_mass_above_reference(probs: torch.Tensor, prompt_lens: list[int], nucleu
     valid = torch.arange(width, device=probs.device) < on_device(
         prompt_lens, torch.long, probs.device)[:, None, None]
     return torch.where(valid, mass, math.inf)
+
+
+def decode_voter_probs_reference(voters: torch.Tensor, keys: torch.Tensor,
+                                 num_candidates: torch.Tensor, window_keys: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """Attention of each voter over one decode event's keys: ``[R, H, G * V, Cmax + w]``.
+
+    voters: ``[R, V, Hq, D]`` queries that see every key; keys: ``[R, H, Cmax, D]`` each
+    head's candidates (the first ``num_candidates[r, h]`` real), then window_keys
+    ``[R, H, w, D]``. Padding gets probability 0. float64 if an input is, else float32.
+    """
+    rows, num_voters, num_q_heads, dim = voters.shape
+    heads, width = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    dtype = work_dtype(voters, keys)
+    q = voters.to(dtype).reshape(rows, num_voters, heads, group, dim).permute(0, 2, 3, 1, 4)
+    every = torch.cat([keys, window_keys], dim=2).to(voters.device, dtype)
+    logits = torch.einsum("rhgvd,rhld->rhgvl", q, every) * scale
+    pos = torch.arange(every.shape[2], device=voters.device)
+    counts = num_candidates.to(device=voters.device, dtype=torch.long)
+    padding = (pos < width) & (pos >= counts[..., None])  # [R, H, Cmax + w]
+    logits = logits.masked_fill(padding[:, :, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs.reshape(rows, heads, group * num_voters, every.shape[2])

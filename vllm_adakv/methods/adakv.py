@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vllm_adakv.kernels.allocation import safeguard_caps
+from vllm_adakv.kernels.allocation import safeguard_caps, safeguard_caps_heads_reference
 from vllm_adakv.tensors import on_device
 
 from .common import candidate_mask, check_int, check_scores, sanitize, ties_to_lower
@@ -61,6 +61,40 @@ def adakv_counts_rows(scores: torch.Tensor, num_candidates: list[int],
     return torch.where(keep_uniform, uniform, caps)
 
 
+def adakv_counts_heads(scores: torch.Tensor, num_candidates: torch.Tensor,
+                       selectable: list[int], alpha: float) -> torch.Tensor:
+    """Ada-KV's allocation when each head has its own candidates (decode events):
+    LongTensor ``[R, H]``.
+
+    ``scores`` ``[R, H, Cmax]``; head ``(r, h)`` has ``n = num_candidates[r, h]`` real
+    candidates. Row ``r`` keeps ``T = min(H * selectable[r], sum_h n)``: all when that is
+    every candidate, else the layer-wide top-T (ties: lower head, then lower index) gives
+    ``hits``, mixed with the uniform share ``T / H`` by the safeguard
+    (``safeguard_caps_heads_reference``): ``min(floor(alpha * T / H), n) <= cap <= n``.
+    With ``C`` candidates in every head it equals ``adakv_counts_rows``.
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    rows, num_heads, width = scores.shape
+    device = scores.device
+    counts = num_candidates.to(device).long()
+    available = counts.sum(1)
+    total = torch.minimum(on_device(selectable, torch.long, device) * num_heads, available)
+    if width == 0:
+        return counts.clone()
+    valid = torch.arange(width, device=device) < counts[..., None]
+    flat = torch.where(valid, sanitize(scores), float("-inf")).reshape(rows, -1)
+    valid = valid.reshape(rows, -1)
+    ordered = torch.sort(flat, dim=1, descending=True).values
+    thr = ordered.gather(1, (total[:, None] - 1).clamp(min=0))
+    need = total[:, None] - (flat > thr).sum(1, keepdim=True)
+    hits = ties_to_lower(flat, thr, need, valid).view(rows, num_heads, width).sum(-1)
+    caps = safeguard_caps_heads_reference(hits, total, alpha, counts)
+    caps = torch.where((total == available)[:, None], counts, caps)
+    return torch.where((total == 0)[:, None], torch.zeros_like(caps), caps)
+
+
 class AdaKV(SnapKV):
     """Ada-KV over a scorer: the layer's total ``H * B'`` goes to the layer-wide top
     scores, mixed with a uniform share by the safeguard ``alpha`` (``adakv_counts``).
@@ -85,3 +119,8 @@ class AdaKV(SnapKV):
 
     def __repr__(self) -> str:
         return f"AdaKV({self.scorer!r})"
+
+    def decode_counts(self, scores: torch.Tensor, num_candidates: torch.Tensor,
+                      selectable: list[int], cfg: Any) -> tuple[torch.Tensor, int]:
+        return adakv_counts_heads(scores, num_candidates, selectable, cfg.alpha), \
+            scores.shape[2]

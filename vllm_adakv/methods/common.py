@@ -114,3 +114,17 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor, max_count: int | None 
     else:
         kmax = int(counts.max()) if num_heads else 0
     return topk_masks(scores[None], counts[None], [num_candidates], kmax)[0]
+
+
+def head_topk_masks(scores: torch.Tensor, counts: torch.Tensor, num_candidates: torch.Tensor,
+                    max_count: int) -> torch.Tensor:
+    """Bool ``[R, H, Cmax]``: head ``(r, h)`` keeps its top ``counts[r, h]`` among its first
+    ``num_candidates[r, h]`` entries (ties: lower index); ``counts`` must not exceed them.
+
+    Padding is set to -inf, which ranks after every real entry in ``topk_masks`` (real
+    ties at -inf come first in the row), so it is never kept."""
+    rows, heads, width = scores.shape
+    valid = torch.arange(width, device=scores.device) < num_candidates.to(
+        scores.device).long()[..., None]
+    x = torch.where(valid, sanitize(scores), float("-inf"))
+    return topk_masks(x, counts, [width] * rows, max_count) & valid

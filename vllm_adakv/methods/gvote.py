@@ -65,11 +65,17 @@ import torch
 
 from vllm_adakv import kernels
 from vllm_adakv.kernels.scoring import pool_rows
-from vllm_adakv.kernels.voting import mass_above, mass_above_nucleus, voter_softmax, work_dtype
+from vllm_adakv.kernels.voting import (
+    decode_voter_probs_reference,
+    mass_above,
+    mass_above_nucleus,
+    voter_softmax,
+    work_dtype,
+)
 from vllm_adakv.tensors import host_to_device, on_device
 
-from .base import LayerRows, Method
-from .common import check_int, topk_masks
+from .base import DecodeRows, LayerRows, Method, check_decode_rows
+from .common import check_int, head_topk_masks, topk_masks
 
 __all__ = ["GVote", "gvote_cap", "gvote_keep_mask", "gvote_keep_masks", "gvote_voters",
            "layer_seed", "mass_above", "mass_above_nucleus", "synthetic_queries",
@@ -282,3 +288,31 @@ class GVote(Method):
         vote = kernels.min_mass_above(probs, lengths, cfg.gvote_p, most)
         return gvote_keep_masks(vote, lengths, window=cfg.window, nucleus_p=cfg.gvote_p,
                                 max_keeps=caps, pool_kernel=cfg.pool_kernel)
+
+    def reselect(self, event: DecodeRows) -> torch.Tensor:
+        """The vote of the decode window's voters (choices 1-3: the Gaussian of the window's
+        queries and its last query, same seeded noise as the prompt's) over every key a
+        head holds (candidates and window), ``c*`` min-pooled along the head's candidate
+        sequence, kept below ``gvote_p`` and capped at ``budget - w`` (choices 4-7)."""
+        selectable = check_decode_rows(event)
+        cfg = event.cfg
+        check_int("pool_kernel", cfg.pool_kernel, 1)
+        if cfg.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd, got {cfg.pool_kernel}")
+        counts = event.num_candidates.to(event.keys.device).long()
+        rows, heads, width = event.keys.shape[:3]
+        if width == 0:
+            return torch.zeros(rows, heads, 0, dtype=torch.bool, device=event.keys.device)
+        voters = gvote_voters(event.window_queries, cfg.gvote_samples, cfg.gvote_seed,
+                              event.layer_idx, event.tp_shard)
+        probs = decode_voter_probs_reference(voters, event.keys, counts, event.window_keys,
+                                             event.scale)
+        most = min(max(event.budgets), probs.shape[-1])
+        vote = mass_above_nucleus(probs, cfg.gvote_p, most).amin(dim=2)[..., :width]
+        pooled = -pool_rows(-vote.reshape(rows * heads, 1, width),
+                            counts.flatten().tolist(), "max", cfg.pool_kernel)
+        pooled = pooled.view(rows, heads, width)  # +inf padding
+        room = torch.minimum(counts, on_device(selectable, torch.long, counts.device)[:, None])
+        if cfg.gvote_p < 1.0:
+            room = torch.minimum((pooled < cfg.gvote_p).sum(-1), room)
+        return head_topk_masks(-pooled, room, counts, min(max(selectable), width))

@@ -81,3 +81,7 @@ class PyramidKV(SnapKV):
     def layer_budgets(self, cfg: Any, prompt_len: int, num_layers: int) -> tuple[int, ...]:
         budgets = pyramid_layer_budgets(cfg.budget, num_layers, cfg.window, cfg.pyramid_beta)
         return tuple(min(prompt_len, b) for b in budgets)
+
+    def decode_layer_budgets(self, cfg: Any, budget: int, num_layers: int) -> tuple[int, ...]:
+        """The pyramid schedule of the decode budget (unclamped)."""
+        return tuple(pyramid_layer_budgets(budget, num_layers, cfg.window, cfg.pyramid_beta))

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
+from vllm_adakv.kernels.scoring import score_decode_windows_reference
 from vllm_adakv.tensors import on_device
 
-from .base import LayerRows, Method, with_window
-from .common import check_int, check_scores, topk_masks
+from .base import DecodeRows, LayerRows, Method, check_decode_rows, with_window
+from .common import check_int, check_scores, head_topk_masks, topk_masks
 from .scorers import SCORERS
 
 
@@ -100,3 +101,29 @@ class SnapKV(Method):
         return self.select(self.scores(batch), num_heads=batch.num_heads,
                            prompt_lens=batch.prompt_lens, budgets=batch.budgets,
                            cfg=batch.cfg, device=batch.key_cache.device)
+
+    def decode_scores(self, event: DecodeRows) -> torch.Tensor:
+        """Window scores ``[R, H, Cmax]`` of a decode event's candidates (-inf padding):
+        always the window's own queries, whatever ``cfg.scorer`` (decoding has them)."""
+        cfg = event.cfg
+        return score_decode_windows_reference(
+            event.window_queries, event.keys, event.num_candidates, event.window_keys,
+            event.scale, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling,
+            pool_kernel=cfg.pool_kernel)
+
+    def decode_counts(self, scores: torch.Tensor, num_candidates: torch.Tensor,
+                      selectable: list[int], cfg: Any) -> tuple[torch.Tensor, int]:
+        """Candidates kept per head ``[R, H]`` at a decode event and a host bound on them:
+        ``min(budget - w, n)`` for each head."""
+        sel = on_device(selectable, torch.long, scores.device)[:, None]
+        return torch.minimum(num_candidates.to(scores.device).long(), sel), max(selectable)
+
+    def reselect(self, event: DecodeRows) -> torch.Tensor:
+        """Each head's top candidates by the decode window's scores (``decode_counts`` of
+        them; ties: the older token)."""
+        selectable = check_decode_rows(event)
+        scores = self.decode_scores(event)
+        counts, bound = self.decode_counts(scores, event.num_candidates, selectable,
+                                           event.cfg)
+        return head_topk_masks(scores, counts, event.num_candidates,
+                               min(bound, scores.shape[2]))

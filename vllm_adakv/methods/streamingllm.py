@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from .base import LayerRows, Method, with_window
+from vllm_adakv.tensors import on_device
+
+from .base import DecodeRows, LayerRows, Method, check_decode_rows, with_window
 from .common import check_int
 from .snapkv import check_rows
 
@@ -61,3 +63,19 @@ class StreamingLLM(Method):
     def keep_masks(self, batch: LayerRows) -> torch.Tensor:
         return self.select(None, num_heads=batch.num_heads, prompt_lens=batch.prompt_lens,
                            budgets=batch.budgets, cfg=batch.cfg, device=batch.key_cache.device)
+
+    def reselect(self, event: DecodeRows) -> torch.Tensor:
+        """Each head's first ``sink_tokens`` candidates and its last
+        ``budget - w - sink_tokens`` (all of them when they fit)."""
+        selectable = check_decode_rows(event)
+        sinks = check_int("sink_tokens", event.cfg.sink_tokens, 0)
+        if sinks > min(selectable):
+            raise ValueError(f"streamingllm needs decode budget - window >= sink_tokens "
+                             f"({sinks}), got {min(selectable)}")
+        device = event.keys.device
+        width = event.keys.shape[2]
+        n = event.num_candidates.to(device).long()[..., None]  # [R, H, 1]
+        sel = on_device(selectable, torch.long, device)[:, None, None]
+        pos = torch.arange(width, device=device)
+        keep = (sel >= n) | (pos < sinks) | (pos >= n - (sel - sinks))
+        return keep & (pos < n)
