@@ -54,9 +54,9 @@ import triton
 
 from benchmarks.machine import current_commit, device_tag
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.kernels import unrotated_sum
+from vllm_adakv.kernels import unrotated_moments
 from vllm_adakv.kernels.decode import row_table
-from vllm_adakv.kernels.expected import future_query
+from vllm_adakv.kernels.expected import future_moments
 from vllm_adakv.kernels.scoring import gather_prompt_keys
 from vllm_adakv.kernels.triton_compaction import compact_pooled_rows_triton, compact_rows_triton
 from vllm_adakv.kernels.triton_decode import (
@@ -389,9 +389,10 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1,
     """Scoring + Ada-KV selection + compaction of one layer of ``rows`` requests of ``ctx``
     tokens (one launch set, as the backend runs every request whose prompt completes in a
     step) against that layer's prefill of the same requests, through the method's own
-    ``keep_masks``. ``scorer="expected"`` adds what that scorer costs the layer: the sum of
-    the prompt queries rotated back (``kernels.unrotated_sum``, one chunk per prompt), the
-    mean rotated to the positions to come (``future_query``), then its one-query scoring."""
+    ``keep_masks``. ``scorer="expected"`` adds what that scorer costs the layer: the moments
+    of the prompt queries rotated back (``kernels.unrotated_moments``, one chunk per
+    prompt), the Gaussian moved to the positions to come (``future_moments``), then its
+    scoring (``kernels.score_expected``) instead of the window's."""
     per_row = ctx // BS + 2
     kv = torch.randn(rows * per_row + 1, KV_HEADS, BS, 2 * DIM, device="cuda", dtype=DTYPE)
     key_cache, value_cache = kv[..., :DIM], kv[..., DIM:]
@@ -410,16 +411,17 @@ def compress_point(ctx: int, ratio: int = 8, window: int = 32, rows: int = 1,
     method = get_method("adakv")
 
     def compress():
-        future = None
+        future = covariances = None
         if scorer == "expected":
-            means = [unrotated_sum(qkv[r * ctx:(r + 1) * ctx, :Q_HEADS], positions, cos_sin,
-                                   DIM, True) / ctx for r in range(rows)]
-            future = torch.stack([future_query(m, ctx, FUTURE_POSITIONS, cos_sin, DIM, True)
-                                  for m in means])[:, None].to(DTYPE)
+            moments = [future_moments(*unrotated_moments(
+                qkv[r * ctx:(r + 1) * ctx, :Q_HEADS], positions, cos_sin, DIM, True), ctx,
+                ctx, FUTURE_POSITIONS, cos_sin, DIM, True) for r in range(rows)]
+            future = torch.stack([m[0] for m in moments])[:, None]
+            covariances = torch.stack([m[1] for m in moments])
         masks = method.keep_masks(LayerRows(
             cfg=cfg, layer_idx=0, prompt_lens=lengths, budgets=[budget] * rows,
             key_cache=key_cache, block_table=table, rows=block_rows, scale=DIM**-0.5,
-            window_queries=wq, future_queries=future))
+            window_queries=wq, future_queries=future, future_covariances=covariances))
         compact_rows_triton(key_cache, value_cache, table, block_rows, masks,
                             [kept_blocks] * rows)
 

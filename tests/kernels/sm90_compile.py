@@ -119,7 +119,7 @@ LAUNCHED = {
                                              "_pooled_plan", "_pooled_step"),
     "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),
     "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),
-    "vllm_adakv.kernels.triton_expected": ("_unrotated_partial_sums",),
+    "vllm_adakv.kernels.triton_expected": ("_unrotated_partial_moments",),
 }
 _TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
                 "torch.float64": "fp64",

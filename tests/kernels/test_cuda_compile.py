@@ -57,8 +57,8 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_voting.test_voter_probs_match_reference(4, 128, torch.bfloat16)
     test_triton_voting.test_min_mass_above_matches_reference(0.9, 40)
     test_triton_allocation.test_matches_reference(8, 0.2)
-    test_expected.test_triton_unrotated_sum_matches_the_reference(True, 64, 64, torch.bfloat16)
-    test_expected.test_triton_unrotated_sum_matches_the_reference(False, 32, 64, torch.float32)
+    test_expected.test_triton_unrotated_moments_match_the_reference(True, 64, 64, torch.bfloat16)
+    test_expected.test_triton_unrotated_moments_match_the_reference(False, 32, 64, torch.float32)
     test_ranges.test_triton_compaction_rows_match_reference(torch.bfloat16)
     test_pooling.test_triton_pooled_compaction_matches_reference(
         torch.bfloat16, 4, 64, "given", True, monkeypatch)

@@ -1,4 +1,5 @@
-"""The expected scorer's query model against direct float64 definitions and vLLM's RoPE.
+"""The expected scorer's query model and scores against direct float64 definitions and
+vLLM's RoPE.
 
 Rotations are built here as explicit 2x2 blocks per frequency (the textbook RoPE), on
 fresh random queries and tables; vLLM's own ``RotaryEmbedding`` (the CPU build's torch
@@ -10,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_adakv.kernels.expected import future_query, rotate
-from vllm_adakv.kernels.expected import unrotated_sum_reference as unrotated_sum
+from tests.kernels.paged_cache import random_block_tables
+from vllm_adakv.kernels.expected import future_moments, rotate, score_expected
+from vllm_adakv.kernels.expected import unrotated_moments_reference as unrotated_moments
 
 
 def random_table(positions: int, rotary_dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -40,36 +42,87 @@ def rotation(table: torch.Tensor, pos: int, dim: int, rotary_dim: int, neox: boo
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rotary_dim,dim", [(16, 16), (8, 16)])
-def test_unrotated_sum_is_the_sum_of_transposed_rotations(neox, rotary_dim, dim):
+def test_unrotated_moments_are_sums_over_transposed_rotations(neox, rotary_dim, dim):
     gen = torch.Generator().manual_seed(1 + rotary_dim + 2 * neox)
     table = random_table(64, rotary_dim, gen)
     positions = torch.randperm(64, generator=gen)[:9]
     q = torch.randn(9, 3, dim, generator=gen, dtype=torch.float64)
-    want = sum(q[t] @ rotation(table, int(p), dim, rotary_dim, neox)
-               for t, p in enumerate(positions))  # rows: (R^T q)^T = q^T R
-    got = unrotated_sum(q, positions, table, rotary_dim, neox)
-    assert got.dtype == torch.float64
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    back = [q[t] @ rotation(table, int(p), dim, rotary_dim, neox)  # rows: (R^T q)^T = q^T R
+            for t, p in enumerate(positions)]
+    total, second = unrotated_moments(q, positions, table, rotary_dim, neox)
+    assert total.dtype == second.dtype == torch.float64
+    torch.testing.assert_close(total, sum(back), rtol=1e-12, atol=1e-12)
+    outer = sum(torch.stack([torch.outer(b[h], b[h]) for h in range(3)]) for b in back)
+    torch.testing.assert_close(second, outer, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
-def test_future_query_is_the_mean_rotation_of_the_mean(neox):
+def test_future_moments_rotate_the_gaussian_by_the_mean_rotation(neox):
     gen = torch.Generator().manual_seed(7 + neox)
-    rotary_dim, dim, prompt_len, future = 16, 24, 40, 13
+    rotary_dim, dim, prompt_len, future, count = 16, 24, 40, 13, 30
     table = random_table(prompt_len + future, rotary_dim, gen)
-    mean = torch.randn(4, dim, generator=gen, dtype=torch.float64)
-    want = sum(mean @ rotation(table, t, dim, rotary_dim, neox).T
-               for t in range(prompt_len, prompt_len + future)) / future
-    got = future_query(mean, prompt_len, future, table, rotary_dim, neox)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    samples = torch.randn(count, 4, dim, generator=gen, dtype=torch.float64) * 3 + 1
+    total = samples.sum(0)
+    second = torch.einsum("nhd,nhe->hde", samples, samples)
+    mean = samples.mean(0)
+    centred = samples - mean
+    cov = torch.einsum("nhd,nhe->hde", centred, centred) / count  # population covariance
+    avg = sum(rotation(table, t, dim, rotary_dim, neox)
+              for t in range(prompt_len, prompt_len + future)) / future
+    mu, sigma = future_moments(total, second, count, prompt_len, future, table, rotary_dim,
+                               neox)
+    torch.testing.assert_close(mu, mean @ avg.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sigma, avg @ cov @ avg.T, rtol=1e-10, atol=1e-10)
     # Clipped to the table's positions: the last ones only.
-    clipped = future_query(mean, prompt_len, 1000, table, rotary_dim, neox)
-    torch.testing.assert_close(clipped, want, rtol=1e-12, atol=1e-12)
-    beyond = future_query(mean, prompt_len + future + 5, 3, table, rotary_dim, neox)
-    last = mean @ rotation(table, prompt_len + future - 1, dim, rotary_dim, neox).T
-    torch.testing.assert_close(beyond, last, rtol=1e-12, atol=1e-12)
+    clipped = future_moments(total, second, count, prompt_len, 1000, table, rotary_dim, neox)
+    torch.testing.assert_close(clipped[1], sigma, rtol=1e-10, atol=1e-10)
+    last = rotation(table, prompt_len + future - 1, dim, rotary_dim, neox)
+    beyond = future_moments(total, second, count, prompt_len + future + 5, 3, table,
+                            rotary_dim, neox)
+    torch.testing.assert_close(beyond[0], mean @ last.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(beyond[1], last @ cov @ last.T, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="future must be >= 1"):
-        future_query(mean, prompt_len, 0, table, rotary_dim, neox)
+        future_moments(total, second, count, prompt_len, 0, table, rotary_dim, neox)
+
+
+@pytest.mark.parametrize("gqa_reduce", ["mean", "max"])
+def test_score_expected_is_the_gaussian_expectation_normalised(gqa_reduce):
+    """Per query head, ``E[exp(s q.k)]`` for ``q ~ N(mu, S)`` normalised over the prompt's
+    keys: checked against a Monte Carlo estimate of the expectation (closed form of the
+    moment generating function) and a direct float64 formula, on paged rows of different
+    lengths; padding is -inf."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    heads, group, dim, bs = 2, 2, 8, 16
+    lengths = [37, 20]
+    block_table, nb = random_block_tables(lengths, bs)
+    keys = torch.randn(nb, heads, bs, dim, generator=gen, dtype=torch.float64)
+    mean = torch.randn(2, heads * group, dim, generator=gen, dtype=torch.float64)
+    root = torch.randn(2, heads * group, dim, dim, generator=gen, dtype=torch.float64) * 0.3
+    cov = root @ root.transpose(-1, -2)
+    scale = dim**-0.5
+    got = score_expected(mean, cov, keys, block_table, [1, 0], [lengths[1], lengths[0]],
+                         scale, gqa_reduce=gqa_reduce, chunk=7)
+    assert got.shape == (2, heads, 37) and got.dtype == torch.float32
+    for r, (row, length) in enumerate(((1, 20), (0, 37))):
+        blocks = block_table[row, : -(-length // bs)]
+        k = keys[blocks].permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :length]
+        per_head = []
+        for h in range(heads * group):
+            kh = k[h // group]
+            logit = scale * kh @ mean[r, h] + scale**2 / 2 * torch.einsum(
+                "ld,de,le->l", kh, cov[r, h], kh)
+            per_head.append(torch.softmax(logit, 0))
+            # The closed form is the Gaussian's expectation (1e5 samples, ~1% error).
+            draws = torch.distributions.MultivariateNormal(
+                mean[r, h], cov[r, h] + 1e-9 * torch.eye(dim)).sample((100000,))
+            mc = torch.exp(scale * draws @ kh.T).mean(0)
+            torch.testing.assert_close(mc / mc.sum(), per_head[-1], rtol=0.1, atol=1e-3)
+        stacked = torch.stack(per_head).view(heads, group, length)
+        want = stacked.mean(1) if gqa_reduce == "mean" else stacked.amax(1)
+        torch.testing.assert_close(got[r, :, :length].double(), want, rtol=1e-6, atol=1e-7)
+        assert torch.isinf(got[r, :, length:]).all()
+    with pytest.raises(ValueError, match="gqa_reduce"):
+        score_expected(mean, cov, keys, block_table, [0], [37], scale, gqa_reduce="sum")
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
@@ -99,48 +152,58 @@ def test_rotate_inverts_vllm_rotary_embedding(neox):
     torch.testing.assert_close(again, rotated.view(11, 4, head), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
-@pytest.mark.parametrize("rotary_dim,dim", [(64, 64), (32, 64), (16, 24)])
-def test_triton_unrotated_sum_matches_the_reference(neox, rotary_dim, dim, dtype):
+@pytest.mark.parametrize("neox,rotary_dim,dim,dtype", [
+    (True, 64, 64, torch.bfloat16), (False, 32, 64, torch.float32),
+    (True, 16, 24, torch.float32), (False, 16, 24, torch.bfloat16)],
+    ids=["neox-64-bf16", "gptj-32of64-fp32", "neox-16of24-fp32", "gptj-16of24-bf16"])
+def test_triton_unrotated_moments_match_the_reference(neox, rotary_dim, dim, dtype):
     """The fused kernel (interpreter) == the torch reference on a strided view of packed
-    q/k/v rows, over tiles with a partial last one; positions not contiguous."""
+    q/k/v rows, over two spans with a partial last step; positions not contiguous."""
     pytest.importorskip("triton")
-    from vllm_adakv.kernels.triton_expected import BLOCK_T, unrotated_sum_triton
+    from vllm_adakv.kernels.triton_expected import BLOCK_T, unrotated_moments_triton
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    tokens, heads = 2 * BLOCK_T + 9, 3
-    table = random_table(400, rotary_dim, gen).float()
+    span = 2 * BLOCK_T  # two steps per program here (production: SPAN_T)
+    tokens, heads = span + BLOCK_T + 9, 3
+    table = random_table(2000, rotary_dim, gen).float()
     packed = torch.randn(tokens, heads + 4, dim, generator=gen).to(dtype)
     q = packed[:, 1 : 1 + heads]  # stride(0) = (heads + 4) * dim
-    positions = torch.randperm(400, generator=gen)[:tokens]
-    want = unrotated_sum(q.double(), positions, table.double(), rotary_dim, neox)
-    got = unrotated_sum_triton(q, positions, table, rotary_dim, neox)
-    assert got.dtype == torch.float32 and got.shape == (heads, dim)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    positions = torch.randperm(2000, generator=gen)[:tokens]
+
+    def check(n: int) -> None:
+        want = unrotated_moments(q[:n].double(), positions[:n], table.double(), rotary_dim,
+                                 neox)
+        got = unrotated_moments_triton(q[:n], positions[:n], table, rotary_dim, neox,
+                                       span=span)
+        assert got[0].dtype == got[1].dtype == torch.float32
+        assert got[0].shape == (heads, dim) and got[1].shape == (heads, dim, dim)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-3)
+
+    check(tokens)
+    check(5)  # fewer tokens than a step
     # The pass-through dims and the rotated ones both count: a wrong pairing is caught.
-    wrong = unrotated_sum(q.double(), positions, table.double(), rotary_dim, not neox)
-    assert not torch.allclose(got.double(), wrong, rtol=1e-3, atol=1e-3)
-    # Fewer tokens than a tile, and none.
-    few = unrotated_sum_triton(q[:5], positions[:5], table, rotary_dim, neox)
-    torch.testing.assert_close(
-        few.double(), unrotated_sum(q[:5].double(), positions[:5], table.double(), rotary_dim,
-                                    neox), rtol=1e-4, atol=1e-4)
-    assert not unrotated_sum_triton(q[:0], positions[:0], table, rotary_dim, neox).any()
+    got = unrotated_moments_triton(q, positions, table, rotary_dim, neox, span=span)
+    wrong = unrotated_moments(q.double(), positions, table.double(), rotary_dim, not neox)
+    assert not torch.allclose(got[1].double(), wrong[1], rtol=1e-3, atol=1e-2)
+    empty = unrotated_moments_triton(q[:0], positions[:0], table, rotary_dim, neox)
+    assert not empty[0].any() and not empty[1].any()
 
 
-def test_triton_unrotated_sum_refuses_what_it_cannot_read():
+def test_triton_unrotated_moments_refuse_what_they_cannot_read():
     pytest.importorskip("triton")
-    from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
+    from vllm_adakv.kernels.triton_expected import unrotated_moments_triton
 
     table = torch.ones(8, 16)
     q = torch.randn(4, 2, 16)
     with pytest.raises(ValueError, match="float64"):
-        unrotated_sum_triton(q.double(), torch.arange(4), table, 16, True)
+        unrotated_moments_triton(q.double(), torch.arange(4), table, 16, True)
     with pytest.raises(ValueError, match="unit stride"):
-        unrotated_sum_triton(q.transpose(1, 2).contiguous().transpose(1, 2), torch.arange(4),
-                             table, 16, True)
+        unrotated_moments_triton(q.transpose(1, 2).contiguous().transpose(1, 2),
+                                 torch.arange(4), table, 16, True)
     with pytest.raises(ValueError, match="fp32 cos_sin"):
-        unrotated_sum_triton(q, torch.arange(4), table.double(), 16, True)
+        unrotated_moments_triton(q, torch.arange(4), table.double(), 16, True)
     with pytest.raises(ValueError, match="rotary_dim"):
-        unrotated_sum_triton(q, torch.arange(4), table, 15, True)
+        unrotated_moments_triton(q, torch.arange(4), table, 15, True)
+    with pytest.raises(ValueError, match="multiple of"):
+        unrotated_moments_triton(q, torch.arange(4), table, 16, True, span=100)

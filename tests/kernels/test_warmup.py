@@ -62,7 +62,7 @@ def _attend_other_batch(q_heads: int, kv_heads: int, dim: int, dtype: torch.dtyp
     unlike the warm-up's, with 0-dim float32 scales as vLLM's layers hold them."""
     from vllm_adakv.kernels.decode import row_table
     from vllm_adakv.kernels.triton_decode import headwise_attention_ranges_triton
-    from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
+    from vllm_adakv.kernels.triton_expected import unrotated_moments_triton
     from vllm_adakv.kernels.triton_scoring import score_windows_triton
     from vllm_adakv.kernels.triton_voting import voter_probs_triton
 
@@ -77,10 +77,10 @@ def _attend_other_batch(q_heads: int, kv_heads: int, dim: int, dtype: torch.dtyp
                          k_scale=k_scale)
     voter_probs_triton(torch.randn(3, 4, q_heads, dim), keys, table, order, lens, dim**-0.5,
                        k_scale=k_scale)
-    # The expected scorer's query sums: another chunk length, packing and rotary layout.
+    # The expected scorer's query moments: another chunk length, packing and rotary layout.
     packed = torch.randn(77, q_heads + 5, dim)
-    unrotated_sum_triton(packed[:, 2 : 2 + q_heads], torch.arange(100, 177),
-                         torch.rand(300, dim // 2), dim // 2, False)
+    unrotated_moments_triton(packed[:, 2 : 2 + q_heads], torch.arange(100, 177),
+                             torch.rand(300, dim // 2), dim // 2, False)
     idx = torch.arange(3)
     rows = row_table(idx, idx + 1, idx, idx + 1, torch.tensor(lengths),
                      torch.tensor(lengths) + 1)
@@ -122,6 +122,6 @@ def test_warm_up_runs_every_kernel(q_heads, kv_heads, dim, cache_dtype):
         _attend_other_batch(q_heads, kv_heads, dim, cache)
     assert {r["kernel"] for r in records} == {"_window_stats", "_candidate_scores",
                                               "_voter_probs", "_headwise_fwd",
-                                              "_headwise_reduce", "_unrotated_partial_sums"}
+                                              "_headwise_reduce", "_unrotated_partial_moments"}
     missing = sorted({r["kernel"] for r in records if variant(r) not in warmed})
     assert not missing, f"variants the warm-up does not compile: {missing}"

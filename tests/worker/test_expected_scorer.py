@@ -1,5 +1,6 @@
-"""The expected scorer in the worker's store: running sums over prefill chunks, the future
-query, and the selection made from it (CPU, float64 queries and fresh random inputs)."""
+"""The expected scorer in the worker's store: running moments over prefill chunks, the
+query Gaussian at future positions, and the selection made from it (CPU, float64 queries
+and fresh random inputs)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import torch.nn.functional as F
 from tests.kernels.paged_cache import random_block_tables
 from tests.kernels.test_expected import random_table, rotation
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.kernels import score_windows_reference
-from vllm_adakv.kernels.expected import RopeTable
+from vllm_adakv.kernels.expected import RopeTable, score_expected
 from vllm_adakv.memory import plan_compression
 from vllm_adakv.methods import get_method
 from vllm_adakv.methods.scorers import FIRST_POSITIONS_SKIPPED, FUTURE_POSITIONS
@@ -44,7 +44,7 @@ def chunked(store: CompressionStore, cfg: KVCompressionConfig, query: torch.Tens
 
 
 @pytest.mark.parametrize("cuts", [[], [37, 70], [2, 3]])
-def test_future_query_of_chunks_is_the_rotated_mean_of_the_prompt(cuts):
+def test_future_moments_of_chunks_are_the_rotated_gaussian_of_the_prompt(cuts):
     gen = torch.Generator().manual_seed(len(cuts))
     length = 90
     table = random_table(length + FUTURE_POSITIONS, ROT, gen)
@@ -52,22 +52,24 @@ def test_future_query_of_chunks_is_the_rotated_mean_of_the_prompt(cuts):
     cfg = KVCompressionConfig(method="adakv", budget=40, window=8, scorer="expected")
     store = store_with(cfg, table)
     row = chunked(store, cfg, query, length, cuts)
-    got = store.future_queries([row], LAYER, torch.float64)
-    assert got.shape == (1, 1, Q_HEADS, DIM)
-    # Direct: mean over p >= FIRST_POSITIONS_SKIPPED of R_p^T q_p, then the mean of R_t
-    # over the FUTURE_POSITIONS positions after the prompt.
-    pre = [query[p] @ rotation(table, p, DIM, ROT, True)
-           for p in range(FIRST_POSITIONS_SKIPPED, length)]
-    mean = sum(pre) / len(pre)
+    mu, sigma = store.future_moments([row], LAYER)
+    assert mu.shape == (1, 1, Q_HEADS, DIM) and sigma.shape == (1, Q_HEADS, DIM, DIM)
+    # Direct: mean and covariance over p >= FIRST_POSITIONS_SKIPPED of R_p^T q_p, moved by
+    # the mean of R_t over the FUTURE_POSITIONS positions after the prompt.
+    pre = torch.stack([query[p] @ rotation(table, p, DIM, ROT, True)
+                       for p in range(FIRST_POSITIONS_SKIPPED, length)])
+    mean = pre.mean(0)
+    cov = torch.einsum("nhd,nhe->hde", pre - mean, pre - mean) / len(pre)
     future = sum(rotation(table, t, DIM, ROT, True)
                  for t in range(length, length + FUTURE_POSITIONS)) / FUTURE_POSITIONS
-    torch.testing.assert_close(got[0, 0], mean @ future.T, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mu[0, 0], mean @ future.T, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sigma[0], future @ cov @ future.T, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["snapkv", "adakv", "pyramidkv"])
-def test_selection_reads_the_future_query(method):
-    """The kept set is the method's selection from the future query's scores (a one-query
-    window over the whole prompt), not the window queries'."""
+def test_selection_reads_the_query_gaussian(method):
+    """The kept set is the method's selection from the expected attention of the prompt's
+    query Gaussian over the whole prompt, not from the window queries'."""
     gen = torch.Generator().manual_seed(5)
     length = 120
     table = random_table(length + FUTURE_POSITIONS, ROT, gen)
@@ -82,11 +84,10 @@ def test_selection_reads_the_future_query(method):
         masks[scorer] = store.keep_masks([row], LAYER, 0, keys, block_table, DIM**-0.5)
     future = store_with(cfg, table)  # the expected scorer's settings
     row = chunked(future, cfg, query, length, [])
-    # A one-query window's softmax over the whole prompt, max-pooled over the candidates
-    # [0, L - w) only.
-    raw = score_windows_reference(
-        future.future_queries([row], LAYER, torch.float64), keys, block_table, [0], [length],
-        DIM**-0.5, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling, pool_kernel=1)
+    mu, sigma = future.future_moments([row], LAYER)
+    raw = score_expected(mu[:, 0], sigma, keys, block_table, [0], [length], DIM**-0.5,
+                         gqa_reduce=cfg.gqa_reduce)
+    # ... max-pooled over the candidates [0, L - w) only.
     k = cfg.pool_kernel
     scores = F.max_pool1d(raw[:, :, : length - cfg.window], k, stride=1, padding=k // 2)
     budgets = [row.plan.layer_budgets[0]]

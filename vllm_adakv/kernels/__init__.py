@@ -20,7 +20,7 @@ from vllm_adakv.kernels.decode import (
     masked_prompt_attention_reference,
     pooled_page_table,
 )
-from vllm_adakv.kernels.expected import unrotated_sum_reference
+from vllm_adakv.kernels.expected import score_expected, unrotated_moments_reference
 from vllm_adakv.kernels.scoring import (
     gather_prompt_keys,
     pool_scores,
@@ -64,13 +64,14 @@ def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, 
     return score_windows_reference(window_queries, key_cache, *args, **kwargs)
 
 
-def unrotated_sum(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``expected.unrotated_sum_reference``'s contract; Triton on CUDA (float64: torch)."""
+def unrotated_moments(query: torch.Tensor, *args, **kwargs
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expected.unrotated_moments_reference``'s contract; Triton on CUDA (float64: torch)."""
     if query.is_cuda and query.dtype != torch.float64:
-        from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
+        from vllm_adakv.kernels.triton_expected import unrotated_moments_triton
 
-        return unrotated_sum_triton(query, *args, **kwargs)
-    return unrotated_sum_reference(query, *args, **kwargs)
+        return unrotated_moments_triton(query, *args, **kwargs)
+    return unrotated_moments_reference(query, *args, **kwargs)
 
 
 def voter_probs(voters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -105,9 +106,12 @@ __all__ = [
     "min_mass_above_reference",
     "pool_scores",
     "pooled_page_table",
+    "score_expected",
     "score_window_reference",
     "score_windows",
     "score_windows_reference",
+    "unrotated_moments",
+    "unrotated_moments_reference",
     "voter_probs",
     "voter_probs_reference",
 ]

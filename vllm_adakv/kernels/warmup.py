@@ -43,7 +43,7 @@ from vllm_adakv.kernels.triton_decode import (
     DEFAULT_BALANCE_SPLITS,
     headwise_attention_ranges_triton,
 )
-from vllm_adakv.kernels.triton_expected import unrotated_sum_triton
+from vllm_adakv.kernels.triton_expected import unrotated_moments_triton
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import work_dtype
@@ -102,18 +102,14 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
         score_windows_triton(queries, key_cache, table, [1, 0], lengths, head_dim**-0.5,
                              gqa_reduce=gqa_reduce, pooling=pooling, pool_kernel=pool_kernel,
                              k_scale=k_scale)
-        # The expected scorer's one-query window (``methods.scorers``; any request may
-        # ask for it).
-        score_windows_triton(queries[:, -1:].contiguous(), key_cache, table, [1, 0], lengths,
-                             head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
-                             pool_kernel=1, k_scale=k_scale)
-        # Its per-chunk sum of the prompt queries rotated back (a strided view of a
-        # packed q/k/v row, as the backend's queries are).
+        # The expected scorer's (``methods.scorers``; any request may ask for it) per-chunk
+        # moments of the prompt queries rotated back (a strided view of a packed q/k/v
+        # row, as the backend's queries are); its scoring is torch.
         packed = torch.randn(window, num_q_heads + 2 * num_kv_heads, head_dim,
                              device=device, dtype=dtype)
         cos_sin = torch.ones(window, head_dim, device=device, dtype=torch.float32)
-        unrotated_sum_triton(packed[:, :num_q_heads], torch.arange(window, device=device),
-                             cos_sin, head_dim, True)
+        unrotated_moments_triton(packed[:, :num_q_heads], torch.arange(window, device=device),
+                                 cos_sin, head_dim, True)
     if "allocation" in families:
         selectable = [b - window for b in budgets]
         hits = torch.tensor([[s] * num_kv_heads for s in selectable], device=device)

@@ -47,8 +47,10 @@ class LayerRows:
     rows: list[int]
     scale: float
     window_queries: torch.Tensor | None = None  # [R, w, Hq, D] after RoPE
-    # The expected scorer's one query per row and head, [R, 1, Hq, D] (methods.scorers).
+    # The expected scorer's query Gaussian per row and query head (methods.scorers): its
+    # mean [R, 1, Hq, D] and covariance [R, Hq, D, D].
     future_queries: torch.Tensor | None = None
+    future_covariances: torch.Tensor | None = None
     tp_shard: tuple[int, int] = (0, 1)  # (rank, size) of this worker's heads
     # An fp8 ``key_cache``'s key scale (one-element float32 on its device; None = 1),
     # passed to every kernel that reads keys; ignored for other caches.

@@ -7,14 +7,14 @@ per request ``kv_scorer``), as kvpress's presses wrap a scorer:
   (``kernels.score_windows``). When the question ends the prompt this is the question
   asking; when it comes later (a shared prefix, a chat's earlier turns) it is whatever
   the context's last tokens were.
-- ``expected``: the queries to come, modelled from the whole prompt's. The mean query
-  before RoPE over the prompt tokens this request computed (``kernels.expected``),
-  rotated to each of the ``FUTURE_POSITIONS`` positions after the prompt and averaged,
-  scores the candidates as a one-query window through the same kernels: softmax of its
-  logits over the whole prompt, reduced over each GQA group, then pooled over the
-  candidates ``[0, L - w)`` only, as the window scorer pools. This is the mean term of
-  the expected attention of a Gaussian query model (arXiv 2510.00636); the variance
-  term and the value-norm weighting are not used.
+- ``expected``: the queries to come, modelled from the whole prompt's. A Gaussian is
+  fitted to the prompt's queries before RoPE (mean and covariance over the prompt tokens
+  this request computed, ``kernels.unrotated_moments``), moved to the ``FUTURE_POSITIONS``
+  positions after the prompt by the averaged rotation, and each key is scored by the
+  attention that Gaussian is expected to pay it (``kernels.score_expected``: logit
+  ``s mu.k + s^2 k^T S k / 2``, softmax over the whole prompt), reduced over each GQA
+  group, then pooled over the candidates ``[0, L - w)`` only, as the window scorer pools.
+  This is the expected attention of arXiv 2510.00636 without its value-norm weighting.
 
 Pure torch, no vLLM imports.
 """
@@ -73,16 +73,20 @@ class WindowScorer(Scorer):
 
 
 class ExpectedScorer(Scorer):
-    """The prompt's mean query before RoPE, rotated to the positions to come."""
+    """The prompt's query Gaussian, moved to the positions to come."""
 
     name = "expected"
     needs_query_sums = True
 
     def scores(self, batch: LayerRows) -> torch.Tensor:
-        if batch.future_queries is None:
-            raise ValueError("the expected scorer needs the batch's future_queries")
-        raw = self._score(batch.future_queries, batch, 1)  # [R, H, Lmax - 1], unpooled
+        if batch.future_queries is None or batch.future_covariances is None:
+            raise ValueError("the expected scorer needs the batch's future_queries and "
+                             "future_covariances")
         cfg = batch.cfg
+        raw = kernels.score_expected(
+            batch.future_queries[:, 0], batch.future_covariances, batch.key_cache,
+            batch.block_table, batch.rows, batch.prompt_lens, batch.scale,
+            gqa_reduce=cfg.gqa_reduce, k_scale=batch.k_scale)
         candidates = [n - cfg.window for n in batch.prompt_lens]
         return pool_rows(raw[..., : max(candidates)], candidates, cfg.pooling,
                          cfg.pool_kernel)

@@ -27,7 +27,7 @@ import torch
 
 from vllm_adakv import kernels, metrics
 from vllm_adakv.config import KVCompressionConfig
-from vllm_adakv.kernels.expected import RopeTable, future_query
+from vllm_adakv.kernels.expected import RopeTable, future_moments
 from vllm_adakv.memory import CompressionPlan, PageUsage, page_usage
 from vllm_adakv.methods import LayerRows, get_method
 from vllm_adakv.methods.scorers import FIRST_POSITIONS_SKIPPED, FUTURE_POSITIONS, SCORERS
@@ -92,9 +92,10 @@ class RequestKV:
 
     prompt_len: int
     window_queries: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Expected scorer: per layer, the sum of the prompt's queries before RoPE and how many
-    # (``add_query_sums``), until the layer is compacted.
-    query_sums: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    # Expected scorer: per layer, the sums of the prompt's queries before RoPE and of their
+    # outer products ([Hq, D], [Hq, D, D]) and how many (``add_query_sums``), until the
+    # layer is compacted.
+    query_sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     pages: dict[str, LayerPages] = field(default_factory=dict)
     # Pooled plans: keep masks [H, L] by model layer index, until the group's last layer.
     pending_masks: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -296,8 +297,8 @@ class CompressionStore:
     def add_query_sums(self, row: RowPlan, layer: str, query: torch.Tensor,
                        token_offset: int) -> None:
         """Expected scorer: add this chunk's prompt queries ``[T, Hq, D]``, rotated back to
-        before RoPE, to the row's running sum; the first ``FIRST_POSITIONS_SKIPPED``
-        positions are left out (but never the whole prompt)."""
+        before RoPE, to the row's running first and second moments; the first
+        ``FIRST_POSITIONS_SKIPPED`` positions are left out (but never the whole prompt)."""
         if not sums_queries(row.cfg or self.cfg):
             return
         lo = max(row.context_start, min(FIRST_POSITIONS_SKIPPED, row.prompt_len - 1))
@@ -306,24 +307,30 @@ class CompressionStore:
             return
         rope = self.rope(layer)
         start = token_offset + (lo - row.context_start)
-        part = kernels.unrotated_sum(query[start : start + hi - lo],
-                                     torch.arange(lo, hi, device=query.device), rope.cos_sin,
-                                     rope.rotary_dim, rope.neox)
+        total, second = kernels.unrotated_moments(
+            query[start : start + hi - lo], torch.arange(lo, hi, device=query.device),
+            rope.cos_sin, rope.rotary_dim, rope.neox)
         state = self.requests[row.req_id]
-        total, count = state.query_sums.get(layer, (0.0, 0))
-        state.query_sums[layer] = (part + total, count + hi - lo)
+        before = state.query_sums.get(layer)
+        if before is not None:
+            total, second = total + before[0], second + before[1]
+            hi += before[2]
+        state.query_sums[layer] = (total, second, hi - lo)
 
-    def future_queries(self, rows: list[RowPlan], layer: str, dtype: torch.dtype
-                       ) -> torch.Tensor:
-        """Expected scorer: each row's mean prompt query rotated to the positions after
-        its prompt (``kernels.expected.future_query``), ``[R, 1, Hq, D]`` in ``dtype``."""
+    def future_moments(self, rows: list[RowPlan], layer: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected scorer: each row's query Gaussian moved to the positions after its
+        prompt (``kernels.expected.future_moments``): means ``[R, 1, Hq, D]`` and
+        covariances ``[R, Hq, D, D]`` (fp32; float64 for float64 queries)."""
         rope = self.rope(layer)
-        out = []
+        means, covs = [], []
         for row in rows:
-            total, count = self.requests[row.req_id].query_sums[layer]
-            out.append(future_query(total / count, row.prompt_len, FUTURE_POSITIONS,
-                                    rope.cos_sin, rope.rotary_dim, rope.neox))
-        return torch.stack(out)[:, None].to(dtype)
+            total, second, count = self.requests[row.req_id].query_sums[layer]
+            mu, sigma = future_moments(total, second, count, row.prompt_len, FUTURE_POSITIONS,
+                                       rope.cos_sin, rope.rotary_dim, rope.neox)
+            means.append(mu)
+            covs.append(sigma)
+        return torch.stack(means)[:, None], torch.stack(covs)
 
     def keep_masks(self, rows: list[RowPlan], layer: str, layer_idx: int,
                    key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
@@ -336,13 +343,15 @@ class CompressionStore:
         queries = future = None
         if method.needs_window_queries:
             queries = torch.stack([self.requests[r.req_id].window_queries[layer] for r in rows])
+        covariances = None
         if sums_queries(cfg):
-            future = self.future_queries(rows, layer, queries.dtype)
+            future, covariances = self.future_moments(rows, layer)
         return method.keep_masks(LayerRows(
             cfg=cfg, layer_idx=layer_idx, prompt_lens=[r.prompt_len for r in rows],
             budgets=[r.plan.layer_budgets[layer_idx] for r in rows], key_cache=key_cache,
             block_table=block_table, rows=[r.row for r in rows], scale=scale,
-            window_queries=queries, future_queries=future, tp_shard=self.tp_shard,
+            window_queries=queries, future_queries=future,
+            future_covariances=covariances, tp_shard=self.tp_shard,
             k_scale=k_scale))
 
     def compress_rows(self, rows: list[RowPlan], layer: str, layer_idx: int,
