@@ -155,6 +155,47 @@ def test_worker_compression_step_never_waits_for_the_gpu(method, cache):
     check_kept(plans, pool, store, heads=8)
 
 
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_expected_scorer_real_sizes_never_waits(length):
+    """The expected scorer at the 8B layer's shape: the Triton moments of a bf16 chunk (a
+    strided view of packed q/k/v rows) against float64 ones, and the scores of its
+    Gaussian on a paged bf16 cache against float64; then the whole path (moments, the
+    Gaussian at future positions, scores) under sync debug mode "error"."""
+    from vllm_adakv.kernels import score_expected, unrotated_moments
+    from vllm_adakv.kernels.expected import future_moments, unrotated_moments_reference
+
+    q_heads, heads, dim = 32, 8, 128
+    angles = torch.arange(length + 600, device=DEV, dtype=torch.float32)[:, None] * \
+        torch.logspace(0, -4, dim // 2, device=DEV)[None]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), -1).contiguous()
+    packed = torch.randn(length, q_heads + 2 * heads, dim, device=DEV).to(torch.bfloat16)
+    query, positions = packed[:, :q_heads], torch.arange(length, device=DEV)
+    got = unrotated_moments(query, positions, cos_sin, dim, True)
+    want = unrotated_moments_reference(query.double(), positions, cos_sin.double(), dim, True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3 * w.abs().max().item())
+    table, nb = random_block_tables([length], BS)
+    table = table.to(DEV)
+    keys = torch.randn(nb, heads, BS, dim, device=DEV).to(torch.bfloat16)
+    mu, sigma = future_moments(*want, length, length, 512, cos_sin.double(), dim, True)
+    sigma = sigma * 0.05  # a spread that leaves the softmax unsaturated
+    scores = score_expected(mu.float()[None], sigma.float()[None], keys, table, [0], [length],
+                            dim**-0.5, gqa_reduce="mean")
+    ref = score_expected(mu[None], sigma[None], keys.double(), table, [0], [length],
+                         dim**-0.5, gqa_reduce="mean")
+    torch.testing.assert_close(scores, ref, rtol=2e-3, atol=1e-6)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, second = unrotated_moments(query, positions, cos_sin, dim, True)
+        mu32, sigma32 = future_moments(total, second, length, length, 512, cos_sin, dim, True)
+        score_expected(mu32[None], sigma32[None], keys, table, [0], [length], dim**-0.5,
+                       gqa_reduce="mean")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("lengths", [[4000], [2048, 8192, 700], [32768]])
 def test_gvote_vote_never_waits_for_the_gpu(lengths):
     """GVote's batched vote of one layer (voters, Triton voter attention, top-cap mass,
