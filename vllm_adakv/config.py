@@ -71,8 +71,9 @@ SETTINGS: tuple[Setting, ...] = (
             rule=">= 1", ok=lambda v: v >= 1, per_request=True),
     Setting("scorer", "--kv-scorer", str, "window",
             "Scores of SnapKV, Ada-KV and PyramidKV: 'window' = the last prompt tokens' "
-            "queries, 'expected' = the prompt's mean query at the positions to come, for "
-            "a question that comes later (default: {default}).",
+            "queries, 'expected' = a Gaussian of the prompt's queries at the positions to "
+            "come, for a question that comes later, 'blend' = the mean of the two "
+            "(default: {default}).",
             choices=SCORER_NAMES, per_request=True),
     Setting("pooling", "--kv-pooling", str, "max",
             "Pooling of scores along positions (default: {default}).", choices=POOLINGS),

@@ -221,11 +221,12 @@ FUTURE, SKIPPED = 512, 4  # methods.scorers: FUTURE_POSITIONS, FIRST_POSITIONS_S
 
 
 def expected_reference_scores(model_dir: Path, ids: list[int]) -> list[torch.Tensor]:
-    """Pooled scores ``[H, L - w]`` per layer of the expected scorer, from HF: the mean of
-    the prompt's queries before RoPE (``q_proj`` outputs at positions >= 4), rotated by HF's
-    RoPE to each of the 512 positions after the prompt and averaged, attends over the
-    prompt's keys (``k_proj`` outputs rotated at their positions); softmax over the prompt,
-    averaged over each GQA group, max-pooled."""
+    """Pooled scores ``[H, L - w]`` per layer of the expected scorer, from HF: the mean and
+    covariance of the prompt's queries before RoPE (``q_proj`` outputs at positions >= 4)
+    moved by the average of HF's RoPE over the 512 positions after the prompt (``A``:
+    ``A mu``, ``A S A^T``), logits ``s mu.k + s^2 k^T S k / 2`` over the prompt's keys
+    (``k_proj`` outputs rotated at their positions); softmax over the prompt, averaged
+    over each GQA group, max-pooled."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -251,16 +252,21 @@ def expected_reference_scores(model_dir: Path, ids: list[int]) -> list[torch.Ten
         hook.remove()
     scores = []
     for q, k in zip(captured["q"], captured["k"], strict=True):
-        mean = q.view(length, hq, dim)[SKIPPED:].mean(0)  # [Hq, D], before RoPE
-        # mean over t of R_t mean: HF's RoPE of the mean at every future position
-        future = apply_rotary_pos_emb(mean[None, :, None].expand(1, hq, FUTURE, dim),
-                                      mean[None, :heads, None].expand(1, heads, FUTURE, dim),
-                                      cos_f, sin_f)[0][0].mean(1)  # [Hq, D]
+        pre = q.view(length, hq, dim)[SKIPPED:].double()  # before RoPE
+        mean = pre.mean(0)  # [Hq, D]
+        cov = torch.einsum("nhd,nhe->hde", pre - mean, pre - mean) / len(pre)
+        # Row j: the mean over t of R_t e_j, HF's RoPE of a basis vector (so rows of A^T).
+        basis = torch.eye(dim)[None, :, None].expand(1, dim, FUTURE, dim)
+        avg_t = apply_rotary_pos_emb(basis, basis, cos_f, sin_f)[0][0].mean(1).double()
+        mu = mean @ avg_t  # A mu
+        sigma = avg_t.T @ cov @ avg_t  # A S A^T
         keys = k.view(length, heads, dim).transpose(0, 1)[None]  # [1, H, L, D]
-        keys = apply_rotary_pos_emb(keys, keys, cos_p, sin_p)[0][0]  # [H, L, D]
-        group = hq // heads
-        logits = torch.einsum("hgd,hld->hgl", future.view(heads, group, dim), keys) * dim**-0.5
-        s = torch.softmax(logits, -1).mean(1)[:, : length - WINDOW]
+        keys = apply_rotary_pos_emb(keys, keys, cos_p, sin_p)[0][0].double()  # [H, L, D]
+        group, scale = hq // heads, dim**-0.5
+        logits = torch.einsum("hgd,hld->hgl", mu.view(heads, group, dim), keys) * scale
+        logits += torch.einsum("hld,hgde,hle->hgl", keys, sigma.view(heads, group, dim, dim),
+                               keys) * (scale**2 / 2)
+        s = torch.softmax(logits, -1).mean(1)[:, : length - WINDOW].float()
         scores.append(F.max_pool1d(s[:, None], KERNEL, stride=1, padding=KERNEL // 2)[:, 0])
     return scores
 
