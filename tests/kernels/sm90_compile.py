@@ -115,6 +115,7 @@ _REDUCE = dict(HEAD_DIM=128, BLOCK_S=4, BLOCK_D=128, BALANCED=False, NUM_KV_HEAD
 LAUNCHED = {
     "vllm_adakv.kernels.triton_decode": ("_headwise_fwd", "_headwise_reduce"),
     "vllm_adakv.kernels.triton_scoring": ("_window_stats", "_candidate_scores"),
+    "vllm_adakv.kernels.triton_reselect": ("_event_stats", "_event_scores"),
     "vllm_adakv.kernels.triton_compaction": ("_page_ranges", "_gather_kept", "_scatter_pages",
                                              "_pooled_plan", "_pooled_step"),
     "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),

@@ -22,8 +22,10 @@ from vllm_adakv.kernels.decode import (
 )
 from vllm_adakv.kernels.expected import score_expected, unrotated_moments_reference
 from vllm_adakv.kernels.scoring import (
+    gather_decode_candidates,
     gather_prompt_keys,
     pool_scores,
+    score_decode_event_reference,
     score_window_reference,
     score_windows_reference,
 )
@@ -64,6 +66,17 @@ def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, 
     return score_windows_reference(window_queries, key_cache, *args, **kwargs)
 
 
+def score_decode_event(window_queries: torch.Tensor, key_cache: torch.Tensor, *args,
+                       **kwargs) -> torch.Tensor:
+    """``score_decode_event_reference``'s contract (one decode event's candidate scores,
+    read in place from the paged layout); Triton (no host sync) on CUDA (float64: torch)."""
+    if key_cache.is_cuda and window_queries.dtype != torch.float64:
+        from vllm_adakv.kernels.triton_reselect import score_decode_event_triton
+
+        return score_decode_event_triton(window_queries, key_cache, *args, **kwargs)
+    return score_decode_event_reference(window_queries, key_cache, *args, **kwargs)
+
+
 def unrotated_moments(query: torch.Tensor, *args, **kwargs
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``expected.unrotated_moments_reference``'s contract; Triton on CUDA (float64: torch)."""
@@ -99,6 +112,7 @@ __all__ = [
     "compact_ranges_reference",
     "compact_rows_ranges",
     "compact_rows_reference",
+    "gather_decode_candidates",
     "gather_prompt_keys",
     "headwise_attention_ranges_reference",
     "masked_prompt_attention_reference",
@@ -106,6 +120,8 @@ __all__ = [
     "min_mass_above_reference",
     "pool_scores",
     "pooled_page_table",
+    "score_decode_event",
+    "score_decode_event_reference",
     "score_expected",
     "score_window_reference",
     "score_windows",

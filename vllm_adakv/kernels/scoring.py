@@ -1,4 +1,5 @@
-"""Scoring at the end of prefill: how much the observation window attends each key.
+"""Scoring at the end of prefill (and at a decode-time event, issue 29): how much the
+observation window attends each key.
 
 Torch reference. Shapes follow vLLM: query heads are grouped by KV head
 (query head i reads KV head i // G). Caches are logical
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_adakv.kernels.decode import pooled_page_table
 from vllm_adakv.kernels.fp8 import dequantize, index
 from vllm_adakv.tensors import on_device
 
@@ -61,6 +63,30 @@ def pool_rows(scores: torch.Tensor, num_candidates: list[int], pooling: str,
         if c:  # avg_pool1d refuses an empty row
             out[r, :, :c] = pool_scores(scores[r, :, :c], pooling, kernel)
     return out
+
+
+def pool_candidates(scores: torch.Tensor, num_candidates: torch.Tensor, pooling: str,
+                    kernel: int) -> torch.Tensor:
+    """``pool_rows`` with the counts ``[R, H]`` as a tensor (on ``scores``' device; no host
+    sync): each (row, head) of ``scores`` ``[R, H, C]`` pooled over its first ``n`` entries,
+    the rest -inf. Average pooling is a pooled sum over the valid entries divided by the
+    pooled count of valid entries (the edges' count excludes padding, as ``pool_rows``)."""
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"unknown pooling {pooling!r}")
+    rows, heads, width = scores.shape
+    valid = torch.arange(width, device=scores.device) < num_candidates.to(
+        scores.device, torch.long)[..., None]
+    if kernel == 1 or width == 0:
+        return torch.where(valid, scores, float("-inf"))
+    if pooling == "max":
+        x = torch.where(valid, scores, float("-inf")).view(rows * heads, 1, width)
+        pooled = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        both = torch.stack([torch.where(valid, scores, 0.0), valid.to(scores.dtype)], 2)
+        sums = F.avg_pool1d(both.view(rows * heads, 2, width), kernel, stride=1,
+                            padding=kernel // 2, count_include_pad=True)
+        pooled = sums[:, 0] / sums[:, 1].clamp(min=0.5 / kernel)
+    return torch.where(valid, pooled.view(rows, heads, width), float("-inf"))
 
 
 def score_windows_reference(
@@ -186,3 +212,114 @@ def score_decode_windows_reference(
     pooled = pool_rows(reduced.reshape(rows * heads, 1, width), counts.flatten().tolist(),
                        pooling, pool_kernel)
     return pooled.view(rows, heads, width)
+
+
+def gather_decode_candidates(
+    key_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    window: int,
+    width: int,
+    *,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
+    k_scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode event's keys in ``DecodeRows``' dense form, read from the paged layout
+    the head-wise decode reads (``decode.headwise_attention_ranges_reference``).
+
+    ``rows``: ``decode.row_table`` rows (batch row, slot, tail start and sequence length
+    ``S`` are read). Head ``h`` of row ``r`` (slot ``s``): its ``kept_counts[s, h]``
+    head-page tokens (the pages from entry ``page_start[s, h]``, placed as
+    ``pooled_page_table`` says; pooled over layers with ``chunk_base``/``capacity``),
+    then the tail positions ``[tail_start, S - w)`` through the block-table row (plus
+    ``layer_base``). Returns keys ``[R, H, width, D]`` (zero padding),
+    ``num_candidates`` ``[R, H]`` (long) and the window keys ``[R, H, w, D]`` (positions
+    ``[S - w, S)``), dequantized (fp8: ``k_scale``) to ``dtype``. Raises ValueError if a
+    tail starts inside the window, a sequence is shorter than the window, or a head has
+    more than ``width`` candidates.
+    """
+    _, heads, block_size, dim = key_cache.shape
+    dev = key_cache.device
+    table = rows.tolist()
+    keys = torch.zeros(len(table), heads, width, dim, dtype=dtype, device=dev)
+    wkeys = torch.zeros(len(table), heads, window, dim, dtype=dtype, device=dev)
+    counts = torch.zeros(len(table), heads, dtype=torch.long, device=dev)
+    for r, (b, s, _, _, tail_start, seq_len, _) in enumerate(table):
+        if seq_len < window or not 0 <= tail_start <= seq_len - window:
+            raise ValueError(f"row {r}: the tail [{tail_start}, {seq_len}) must hold the "
+                             f"window of {window} tokens")
+        block_row = block_table[b].to(dev).long()
+        kept = kept_counts[s].to(dev).long()
+        pages = pooled_page_table(
+            page_start[s].to(dev), kept, block_row, heads, block_size,
+            None if chunk_base is None else chunk_base[s].to(dev),
+            None if capacity is None else int(capacity[s])).long()  # [H, P]
+        virt = pages.clamp(min=0)
+        paged = index(key_cache, (virt // heads, virt % heads))  # [H, P, bs, D]
+        paged = dequantize(paged, k_scale, dtype).reshape(heads, -1, dim)
+        pos = torch.arange(tail_start, seq_len, device=dev)
+        blocks = block_row[pos // block_size] + layer_base
+        tail = dequantize(index(key_cache, (blocks, slice(None), pos % block_size)), k_scale,
+                          dtype).transpose(0, 1)  # [H, S - tail_start, D]
+        n_tail = seq_len - window - tail_start
+        for h, n in enumerate(kept.tolist()):
+            if n + n_tail > width:
+                raise ValueError(f"row {r}, head {h}: {n + n_tail} candidates do not fit in "
+                                 f"width {width}")
+            keys[r, h, :n] = paged[h, :n]
+            keys[r, h, n : n + n_tail] = tail[h, :n_tail]
+            counts[r, h] = n + n_tail
+        wkeys[r] = tail[:, n_tail:]
+    return keys, counts, wkeys
+
+
+def score_decode_event_reference(
+    window_queries: torch.Tensor,
+    key_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    width: int,
+    scale: float,
+    *,
+    gqa_reduce: str,
+    pooling: str,
+    pool_kernel: int,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scores ``[R, H, width]`` of one decode event's candidates, read in place from the
+    paged layout (-inf padding; float64 for float64 queries, fp32 otherwise).
+
+    ``window_queries[r]`` (``[w, Hq, D]``, after RoPE) are the queries of row ``r``'s
+    last ``w`` positions; the candidates of each (row, head) and the window keys are
+    those of ``gather_decode_candidates`` (same arguments), scored by
+    ``score_decode_windows_reference``. ``width`` (a host int) must hold every head's
+    candidates: its head-page tokens plus ``S - w - tail_start``.
+    """
+    window = window_queries.shape[1]
+    if gqa_reduce not in ("mean", "max"):
+        raise ValueError(f"unknown gqa_reduce {gqa_reduce!r}")
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"unknown pooling {pooling!r}")
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be a positive odd int, got {pool_kernel}")
+    if rows.shape[0] != window_queries.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows but window queries of "
+                         f"{window_queries.shape[0]}")
+    work = torch.float64 if window_queries.dtype == torch.float64 else torch.float32
+    keys, counts, wkeys = gather_decode_candidates(
+        key_cache, page_start, kept_counts, block_table, rows, window, width,
+        chunk_base=chunk_base, capacity=capacity, layer_base=layer_base, k_scale=k_scale,
+        dtype=work)
+    return score_decode_windows_reference(
+        window_queries, keys, counts, wkeys, scale, gqa_reduce=gqa_reduce, pooling=pooling,
+        pool_kernel=pool_kernel)
