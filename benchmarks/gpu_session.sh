@@ -222,9 +222,9 @@ case "${1:?stage}" in
     ;;
   kvpress)
     # kvpress reference on the GPU (bf16): its wheels (carry .gpu/kvpress: kvpress 0.5.5,
-    # transformers 5.2.0 ahead of the image's, datasets/dill/multiprocess/fire for its
-    # imports) go to a target folder of their own; $2 names the result file, the rest are
-    # kvpress_reference arguments. Needs QMODEL and the task data.
+    # transformers 5.2.0 and tokenizers 0.22.2 ahead of the image's, datasets/dill/
+    # multiprocess/fire for its imports) go to a target folder of their own; $2 names the
+    # result file, the rest are kvpress_reference arguments. Needs QMODEL and the task data.
     name=${2:?name}
     shift 2
     quality_data

@@ -72,8 +72,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scorer", "--kv-scorer", str, "window",
             "Scores of SnapKV, Ada-KV and PyramidKV: 'window' = the last prompt tokens' "
             "queries, 'expected' = a Gaussian of the prompt's queries at the positions to "
-            "come, for a question that comes later, 'blend' = the mean of the two "
-            "(default: {default}).",
+            "come, for a question that comes later (default: {default}).",
             choices=SCORER_NAMES, per_request=True),
     Setting("pooling", "--kv-pooling", str, "max",
             "Pooling of scores along positions (default: {default}).", choices=POOLINGS),

@@ -1,10 +1,12 @@
 """Summaries of quality runs: accuracy per (mode, method, ratio), paired tests, memory curves.
 
-    python -m benchmarks.quality.summarize RUN.json [RUN.json ...] \\
+    python -m benchmarks.quality.summarize RUN.json[:METHOD,...] [RUN.json ...] \\
         [--pairs adakv:adakv+expected,snapkv:snapkv+expected] [--png curve.png]
 
 Runs are merged by their per-sample ``details`` (same model and samples expected; a
-(method, budget, task, context, index, mode) seen twice is an error). Prints, for each
+(method, budget, task, context, index, mode) seen twice is an error: ``RUN.json:A,B``
+takes only methods A and B of that run, e.g. the presses of a kvpress reference run
+without its own full-cache baseline). Prints, for each
 mode, a markdown table: correct / total over every task and context of a method and
 ratio, the share of the full cache's correct answers, and the mean kept fraction of the
 prompt (memory). ``--pairs A:B`` compares B with A on the same samples at each ratio and
@@ -25,12 +27,17 @@ from typing import Any
 Key = tuple[str, int]  # (method, compression ratio)
 
 
-def load_details(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every per-sample entry of the runs, each once."""
+def load_details(paths: list[Path | str]) -> list[dict[str, Any]]:
+    """Every per-sample entry of the runs, each once; ``"run.json:A,B"`` keeps only the
+    entries of methods A and B of that run."""
     seen: set[tuple] = set()
     out = []
-    for path in paths:
-        for d in json.loads(path.read_text())["details"]:
+    for spec in paths:
+        path, _, only = str(spec).partition(":")
+        keep = set(filter(None, only.split(",")))
+        for d in json.loads(Path(path).read_text())["details"]:
+            if keep and d["method"] not in keep:
+                continue
             key = (d["method"], d["budget"], d["task"], d["context"], d["index"], d["mode"])
             if key in seen:
                 raise ValueError(f"{path}: {key} is in two runs")
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.summarize",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", help="RUN.json, or RUN.json:A,B for methods A, B only")
     ap.add_argument("--pairs", default="", help="comma list of A:B method pairs")
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--title", default="")

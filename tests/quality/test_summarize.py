@@ -47,3 +47,9 @@ def test_runs_merge_and_the_table_counts_them(tmp_path):
     assert f"only adakv {only_a}, only adakv+expected {only_b}" in line
     with pytest.raises(ValueError, match="in two runs"):
         load_details([one, one])
+    # A run's methods picked by name: the rest of it left out, so no clash.
+    picked = load_details([f"{one}:adakv", two])
+    assert {d["method"] for d in picked} == {"adakv", "adakv+expected"}
+    assert len(picked) == 24
+    assert load_details([one, f"{one}:other"]) == load_details([one])
+

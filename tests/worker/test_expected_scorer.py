@@ -139,35 +139,3 @@ def test_server_scorer_finds_every_rope_at_start():
     with pytest.raises(ValueError, match="--kv-scorer expected"):
         missing.check_scorer()
 
-
-def test_blend_is_the_mean_of_window_and_expected_mass():
-    """``blend`` scores = (window scores / w + expected scores) / 2, both pooled, from the
-    same store state; its selection keeps the budget."""
-    from vllm_adakv.methods.base import LayerRows
-    from vllm_adakv.methods.scorers import SCORERS
-
-    gen = torch.Generator().manual_seed(11)
-    length = 120
-    table = random_table(length + FUTURE_POSITIONS, ROT, gen)
-    query = torch.randn(length, Q_HEADS, DIM, generator=gen, dtype=torch.float64)
-    block_table, nb = random_block_tables([length], BS)
-    keys = torch.randn(nb, HEADS, BS, DIM, generator=gen, dtype=torch.float64)
-    cfg = KVCompressionConfig(method="snapkv", budget=40, window=8, scorer="blend")
-    store = store_with(cfg, table)
-    row = chunked(store, cfg, query, length, [50])
-    mu, sigma = store.future_moments([row], LAYER)
-    batch = LayerRows(cfg=cfg, layer_idx=0, prompt_lens=[length], budgets=[40],
-                      key_cache=keys, block_table=block_table, rows=[0], scale=DIM**-0.5,
-                      window_queries=store.requests["a"].window_queries[LAYER][None],
-                      future_queries=mu, future_covariances=sigma)
-    window, expected = SCORERS["window"].scores(batch), SCORERS["expected"].scores(batch)
-    blend = SCORERS["blend"].scores(batch)
-    torch.testing.assert_close(blend, (window / cfg.window + expected) / 2)
-    assert not torch.allclose(blend, expected) and not torch.allclose(blend, window)
-    masks = {}
-    for scorer in ("window", "expected", "blend"):
-        c = KVCompressionConfig(method="snapkv", budget=40, window=8, scorer=scorer)
-        st = store_with(c, table)
-        masks[scorer] = st.keep_masks([chunked(st, c, query, length, [50])], LAYER, 0, keys,
-                                      block_table, DIM**-0.5)
-    assert int(masks["blend"].sum()) == HEADS * 40

@@ -15,12 +15,6 @@ per request ``kv_scorer``), as kvpress's presses wrap a scorer:
   ``s mu.k + s^2 k^T S k / 2``, softmax over the whole prompt), reduced over each GQA
   group, then pooled over the candidates ``[0, L - w)`` only, as the window scorer pools.
   This is the expected attention of arXiv 2510.00636 without its value-norm weighting.
-- ``blend``: the mean of the two, each as attention mass per query (the window's summed
-  mass divided by ``w``, the expected scorer's as is), pooled as each is: the window's
-  observed queries and the modelled ones weigh the same. When the question ends the
-  prompt the window still sees it; when it comes later the prompt's statistics still
-  count.
-
 Pure torch, no vLLM imports.
 """
 
@@ -97,19 +91,5 @@ class ExpectedScorer(Scorer):
                          cfg.pool_kernel)
 
 
-class BlendScorer(Scorer):
-    """The mean of the window's and the expected scorer's pooled attention mass."""
-
-    name = "blend"
-    needs_query_sums = True
-
-    def scores(self, batch: LayerRows) -> torch.Tensor:
-        window = WindowScorer().scores(batch)
-        expected = ExpectedScorer().scores(batch)
-        width = min(window.shape[-1], expected.shape[-1])
-        return (window[..., :width] / batch.cfg.window + expected[..., :width]) / 2
-
-
-SCORERS: dict[str, Scorer] = {s.name: s for s in (WindowScorer(), ExpectedScorer(),
-                                                  BlendScorer())}
+SCORERS: dict[str, Scorer] = {s.name: s for s in (WindowScorer(), ExpectedScorer())}
 SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
