@@ -285,6 +285,9 @@ def test_bad_input_is_refused(impl):
     wide[0, 0, n0[0]] = True
     with pytest.raises(ValueError, match="past"):
         lay.event(fn, wide, blocks)
+    # A mask narrower than a head's candidates.
+    with pytest.raises(ValueError, match="narrower"):
+        lay.event(fn, mask[..., : max(n0) - 1], blocks)
     # More pages than P blocks hold.
     full = mask.clone()
     full[0] = torch.arange(width)[None, :] < torch.tensor(n0)[:, None]

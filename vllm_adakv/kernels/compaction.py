@@ -286,9 +286,9 @@ def compact_decode_event_reference(
     tail blocks), then written in candidate (= position) order. Returns (page_start,
     counts) int32 ``[R, H]`` (per row, to be stored at the rows' slots) and the new
     ``tail_start = S - w`` int32 ``[R]``. Raises ValueError on bad input: a mask bit set
-    past a head's candidates, more pages than ``P * H``, ``P`` blocks reaching the
-    window's blocks (``P > (S - w) // bs``), a tail that does not hold the window, or a
-    pooled layout (``chunk_base``: not supported).
+    past a head's candidates or a mask narrower than them, more pages than ``P * H``,
+    ``P`` blocks reaching the window's blocks (``P > (S - w) // bs``), a tail that does
+    not hold the window, or a pooled layout (``chunk_base``: not supported).
     """
     check_decode_event(page_start, kept_counts, block_table, rows, keep_mask, window,
                        kept_blocks, chunk_base)
@@ -315,6 +315,9 @@ def compact_decode_event_reference(
         cand = torch.arange(width, device=dev)
         if bool((mask & (cand[None, :] >= (old_counts + n_tail)[:, None])).any()):
             raise ValueError(f"row {r}: the keep mask selects past a head's candidates")
+        if int((old_counts + n_tail).max()) > width:
+            raise ValueError(f"row {r}: the keep mask is narrower than a head's "
+                             f"{int((old_counts + n_tail).max())} candidates")
         counts = mask.sum(1)
         pages = (counts + block_size - 1) // block_size
         if int(pages.sum()) > limit * heads:

@@ -36,19 +36,20 @@ _BLOCK_T = 64
 _CHECKS = ("the tail does not hold the window",
            "P blocks would overwrite the window's blocks (P > (S - w) // bs)",
            "the keep mask selects past a head's candidates",
-           "the kept head-pages do not fit in P blocks")
+           "the kept head-pages do not fit in P blocks",
+           "the keep mask is narrower than a head's candidates")
 
 
 @jit_unspecialized(ints=["width", "stride_rr", "stride_br", "stride_ps", "stride_psh",
-                         "stride_cs", "stride_ch", "stride_mr", "stride_mh", "stride_kr",
-                         "stride_kh"])
+                         "stride_cs", "stride_ch", "stride_mr", "stride_mh", "stride_ar",
+                         "stride_ah"])
 def _gather_candidates(
     k_ptr, v_ptr, bt_ptr, rows_ptr, ps_ptr, cnt_ptr, meta_ptr, start_ptr, mask_ptr,
     rank_ptr, scratch_ptr, width,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_rr, stride_br, stride_ps, stride_psh, stride_cs, stride_ch,
-    stride_mr, stride_mh, stride_kr, stride_kh2, stride_st, stride_sk,
+    stride_mr, stride_mh, stride_ar, stride_ah, stride_st, stride_sk,
     NUM_KV_HEADS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -67,7 +68,7 @@ def _gather_candidates(
     offs_d = tl.arange(0, BLOCK_D)
     keep = tl.load(mask_ptr + r.to(tl.int64) * stride_mr + head * stride_mh + c,
                    mask=c < width, other=0) != 0
-    rank = tl.load(rank_ptr + r.to(tl.int64) * stride_kr + head * stride_kh2 + c, mask=keep,
+    rank = tl.load(rank_ptr + r.to(tl.int64) * stride_ar + head * stride_ah + c, mask=keep,
                    other=1).to(tl.int64) - 1
     c64 = c.to(tl.int64)
     paged = c64 < old_n
@@ -138,12 +139,14 @@ def compact_decode_event_triton(
     n_tail = seq_len - window - tail_start
     old_counts = kept_counts.index_select(0, rows_d[:, 1].long()).long()  # [R, H]
     cand = torch.arange(width, device=dev)
-    beyond = (keep & (cand >= (old_counts + n_tail[:, None])[..., None])).flatten(1).any(1)
+    num_cand = old_counts + n_tail[:, None]  # [R, H]
+    beyond = (keep & (cand >= num_cand[..., None])).flatten(1).any(1)
     counts = keep.sum(2)
     pages = (counts + block_size - 1) // block_size
     bad = torch.stack([(tail_start < 0) | (n_tail < 0),
                        limit > (seq_len - window).div(block_size, rounding_mode="floor"),
-                       beyond, pages.sum(1) > limit * heads], 1)  # [R, checks]
+                       beyond, pages.sum(1) > limit * heads,
+                       (num_cand > width).any(1)], 1)  # [R, checks]
     if dev.type == "cuda":
         torch._assert_async(~bad.any())
     elif bool(bad.any()):
