@@ -118,6 +118,8 @@ LAUNCHED = {
     "vllm_adakv.kernels.triton_reselect": ("_event_stats", "_event_scores"),
     "vllm_adakv.kernels.triton_compaction": ("_page_ranges", "_gather_kept", "_scatter_pages",
                                              "_pooled_plan", "_pooled_step"),
+    # The decode event's compaction also launches the prompt compaction's scatter.
+    "vllm_adakv.kernels.triton_recompact": ("_gather_candidates", "_scatter_pages"),
     "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),
     "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),
     "vllm_adakv.kernels.triton_expected": ("_unrotated_partial_moments",),
@@ -173,6 +175,8 @@ def record_launches() -> Iterator[list[dict]]:
         mod = importlib.import_module(module)
         for name in names:
             fn = getattr(mod, name)
+            if any(f is fn for f, _ in hooks):  # launched by several modules: record once
+                continue
 
             def hook(*args, _m=module, _n=name, _f=fn, **kwargs):
                 records.append(launch_record(_m, _n, _f, args, kwargs))

@@ -45,6 +45,7 @@ def _launch_every_kernel(monkeypatch) -> None:
         test_expected,
         test_pooling,
         test_ranges,
+        test_recompact,
         test_triton_allocation,
         test_triton_decode,
         test_triton_reselect,
@@ -70,6 +71,7 @@ def _launch_every_kernel(monkeypatch) -> None:
         torch.bfloat16, 8, 32, "strided")
     test_compaction_dst.test_triton_pooled_rows_into_fresh_blocks_match_reference(
         torch.bfloat16, 4, 64, "given", True, "strided", monkeypatch)
+    test_recompact.test_triton_matches_reference(torch.bfloat16)
     test_triton_decode.test_low_precision(torch.float16, 2)
     test_triton_decode.test_low_precision(torch.bfloat16, 2)
     test_pooling.test_triton_pooled_decode_low_precision(torch.bfloat16)
@@ -79,6 +81,7 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_voting.test_voter_probs_fp8_cache(4, 128, e4m3)
     test_triton_reselect.test_fp8_cache(e4m3, torch.bfloat16)
     test_compaction_dst.test_triton_rows_into_fresh_blocks_match_reference(e4m3, 2, 32, "fresh")
+    test_recompact.test_triton_matches_reference(e4m3)
     test_compaction_dst.test_triton_pooled_rows_into_fresh_blocks_match_reference(
         e4m3, 4, 64, "given", True, "fresh", monkeypatch)
     test_triton_decode.test_fp8_cache_matches_dequantized_reference(4, e4m3, torch.bfloat16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vllm_adakv.kernels.compaction import (
+    compact_decode_event_reference,
     compact_pooled_reference,
     compact_pooled_rows_reference,
     compact_ranges_reference,
@@ -54,6 +55,18 @@ def compact_pooled_rows(key_cache: torch.Tensor, *args, **kwargs
 
         return compact_pooled_rows_triton(key_cache, *args, **kwargs)
     return compact_pooled_rows_reference(key_cache, *args, **kwargs)
+
+
+def compact_decode_event(key_cache: torch.Tensor, *args, **kwargs
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``compact_decode_event_reference``'s contract (one decode event's kept candidates
+    into head-pages ``[0, P)``, in place; single-layer layout); Triton (no host sync) on
+    CUDA."""
+    if key_cache.is_cuda:
+        from vllm_adakv.kernels.triton_recompact import compact_decode_event_triton
+
+        return compact_decode_event_triton(key_cache, *args, **kwargs)
+    return compact_decode_event_reference(key_cache, *args, **kwargs)
 
 
 def score_windows(window_queries: torch.Tensor, key_cache: torch.Tensor, *args, **kwargs
@@ -106,6 +119,8 @@ def min_mass_above(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 __all__ = [
+    "compact_decode_event",
+    "compact_decode_event_reference",
     "compact_pooled_reference",
     "compact_pooled_rows",
     "compact_pooled_rows_reference",

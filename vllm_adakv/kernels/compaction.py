@@ -219,3 +219,126 @@ def compact_pooled_rows_reference(
     return (torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results]),
             torch.stack([r[2] for r in results]),
             torch.tensor([r[3] for r in results], dtype=torch.int32))
+
+
+def check_decode_event(
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    keep_mask: torch.Tensor,
+    window: int,
+    kept_blocks: list[int],
+    chunk_base: torch.Tensor | None = None,
+) -> None:
+    """The shape checks of a decode event's compaction (host metadata only; no sync).
+    Raises ValueError."""
+    if chunk_base is not None:
+        raise ValueError("decode-event compaction supports the single-layer layout only; "
+                         "head-pages pooled over layers (chunk_base) are not supported")
+    if rows.dim() != 2 or rows.shape[1] != 7:
+        raise ValueError(f"rows must be a decode.row_table [R, 7], got {tuple(rows.shape)}")
+    num_rows = rows.shape[0]
+    if keep_mask.dim() != 3 or keep_mask.shape[0] != num_rows or keep_mask.dtype != torch.bool:
+        raise ValueError(f"keep_mask must be bool [R={num_rows}, H, width], got "
+                         f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
+    if page_start.dim() != 2 or page_start.shape != kept_counts.shape \
+            or page_start.shape[1] != keep_mask.shape[1]:
+        raise ValueError(f"page_start/kept_counts must be [slots, H={keep_mask.shape[1]}], "
+                         f"got {tuple(page_start.shape)} and {tuple(kept_counts.shape)}")
+    if len(kept_blocks) != num_rows or any(p < 0 for p in kept_blocks):
+        raise ValueError(f"kept_blocks must give P >= 0 for each of {num_rows} rows, got "
+                         f"{list(kept_blocks)}")
+    if num_rows and max(kept_blocks) > block_table.shape[1]:
+        raise ValueError(f"P = {max(kept_blocks)} blocks exceeds the block table's "
+                         f"{block_table.shape[1]} entries")
+    if window < 1:
+        raise ValueError(f"window must be positive, got {window}")
+
+
+def compact_decode_event_reference(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    keep_mask: torch.Tensor,
+    window: int,
+    kept_blocks: list[int],
+    *,
+    chunk_base: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact one decode event's kept candidates of one layer into head-pages, in place.
+
+    key_cache/value_cache: the layer's logical ``[nb, H, bs, D]`` views (any dtype, fp8
+    moved as bytes). page_start/kept_counts: ``[slots, H]``, the current head-page ranges
+    by slot (as the head-wise decode reads them, single-layer layout: entry i of a
+    request's head-page sequence is block ``block_table[b, i // H]``, slot ``i % H``).
+    rows: ``decode.row_table`` rows (batch row ``b``, slot, tail start and ``S`` are
+    read). keep_mask: bool ``[R, H, width]`` over each head's candidates in the order
+    the scoring uses: its ``kept_counts`` head-page tokens, then the tail positions
+    ``[tail_start, S - w)``; the window ``[S - w, S)`` is always kept and stays in the
+    tail. kept_blocks: ``P`` per row; the new head-pages go to block-table entries
+    ``[0, P)``, heads in order, as the prompt compaction lays them out.
+
+    Every kept candidate is gathered first (the new pages overwrite old head-pages and
+    tail blocks), then written in candidate (= position) order. Returns (page_start,
+    counts) int32 ``[R, H]`` (per row, to be stored at the rows' slots) and the new
+    ``tail_start = S - w`` int32 ``[R]``. Raises ValueError on bad input: a mask bit set
+    past a head's candidates or a mask narrower than them, more pages than ``P * H``,
+    ``P`` blocks reaching the window's blocks (``P > (S - w) // bs``), a tail that does
+    not hold the window, or a pooled layout (``chunk_base``: not supported).
+    """
+    check_decode_event(page_start, kept_counts, block_table, rows, keep_mask, window,
+                       kept_blocks, chunk_base)
+    num_rows, heads, width = keep_mask.shape
+    block_size = key_cache.shape[2]
+    dev = key_cache.device
+    kc, vc = as_bytes(key_cache), as_bytes(value_cache)
+    out_start = torch.zeros(num_rows, heads, dtype=torch.int32, device=dev)
+    out_counts = torch.zeros_like(out_start)
+    tails = torch.zeros(num_rows, dtype=torch.int32, device=dev)
+    for r, (b, s, _, _, tail_start, seq_len, _) in enumerate(rows.tolist()):
+        if seq_len < window or not 0 <= tail_start <= seq_len - window:
+            raise ValueError(f"row {r}: the tail [{tail_start}, {seq_len}) must hold the "
+                             f"window of {window} tokens")
+        limit = kept_blocks[r]
+        if limit > (seq_len - window) // block_size:
+            raise ValueError(f"row {r}: P = {limit} blocks would overwrite the window "
+                             f"[{seq_len - window}, {seq_len}) (block size {block_size})")
+        block_row = block_table[b].to(dev).long()
+        old_start = page_start[s].to(dev).long()
+        old_counts = kept_counts[s].to(dev).long()
+        n_tail = seq_len - window - tail_start
+        mask = keep_mask[r].to(dev)
+        cand = torch.arange(width, device=dev)
+        if bool((mask & (cand[None, :] >= (old_counts + n_tail)[:, None])).any()):
+            raise ValueError(f"row {r}: the keep mask selects past a head's candidates")
+        if int((old_counts + n_tail).max()) > width:
+            raise ValueError(f"row {r}: the keep mask is narrower than a head's "
+                             f"{int((old_counts + n_tail).max())} candidates")
+        counts = mask.sum(1)
+        pages = (counts + block_size - 1) // block_size
+        if int(pages.sum()) > limit * heads:
+            raise ValueError(f"row {r}: {int(pages.sum())} head-pages do not fit in P = "
+                             f"{limit} blocks ({limit * heads} pages)")
+        head, c = mask.nonzero(as_tuple=True)  # by head, then candidate order
+        paged = c < old_counts[head]
+        entry = torch.where(paged, old_start[head] + c // block_size, 0)
+        pos = torch.where(paged, tail_start, tail_start + c - old_counts[head])
+        src_block = block_row[torch.where(paged, entry // heads, pos // block_size)]
+        src_slot = torch.where(paged, entry % heads, head)
+        src_off = torch.where(paged, c % block_size, pos % block_size)
+        # Gather first (a copy): the new pages overwrite old head-pages and tail blocks.
+        k_sel = kc[src_block, src_slot, src_off]
+        v_sel = vc[src_block, src_slot, src_off]
+        first = torch.cumsum(pages, 0) - pages
+        rank = torch.arange(c.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[head]
+        seq = first[head] + rank // block_size
+        dst_block, dst_slot, dst_off = block_row[seq // heads], seq % heads, rank % block_size
+        kc[dst_block, dst_slot, dst_off] = k_sel
+        vc[dst_block, dst_slot, dst_off] = v_sel
+        out_start[r], out_counts[r], tails[r] = first.to(torch.int32), counts.to(torch.int32), \
+            seq_len - window
+    return out_start, out_counts, tails
