@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_adakv.kernels import triton_decode as td
+from vllm_adakv.kernels.triton_allocation import EXACT_OPTIONS
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -121,9 +122,12 @@ LAUNCHED = {
     # The decode event's compaction also launches the prompt compaction's scatter.
     "vllm_adakv.kernels.triton_recompact": ("_gather_candidates", "_scatter_pages"),
     "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),
-    "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),
+    "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),  # prompt and decode events
     "vllm_adakv.kernels.triton_expected": ("_unrotated_partial_moments",),
 }
+# Launch options a launcher passes besides the arguments (the interpreter drops them before
+# the pre-run hooks): compiled with the same.
+LAUNCH_OPTIONS = {"_safeguard_caps": EXACT_OPTIONS}
 _TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
                 "torch.float64": "fp64",
                 "torch.float8_e4m3fn": "fp8e4nv", "torch.float8_e5m2": "fp8e5",
@@ -248,7 +252,8 @@ def compile_record(record: dict, **options) -> tuple:
     fn = getattr(importlib.import_module(record["module"]), record["kernel"])
     sig, consts, attrs = specialization(record)
     src = ASTSource(fn, sig, consts, attrs)
-    options = {"num_warps": 4, "num_stages": 3, **options}
+    options = {"num_warps": 4, "num_stages": 3, **LAUNCH_OPTIONS.get(record["kernel"], {}),
+               **options}
     return triton.compile(src, target=_SM90, options=options), consts
 
 
@@ -302,6 +307,7 @@ def main() -> None:
             kernel, consts = compile_record(record)
             print(json.dumps({"kernel": record["kernel"], "recorded": consts,
                               "cubin_bytes": len(kernel.asm["cubin"]),
+                              "fma_f64": kernel.asm["ptx"].count("fma.rn.f64"),
                               "resources": _resources(kernel)}), flush=True)
 
 

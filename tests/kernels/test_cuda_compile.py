@@ -62,6 +62,7 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_voting.test_voter_probs_match_reference(4, 128, torch.bfloat16)
     test_triton_voting.test_min_mass_above_matches_reference(0.9, 40)
     test_triton_allocation.test_matches_reference(8, 0.2)
+    test_triton_allocation.test_heads_match_reference(8, 0.2, "mixed")
     test_expected.test_triton_unrotated_moments_match_the_reference(True, 64, 64, torch.bfloat16)
     test_expected.test_triton_unrotated_moments_match_the_reference(False, 32, 64, torch.float32)
     test_ranges.test_triton_compaction_rows_match_reference(torch.bfloat16)
@@ -132,6 +133,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     assert len(recorded) == len(unique)
     assert {line["kernel"] for line in recorded} == launched
     assert all(line["cubin_bytes"] > 0 for line in lines)
+    # The safeguard's quotas round as torch's do: no fused multiply-add in fp64.
+    assert all(line["fma_f64"] == 0 for line in recorded if line["kernel"] == "_safeguard_caps")
 
 
 def test_default_decode_tiles_fit_in_shared_memory():

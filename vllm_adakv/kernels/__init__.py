@@ -1,7 +1,8 @@
 """Compression kernels. Each has one signature; the torch reference is the first
 implementation and the one the CPU path runs. The dispatchers below run the
-Triton version on CUDA tensors and the reference elsewhere. The head-wise decode has one
-contract (page ranges) and no dispatcher: the CPU backend runs
+Triton version on CUDA tensors and the reference elsewhere (Ada-KV's safeguard:
+``safeguard_caps`` and ``safeguard_caps_heads``, in ``allocation.py``). The head-wise
+decode has one contract (page ranges) and no dispatcher: the CPU backend runs
 ``headwise_attention_ranges_reference``, the CUDA backend
 ``triton_decode.headwise_attention_ranges_triton`` (with its launch options)."""
 
@@ -9,6 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adakv.kernels.allocation import (
+    safeguard_caps,
+    safeguard_caps_heads,
+    safeguard_caps_heads_reference,
+    safeguard_caps_reference,
+)
 from vllm_adakv.kernels.compaction import (
     compact_decode_event_reference,
     compact_pooled_reference,
@@ -135,6 +142,10 @@ __all__ = [
     "min_mass_above_reference",
     "pool_scores",
     "pooled_page_table",
+    "safeguard_caps",
+    "safeguard_caps_heads",
+    "safeguard_caps_heads_reference",
+    "safeguard_caps_reference",
     "score_decode_event",
     "score_decode_event_reference",
     "score_expected",

@@ -1,7 +1,8 @@
-"""Ada-KV's safeguard: per-head caps from a layer's top-T hits (torch reference).
+"""Ada-KV's safeguard: per-head caps from a layer's top-T hits (torch references).
 
-``triton_allocation.safeguard_caps_triton`` is the same on CUDA, one program per row;
-``safeguard_caps`` picks by device.
+``triton_allocation.safeguard_caps_triton`` and ``safeguard_caps_heads_triton`` are the
+same on CUDA, one program per row; ``safeguard_caps`` and ``safeguard_caps_heads`` pick
+by device.
 """
 
 from __future__ import annotations
@@ -64,6 +65,33 @@ def _safeguard_row(hits: torch.Tensor, selectable: int, alpha: float,
     return caps + give - take
 
 
+def check_heads_inputs(hits: torch.Tensor, totals: torch.Tensor, alpha: float,
+                       num_candidates: torch.Tensor) -> float:
+    """Refuse what ``safeguard_caps_heads_reference`` cannot take (``ValueError``): shapes
+    other than ``hits [R, H]`` (``H >= 1``), ``totals [R]``, ``num_candidates [R, H]``,
+    non-integer dtypes, tensors on different devices, ``alpha`` outside ``[0, 1]``.
+    Returns ``alpha`` as a float. Reads no tensor value (no host sync)."""
+    named = {"hits": hits, "totals": totals, "num_candidates": num_candidates}
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise ValueError(f"{name} must hold integers, got {x.dtype}")
+        if x.device != hits.device:
+            raise ValueError(f"{name} is on {x.device}, hits on {hits.device}")
+    if hits.dim() != 2 or hits.shape[1] == 0:
+        raise ValueError(f"hits must be [R, H] with H >= 1, got {tuple(hits.shape)}")
+    if tuple(totals.shape) != hits.shape[:1]:
+        raise ValueError(f"totals must be [{hits.shape[0]}], got {tuple(totals.shape)}")
+    if num_candidates.shape != hits.shape:
+        raise ValueError(f"num_candidates must be {tuple(hits.shape)}, "
+                         f"got {tuple(num_candidates.shape)}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
 def safeguard_caps_heads_reference(hits: torch.Tensor, totals: torch.Tensor, alpha: float,
                                    num_candidates: torch.Tensor) -> torch.Tensor:
     """Ada-KV's safeguard when each head has its own candidate count (decode events):
@@ -74,8 +102,12 @@ def safeguard_caps_heads_reference(hits: torch.Tensor, totals: torch.Tensor, alp
     ``q[h] = alpha * share + (1 - alpha) * hits[h]``, floored and clamped to
     ``[lower[h], n[h]]`` with ``lower[h] = min(floor(alpha * share), n[h])``, then the
     same largest-remainder rounding as ``safeguard_caps_reference``, which this equals
-    when every head has ``C`` candidates and ``T = H * s`` with ``0 < s < C``.
+    when every head has ``C`` candidates and ``T = H * s`` with ``0 < s < C``. Integer
+    tensors on one device (``check_heads_inputs``); values are not checked.
     """
+    alpha = check_heads_inputs(hits, totals, alpha, num_candidates)
+    if hits.shape[0] == 0:
+        return torch.zeros(hits.shape, dtype=torch.long, device=hits.device)
     return torch.stack([
         _safeguard_heads(hits[r], totals[r], alpha, num_candidates[r].long())
         for r in range(hits.shape[0])])
@@ -103,3 +135,14 @@ def safeguard_caps(hits: torch.Tensor, selectable: list[int], alpha: float,
 
         return safeguard_caps_triton(hits, selectable, alpha, num_candidates)
     return safeguard_caps_reference(hits, selectable, alpha, num_candidates)
+
+
+def safeguard_caps_heads(hits: torch.Tensor, totals: torch.Tensor, alpha: float,
+                         num_candidates: torch.Tensor) -> torch.Tensor:
+    """``safeguard_caps_heads_reference``'s contract; Triton on CUDA (one program per row,
+    no host sync)."""
+    if hits.is_cuda:
+        from vllm_adakv.kernels.triton_allocation import safeguard_caps_heads_triton
+
+        return safeguard_caps_heads_triton(hits, totals, alpha, num_candidates)
+    return safeguard_caps_heads_reference(hits, totals, alpha, num_candidates)

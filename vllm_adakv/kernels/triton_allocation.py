@@ -1,12 +1,19 @@
 """Ada-KV's safeguarded allocation (hits per head -> kept candidates per head): one program.
 
-Same signature and result as ``kernels.allocation.safeguard_caps_reference``, which
-takes about 75 tiny torch launches on ``[H]`` vectors per row (each a few
-microseconds of GPU time, and more of host time). Here one program per row: the two
-largest-remainder passes run in one program over a ``[H, H]`` tile: a head's
-position in an ordering is the number of heads that precede it, and a cumsum in
-that order is a masked row sum. Quotas are computed in fp64 from fp64 inputs
-(``params`` holds ``alpha * s`` and ``1 - alpha`` of each row), as the reference does.
+One kernel for both contracts: ``kernels.allocation.safeguard_caps_reference`` (the
+prompt: every head of a row has ``C`` candidates, ``T = H * s``) and
+``safeguard_caps_heads_reference`` (decode events: per-head upper bounds ``n[r, h]``,
+totals ``T[r]`` on the device). The prompt is the case ``n[r, h] = C_r``: ``T / H = s``
+exactly, so both give the same quotas. The references take about 75 tiny torch launches
+on ``[H]`` vectors per row (each a few microseconds of GPU time, and more of host time).
+Here one program per row: the two largest-remainder passes run over a ``[H, H]`` tile: a
+head's position in an ordering is the number of heads that precede it, and a cumsum in
+that order is a masked row sum.
+
+Integer-exact against the references: quotas in fp64 from fp64 inputs (``params`` holds
+``alpha`` and ``1 - alpha``; ``T / H`` is an IEEE division), each product rounded on its
+own as torch does (launched with ``enable_fp_fusion=False``: a fused multiply-add would
+round ``alpha * share + (1 - alpha) * hits`` once and could move a floor or a tie).
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_adakv.kernels.allocation import check_heads_inputs
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.tensors import on_device
+
+# Launch options of ``_safeguard_caps`` (``tests/kernels/sm90_compile.py`` compiles with them).
+EXACT_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -40,43 +51,64 @@ def _spread(amount, room, key0, key1, valid, BLOCK_H: tl.constexpr):
     return first + more
 
 
-@jit_unspecialized(ints=["num_heads"])
-def _safeguard_caps(hits_ptr, ints_ptr, params_ptr, out_ptr, num_heads,
-                    BLOCK_H: tl.constexpr):
+@jit_unspecialized(ints=["num_heads", "stride_br", "stride_bh"],
+                   pointers=["totals_ptr", "bounds_ptr"])
+def _safeguard_caps(hits_ptr, totals_ptr, bounds_ptr, stride_br, stride_bh, params_ptr,
+                    out_ptr, num_heads, BLOCK_H: tl.constexpr):
     row = tl.program_id(0)
     idx = tl.arange(0, BLOCK_H)
     valid = idx < num_heads
     hits = tl.load(hits_ptr + row * num_heads + idx, mask=valid, other=0).to(tl.int64)
-    lower = tl.load(ints_ptr + row * 3)
-    num_candidates = tl.load(ints_ptr + row * 3 + 1)
-    total = tl.load(ints_ptr + row * 3 + 2)
-    alpha_s = tl.load(params_ptr + row * 2)
-    keep_share = tl.load(params_ptr + row * 2 + 1)
-    quota = alpha_s + keep_share * hits.to(tl.float64)
-    caps = tl.floor(quota).to(tl.int64)
-    caps = tl.minimum(tl.maximum(caps, lower), num_candidates)
+    upper = tl.load(bounds_ptr + row * stride_br + idx * stride_bh, mask=valid,
+                    other=0).to(tl.int64)
+    total = tl.load(totals_ptr + row).to(tl.int64)
+    alpha = tl.load(params_ptr)
+    keep_share = tl.load(params_ptr + 1)
+    alpha_share = alpha * (total.to(tl.float64) / num_heads.to(tl.float64))
+    quota = alpha_share + keep_share * hits.to(tl.float64)
+    lower = tl.minimum(tl.floor(alpha_share).to(tl.int64), upper)
+    caps = tl.maximum(tl.minimum(tl.floor(quota).to(tl.int64), upper), lower)
     frac = quota - caps.to(tl.float64)
     diff = total - tl.sum(tl.where(valid, caps, 0), 0)
-    give = _spread(tl.maximum(diff, 0), num_candidates - caps, frac, hits.to(tl.float64),
+    give = _spread(tl.maximum(diff, 0), upper - caps, frac, hits.to(tl.float64),
                    valid, BLOCK_H)
     take = _spread(tl.maximum(-diff, 0), caps - lower, (caps - lower).to(tl.float64), -frac,
                    valid, BLOCK_H)
     tl.store(out_ptr + row * num_heads + idx, caps + give - take, mask=valid)
 
 
+def _launch(hits: torch.Tensor, totals: torch.Tensor, bounds: torch.Tensor,
+            alpha: float) -> torch.Tensor:
+    """One program per row of int64 ``hits`` ``[R, H]``; ``totals`` contiguous int64
+    ``[R]``, ``bounds`` int64 ``[R, H]`` (any strides)."""
+    rows, num_heads = hits.shape
+    params = on_device([alpha, 1.0 - alpha], torch.float64, hits.device)
+    out = torch.empty(rows, num_heads, dtype=torch.int64, device=hits.device)
+    if rows == 0:
+        return out
+    _safeguard_caps[(rows,)](hits.contiguous(), totals, bounds, bounds.stride(0),
+                             bounds.stride(1), params, out, num_heads,
+                             BLOCK_H=triton.next_power_of_2(num_heads), **EXACT_OPTIONS)
+    return out
+
+
 def safeguard_caps_triton(hits: torch.Tensor, selectable: list[int], alpha: float,
                           num_candidates: list[int]) -> torch.Tensor:
     """Kept candidates per head (int64 ``[R, H]``); contract of
     ``kernels.allocation.safeguard_caps_reference``. One program per row."""
-    import math
-
     rows, num_heads = hits.shape
-    ints = on_device([[math.floor(alpha * s), c, num_heads * s]
-                      for s, c in zip(selectable, num_candidates, strict=True)],
+    # Row 0: the totals H * s; row 1: the candidate counts C (every head's bound).
+    ints = on_device([[num_heads * s for s in selectable], list(num_candidates)],
                      torch.int64, hits.device)
-    params = on_device([[alpha * s, 1.0 - alpha] for s in selectable], torch.float64,
-                       hits.device)
-    out = torch.empty(rows, num_heads, dtype=torch.int64, device=hits.device)
-    _safeguard_caps[(rows,)](hits.contiguous(), ints, params, out, num_heads,
-                             BLOCK_H=triton.next_power_of_2(num_heads))
-    return out
+    return _launch(hits.long(), ints[0], ints[1][:, None].expand(rows, num_heads),
+                   float(alpha))
+
+
+def safeguard_caps_heads_triton(hits: torch.Tensor, totals: torch.Tensor, alpha: float,
+                                num_candidates: torch.Tensor) -> torch.Tensor:
+    """Kept candidates per head (int64 ``[R, H]``) under per-head upper bounds; contract of
+    ``kernels.allocation.safeguard_caps_heads_reference``. One program per row, no host
+    sync: ``totals`` in ``[0, sum_h num_candidates]`` and hits are not checked on the
+    device (that would read them back)."""
+    alpha = check_heads_inputs(hits, totals, alpha, num_candidates)
+    return _launch(hits.long(), totals.long().contiguous(), num_candidates.long(), alpha)

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from vllm_adakv.kernels.allocation import safeguard_caps, safeguard_caps_heads_reference
-from vllm_adakv.tensors import on_device
+from vllm_adakv.kernels.allocation import safeguard_caps, safeguard_caps_heads
+from vllm_adakv.tensors import host_to_device, on_device
 
 from .common import candidate_mask, check_int, check_scores, sanitize, ties_to_lower
 from .snapkv import SnapKV
@@ -71,14 +71,18 @@ def adakv_counts_heads(scores: torch.Tensor, num_candidates: torch.Tensor,
     every candidate, else the layer-wide top-T (ties: lower head, then lower index) gives
     ``hits``, mixed with the uniform share ``T / H`` by the safeguard
     (``safeguard_caps_heads_reference``): ``min(floor(alpha * T / H), n) <= cap <= n``.
-    With ``C`` candidates in every head it equals ``adakv_counts_rows``.
+    With ``C`` candidates in every head it equals ``adakv_counts_rows``. No host sync on
+    CUDA (the safeguard is one Triton program per row there; counts on the host go up
+    through pinned memory).
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     rows, num_heads, width = scores.shape
     device = scores.device
-    counts = num_candidates.to(device).long()
+    if num_candidates.device != device:
+        num_candidates = host_to_device(num_candidates, device)
+    counts = num_candidates.long()
     available = counts.sum(1)
     total = torch.minimum(on_device(selectable, torch.long, device) * num_heads, available)
     if width == 0:
@@ -90,7 +94,7 @@ def adakv_counts_heads(scores: torch.Tensor, num_candidates: torch.Tensor,
     thr = ordered.gather(1, (total[:, None] - 1).clamp(min=0))
     need = total[:, None] - (flat > thr).sum(1, keepdim=True)
     hits = ties_to_lower(flat, thr, need, valid).view(rows, num_heads, width).sum(-1)
-    caps = safeguard_caps_heads_reference(hits, total, alpha, counts)
+    caps = safeguard_caps_heads(hits, total, alpha, counts)
     caps = torch.where((total == available)[:, None], counts, caps)
     return torch.where((total == 0)[:, None], torch.zeros_like(caps), caps)
 
