@@ -122,6 +122,7 @@ LAUNCHED = {
     # The decode event's compaction also launches the prompt compaction's scatter.
     "vllm_adakv.kernels.triton_recompact": ("_gather_candidates", "_scatter_pages"),
     "vllm_adakv.kernels.triton_voting": ("_voter_probs", "_min_mass_above"),
+    "vllm_adakv.kernels.triton_decode_voting": ("_decode_voter_stats", "_decode_voter_probs"),
     "vllm_adakv.kernels.triton_allocation": ("_safeguard_caps",),  # prompt and decode events
     "vllm_adakv.kernels.triton_expected": ("_unrotated_partial_moments",),
 }

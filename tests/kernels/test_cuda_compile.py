@@ -48,6 +48,7 @@ def _launch_every_kernel(monkeypatch) -> None:
         test_recompact,
         test_triton_allocation,
         test_triton_decode,
+        test_triton_decode_voting,
         test_triton_reselect,
         test_triton_scoring,
         test_triton_voting,
@@ -61,6 +62,8 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_reselect.test_low_precision_cache()
     test_triton_voting.test_voter_probs_match_reference(4, 128, torch.bfloat16)
     test_triton_voting.test_min_mass_above_matches_reference(0.9, 40)
+    test_triton_decode_voting.test_matches_float64_definition(4, 8, 9, True)
+    test_triton_decode_voting.test_matches_float64_definition(2, 3, 40, False)
     test_triton_allocation.test_matches_reference(8, 0.2)
     test_triton_allocation.test_heads_match_reference(8, 0.2, "mixed")
     test_expected.test_triton_unrotated_moments_match_the_reference(True, 64, 64, torch.bfloat16)
@@ -81,6 +84,7 @@ def _launch_every_kernel(monkeypatch) -> None:
     test_triton_scoring.test_fp8_cache_matches_dequantized_definition(8, e5m2, torch.float32)
     test_triton_voting.test_voter_probs_fp8_cache(4, 128, e4m3)
     test_triton_reselect.test_fp8_cache(e4m3, torch.bfloat16)
+    test_triton_decode_voting.test_fp8_cache(e4m3, torch.bfloat16)
     test_compaction_dst.test_triton_rows_into_fresh_blocks_match_reference(e4m3, 2, 32, "fresh")
     test_recompact.test_triton_matches_reference(e4m3)
     test_compaction_dst.test_triton_pooled_rows_into_fresh_blocks_match_reference(

@@ -37,7 +37,11 @@ from vllm_adakv.kernels.scoring import (
     score_window_reference,
     score_windows_reference,
 )
-from vllm_adakv.kernels.voting import min_mass_above_reference, voter_probs_reference
+from vllm_adakv.kernels.voting import (
+    decode_voter_probs_event_reference,
+    min_mass_above_reference,
+    voter_probs_reference,
+)
 
 
 def compact_rows_ranges(key_cache: torch.Tensor, *args, **kwargs
@@ -116,6 +120,17 @@ def voter_probs(voters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return voter_probs_reference(voters, *args, **kwargs)
 
 
+def decode_voter_probs(voters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``decode_voter_probs_event_reference``'s contract (one decode event's voter
+    probabilities, read in place from the paged layout); Triton (no host sync) on CUDA
+    (float64: torch)."""
+    if voters.is_cuda and voters.dtype != torch.float64:
+        from vllm_adakv.kernels.triton_decode_voting import decode_voter_probs_triton
+
+        return decode_voter_probs_triton(voters, *args, **kwargs)
+    return decode_voter_probs_event_reference(voters, *args, **kwargs)
+
+
 def min_mass_above(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``min_mass_above_reference``'s contract; Triton (no host sync) on CUDA."""
     if probs.is_cuda:
@@ -134,6 +149,8 @@ __all__ = [
     "compact_ranges_reference",
     "compact_rows_ranges",
     "compact_rows_reference",
+    "decode_voter_probs",
+    "decode_voter_probs_event_reference",
     "gather_decode_candidates",
     "gather_prompt_keys",
     "headwise_attention_ranges_reference",

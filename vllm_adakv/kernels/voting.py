@@ -21,7 +21,7 @@ import math
 import torch
 
 from vllm_adakv.kernels.fp8 import dequantize
-from vllm_adakv.kernels.scoring import gather_prompt_keys
+from vllm_adakv.kernels.scoring import gather_decode_candidates, gather_prompt_keys
 from vllm_adakv.tensors import on_device
 
 
@@ -179,3 +179,35 @@ def decode_voter_probs_reference(voters: torch.Tensor, keys: torch.Tensor,
     logits = logits.masked_fill(padding[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return probs.reshape(rows, heads, group * num_voters, every.shape[2])
+
+
+def decode_voter_probs_event_reference(
+    voters: torch.Tensor,
+    key_cache: torch.Tensor,
+    page_start: torch.Tensor,
+    kept_counts: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    window: int,
+    width: int,
+    scale: float,
+    *,
+    chunk_base: torch.Tensor | None = None,
+    capacity: torch.Tensor | None = None,
+    layer_base: int = 0,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Voter probabilities ``[R, H, G * V, width + window]`` of one decode event, read
+    in place from the paged layout: ``gather_decode_candidates`` (same arguments; each
+    head's candidates in columns ``[0, n)``, zeros to ``width``, then the window), then
+    ``decode_voter_probs_reference``. float64 for float64 voters, fp32 otherwise.
+    Raises ValueError as ``gather_decode_candidates`` (a head with more than ``width``
+    candidates, a tail that does not hold the window) or on a row count mismatch."""
+    if rows.shape[0] != voters.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows but voters of {voters.shape[0]}")
+    work = torch.float64 if voters.dtype == torch.float64 else torch.float32
+    keys, counts, wkeys = gather_decode_candidates(
+        key_cache, page_start, kept_counts, block_table, rows, window, width,
+        chunk_base=chunk_base, capacity=capacity, layer_base=layer_base, k_scale=k_scale,
+        dtype=work)
+    return decode_voter_probs_reference(voters, keys, counts, wkeys, scale)
