@@ -213,8 +213,9 @@ def decode_voter_probs_triton(
 ) -> torch.Tensor:
     """Voter probabilities ``[R, H, G * V, width + window]`` (fp32, zero padding) of one
     decode event; contract of ``voting.decode_voter_probs_event_reference`` (module doc).
-    No host sync: ``width`` and ``window`` are host ints, and candidates past ``width``
-    are not stored (the torch path refuses them). ``num_splits``: key splits of the
+    No host sync: ``width`` and ``window`` are host ints, and ``width`` must hold every
+    (row, head)'s candidates (not checked: past it, candidates are not stored and window
+    columns may be missed; the torch path refuses). ``num_splits``: key splits of the
     statistics pass (default: from the model shape)."""
     for name, value, least in (("width", width, 0), ("window", window, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
