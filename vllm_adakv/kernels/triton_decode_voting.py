@@ -31,13 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_adakv.kernels.decode import ROW_COLUMNS
 from vllm_adakv.kernels.fp8 import is_fp8, scale_operand
 from vllm_adakv.kernels.jit import jit_unspecialized
 from vllm_adakv.kernels.triton_reselect import (
     MAX_SPLITS,
     _event_keys,
-    _on,
+    _event_tables,
     _query_tile,
     _row_setup,
     _tiles,
@@ -227,36 +226,19 @@ def decode_voter_probs_triton(
     if kdim != dim or num_q_heads % heads:
         raise ValueError(f"voters [.., {num_q_heads}, {dim}] do not match a cache of "
                          f"{heads} heads of {kdim}")
-    if rows.dim() != 2 or rows.shape[0] != num_rows or rows.shape[1] != ROW_COLUMNS \
-            or rows.dtype != torch.int32:
-        raise ValueError(f"rows must be an int32 [{num_rows}, {ROW_COLUMNS}] row_table, "
-                         f"got {rows.dtype} {tuple(rows.shape)}")
+    dev = key_cache.device
+    pooled = chunk_base is not None or layer_base != 0
+    tables, pooled_strides = _event_tables(rows, page_start, kept_counts, block_table,
+                                           chunk_base, capacity, layer_base, num_rows, dev)
+    page_start, kept_counts, block_table, rows = tables[:4]
     if voters.dtype == torch.float64:
         raise ValueError("float64 voters: use decode_voter_probs_event_reference")
-    dev = key_cache.device
     group = num_q_heads // heads
     out = torch.zeros(num_rows, heads, group * num_voters, width + window,
                       dtype=torch.float32, device=dev)
     if num_rows == 0 or num_voters == 0:
         return out
     voters = voters.to(dev)
-    rows, page_start, kept_counts, block_table = (
-        _on(t, dev) for t in (rows.contiguous(), page_start, kept_counts, block_table))
-    pooled = chunk_base is not None or layer_base != 0
-    if pooled and chunk_base is None:
-        # A layer's tail in an all-layers view, pages in one chunk at offset 0.
-        chunk_base = torch.zeros(page_start.shape[0], 1, dtype=torch.int32, device=dev)
-        capacity = torch.full((page_start.shape[0],), 2**31 - 1, dtype=torch.int32,
-                              device=dev)
-    if pooled:
-        if capacity is None:
-            raise ValueError("chunk_base needs capacity")
-        chunk_base, capacity = _on(chunk_base, dev), _on(capacity, dev)
-        pooled_args = (chunk_base, capacity)
-        pooled_strides = (*chunk_base.stride(), capacity.stride(0))
-    else:
-        pooled_args = (rows, rows)  # unused
-        pooled_strides = (0, 0, 0)
 
     block_g, block_w, pages, block_n = _tiles(group, num_voters, block_size)
     v_blocks = triton.cdiv(num_voters, block_w)
@@ -269,7 +251,6 @@ def decode_voter_probs_triton(
     dot_fp32 = dev.type != "cuda" or voters.dtype == torch.float32
     ks = scale_operand(k_scale, key_cache, rows)
     qk_scale = float(scale) * _LOG2E
-    tables = (page_start, kept_counts, block_table, rows, *pooled_args)
     strides = (*voters.stride(), *key_cache.stride(), *page_start.stride(),
                *kept_counts.stride(), *block_table.stride(), *pooled_strides)
     common = dict(NUM_KV_HEADS=heads, GROUP=group, VOTERS=num_voters, BLOCK_SIZE=block_size,

@@ -301,6 +301,34 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else host_to_device(t, device)
 
 
+def _event_tables(rows: torch.Tensor, page_start: torch.Tensor, kept_counts: torch.Tensor,
+                  block_table: torch.Tensor, chunk_base: torch.Tensor | None,
+                  capacity: torch.Tensor | None, layer_base: int, num_rows: int,
+                  dev: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """The event kernels' tables on ``dev``: ``(page_start, kept_counts, block_table,
+    rows, chunk_base, capacity)`` and the strides of the last two (placeholders when the
+    layout is not pooled; a pooled view without ``chunk_base`` gets the trivial table:
+    pages in one chunk at offset 0, as the decode). Checks the row table."""
+    if rows.dim() != 2 or rows.shape[0] != num_rows or rows.shape[1] != ROW_COLUMNS \
+            or rows.dtype != torch.int32:
+        raise ValueError(f"rows must be an int32 [{num_rows}, {ROW_COLUMNS}] row_table, "
+                         f"got {rows.dtype} {tuple(rows.shape)}")
+    rows, page_start, kept_counts, block_table = (
+        _on(t, dev) for t in (rows.contiguous(), page_start, kept_counts, block_table))
+    pooled = chunk_base is not None or layer_base != 0
+    if pooled and chunk_base is None:
+        chunk_base = torch.zeros(page_start.shape[0], 1, dtype=torch.int32, device=dev)
+        capacity = torch.full((page_start.shape[0],), 2**31 - 1, dtype=torch.int32,
+                              device=dev)
+    if not pooled:
+        return (page_start, kept_counts, block_table, rows, rows, rows), (0, 0, 0)
+    if capacity is None:
+        raise ValueError("chunk_base needs capacity")
+    chunk_base, capacity = _on(chunk_base, dev), _on(capacity, dev)
+    return ((page_start, kept_counts, block_table, rows, chunk_base, capacity),
+            (*chunk_base.stride(), capacity.stride(0)))
+
+
 def score_decode_event_triton(
     window_queries: torch.Tensor,
     key_cache: torch.Tensor,
@@ -345,36 +373,18 @@ def score_decode_event_triton(
                          f"{heads} heads of {kdim}")
     if window < 1:
         raise ValueError("the window must hold at least one query")
-    if rows.dim() != 2 or rows.shape[0] != num_rows or rows.shape[1] != ROW_COLUMNS \
-            or rows.dtype != torch.int32:
-        raise ValueError(f"rows must be an int32 [{num_rows}, {ROW_COLUMNS}] row_table, "
-                         f"got {rows.dtype} {tuple(rows.shape)}")
+    dev = key_cache.device
+    pooled = chunk_base is not None or layer_base != 0
+    tables, pooled_strides = _event_tables(rows, page_start, kept_counts, block_table,
+                                           chunk_base, capacity, layer_base, num_rows, dev)
+    page_start, kept_counts, block_table, rows = tables[:4]
     if window_queries.dtype == torch.float64:
         raise ValueError("float64 queries: use score_decode_event_reference")
-    dev = key_cache.device
     group = num_q_heads // heads
     out = torch.full((num_rows, heads, width), float("-inf"), dtype=torch.float32, device=dev)
     if num_rows == 0 or width == 0:
         return out
     window_queries = window_queries.to(dev)
-    rows, page_start, kept_counts, block_table = (
-        _on(t, dev) for t in (rows.contiguous(), page_start, kept_counts, block_table))
-    pooled = chunk_base is not None or layer_base != 0
-    if pooled and chunk_base is None:
-        # A layer's tail in an all-layers view, pages in one chunk at offset 0 (as the
-        # decode: the pooled kernel with a trivial table).
-        chunk_base = torch.zeros(page_start.shape[0], 1, dtype=torch.int32, device=dev)
-        capacity = torch.full((page_start.shape[0],), 2**31 - 1, dtype=torch.int32,
-                              device=dev)
-    if pooled:
-        if capacity is None:
-            raise ValueError("chunk_base needs capacity")
-        chunk_base, capacity = _on(chunk_base, dev), _on(capacity, dev)
-        pooled_args = (chunk_base, capacity)
-        pooled_strides = (*chunk_base.stride(), capacity.stride(0))
-    else:
-        pooled_args = (rows, rows)  # unused
-        pooled_strides = (0, 0, 0)
 
     block_g, block_w, pages, block_n = _tiles(group, window, block_size)
     w_blocks = triton.cdiv(window, block_w)
@@ -388,7 +398,6 @@ def score_decode_event_triton(
     fp8 = is_fp8(key_cache.dtype)
     ks = scale_operand(k_scale, key_cache, rows)
     qk_scale = float(scale) * _LOG2E
-    tables = (page_start, kept_counts, block_table, rows, *pooled_args)
     strides = (*window_queries.stride(), *key_cache.stride(), *page_start.stride(),
                *kept_counts.stride(), *block_table.stride(), *pooled_strides)
     common = dict(NUM_KV_HEADS=heads, GROUP=group, WINDOW=window, BLOCK_SIZE=block_size,
