@@ -31,3 +31,14 @@ def current_commit(given: str | None) -> str | None:
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi`` (no CUDA context in this process, which
+    engines in subprocesses would share the memory with), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import current_commit, gpu_name
+
 from .engine import REPO, run_in_subprocess
 from .tasks import TASKS, Builder, Sample, is_correct, make_sample
 
@@ -281,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.quality.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
+    commit, gpu = current_commit(None), gpu_name() if args.device == "cuda" else None
+
     def save(complete: bool) -> None:
         result = {"model": name, "date": date, "command": command, "notes": args.notes,
-                  "complete": complete, "device": args.device, "dtype": dtype,
-                  "host": platform.node(), "window": args.window, "seed": args.seed,
+                  "complete": complete, "device": args.device, "gpu": gpu,
+                  "commit": commit, "dtype": dtype, "host": platform.node(),
+                  "window": args.window, "seed": args.seed,
                   "compression_extra": extra, "rows": rows, "engines": engines,
                   "details": details}
         out.write_text(json.dumps(result, indent=1) + "\n")
