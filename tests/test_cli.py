@@ -175,13 +175,16 @@ def test_section_without_flags_is_validated_and_normalised():
     ("--kv-gvote-p", "0.5", "gvote_p", 0.5),
     ("--kv-gvote-seed", "11", "gvote_seed", 11),
     ("--kv-reserve-output", "500", "reserve_output", 500),
+    ("--kv-decode-interval", "8", "decode_interval", 8),
+    ("--kv-decode-budget", "40", "decode_budget", 40),
 ])
 def test_each_flag_overrides_its_field(flag, value, field, expected):
     base = {"method": "snapkv", "budget": 64, "window": 8, "scorer": "window",
             "pooling": "max", "pool_kernel": 3,
             "alpha": 0.1, "gqa_reduce": "mean", "sink_tokens": 4, "pyramid_beta": 10.0,
             "gvote_samples": 2, "gvote_p": 0.8, "gvote_seed": 5, "max_budget": 0,
-            "min_compression": 1.0, "reserve_output": 0}
+            "min_compression": 1.0, "reserve_output": 0, "decode_budget": 0,
+            "decode_interval": 32}
     out = _fold([flag, value], {ADDITIONAL_CONFIG_KEY: dict(base)})[ADDITIONAL_CONFIG_KEY]
     assert out == {**base, field: expected}
 
@@ -275,6 +278,7 @@ def test_vllm_flags_fold_into_additional_config(vllm_parsers, cls_name):
             "pooling": "max", "pool_kernel": 7, "alpha": 0.2, "gqa_reduce": "mean",
             "sink_tokens": 4, "pyramid_beta": 20.0, "gvote_samples": 8, "gvote_p": 0.95,
             "gvote_seed": 0, "max_budget": 0, "min_compression": 1.0, "reserve_output": 0,
+            "decode_budget": 0, "decode_interval": 32,
         },
     }
 

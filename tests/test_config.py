@@ -366,3 +366,27 @@ def test_expected_scorer_applies_to_scored_methods_only(method):
         KVCompressionConfig.from_dict({"method": method, "scorer": "expected"})
     with pytest.raises(KVCompressionConfigError, match="--kv-scorer: invalid choice"):
         KVCompressionConfig(method="adakv", scorer="question")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "adakv", "decode_budget": 32, "window": 32}, "--kv-decode-budget must be 0"),
+    ({"method": "snapkv", "decode_budget": 8, "window": 16}, "--kv-decode-budget must be 0"),
+    ({"method": "adakv", "decode_budget": -1}, "--kv-decode-budget must be >= 0"),
+    ({"method": "adakv", "decode_budget": 256, "decode_interval": 0},
+     "--kv-decode-interval must be >= 1"),
+    ({"method": "pyramidkv", "decode_budget": 256}, "not supported with --kv-compression "
+     "pyramidkv"),
+    ({"method": "gvote", "decode_budget": 256}, "not supported with --kv-compression gvote"),
+    ({"method": "none", "decode_budget": 256}, "not supported with --kv-compression none"),
+])
+def test_decode_settings_are_checked(kwargs, message):
+    with pytest.raises(KVCompressionConfigError, match=re.escape(message)):
+        KVCompressionConfig(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv", "streamingllm"])
+def test_decode_settings_accepted(method):
+    cfg = KVCompressionConfig(method=method, decode_budget=64, decode_interval=8, window=16,
+                              budget=128)
+    assert (cfg.decode_budget, cfg.decode_interval) == (64, 8)
+    assert KVCompressionConfig(method=method).decode_budget == 0

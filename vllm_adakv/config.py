@@ -113,6 +113,16 @@ SETTINGS: tuple[Setting, ...] = (
             "most its max_tokens) stay free (default: {default} = vLLM's admission, no "
             "reserve).",
             rule=">= 0 (tokens)", ok=lambda v: v >= 0),
+    Setting("decode_budget", "--kv-decode-budget", int, 0,
+            "Decode-time compression: tokens kept per KV head and layer, window included, "
+            "over prompt + generated tokens, re-selected every --kv-decode-interval "
+            "generated tokens (Ada-KV: mean over heads) (default: {default} = off: "
+            "generated tokens are never evicted).",
+            rule=">= 0 (tokens)", ok=lambda v: v >= 0),
+    Setting("decode_interval", "--kv-decode-interval", int, 32,
+            "Decode-time compression: generated tokens between two re-selections "
+            "(default: {default}).",
+            rule=">= 1 (tokens)", ok=lambda v: v >= 1),
 )
 
 SETTING_OF_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
@@ -236,11 +246,32 @@ def validate(cfg: KVCompressionConfig) -> None:
         get_method(cfg.method).validate(cfg)
     except ValueError as exc:
         raise KVCompressionConfigError(str(exc)) from None
+    if cfg.decode_budget != 0:
+        check_decode_applies(cfg)
     if cfg.max_budget != 0 and cfg.max_budget <= cfg.window:
         raise KVCompressionConfigError(
             f"--kv-max-budget must be 0 (no cap) or greater than --kv-window "
             f"(got max_budget={cfg.max_budget}, window={cfg.window})"
         )
+
+
+# Methods whose decode-time re-selection runs in the engine: those that keep each
+# layer's head-pages in its own tensor. PyramidKV's and GVote's pages are pooled across
+# layers, and decode events cannot compact a pooled layout yet (docs/decode-compression.md).
+DECODE_METHODS: tuple[str, ...] = ("snapkv", "adakv", "streamingllm")
+
+
+def check_decode_applies(cfg: KVCompressionConfig) -> None:
+    """A decode budget needs a method with an engine-side re-selection and must be
+    greater than the window."""
+    if cfg.method not in DECODE_METHODS:
+        raise KVCompressionConfigError(
+            f"--kv-decode-budget is not supported with --kv-compression {cfg.method} "
+            f"(supported: {', '.join(DECODE_METHODS)})")
+    if cfg.decode_budget <= cfg.window:
+        raise KVCompressionConfigError(
+            f"--kv-decode-budget must be 0 (off) or greater than --kv-window "
+            f"(got decode_budget={cfg.decode_budget}, window={cfg.window})")
 
 
 def check_scorer_applies(cfg: KVCompressionConfig, flag: str = "--kv-scorer") -> None:

@@ -25,7 +25,7 @@ inputs and agree without a message, as for the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 from vllm_adakv.config import KVCompressionConfig
@@ -77,6 +77,12 @@ class DecodePlan:
         ``w + K - 1`` consecutive positions."""
         return self.page_blocks + cdiv(self.window + self.interval - 1, self.block_size) + 1
 
+    @property
+    def max_held(self) -> int:
+        """Most blocks held at any length: just before the first event or, after it,
+        ``steady_bound``."""
+        return max(self.held_blocks(self.first_event - 1), self.steady_bound)
+
 
 @lru_cache(maxsize=8192)
 def plan_decode(cfg: KVCompressionConfig, prompt_len: int, num_kv_heads: int,
@@ -84,7 +90,8 @@ def plan_decode(cfg: KVCompressionConfig, prompt_len: int, num_kv_heads: int,
                 interval: int, budget: int | None = None) -> DecodePlan | None:
     """The decode plan of a request (module doc), or None when its method compresses
     nothing. ``budget``: the decode budget ``B`` (default ``cfg.budget``); ``interval``:
-    ``K``, generated tokens between events."""
+    ``K``, generated tokens between events. The prompt is planned with ``cfg``'s own
+    budget (``memory.plan_compression``)."""
     method = get_method(cfg.method)
     if not method.compresses:
         return None
@@ -105,8 +112,7 @@ def plan_decode(cfg: KVCompressionConfig, prompt_len: int, num_kv_heads: int,
     # A head keeps at most the layer's total: the bound's per-head limit.
     pages = [max_head_pages(heads, s, heads * s, bs, method.uniform) for s in selected]
     event_blocks, _ = blocks_for_pages(pages, heads, method.measured)
-    prompt_cfg = cfg if budget == cfg.budget else replace(cfg, budget=budget)
-    plan = plan_compression(prompt_cfg, prompt_len, heads, bs, num_layers, layer_indices)
+    plan = plan_compression(cfg, prompt_len, heads, bs, num_layers, layer_indices)
     page_blocks = max(event_blocks, plan.kept_blocks if plan is not None else 0)
     prefill = plan is not None and page_blocks < prompt_len // bs
     # Smallest N = jK >= w with P < (L + N - w) // bs.

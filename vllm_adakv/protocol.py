@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.decode_plan import DecodePlan, plan_decode
 from vllm_adakv.memory import CompressionPlan, plan_compression
 from vllm_adakv.overrides import Overrides, resolve
 
@@ -82,6 +83,19 @@ class CompressedAttentionSpec(FullAttentionSpec):
             self.config_for(prompt_len, overrides), prompt_len, self.num_kv_heads,
             self.block_size, self.num_layers, self.layer_indices,
         )
+
+
+    def decode_plan(self, prompt_len: int, overrides: Overrides = ()) -> DecodePlan | None:
+        """The request's decode-time compression plan (``decode_plan.plan_decode`` with
+        ``--kv-decode-budget`` and ``--kv-decode-interval``), or None: decode compression
+        off, or a prompt that is not compressed (its generated tokens are kept, as
+        without decode compression)."""
+        cfg = self.config_for(prompt_len, overrides)
+        if cfg.decode_budget == 0 or self.plan(prompt_len, overrides) is None:
+            return None
+        return plan_decode(cfg, prompt_len, self.num_kv_heads, self.block_size,
+                           self.num_layers, self.layer_indices,
+                           interval=cfg.decode_interval, budget=cfg.decode_budget)
 
 
 class KeptBlocks(NamedTuple):

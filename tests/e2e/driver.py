@@ -48,6 +48,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     pool = scheduler.kv_cache_manager.block_pool
     mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     blocks_trace: list[dict[str, list[int]]] = []
+    held_trace: list[dict[str, int]] = []
     free_start = pool.get_num_free_blocks()
     vocab = spec.get("vocab_size", 512)
     requests = spec["requests"]
@@ -96,6 +97,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         trace.append({"step": step, "running": running, "waiting": len(scheduler.waiting),
                       "free": pool.get_num_free_blocks(),
                       "shrunk": getattr(mgr, "num_shrunk_blocks_total", 0)})
+        if spec.get("held_trace"):  # each request's blocks that are not null after the step
+            held_trace.append({rid.split("-")[0]: sum(not b.is_null for b in blocks)
+                               for rid, blocks in mgr.req_to_blocks.items()})
         if spec.get("blocks_trace"):  # each request's block ids after the step
             blocks_trace.append({rid.split("-")[0]: [b.block_id for b in blocks]
                                  for rid, blocks in mgr.req_to_blocks.items()})
@@ -114,6 +118,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "kept_reports": {"applied": book.num_applied, "stale": book.num_stale}
         if book is not None else None,
         "blocks_trace": blocks_trace,
+        "held_trace": held_trace,
+        "decode_released_blocks": getattr(mgr, "num_decode_released_blocks_total", 0),
+        "decode_events": llm.collective_rpc(_worker_decode_events),
         "outputs": outputs,
         "num_cached_tokens": cached_tokens,
         "hashed_blocks": hashed.summary() if hashed is not None else None,
@@ -194,6 +201,12 @@ class _DelayedReports:
         self.held = [h for h in self.held if h[0] + self.steps > step]
         for _, posts, req_id, m in due:
             self.post(posts, req_id, m)
+
+
+def _worker_decode_events(worker) -> int:
+    """On a worker: the decode events its compression store applied (0 without one)."""
+    store = _worker_store(worker)
+    return 0 if store is None else store.num_decode_events
 
 
 def _worker_store(worker):

@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def masked_greedy(model_dir, prompt: list[int], keep: torch.Tensor, steps: int) -> list[int]:
+    """Greedy tokens of an HF model whose generated tokens see only the prompt tokens of
+    ``keep`` (``[L]``), or, given ``[L + steps, L + steps]``, the full attention mask."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     ids = list(prompt)
@@ -27,8 +29,11 @@ def masked_greedy(model_dir, prompt: list[int], keep: torch.Tensor, steps: int) 
     out: list[int] = []
     for _ in range(steps):
         n = len(ids)
-        allowed = torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[length:, :length] &= keep[None, :]
+        if keep.dim() == 2:
+            allowed = keep[:n, :n]
+        else:
+            allowed = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed[length:, :length] &= keep[None, :]
         mask = torch.zeros(1, 1, n, n)
         mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         with torch.no_grad():

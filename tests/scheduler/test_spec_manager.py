@@ -310,3 +310,62 @@ def test_random_sweep_with_real_block_pool():
                 raise AssertionError(f"{ctx}: {exc}") from exc
         manager.free("q")
         assert pool.get_num_free_blocks() == start, ctx
+
+
+# ------------------------------------------------------------------ decode-time compression
+
+
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("cfg,prompt_len", [
+    (KVCompressionConfig(method="adakv", budget=256, window=8, decode_budget=96,
+                         decode_interval=16), 700),
+    (KVCompressionConfig(method="snapkv", budget=96, window=16, decode_budget=200,
+                         decode_interval=40), 513),
+    (KVCompressionConfig(method="streamingllm", budget=64, window=8, decode_budget=64,
+                         decode_interval=5), 300),
+])
+def test_decode_events_hold_what_the_plan_says(cfg, prompt_len, caching):
+    """Token by token through 600 generated tokens: after each processed step the request
+    holds exactly ``DecodePlan.held_blocks`` blocks that are not null, its head-pages stay
+    in ``[0, P)``, every freed block is back in the pool, and freeing it returns all."""
+    spec = _wrapped(compression=cfg)
+    plan = spec.decode_plan(prompt_len)
+    assert plan is not None
+    manager, pool = _manager(spec, caching=caching)
+    start = pool.get_num_free_blocks()
+    assert manager.record_request("r", None, None, prompt_len)
+    manager.allocate_new_blocks("r", prompt_len, prompt_len)
+    pages = None
+    for n in range(600):  # n generated tokens computed: positions [0, L + n) written
+        total = prompt_len + n
+        if len(manager.req_to_blocks["r"]) < -(-total // BS):
+            manager.allocate_new_blocks("r", total, total)
+        manager.remove_skipped_blocks("r", total, num_prompt_tokens=prompt_len)
+        blocks = manager.req_to_blocks["r"]
+        held = sum(not b.is_null for b in blocks)
+        assert held == plan.held_blocks(n), n
+        assert start - pool.get_num_free_blocks() == held, n
+        if pages is None and n > plan.first_event:
+            pages = [b.block_id for b in blocks[: plan.page_blocks]]
+        if pages is not None:  # events compact into the same entries [0, P)
+            assert [b.block_id for b in blocks[: plan.page_blocks]] == pages
+    assert manager.num_decode_released_blocks_total > 0
+    assert max(plan.held_blocks(n) for n in range(plan.first_event, 600)) <= plan.steady_bound
+    manager.free("r")
+    assert pool.get_num_free_blocks() == start
+
+
+def test_decode_reserve_counts_the_bound():
+    """--kv-reserve-output with decode compression: a running request's reserve is at most
+    the blocks that take it to its plan's bound, not its whole output."""
+    cfg = KVCompressionConfig(method="adakv", budget=256, window=8, decode_budget=96,
+                              decode_interval=16, reserve_output=4000)
+    spec = _wrapped(compression=cfg)
+    plan = spec.decode_plan(700)
+    manager, pool = _manager(spec)
+    manager.record_request("r", None, 4000, 700)
+    manager.allocate_new_blocks("r", 700, 700)
+    manager.remove_skipped_blocks("r", 700, num_prompt_tokens=700)
+    held = sum(not b.is_null for b in manager.req_to_blocks["r"])
+    assert manager.reserved_blocks() == plan.max_held - held
+    assert manager.reserved_blocks() < -(-4700 // BS) - len(manager.req_to_blocks["r"])

@@ -32,6 +32,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_adakv import metrics
+from vllm_adakv.decode_plan import DecodePlan
 from vllm_adakv.memory import CompressionPlan
 from vllm_adakv.methods import get_method
 from vllm_adakv.overrides import Overrides, overrides_of
@@ -63,6 +64,10 @@ class CompressedKVManager(FullAttentionManager):
         self._targets: dict[str, list[KVCacheBlock]] = {}
         self._new_targets: dict[str, list[int]] = {}
         self.num_target_blocks_total = 0
+        # Decode-time compression (--kv-decode-budget): plans of the requests it applies
+        # to, from admission until freed, and the blocks its events released.
+        self._decode: dict[str, DecodePlan] = {}
+        self.num_decode_released_blocks_total = 0
 
     def record_request(self, request_id: str, extra_args: dict | None,
                        max_tokens: int | None, num_prompt_tokens: int) -> bool:
@@ -78,6 +83,9 @@ class CompressedKVManager(FullAttentionManager):
         if spec.plan(num_prompt_tokens, overrides) is None:
             return False
         self._prompt_len[request_id] = num_prompt_tokens
+        decode = spec.decode_plan(num_prompt_tokens, overrides)
+        if decode is not None:
+            self._decode[request_id] = decode
         return True
 
     def forget_request(self, request_id: str) -> None:
@@ -85,6 +93,17 @@ class CompressedKVManager(FullAttentionManager):
         self._overrides.pop(request_id, None)
         self._max_tokens.pop(request_id, None)
         self._prompt_len.pop(request_id, None)
+        self._decode.pop(request_id, None)
+
+    def _kept_entries(self, request_id: str, plan: CompressionPlan) -> int:
+        """Block-table entries ``[0, m)`` the request keeps at its prompt's release: the
+        prompt plan's ``kept_blocks``, or with decode compression the head-pages ``P`` of
+        its events (``decode_plan``), at most up to the tail (entries from there on hold
+        the tail and generated tokens: the request's own, never hashed)."""
+        decode = self._decode.get(request_id)
+        if decode is None:
+            return plan.kept_blocks
+        return min(decode.page_blocks, plan.tail_block)
 
     def _plan(self, request_id: str) -> CompressionPlan | None:
         length = self._prompt_len.get(request_id)
@@ -137,7 +156,7 @@ class CompressedKVManager(FullAttentionManager):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
         plan = self._needs_targets(request_id, num_tokens)
         if plan is not None:
-            targets = self.block_pool.get_new_blocks(plan.kept_blocks)
+            targets = self.block_pool.get_new_blocks(self._kept_entries(request_id, plan))
             assert all(self.block_pool.is_block_writable(b) for b in targets)
             self._targets[request_id] = targets
             self._new_targets[request_id] = [b.block_id for b in targets]
@@ -151,11 +170,17 @@ class CompressedKVManager(FullAttentionManager):
         return new
 
     def reserved_blocks(self) -> int:
-        """Blocks the compressed running requests still need for their reserved output."""
+        """Blocks the compressed running requests still need for their reserved output
+        (with decode compression, at most what takes them to their plan's bound)."""
         total = 0
         for request_id, tokens in self._reserve_until.items():
-            held = len(self.req_to_blocks.get(request_id, ()))
-            total += max(0, cdiv(tokens, self.block_size) - held)
+            blocks = self.req_to_blocks.get(request_id, ())
+            need = max(0, cdiv(tokens, self.block_size) - len(blocks))
+            decode = self._decode.get(request_id)
+            if decode is not None:
+                held = sum(1 for b in blocks if not b.is_null)
+                need = min(need, max(0, decode.max_held - held))
+            total += need
         return total
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
@@ -166,7 +191,7 @@ class CompressedKVManager(FullAttentionManager):
         needed = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
         plan = self._needs_targets(request_id, num_tokens)
         if plan is not None:
-            needed += plan.kept_blocks
+            needed += self._kept_entries(request_id, plan)
         if self._reserve_until and not self.req_to_blocks.get(request_id):
             needed += self.reserved_blocks()
         return needed
@@ -178,7 +203,10 @@ class CompressedKVManager(FullAttentionManager):
         num_prompt_tokens: int | None = None,
     ) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
-        if num_prompt_tokens is None or request_id in self._released:
+        if num_prompt_tokens is None:
+            return
+        if request_id in self._released:
+            self._release_decoded(request_id, processed_computed_tokens)
             return
         # The worker compacts in the forward pass that computes the last prompt
         # token; only once that step is processed are the blocks safe to free.
@@ -193,14 +221,15 @@ class CompressedKVManager(FullAttentionManager):
             return
         before = self.block_pool.get_num_free_blocks()
         targets = self._targets.pop(request_id, None)
+        kept = self._kept_entries(request_id, plan)
         if targets is not None:
-            self._swap_in_targets(request_id, plan, targets)
+            self._swap_in_targets(request_id, kept, plan.tail_block, targets)
             before += len(targets)  # taken from the pool for this compaction
         elif self.block_pool.enable_caching:
             raise RuntimeError(f"vllm-adakv: compressed request {request_id} reached its "
                                "release without compaction targets")
         else:
-            self._remove_blocks_in_range(request_id, plan.kept_blocks, plan.tail_block)
+            self._remove_blocks_in_range(request_id, kept, plan.tail_block)
         released = self.block_pool.get_num_free_blocks() - before
         self.num_released_blocks_total += released
         metrics.record_released_blocks(released)
@@ -211,15 +240,36 @@ class CompressedKVManager(FullAttentionManager):
             limit = self._max_tokens.get(request_id)
             tokens = reserve if limit is None else min(reserve, limit)
             self._reserve_until[request_id] = num_prompt_tokens + tokens
+        # A request recomputed after a preemption may complete its prompt and run past
+        # its first decode events in one step: the workers applied them at its end.
+        self._release_decoded(request_id, processed_computed_tokens)
 
-    def _swap_in_targets(self, request_id: str, plan: CompressionPlan,
+    def _release_decoded(self, request_id: str, processed_computed_tokens: int) -> None:
+        """Decode compression: once the step that ends a decode event is processed (the
+        workers re-selected and compacted into entries ``[0, P)`` at its end), entries
+        ``[P, tail_block)`` become null blocks, back in the pool (as vLLM's sliding window
+        frees the blocks behind it)."""
+        decode = self._decode.get(request_id)
+        if decode is None:
+            return
+        generated = processed_computed_tokens - decode.prompt_len
+        if generated < 0 or decode.last_event(generated) is None:
+            return
+        before = self.block_pool.get_num_free_blocks()
+        self._remove_blocks_in_range(request_id, decode.page_blocks,
+                                     decode.tail_block(generated))
+        released = self.block_pool.get_num_free_blocks() - before
+        if released:
+            self.num_decode_released_blocks_total += released
+            metrics.record_released_blocks(released)
+
+    def _swap_in_targets(self, request_id: str, m: int, tail: int,
                          targets: list[KVCacheBlock]) -> None:
         """The targets (holding the compacted pages) become blocks ``[0, m)``, ``[m, T)``
         null blocks; the old prompt blocks go back to the pool, hashed ones still hashed
         (vLLM's ``free_blocks``: the LRU end; shared ones just lose this reference), the
         last block first to be evicted, as vLLM frees a finished request's."""
         blocks = self.req_to_blocks[request_id]
-        m, tail = plan.kept_blocks, plan.tail_block
         old = blocks[:tail]
         blocks[:m] = targets
         blocks[m:tail] = [self._null_block] * (tail - m)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.decode_plan import DecodePlan
 from vllm_adakv.memory import CompressionPlan
 from vllm_adakv.overrides import Overrides, overrides_of
 
@@ -27,6 +28,8 @@ class RowPlan:
     # Blocks to compact into in this step (prefix caching on: ``worker/targets.py``);
     # None: its own first blocks.
     targets: list[int] | None = None
+    # Decode-time compression of the request (--kv-decode-budget); None: off.
+    decode: DecodePlan | None = None
 
     @property
     def seq_len(self) -> int:
@@ -110,6 +113,7 @@ def build_step_plan(
                 plan=plan,
                 cfg=cfg,
                 targets=targets.get(req_ids[i]) if targets else None,
+                decode=spec.decode_plan(prompt_lens[i], overrides),
             )
         )
     return StepPlan(rows=rows, live_req_ids=frozenset(runner.requests.keys()))

@@ -56,6 +56,13 @@ def record_kept(folder: str, req_id: str, layer_idx: int, mask: torch.Tensor) ->
 class LayerPages:
     page_start: torch.Tensor  # [H] int32 first entry of each head in the pooled sequence
     counts: torch.Tensor  # [H] int32 kept tokens per head
+    # Decode-time compression (``worker/decode_events.py``): entries per chunk of the
+    # page sequence once an event wrote the layer (None: the request's kept blocks * H),
+    # the first position read through the block table (the prompt's length until an
+    # event, then ``S - w``) and the generated tokens at the layer's last event.
+    capacity: int | None = None
+    tail_start: int = 0
+    last_event: int = -1
 
 
 @dataclass
@@ -106,6 +113,11 @@ class RequestKV:
     compress_seconds: float = 0.0
     unreported: bool = False
     method: str = ""  # the request's effective method
+    # Decode-time compression (``worker/decode_events.py``), by layer: the last ``w``
+    # queries of the generated positions by position modulo ``w`` (``[w, Hq, D]``), and
+    # each head's kept positions in page order (``[H, n]``, padded).
+    recent_queries: dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 
@@ -155,6 +167,16 @@ class _KeptCounts:
         return self.event is None or self.event.query()
 
 
+def kept_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each head's kept positions in increasing order, ``[H, max kept]`` (padding: the
+    mask's width), from a keep mask ``[H, L]``."""
+    width = mask.shape[-1]
+    ar = torch.arange(width, device=mask.device).expand_as(mask)
+    ordered = torch.sort(torch.where(mask, ar, width), dim=-1).values
+    most = int(mask.sum(-1).max()) if mask.numel() else 0
+    return ordered[:, :most]
+
+
 def selection_key(cfg: KVCompressionConfig) -> tuple:
     """The settings that must agree for requests to share one selection launch (all but
     the budget, which each row carries in its plan)."""
@@ -198,6 +220,7 @@ class CompressionStore:
         self.last_layer = max(self.layer_indices)
         self.requests: dict[str, RequestKV] = {}
         self.num_compressed_layers = 0
+        self.num_decode_events = 0  # (request, step) decode events applied, all layers
         # req_id -> reserved vs filled head-pages, once all its layers are compacted
         self._page_usage: OrderedDict[str, PageUsage] = OrderedDict()
         self._pending: list[_KeptCounts] = []
@@ -412,6 +435,8 @@ class CompressionStore:
             state = self.requests[row.req_id]
             state.chunk_base = cache.layer_bases
             state.kept_blocks = row.plan.kept_blocks
+            if row.decode is not None:
+                state.positions[layer] = kept_positions(masks[i, :, : row.prompt_len])
             entry = CompactedRow(row, [layer_idx],
                                  (page_start + k * row.plan.kept_blocks * heads)[None],
                                  counts[None], cache.layer_bases, capacities[i])
@@ -475,7 +500,8 @@ class CompressionStore:
         row = entry.row
         state = self.requests[row.req_id]
         for name, start, counts in zip(layers, entry.page_start, entry.counts, strict=True):
-            state.pages[name] = LayerPages(page_start=start, counts=counts)
+            state.pages[name] = LayerPages(page_start=start, counts=counts,
+                                           tail_start=row.prompt_len)
             state.window_queries.pop(name, None)
             state.query_sums.pop(name, None)
             self.num_compressed_layers += 1
@@ -483,6 +509,10 @@ class CompressionStore:
         state.method = (row.cfg or self.cfg).method
         if len(state.pages) == len(self.layer_indices):  # all layers: report now
             self._report(row.req_id, state, row.plan)
+
+    def layer_name(self, layer_idx: int) -> str:
+        """The name of compressed layer ``layer_idx`` (``bind_layers``)."""
+        return self._layer_names[layer_idx]
 
     def bind_layers(self, names: dict[int, str]) -> None:
         """The compressed layers' names by model index (from the backend's layer group);

@@ -28,6 +28,7 @@ from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.worker.backend import CompressedBuilder, CompressedImpl, compressible_spec
 from vllm_adakv.worker.batch import StepPlan
 from vllm_adakv.worker.compressor import CompressionStore, LayerCache
+from vllm_adakv.worker.decode_events import DecodeEvents, Segment, capacity_of
 from vllm_adakv.worker.targets import with_targets
 
 # Per-head-page layouts this backend can read and write (see logical_kv_views).
@@ -121,30 +122,36 @@ class AdaKVCPUImpl(CompressedImpl, CPUAttentionBackendImpl):
         resumed = [row for row in completing if row.resumed and not row.plan.pooled]
         headwise_rows += [(row, row.prompt_len - row.context_start) for row in resumed]
         if headwise_rows:
-            self._headwise(store, layer_name, headwise_rows, query, cache,
-                           with_targets(block_table, resumed), qsl, output)
+            # Split at decode events (--kv-decode-budget), which run in between.
+            table = with_targets(block_table, resumed)
+            q3 = query.view(query.shape[0], self.num_heads, self.head_size)
+            events = DecodeEvents(store, layer_name, layer_idx, cache.key, cache.value, table,
+                                  self.scale, cache.k_scale)
+            events.serve(headwise_rows, q3, qsl, lambda segments: self._headwise(
+                store, layer_name, segments, query, cache, table, qsl, output))
         return output
 
-    def _headwise(self, store: CompressionStore, layer_name, rows, query, cache: LayerCache,
-                  block_table, qsl, output) -> None:
-        """Attention over kept pages + tail for the given rows' queries (from a skip offset):
-        the CUDA backend's range contract, slot i = row i."""
+    def _headwise(self, store: CompressionStore, layer_name, segments: list[Segment], query,
+                  cache: LayerCache, block_table, qsl, output) -> None:
+        """Attention over kept pages + tail for the segments' queries (positions
+        ``[start, end)`` of their rows): the CUDA backend's range contract, slot i = segment
+        i."""
         heads = cache.key.shape[1]
-        starts, counts, chunk_base, capacity = [], [], [], []
-        for row, _ in rows:
-            p = store.pages_of(row.req_id, layer_name)
-            state = store.requests[row.req_id]
+        starts, counts, chunk_base, capacity, tails = [], [], [], [], []
+        for seg in segments:
+            p = store.pages_of(seg.row.req_id, layer_name)
+            state = store.requests[seg.row.req_id]
             starts.append(p.page_start)
             counts.append(p.counts)
             chunk_base.append(state.chunk_base)
-            capacity.append(int(state.kept_blocks) * heads)
-        slots = torch.arange(len(rows))
+            capacity.append(capacity_of(p, state, heads))
+            tails.append(p.tail_start)
+        first = [qsl[s.row.row] + s.start - s.row.context_start for s in segments]
         table = row_table(
-            torch.tensor([r.row for r, _ in rows]), slots,
-            torch.tensor([qsl[r.row] + skip for r, skip in rows]),
-            torch.tensor([qsl[r.row] + r.query_len for r, _ in rows]),
-            torch.tensor([r.prompt_len for r, _ in rows]),
-            torch.tensor([r.seq_len for r, _ in rows]))
+            torch.tensor([s.row.row for s in segments]), torch.arange(len(segments)),
+            torch.tensor(first),
+            torch.tensor([f + s.end - s.start for f, s in zip(first, segments, strict=True)]),
+            torch.tensor(tails), torch.tensor([s.end for s in segments]))
         q3 = query.view(query.shape[0], self.num_heads, self.head_size)
         kernels.headwise_attention_ranges_reference(
             q3, cache.all_key, cache.all_value, torch.stack(starts), torch.stack(counts),

@@ -1,0 +1,221 @@
+"""Worker side of decode-time compression (``--kv-decode-budget``): events, layer by layer
+(docs/decode-compression.md).
+
+A request's ``DecodePlan`` puts an event at every sequence length ``S = L + N`` with
+``N = jK >= first_event``. The event of layer ``l`` at ``S`` re-selects each head's kept
+set over its kept tokens and the tail outside the window (``Method.reselect``, scored by
+the queries of ``[S - w, S)``), compacts what is kept into the head-pages of block-table
+entries ``[0, P)`` (``kernels.compact_decode_event``) and moves the layer's tail to
+``S - w``. It needs only layer ``l``'s keys and queries of positions ``< S``, so it runs
+inside layer ``l``'s forward (``DecodeEvents.serve``): the row's query tokens are split
+at its event points; tokens before a point attend over the layout before it, then the
+event runs, then the tokens after it attend over the new layout. A decode step whose
+sequence reaches ``S`` therefore ends with the event, and a request recomputed after a
+preemption, whose chunk runs past several event points, goes through exactly the same
+events as it did the first time. The scheduler frees entries ``[P, (S - w) // bs)`` once
+the step is processed (``CompressedKVManager._release_decoded``): both sides read the
+same plan.
+
+Layout: each layer's head-pages in its own tensor (chunk ``k`` of a request's page
+sequence is the ``k``-th compressed layer; after an event a layer's chunk holds
+``P * H`` entries: ``LayerPages.capacity``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_adakv import kernels
+from vllm_adakv.kernels.decode import row_table
+from vllm_adakv.methods import get_method
+from vllm_adakv.methods.base import DecodeRows
+from vllm_adakv.worker.batch import RowPlan
+from vllm_adakv.worker.compressor import (
+    CompressionStore,
+    LayerPages,
+    RequestKV,
+    group_by_selection,
+)
+
+
+@dataclass
+class Segment:
+    """Query tokens ``[start, end)`` (positions) of one row that attend over one layout;
+    ``event``: whether the layer's event at ``S = end`` follows them."""
+
+    row: RowPlan
+    start: int
+    end: int
+    event: bool
+
+
+def event_points(row: RowPlan, after: int, start: int, end: int) -> list[int]:
+    """Sequence lengths ``S`` in ``(start, end]`` at which the row's plan has an event
+    later than ``after`` generated tokens."""
+    plan = row.decode
+    if plan is None or end <= row.prompt_len:
+        return []
+    k = plan.interval
+    first = max(plan.first_event, after + 1, start + 1 - row.prompt_len)
+    n = -(-first // k) * k
+    points = []
+    while row.prompt_len + n <= end:
+        points.append(row.prompt_len + n)
+        n += k
+    return points
+
+
+def segments(row: RowPlan, pages: LayerPages, start: int) -> list[Segment]:
+    """The row's query tokens ``[start, seq_len)`` split at its event points."""
+    points = event_points(row, pages.last_event, start, row.seq_len)
+    cuts = [start, *points]
+    out = [Segment(row, a, b, True) for a, b in zip(cuts, points, strict=False) if b > a]
+    if cuts[-1] < row.seq_len:
+        out.append(Segment(row, cuts[-1], row.seq_len, False))
+    return out
+
+
+class DecodeEvents:
+    """One layer's decode-time events within its forward (module doc)."""
+
+    def __init__(self, store: CompressionStore, layer: str, layer_idx: int,
+                 key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
+                 scale: float, k_scale: torch.Tensor | None = None) -> None:
+        self.store = store
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.k = store.layer_indices.index(layer_idx)  # chunk of this layer's pages
+        self.key, self.value = key, value  # the layer's own [nb, H, bs, D] views
+        self.block_table = block_table
+        self.scale = scale
+        self.k_scale = k_scale
+
+    def serve(self, rows: list[tuple[RowPlan, int]], query: torch.Tensor,
+              qsl: list[int], attend: Callable[[list[Segment]], None]) -> None:
+        """Attention of ``rows`` (row, first query token offset) split at their event
+        points: ``attend(segments)`` serves one round of segments over the current layout,
+        then the events that end them run. ``query``: ``[T, Hq, D]``; the queries of the
+        generated positions are kept for later events."""
+        store = self.store
+        pending = [segments(r, store.pages_of(r.req_id, self.layer), r.context_start + skip)
+                   for r, skip in rows]
+        while any(pending):
+            now = [p.pop(0) for p in pending if p]
+            attend(now)
+            due = [s for s in now if s.event]
+            if due:
+                self._events(due, query, qsl)
+        for row, _ in rows:
+            self._keep_queries(row, query, qsl[row.row])
+
+    def _window(self, seg: Segment, query: torch.Tensor, qsl: list[int]) -> torch.Tensor:
+        """Queries ``[w, Hq, D]`` of positions ``[S - w, S)``: this step's where it computed
+        them, the kept ones before."""
+        row = seg.row
+        w = row.decode.window
+        pos = torch.arange(seg.end - w, seg.end)
+        ring = self.store.requests[row.req_id].recent_queries.get(self.layer)
+        out = query.new_empty((w, *query.shape[1:]))
+        here = pos >= row.context_start
+        out[here] = query[qsl[row.row] + pos[here] - row.context_start]
+        if not bool(here.all()):
+            if ring is None:
+                raise RuntimeError(f"vllm-adakv: request {row.req_id!r} has no queries "
+                                   f"kept for its decode event at {seg.end}")
+            out[~here] = ring[pos[~here] % w]
+        return out
+
+    def _keep_queries(self, row: RowPlan, query: torch.Tensor, offset: int) -> None:
+        """Keep the last ``w`` queries of this step's generated positions (ring by
+        position modulo ``w``)."""
+        if row.decode is None:
+            return
+        w = row.decode.window
+        lo = max(row.context_start, row.prompt_len, row.seq_len - w)
+        if lo >= row.seq_len:
+            return
+        state = self.store.requests[row.req_id]
+        ring = state.recent_queries.get(self.layer)
+        if ring is None:
+            ring = state.recent_queries[self.layer] = query.new_zeros((w, *query.shape[1:]))
+        pos = torch.arange(lo, row.seq_len)
+        ring[pos % w] = query[offset + pos - row.context_start]
+
+    def _events(self, due: list[Segment], query: torch.Tensor, qsl: list[int]) -> None:
+        """This layer's event at ``S = seg.end`` for each segment, batched by settings."""
+        by_row = {s.row.req_id: s for s in due}
+        for group in group_by_selection([s.row for s in due], self.store.cfg):
+            self._event_group([by_row[r.req_id] for r in group], query, qsl)
+
+    def _event_group(self, segs: list[Segment], query: torch.Tensor, qsl: list[int]) -> None:
+        store, name, k = self.store, self.layer, self.k
+        rows = [s.row for s in segs]
+        cfg = rows[0].cfg or store.cfg
+        w = cfg.window
+        heads = self.key.shape[1]
+        states = [store.requests[r.req_id] for r in rows]
+        pages = [s.pages[name] for s in states]
+        seq_lens = [s.end for s in segs]
+        tails = [p.tail_start for p in pages]
+        table = row_table(
+            torch.tensor([r.row for r in rows]), torch.arange(len(rows)),
+            torch.zeros(len(rows)), torch.zeros(len(rows)), torch.tensor(tails),
+            torch.tensor(seq_lens)).to(self.key.device)
+        local = torch.stack([p.page_start - k * capacity_of(p, s, heads)
+                             for p, s in zip(pages, states, strict=True)])
+        counts = torch.stack([p.counts for p in pages])
+        width = max(int(counts[i].max()) + seq_lens[i] - w - tails[i] for i in range(len(rows)))
+        keys, num_candidates, window_keys = kernels.gather_decode_candidates(
+            self.key, local, counts, self.block_table, table, w, width, k_scale=self.k_scale)
+        positions = torch.stack([
+            candidate_positions(s.positions[name], counts[i], tails[i], seq_lens[i], w, width)
+            for i, s in enumerate(states)])
+        queries = torch.stack([self._window(s, query, qsl) for s in segs]).float()
+        keep = get_method(cfg.method).reselect(DecodeRows(
+            cfg=cfg, layer_idx=self.layer_idx,
+            budgets=[r.decode.layer_budgets[k] for r in rows], keys=keys,
+            num_candidates=num_candidates, positions=positions, window_keys=window_keys,
+            window_queries=queries, seq_lens=seq_lens, scale=self.scale,
+            tp_shard=store.tp_shard))
+        page_start, kept, _ = kernels.compact_decode_event(
+            self.key, self.value, local, counts, self.block_table, table, keep, w,
+            [r.decode.page_blocks for r in rows])
+        for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+            capacity = row.decode.page_blocks * heads
+            state.pages[name] = LayerPages(
+                page_start=page_start[i] + k * capacity, counts=kept[i], capacity=capacity,
+                tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len)
+            state.positions[name] = kept_candidates(positions[i], keep[i])
+        store.num_decode_events += len(rows)
+
+
+def capacity_of(pages: LayerPages, state: RequestKV, heads: int) -> int:
+    """Entries per chunk of the request's page sequence for this layer's pages."""
+    return pages.capacity if pages.capacity is not None else int(state.kept_blocks) * heads
+
+
+def candidate_positions(kept: torch.Tensor, counts: torch.Tensor, tail_start: int,
+                        seq_len: int, window: int, width: int) -> torch.Tensor:
+    """``[H, width]`` true positions of one row's candidates: each head's kept positions
+    (``kept[h, :counts[h]]``), then the tail ``[tail_start, S - w)`` (padding: -1)."""
+    out = torch.full((counts.shape[0], width), -1, dtype=torch.long, device=kept.device)
+    tail = torch.arange(tail_start, seq_len - window, device=out.device)
+    for h, n in enumerate(counts.tolist()):
+        out[h, :n] = kept[h, :n]
+        out[h, n : n + tail.numel()] = tail
+    return out
+
+
+def kept_candidates(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[H, max kept]`` positions of one row's kept candidates, in order (padding: -1)."""
+    counts = keep.sum(-1)
+    most = int(counts.max()) if counts.numel() else 0
+    out = torch.full((positions.shape[0], most), -1, dtype=positions.dtype,
+                     device=positions.device)
+    for h in range(positions.shape[0]):
+        chosen = positions[h][keep[h]]
+        out[h, : chosen.numel()] = chosen
+    return out
