@@ -77,7 +77,8 @@ def test_blocks_released_after_prefill(fat_kv_model, caching):
 
 
 def test_more_requests_run_at_once_than_vanilla(fat_kv_model):
-    requests = [{"len": 1000, "seed": i, "max_tokens": 32} for i in range(40)]
+    # 1 GiB holds 7 dense requests (33 blocks each); 20 leave room to show twice that.
+    requests = [{"len": 1000, "seed": i, "max_tokens": 32} for i in range(20)]
     base = {"model_dir": str(fat_kv_model), "requests": requests}
     vanilla = run_scenario({**base, "compression": None})
     comp = run_scenario({**base, "compression": ADAKV})
