@@ -77,7 +77,8 @@ def test_blocks_released_after_prefill(fat_kv_model, caching):
 
 
 def test_more_requests_run_at_once_than_vanilla(fat_kv_model):
-    requests = [{"len": 1000, "seed": i, "max_tokens": 32} for i in range(40)]
+    # 1 GiB holds 7 dense requests (33 blocks each); 20 leave room to show twice that.
+    requests = [{"len": 1000, "seed": i, "max_tokens": 32} for i in range(20)]
     base = {"model_dir": str(fat_kv_model), "requests": requests}
     vanilla = run_scenario({**base, "compression": None})
     comp = run_scenario({**base, "compression": ADAKV})
@@ -119,23 +120,27 @@ def test_mixed_requests_with_aborts_leak_nothing(small_model):
 
 
 @pytest.mark.parametrize("method", ["adakv", "pyramidkv"])
-def test_preemption_gives_same_outputs(fat_kv_model, method):
+def test_preemption_gives_same_outputs(small_model, method):
     """Memory pressure forces recompute-preemption; outputs equal a run without it.
     PyramidKV pools pages across layers: a resumed request's chunk runs past its prompt
     while its pages are compacted only at the last layer (served from the masks)."""
-    requests = [{"len": 600 + 27 * i, "seed": i, "max_tokens": 200} for i in range(16)]
-    compression = {**ADAKV, "budget": 256, "method": method}
-    base = {"model_dir": str(fat_kv_model), "compression": compression, "requests": requests}
-    calm = run_scenario({**base, "engine": {"max_num_seqs": 4}})
-    pressed = run_scenario({**base, "engine": {"max_num_seqs": 64}})
+    # A 40-block pool (1280 tokens): 10-block prompts kept in ~3 blocks each, admitted
+    # until the pool is full, then their 64 output tokens (2 blocks each) no longer fit.
+    requests = [{"len": 300 + 8 * i, "seed": i, "max_tokens": 64} for i in range(10)]
+    compression = {**ADAKV, "budget": 64, "method": method}
+    base = {"model_dir": str(small_model), "compression": compression, "requests": requests,
+            "max_model_len": 1024}
+    pool = {"num_gpu_blocks_override": 40}
+    calm = run_scenario({**base, "engine": {**pool, "max_num_seqs": 4}})
+    pressed = run_scenario({**base, "engine": {**pool, "max_num_seqs": 64}})
     assert calm["max_preemptions"] == 0
     assert pressed["max_preemptions"] > 0, "scenario did not preempt"
     assert pressed["outputs"] == calm["outputs"]
     assert pressed["free_end"] == pressed["free_start"]
     # --kv-reserve-output: admissions leave room for the compressed requests' remaining
     # output, so the same load runs without preemption, still more requests at once.
-    reserved = run_scenario({**base, "compression": {**compression, "reserve_output": 200},
-                             "engine": {"max_num_seqs": 64}})
+    reserved = run_scenario({**base, "compression": {**compression, "reserve_output": 64},
+                             "engine": {**pool, "max_num_seqs": 64}})
     assert reserved["max_preemptions"] == 0
     assert reserved["max_running"] > calm["max_running"]
     assert reserved["outputs"] == calm["outputs"]
