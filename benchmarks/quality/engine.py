@@ -8,7 +8,10 @@ JOB: ``{"model", "device", "dtype", "max_model_len", "compression": {...} | null
 "requests": [{"id", "prompt": [ids], "forced": [ids], "max_tokens", "xargs"?}]}``
 (``xargs``: the request's vllm_xargs, e.g. its own ``kv_compression`` and ``kv_budget``).
 RESULT: ``{"outputs": {id: [generated ids after the forced ones]}, "kept_per_head":
-{id: mean kept tokens per (layer, KV head)} (compressed requests), "wall_s", "load_s"}``.
+{id: mean kept tokens per (layer, KV head)} (compressed requests), "wall_s", "load_s"}``;
+with ``"logprobs": true`` in the job also ``"logprobs": {id: [log-probability of each
+sampled token, forced ones included]}`` (vLLM's default raw logprobs: the model's, before
+the forcing logits processor).
 Generation is greedy with ``ignore_eos`` (fixed length; the caller cuts at the first
 end-of-turn token), so that forced end-of-turn tokens in the question do not stop it.
 """
@@ -52,15 +55,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         params.append(SamplingParams(
             temperature=0.0, max_tokens=len(forced) + r["max_tokens"], ignore_eos=True,
             extra_args=extra or None, detokenize=False,
+            logprobs=0 if job.get("logprobs") else None,
         ))
     t1 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall_s = time.perf_counter() - t1
     result: dict[str, list[int]] = {}
     kept: dict[str, float] = {}
+    logprobs: dict[str, list[float]] = {}
     usage = _page_usage()
     for r, out in zip(job["requests"], outs, strict=True):
         ids = list(out.outputs[0].token_ids)
+        if job.get("logprobs"):
+            logprobs[str(r["id"])] = [float(step[tok].logprob) for tok, step in
+                                      zip(ids, out.outputs[0].logprobs, strict=True)]
         forced = list(r.get("forced", []))
         if ids[: len(forced)] != forced:
             raise RuntimeError(f"request {r['id']}: forced question tokens were not followed")
@@ -68,7 +76,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         u = usage.get(out.request_id)
         if u is not None:
             kept[str(r["id"])] = u.kept_tokens / (len(u.layer_pages) * u.num_kv_heads)
-    return {"outputs": result, "kept_per_head": kept, "wall_s": wall_s, "load_s": load_s}
+    res = {"outputs": result, "kept_per_head": kept, "wall_s": wall_s, "load_s": load_s}
+    if job.get("logprobs"):
+        res["logprobs"] = logprobs
+    return res
 
 
 def _page_usage() -> dict[str, Any]:
