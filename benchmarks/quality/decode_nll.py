@@ -22,11 +22,12 @@ import datetime
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import gpu_name
+from benchmarks.machine import current_commit, device_tag, gpu_name
 from benchmarks.quality.data import essays_dir
 from benchmarks.quality.engine import run_in_subprocess
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = [int(b) for b in args.budgets.split(",")]
     if max(budgets) >= args.prompt:
         raise SystemExit("every budget must be below --prompt (the prompt must be compressed)")
-    work = RESULTS.parent / ".work" / "decode_nll"
+    work = Path(tempfile.mkdtemp(prefix="decode_nll-"))
     base = {"model": args.model, "device": args.device, "dtype": args.dtype,
             "max_model_len": args.prompt + args.generated + 8, "requests": requests,
             "logprobs": True, "engine": {"block_size": args.block_size or (
@@ -103,19 +104,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for b in budgets]
     model = Path(args.model).name
     date = datetime.date.today().isoformat()
-    machine = gpu_name() if args.device == "cuda" else "cpu"
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=RESULTS.parent.parent).stdout.strip()
-    out = {"model": model, "date": date, "machine": machine, "commit": commit,
+    machine = (gpu_name() or "unknown GPU") if args.device == "cuda" else "cpu"
+    out = {"model": model, "date": date, "machine": machine, "commit": current_commit(None),
            "command": "python -m benchmarks.quality.decode_nll " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "settings": {"method": args.method, "window": args.window,
                         "interval": args.interval, "prompt": args.prompt},
            "rows": rows}
-    tag = "cpu" if args.device == "cpu" else machine.split()[1].lower()
-    path = args.out or RESULTS / f"quality-decode-{model}-{tag}-{date}.json"
+    path = args.out or RESULTS / f"quality-decode-{model}-{device_tag(machine)}-{date}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
     print(f"wrote {path}")
