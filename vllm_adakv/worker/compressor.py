@@ -167,12 +167,15 @@ class _KeptCounts:
         return self.event is None or self.event.query()
 
 
-def kept_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each head's kept positions in increasing order, ``[H, max kept]`` (padding: the
-    mask's width), from a keep mask ``[H, L]``."""
-    width = mask.shape[-1]
-    ar = torch.arange(width, device=mask.device).expand_as(mask)
-    ordered = torch.sort(torch.where(mask, ar, width), dim=-1).values
+def kept_positions(mask: torch.Tensor, positions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Each head's kept positions in increasing order, ``[H, max kept]`` (padding after
+    each head's count), from a keep mask ``[H, W]`` over increasing ``positions``
+    (``[H, W]``; default: ``0..W-1``)."""
+    if positions is None:
+        positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    pad = torch.iinfo(torch.long).max
+    ordered = torch.sort(torch.where(mask, positions.long(), pad), dim=-1).values
     most = int(mask.sum(-1).max()) if mask.numel() else 0
     return ordered[:, :most]
 
@@ -220,7 +223,7 @@ class CompressionStore:
         self.last_layer = max(self.layer_indices)
         self.requests: dict[str, RequestKV] = {}
         self.num_compressed_layers = 0
-        self.num_decode_events = 0  # (request, step) decode events applied, all layers
+        self.num_decode_events = 0  # (request, layer) decode events applied
         # req_id -> reserved vs filled head-pages, once all its layers are compacted
         self._page_usage: OrderedDict[str, PageUsage] = OrderedDict()
         self._pending: list[_KeptCounts] = []
@@ -509,10 +512,6 @@ class CompressionStore:
         state.method = (row.cfg or self.cfg).method
         if len(state.pages) == len(self.layer_indices):  # all layers: report now
             self._report(row.req_id, state, row.plan)
-
-    def layer_name(self, layer_idx: int) -> str:
-        """The name of compressed layer ``layer_idx`` (``bind_layers``)."""
-        return self._layer_names[layer_idx]
 
     def bind_layers(self, names: dict[int, str]) -> None:
         """The compressed layers' names by model index (from the backend's layer group);

@@ -38,6 +38,7 @@ from vllm_adakv.worker.compressor import (
     LayerPages,
     RequestKV,
     group_by_selection,
+    kept_positions,
 )
 
 
@@ -188,7 +189,7 @@ class DecodeEvents:
             state.pages[name] = LayerPages(
                 page_start=page_start[i] + k * capacity, counts=kept[i], capacity=capacity,
                 tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len)
-            state.positions[name] = kept_candidates(positions[i], keep[i])
+            state.positions[name] = kept_positions(keep[i], positions[i])
         store.num_decode_events += len(rows)
 
 
@@ -208,14 +209,3 @@ def candidate_positions(kept: torch.Tensor, counts: torch.Tensor, tail_start: in
         out[h, n : n + tail.numel()] = tail
     return out
 
-
-def kept_candidates(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[H, max kept]`` positions of one row's kept candidates, in order (padding: -1)."""
-    counts = keep.sum(-1)
-    most = int(counts.max()) if counts.numel() else 0
-    out = torch.full((positions.shape[0], most), -1, dtype=positions.dtype,
-                     device=positions.device)
-    for h in range(positions.shape[0]):
-        chosen = positions[h][keep[h]]
-        out[h, : chosen.numel()] = chosen
-    return out
