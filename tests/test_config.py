@@ -380,8 +380,15 @@ def test_expected_scorer_applies_to_scored_methods_only(method):
     ({"method": "none", "decode_budget": 256}, "not supported with --kv-compression none"),
 ])
 def test_decode_settings_are_checked(kwargs, message):
+    """Values are checked on every config; the method only on a server's settings (a
+    request may opt out with ``none``: ``overrides.check_overrides``)."""
     with pytest.raises(KVCompressionConfigError, match=re.escape(message)):
+        KVCompressionConfig.from_dict(kwargs)
+    if "not supported" in message:
         KVCompressionConfig(**kwargs)
+    else:
+        with pytest.raises(KVCompressionConfigError, match=re.escape(message)):
+            KVCompressionConfig(**kwargs)
 
 
 @pytest.mark.parametrize("method", ["snapkv", "adakv", "streamingllm"])

@@ -128,3 +128,20 @@ def test_scorer_per_request_and_ignored_by_methods_without_one():
     server = KVCompressionConfig.from_dict({"method": "adakv", "scorer": "expected"})
     check_overrides(server, overrides_of({"kv_compression": "streamingllm"}))
     check_overrides(server, overrides_of({"kv_compression": "gvote", "kv_scorer": "window"}))
+
+
+def test_decode_server_refuses_a_larger_window_or_a_method_without_events():
+    """With --kv-decode-budget a request keeps the server's window or less (the query ring
+    holds that many) and a method with an engine-side re-selection."""
+    server = KVCompressionConfig(method="adakv", budget=256, window=32, decode_budget=128)
+    check_overrides(server, overrides_of({"kv_window": 16}))
+    check_overrides(server, overrides_of({"kv_compression": "none"}))
+    with pytest.raises(RequestOverrideError, match="kv_window") as exc:
+        check_overrides(server, overrides_of({"kv_window": 64}))
+    assert exc.value.field == "kv_window"
+    with pytest.raises(RequestOverrideError, match="pyramidkv") as exc:
+        check_overrides(server, overrides_of({"kv_compression": "pyramidkv"}))
+    assert exc.value.field == "kv_compression"
+    # Without decode compression both are fine.
+    plain = KVCompressionConfig(method="adakv", budget=256, window=32)
+    check_overrides(plain, overrides_of({"kv_window": 64, "kv_compression": "pyramidkv"}))

@@ -206,6 +206,7 @@ class KVCompressionConfig:
             )
         cfg = cls(**_coerce(raw))
         check_caps_apply(cfg)
+        check_decode_applies(cfg)
         check_scorer_applies(cfg)
         return cfg
 
@@ -246,8 +247,10 @@ def validate(cfg: KVCompressionConfig) -> None:
         get_method(cfg.method).validate(cfg)
     except ValueError as exc:
         raise KVCompressionConfigError(str(exc)) from None
-    if cfg.decode_budget != 0:
-        check_decode_applies(cfg)
+    if cfg.decode_budget != 0 and cfg.decode_budget <= cfg.window:
+        raise KVCompressionConfigError(
+            f"--kv-decode-budget must be 0 (off) or greater than --kv-window "
+            f"(got decode_budget={cfg.decode_budget}, window={cfg.window})")
     if cfg.max_budget != 0 and cfg.max_budget <= cfg.window:
         raise KVCompressionConfigError(
             f"--kv-max-budget must be 0 (no cap) or greater than --kv-window "
@@ -262,16 +265,15 @@ DECODE_METHODS: tuple[str, ...] = ("snapkv", "adakv", "streamingllm")
 
 
 def check_decode_applies(cfg: KVCompressionConfig) -> None:
-    """A decode budget needs a method with an engine-side re-selection and must be
-    greater than the window."""
+    """A server's decode budget needs a method with an engine-side re-selection
+    (user-facing settings only, as ``check_caps_apply``: a request may opt out with
+    ``none``; ``overrides.check_overrides`` refuses the other methods)."""
+    if cfg.decode_budget == 0:
+        return
     if cfg.method not in DECODE_METHODS:
         raise KVCompressionConfigError(
             f"--kv-decode-budget is not supported with --kv-compression {cfg.method} "
             f"(supported: {', '.join(DECODE_METHODS)})")
-    if cfg.decode_budget <= cfg.window:
-        raise KVCompressionConfigError(
-            f"--kv-decode-budget must be 0 (off) or greater than --kv-window "
-            f"(got decode_budget={cfg.decode_budget}, window={cfg.window})")
 
 
 def check_scorer_applies(cfg: KVCompressionConfig, flag: str = "--kv-scorer") -> None:

@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from vllm_adakv.config import (
+    DECODE_METHODS,
     SETTING_OF_FIELD,
     SETTINGS,
     KVCompressionConfig,
@@ -112,6 +113,17 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
             _typed(key, given[key])
     # Validate the combination with a prompt long enough for any ratio to apply.
     cfg = resolve(server, overrides, prompt_len=1 << 30)
+    if server.decode_budget and cfg.method != "none":
+        # Decode events keep at most the server's window of queries per request, and
+        # run only the methods with an engine-side re-selection.
+        if cfg.method not in DECODE_METHODS:
+            raise RequestOverrideError(
+                "kv_compression", f"{cfg.method!r} cannot run with this server's "
+                f"--kv-decode-budget (supported: {', '.join(DECODE_METHODS)})")
+        if cfg.window > server.window:
+            raise RequestOverrideError(
+                "kv_window", f"must be at most the server's --kv-window ({server.window}) "
+                f"with --kv-decode-budget, got {cfg.window}")
     if "kv_scorer" in given:  # a server's scorer is ignored by methods without one
         try:
             check_scorer_applies(cfg)

@@ -24,7 +24,8 @@ from tests.e2e.conftest import run_scenario  # noqa: E402
 OUR_KERNELS = ("_window_stats", "_candidate_scores", "_safeguard_caps", "_page_ranges",
                "_gather_kept", "_scatter_pages", "_headwise_fwd", "_headwise_reduce",
                "_pooled_plan", "_pooled_gather", "_pooled_scatter", "_pooled_step",
-               "_voter_probs", "_min_mass_above")
+               "_voter_probs", "_min_mass_above", "_event_stats", "_event_scores",
+               "_gather_candidates")
 COMPRESSION = {
     "adakv": {"method": "adakv", "budget": 128, "window": 16},
     # Per-layer budgets: head-pages pooled across layers, compacted at the last layer.
@@ -90,4 +91,31 @@ def test_balanced_decode_in_an_engine(tmp_path):
     eager = run_scenario({**spec, "engine": {**engine, "enforce_eager": True,
                                              "jit_monitor_verbose": False}})
     assert len(compiled["outputs"]) == rows
+    assert eager["outputs"] == compiled["outputs"]
+
+
+@pytest.mark.parametrize("method", ["adakv", "streamingllm"])
+def test_decode_events_under_cuda_graphs(tmp_path, method):
+    """``--kv-decode-budget`` on CUDA: decode steps replay full graphs that keep each row's
+    query in the ring, and the events a decode step ends with run before the next step
+    (``AdaKVTritonMetadataBuilder._decode_events_before``); requests arriving later make
+    steps with prompt tokens, where the impl splits rows at their event points. None of
+    our kernels compiles during inference, blocks are freed while decoding, and the
+    tokens equal an eager run's (fp32, as above), with the same events."""
+    model = make_tiny_llama(tmp_path, random_weights=True)
+    lengths = [600, 700, 512, 900, 640, 333]
+    requests = [{"len": n, "seed": i, "max_tokens": 160} for i, n in enumerate(lengths)]
+    spec = {"model_dir": str(model), "requests": requests,
+            "arrive_at_step": {str(25 * i): [i] for i in range(len(requests))},
+            "compression": {"method": method, "budget": 128, "window": 16,
+                            "decode_budget": 96, "decode_interval": 16},
+            "engine": {"enforce_eager": False, "jit_monitor_verbose": True}}
+    logs: list[str] = []
+    compiled = run_scenario(spec, stderr=logs)
+    inference = [line for line in logs[0].splitlines() if "during inference" in line]
+    assert not [line for line in inference if any(k in line for k in OUR_KERNELS)], inference
+    assert compiled["decode_events"][0] > 0
+    assert compiled["decode_released_blocks"] > 0
+    eager = run_scenario({**spec, "engine": {"enforce_eager": True}})
+    assert eager["decode_events"] == compiled["decode_events"]
     assert eager["outputs"] == compiled["outputs"]

@@ -44,6 +44,8 @@ from vllm_adakv.kernels.triton_decode import (
     headwise_attention_ranges_triton,
 )
 from vllm_adakv.kernels.triton_expected import unrotated_moments_triton
+from vllm_adakv.kernels.triton_recompact import compact_decode_event_triton
+from vllm_adakv.kernels.triton_reselect import score_decode_event_triton
 from vllm_adakv.kernels.triton_scoring import score_windows_triton
 from vllm_adakv.kernels.triton_voting import min_mass_above_triton, voter_probs_triton
 from vllm_adakv.kernels.voting import work_dtype
@@ -51,20 +53,23 @@ from vllm_adakv.kernels.voting import work_dtype
 # Kernel families a method may launch (``Method.kernels``); compaction and the decode
 # are compiled for every compressed model.
 FAMILIES = frozenset({"scoring", "allocation", "voting"})
+# Compiled with ``decode_events``: a decode event's scoring and compaction
+# (``--kv-decode-budget``; the Ada-KV safeguard shares the prompt's variant).
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
             head_dim: int, block_size: int, window: int, gqa_reduce: str, pooling: str,
             pool_kernel: int, alpha: float, num_layers: int | None = None,
             families: frozenset[str] = FAMILIES, gvote_samples: int = 8,
-            cache_dtype: torch.dtype | None = None) -> float:
+            cache_dtype: torch.dtype | None = None, decode_events: bool = False) -> float:
     """Launch each kernel variant once on scratch tensors, as the backend launches them;
     returns the seconds it took. ``dtype``: the model's (queries, outputs).
     ``num_layers``: layers of a pooled group (only needed past 64, where the pooled plan
     kernel compiles another layer tile). ``families``: the selection kernels to compile
     (``FAMILIES``); the vote's voter count (``gvote_samples`` + 1) is compiled in.
     ``cache_dtype``: the KV cache's dtype as the kernels get it (``torch.float8_e4m3fn``
-    or ``torch.float8_e5m2`` for an fp8 cache, ``kernels.fp8``); None: ``dtype``."""
+    or ``torch.float8_e5m2`` for an fp8 cache, ``kernels.fp8``); None: ``dtype``.
+    ``decode_events``: also the decode events' kernels (``warm_up_decode_events``)."""
     unknown = set(families) - FAMILIES
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(FAMILIES)}")
@@ -173,6 +178,42 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
             q, all_keys, all_values, pages[:, layer], counts[:, layer], table, rows, 2,
             head_dim**-0.5, out, chunk_base=chunk_base, capacity=capacity,
             layer_base=layer * layer_blocks, balance_splits=DEFAULT_BALANCE_SPLITS, **scales)
+    if decode_events:
+        warm_up_decode_events(key_cache, value_cache, num_q_heads, window, gqa_reduce,
+                              pooling, pool_kernel, k_scale)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def warm_up_decode_events(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          num_q_heads: int, window: int, gqa_reduce: str, pooling: str,
+                          pool_kernel: int, k_scale: torch.Tensor) -> None:
+    """One decode event on scratch caches ``[nb, H, bs, D]`` (at least ``window + 3 bs``
+    tokens of blocks): scoring the candidates in place, then compacting a selection
+    (their widths and lengths are not specialised on)."""
+    _, heads, block_size, head_dim = key_cache.shape
+    device = key_cache.device
+    # One row: each head holds half a head-page (entry h: slot h of the row's first
+    # block), then a tail of 3 tokens before the window.
+    tail_start = 2 * block_size
+    seq_len = tail_start + window + 3
+    blocks = -(-seq_len // block_size)
+    if blocks + 1 > key_cache.shape[0]:
+        raise ValueError(f"scratch caches of {key_cache.shape[0]} blocks cannot hold an "
+                         f"event of {seq_len} tokens")
+    table = torch.arange(1, blocks + 1, dtype=torch.int32, device=device).view(1, blocks)
+    page_start = torch.arange(heads, dtype=torch.int32, device=device).view(1, heads)
+    counts = torch.full_like(page_start, block_size // 2)
+    zero = torch.zeros(1)
+    rows = row_table(zero, zero, zero, zero, torch.full((1,), tail_start),
+                     torch.full((1,), seq_len)).to(device)
+    width = block_size // 2 + 3
+    queries = torch.randn(1, window, num_q_heads, head_dim, device=device)
+    score_decode_event_triton(queries, key_cache, page_start, counts, table, rows, width,
+                              head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
+                              pool_kernel=pool_kernel, k_scale=k_scale)
+    keep = torch.zeros(1, heads, width, dtype=torch.bool, device=device)
+    keep[..., :2] = True
+    compact_decode_event_triton(key_cache, value_cache, page_start, counts, table, rows,
+                                keep, window, [1])

@@ -107,6 +107,9 @@ class Method:
     kernels: ClassVar[frozenset[str]] = frozenset()
     # It selects from a scorer's scores (``--kv-scorer``, ``methods.scorers``).
     takes_scorer: ClassVar[bool] = False
+    # Its decode-time re-selection reads the window's scores of the candidates
+    # (``select_candidates`` takes them; False: it needs only their counts).
+    decode_scored: ClassVar[bool] = True
 
     def validate(self, cfg: KVCompressionConfig) -> None:
         """Raise ValueError (naming the flag) for settings this method cannot run."""
@@ -137,6 +140,16 @@ class Method:
     def reselect(self, event: DecodeRows) -> torch.Tensor:
         """Bool ``[R, H, Cmax]`` over the event's candidates (True = kept; padding never
         kept). The window is not in it: it is always kept."""
+        raise ValueError(f"method {self.name!r} has no decode-time re-selection")
+
+    def select_candidates(self, scores: torch.Tensor | None, num_candidates: torch.Tensor,
+                          selectable: list[int], cfg: KVCompressionConfig, width: int
+                          ) -> torch.Tensor:
+        """``reselect``'s keep mask ``[R, H, width]`` from the candidates' scores
+        ``[R, H, width]`` (pooled, -inf padding; None when ``decode_scored`` is False),
+        their counts ``[R, H]`` and each row's selectable ``budget - w``: the part after
+        the checks and the scoring, which the CUDA backend scores in place
+        (``kernels.score_decode_event``). No host sync on CUDA."""
         raise ValueError(f"method {self.name!r} has no decode-time re-selection")
 
     def __repr__(self) -> str:

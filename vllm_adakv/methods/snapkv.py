@@ -122,8 +122,12 @@ class SnapKV(Method):
         """Each head's top candidates by the decode window's scores (``decode_counts`` of
         them; ties: the older token)."""
         selectable = check_decode_rows(event)
-        scores = self.decode_scores(event)
-        counts, bound = self.decode_counts(scores, event.num_candidates, selectable,
-                                           event.cfg)
-        return head_topk_masks(scores, counts, event.num_candidates,
-                               min(bound, scores.shape[2]))
+        return self.select_candidates(self.decode_scores(event), event.num_candidates,
+                                      selectable, event.cfg, event.keys.shape[2])
+
+    def select_candidates(self, scores: torch.Tensor | None, num_candidates: torch.Tensor,
+                          selectable: list[int], cfg: Any, width: int) -> torch.Tensor:
+        if scores is None or scores.shape[2] != width:
+            raise ValueError(f"{self.name} selects by scores [R, H, {width}]")
+        counts, bound = self.decode_counts(scores, num_candidates, selectable, cfg)
+        return head_topk_masks(scores, counts, num_candidates, min(bound, width))

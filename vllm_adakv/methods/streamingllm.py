@@ -39,6 +39,7 @@ class StreamingLLM(Method):
     """Sinks + most recent tokens, the same for every head; no scores."""
 
     name = "streamingllm"
+    decode_scored = False
 
     def validate(self, cfg: Any) -> None:
         if cfg.sink_tokens > cfg.budget - cfg.window:
@@ -68,13 +69,17 @@ class StreamingLLM(Method):
         """Each head's first ``sink_tokens`` candidates and its last
         ``budget - w - sink_tokens`` (all of them when they fit)."""
         selectable = check_decode_rows(event)
-        sinks = check_int("sink_tokens", event.cfg.sink_tokens, 0)
+        return self.select_candidates(None, event.num_candidates, selectable, event.cfg,
+                                      event.keys.shape[2])
+
+    def select_candidates(self, scores: torch.Tensor | None, num_candidates: torch.Tensor,
+                          selectable: list[int], cfg: Any, width: int) -> torch.Tensor:
+        sinks = check_int("sink_tokens", cfg.sink_tokens, 0)
         if sinks > min(selectable):
             raise ValueError(f"streamingllm needs decode budget - window >= sink_tokens "
                              f"({sinks}), got {min(selectable)}")
-        device = event.keys.device
-        width = event.keys.shape[2]
-        n = event.num_candidates.to(device).long()[..., None]  # [R, H, 1]
+        device = num_candidates.device
+        n = num_candidates.long()[..., None]  # [R, H, 1]
         sel = on_device(selectable, torch.long, device)[:, None, None]
         pos = torch.arange(width, device=device)
         keep = (sel >= n) | (pos < sinks) | (pos >= n - (sel - sinks))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vllm_adakv.config import KVCompressionConfigError, check_kv_cache_dtype
+from vllm_adakv.config import check_kv_cache_dtype
 from vllm_adakv.kernels.fp8 import is_fp8
 from vllm_adakv.protocol import CompressedAttentionSpec
 from vllm_adakv.worker.batch import RowPlan, StepPlan, build_step_plan
@@ -110,10 +110,6 @@ class CompressedBuilder:
         from vllm.model_executor.models.utils import extract_layer_index
 
         check_cache_dtype(vllm_config.cache_config.cache_dtype, self.platform)
-        if self.platform != "cpu" and self.kv_cache_spec.compression.decode_budget:
-            raise KVCompressionConfigError(
-                "--kv-decode-budget runs on the CPU backend only in this version: the CUDA "
-                "backend does not run decode events yet (docs/decode-compression.md)")
         self.ctx = current()
         self.store = compression_store(self.ctx, self.kv_cache_spec)
         self.store.bind_layers({extract_layer_index(n): n for n in layer_names})

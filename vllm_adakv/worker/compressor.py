@@ -63,6 +63,8 @@ class LayerPages:
     capacity: int | None = None
     tail_start: int = 0
     last_event: int = -1
+    # A host bound on ``counts`` (no device read: it sizes a decode event's candidates).
+    count_bound: int = 0
 
 
 @dataclass
@@ -178,6 +180,13 @@ def kept_positions(mask: torch.Tensor, positions: torch.Tensor | None = None
     ordered = torch.sort(torch.where(mask, positions.long(), pad), dim=-1).values
     most = int(mask.sum(-1).max()) if mask.numel() else 0
     return ordered[:, :most]
+
+
+def prompt_count_bound(prompt_len: int, budget: int, window: int, heads: int,
+                       uniform: bool) -> int:
+    """Most tokens one head keeps of a compressed prompt: the layer's budget (window
+    included) for uniform methods; the window plus the layer's whole selection otherwise."""
+    return min(prompt_len, budget if uniform else window + heads * (budget - window))
 
 
 def selection_key(cfg: KVCompressionConfig) -> tuple:
@@ -432,18 +441,28 @@ class CompressionStore:
             dst_blocks=self._destinations(rows, cache.key.device))
         done = []
         heads = cache.key.shape[1]
-        capacities = on_device([r.plan.kept_blocks * heads for r in rows], torch.int32,
-                               cache.key.device)
+        # Chunk k holds this layer's entries: the kept blocks' or, under decode-time
+        # compression, the P blocks every later event writes into (so that a chunk's
+        # capacity never changes and the device tables stay valid between layers).
+        blocks = [r.plan.kept_blocks if r.decode is None else r.decode.page_blocks
+                  for r in rows]
+        capacities = on_device([b * heads for b in blocks], torch.int32, cache.key.device)
         for i, (row, (page_start, counts)) in enumerate(zip(rows, results, strict=True)):
             state = self.requests[row.req_id]
             state.chunk_base = cache.layer_bases
             state.kept_blocks = row.plan.kept_blocks
-            if row.decode is not None:
+            if row.decode is not None and not masks.is_cuda:
+                # The dense event path's candidate positions (the CUDA path reads none).
                 state.positions[layer] = kept_positions(masks[i, :, : row.prompt_len])
-            entry = CompactedRow(row, [layer_idx],
-                                 (page_start + k * row.plan.kept_blocks * heads)[None],
+            entry = CompactedRow(row, [layer_idx], (page_start + k * blocks[i] * heads)[None],
                                  counts[None], cache.layer_bases, capacities[i])
             self._store_pages(entry, [layer])
+            if row.decode is not None:
+                pages = state.pages[layer]
+                pages.capacity = blocks[i] * heads
+                pages.count_bound = prompt_count_bound(
+                    row.prompt_len, row.plan.layer_budgets[layer_idx], row.decode.window,
+                    heads, get_method((row.cfg or self.cfg).method).uniform)
             done.append(entry)
         return done
 

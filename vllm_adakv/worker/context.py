@@ -38,6 +38,7 @@ class WorkerContext:
         self.full_attention_layers = full_attention_layers(hf)
         self.store: Any = None  # worker.compressor.CompressionStore
         self.pool: Any = None  # worker.range_pool.RangePool (CUDA)
+        self.ring: Any = None  # worker.query_ring.QueryRing (CUDA, decode-time compression)
         self.views = LayerViews()
         self.reports = KeptBlockPosts()
         self.targets = CompactionTargets()

@@ -49,15 +49,19 @@ from vllm_adakv.kernels.triton_decode import (
 )
 from vllm_adakv.methods import get_method
 from vllm_adakv.protocol import CompressedAttentionSpec
+from vllm_adakv.tensors import host_to_device
 from vllm_adakv.worker.backend import (
     CompressedBuilder,
     CompressedImpl,
     compressible_spec,
     dequantize_query,
+    layer_scales,
 )
 from vllm_adakv.worker.batch import RowPlan, StepPlan
-from vllm_adakv.worker.compressor import CompressionStore
+from vllm_adakv.worker.compressor import CompressionStore, LayerCache
 from vllm_adakv.worker.context import WorkerContext
+from vllm_adakv.worker.decode_events import DecodeEvents, Segment
+from vllm_adakv.worker.query_ring import QueryRing
 from vllm_adakv.worker.range_pool import RangePool
 from vllm_adakv.worker.targets import with_targets
 
@@ -91,6 +95,14 @@ class AdaKVTritonMetadata(TritonAttentionMetadata):
     # The block table the head-wise kernel reads, where it differs from ``block_table``
     # (a resumed row compacted into targets in this step: ``worker/targets.py``).
     headwise_block_table: torch.Tensor | None = None
+    # Decode-time compression (``worker/decode_events.py``): the query ring and, in
+    # decode-only steps, each batch row's index into it (a persistent buffer); in other
+    # steps the rows served split at their event points (row, first query offset) and
+    # the block table they are read through.
+    ring: QueryRing | None = None
+    ring_index: torch.Tensor | None = None
+    event_rows: list[tuple[RowPlan, int]] | None = None
+    event_block_table: torch.Tensor | None = None
 
 
 class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuilder):
@@ -115,6 +127,16 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
                                            device=device)
             self.dense_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
             self.ctx.prompt_free_decode_graphs = True
+            self.ring: QueryRing | None = None
+            if kv_cache_spec.compression.decode_budget:
+                model = vllm_config.model_config
+                self.ring = query_ring(
+                    self.ctx, kv_cache_spec, max_rows,
+                    model.get_num_attention_heads(vllm_config.parallel_config),
+                    model.dtype, device)
+                self.ring_index = torch.full((max_rows,), self.ring.spare, dtype=torch.long,
+                                             device=device)
+            self.forward_context = vllm_config.compilation_config.static_forward_context
             _warm_up_kernels(kv_cache_spec, vllm_config, device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
@@ -130,8 +152,12 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
         rows = self.decode_rows[:n]
         rows.zero_()
         dense = TritonAttentionMetadataBuilder.build(self, 0, replace(cm, seq_lens=seq_lens))
-        return self._metadata(dense, step=None, prefill_rows=None, qsl=None,
-                              rows=rows, num_tokens=n)
+        metadata = self._metadata(dense, step=None, prefill_rows=None, qsl=None,
+                                  rows=rows, num_tokens=n)
+        if self.ring is not None:
+            self.ring_index[:n].fill_(self.ring.spare)
+            metadata.ring_index = self.ring_index[:n]
+        return metadata
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TritonAttentionMetadata:
@@ -141,25 +167,39 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
         qsl = cm.query_start_loc_cpu.tolist()
         step = self.begin_step(cm)
         self.pool.retain(step.live_req_ids)
+        decode_only = cm.max_query_len == 1
+        if self.ring is not None:
+            self._decode_events_before(step, cm.block_table_tensor)
 
         # Rows served head-wise: compressed before this step (all their queries),
         # and resumed requests whose chunk runs past the prompt (the later queries).
+        # Outside decode-only steps, rows with decode events are served by the impl,
+        # split at their event points (``event_rows``).
         table: list[tuple[int, int, int, int, int, int]] = []
         hidden: list[tuple[int, int]] = []
         resumed: list[RowPlan] = []
+        event_rows: list[tuple[RowPlan, int]] = []
+        event_resumed: list[RowPlan] = []
         for r in step.rows:
+            split = r.decode is not None and not decode_only
             if r.compressed_before:
                 first = qsl[r.row]
                 hidden.append((r.row, r.query_len))
+                if split:
+                    event_rows.append((r, 0))
+                    continue
             elif r.resumed and not r.plan.pooled:
                 # (pooled pages are served before compaction by the impl: see forward)
+                if split:
+                    event_rows.append((r, r.prompt_len - r.context_start))
+                    event_resumed.append(r)
+                    continue
                 first = qsl[r.row] + r.prompt_len - r.context_start
                 resumed.append(r)
             else:
                 continue
             table.append((r.row, self.pool.slot(r.req_id), first, qsl[r.row + 1],
-                          r.prompt_len, r.seq_len))
-        decode_only = cm.max_query_len == 1
+                          self._tail_start(r), r.seq_len))
         n = cm.seq_lens.shape[0]  # padded to the graph's batch size in full graphs
         if hidden or decode_only:
             # Released blocks must not be read by the dense kernel: it sees only
@@ -173,7 +213,10 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
             rows = self.decode_rows[:n]
             rows.copy_(_row_table_padded(table, n).pin_memory().to(self.device,
                                                                    non_blocking=True))
-            return self._metadata(dense, step, prefill_rows, qsl, rows, n)
+            metadata = self._metadata(dense, step, prefill_rows, qsl, rows, n)
+            if self.ring is not None:
+                metadata.ring_index = self._ring_index(step, n)
+            return metadata
         rows = None
         num_tokens = 0
         if table:
@@ -184,7 +227,63 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
         if resumed:
             # Resumed rows' pages are read where this step compacts them (their targets).
             metadata.headwise_block_table = with_targets(dense.block_table, resumed)
+        if event_rows:
+            metadata.event_rows = event_rows
+            metadata.event_block_table = with_targets(dense.block_table, event_resumed)
         return metadata
+
+    def _tail_start(self, row: RowPlan) -> int:
+        """The row's first position read through its block table: the prompt's length
+        until a decode event moved it (every layer alike between steps)."""
+        if row.decode is None or not row.compressed_before:
+            return row.prompt_len
+        return self.store.pages_of(row.req_id, self.layer_names[0]).tail_start
+
+    def _ring_index(self, step: StepPlan, n: int) -> torch.Tensor:
+        """Decode-only step: each batch row's flat index into the query ring (the spare
+        slot for rows without decode compression), in the persistent buffer."""
+        index = torch.full((n,), self.ring.spare, dtype=torch.long)
+        for r in step.rows:
+            if r.decode is not None and r.compressed_before:
+                index[r.row] = self.ring.index(self.pool.slot(r.req_id), r.context_start)
+        out = self.ring_index[:n]
+        out.copy_(index.pin_memory().to(self.device, non_blocking=True))
+        return out
+
+    def _decode_events_before(self, step: StepPlan, block_table: torch.Tensor) -> None:
+        """Give each decode-compressed request its ring views, and run the events due at
+        the first position of this step's chunk, for every layer, before the forward.
+
+        These are the events a decode-only step ended with: its graph cannot run them
+        (the impl runs the others, split inside a chunk, ``DecodeEvents.serve``). The
+        blocks they read behind the window are freed by the scheduler once that step
+        was processed, so a later request may have been given them in this step; its
+        writes come in this step's forward, queued after these reads."""
+        first = self.layer_names[0]
+        due = []
+        for r in step.rows:
+            if r.decode is None:
+                continue
+            state = self.store.requests[r.req_id]
+            if first not in state.recent_queries:
+                slot = self.pool.slot(r.req_id)
+                for name in self.layer_names:
+                    k = pool_chunk(self.store, extract_layer_index(name))
+                    state.recent_queries[name] = self.ring.view(k, slot)
+            if not r.compressed_before or first not in state.pages:
+                continue
+            n = r.context_start - r.prompt_len
+            if (n >= r.decode.first_event and n % r.decode.interval == 0
+                    and state.pages[first].last_event < n):
+                due.append(Segment(r, r.context_start, r.context_start, True))
+        if not due:
+            return
+        for name in self.layer_names:
+            layer = self.forward_context[name]
+            key, value = layer.impl._split_kv(layer.kv_cache)
+            k_scale, _ = layer_scales(layer, key)
+            DecodeEvents(self.store, name, extract_layer_index(name), key, value, block_table,
+                         layer.impl.scale, k_scale, on_event=self.pool.store_layer).run(due)
 
     def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
                         ) -> torch.Tensor:
@@ -210,7 +309,25 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
                                    query_start_cpu=qsl, headwise_rows=rows,
                                    num_headwise_tokens=num_tokens,
                                    layer_names=self.layer_names, store=self.store,
-                                   pool=self.pool)
+                                   pool=self.pool, ring=self.ring)
+
+
+def query_ring(ctx: WorkerContext, spec: CompressedAttentionSpec, num_slots: int,
+               num_q_heads: int, dtype: torch.dtype, device: torch.device) -> QueryRing:
+    """The context's query ring for ``spec`` (made anew when its shape changes)."""
+    ring = ctx.ring
+    shape = (len(spec.compressed_layers), (num_slots + 1) * spec.compression.window,
+             num_q_heads, spec.head_size)
+    if ring is None or ring.shape != shape or ring.buffer.dtype != dtype:
+        ring = QueryRing(len(spec.compressed_layers), num_slots, spec.compression.window,
+                         num_q_heads, spec.head_size, dtype, device)
+        ctx.ring = ring
+    return ring
+
+
+def pool_chunk(store: CompressionStore, layer_idx: int) -> int:
+    """The compressed layer's index in the group (its chunk and ring layer)."""
+    return store.layer_indices.index(layer_idx)
 
 
 def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None:
@@ -232,7 +349,8 @@ def _warm_up_kernels(spec: CompressedAttentionSpec, vllm_config, device) -> None
         # what the server's method launches.
         families=frozenset({"scoring", "allocation"}) | get_method(cfg.method).kernels,
         gvote_samples=cfg.gvote_samples,
-        cache_dtype=current_platform.fp8_dtype() if fp8 else None)
+        cache_dtype=current_platform.fp8_dtype() if fp8 else None,
+        decode_events=bool(cfg.decode_budget))
     logger.info("vllm-adakv: compiled the compression kernels in %.1f s", seconds)
 
 
@@ -255,7 +373,8 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
             return output
         # Under a full CUDA graph only the launches below replay: decode-only steps
         # have no prefill rows, and their row table lives in a persistent buffer.
-        if not attn_metadata.prefill_rows and attn_metadata.headwise_rows is None:
+        if (not attn_metadata.prefill_rows and attn_metadata.headwise_rows is None
+                and attn_metadata.event_rows is None):
             return output
         store, pool = attn_metadata.store, attn_metadata.pool
         assert store is not None and pool is not None
@@ -275,8 +394,16 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
             done, _ = self.compress_prefills(store, attn_metadata.prefill_rows, layer_name,
                                              layer_idx, query, output, cache, block_table, qsl)
             pool.store_compacted(done)
+        heads_q = self.num_heads
+        q3 = query.view(query.shape[0], heads_q, self.head_size)
+        if attn_metadata.ring_index is not None:
+            # Decode-only step (captured in full graphs): keep each row's query.
+            index = attn_metadata.ring_index
+            attn_metadata.ring.write(pool_chunk(store, layer_idx), index, q3[: index.shape[0]])
+        if attn_metadata.event_rows:
+            self._serve_events(attn_metadata, store, pool, layer_name, layer_idx, q3, output,
+                               cache)
         if attn_metadata.headwise_rows is not None:
-            heads_q = self.num_heads
             headwise_attention_ranges_triton(
                 query.view(query.shape[0], heads_q, self.head_size),
                 cache.all_key, cache.all_value,
@@ -289,6 +416,38 @@ class AdaKVTritonImpl(CompressedImpl, TritonAttentionImpl):
                 k_scale=cache.k_scale, v_scale=cache.v_scale,
             )
         return output
+
+    def _serve_events(self, md: AdaKVTritonMetadata, store: CompressionStore, pool: RangePool,
+                      layer_name: str, layer_idx: int, q3: torch.Tensor,
+                      output: torch.Tensor, cache: LayerCache) -> None:
+        """Rows with decode events in a step with prompt tokens: attention split at their
+        event points, each layer's events in between (``DecodeEvents.serve``)."""
+        assert md.query_start_cpu is not None and md.event_block_table is not None
+        qsl = md.query_start_cpu
+        table = md.event_block_table
+        o3 = output.view(output.shape[0], self.num_heads, self.head_size)
+
+        def attend(segments: list[Segment]) -> None:
+            first = [qsl[s.row.row] + s.start - s.row.context_start for s in segments]
+            rows = row_table(
+                torch.tensor([s.row.row for s in segments]),
+                torch.tensor([pool.slot(s.row.req_id) for s in segments]),
+                torch.tensor(first),
+                torch.tensor([f + s.end - s.start for f, s in zip(first, segments,
+                                                                  strict=True)]),
+                torch.tensor([store.pages_of(s.row.req_id, layer_name).tail_start
+                              for s in segments]),
+                torch.tensor([s.end for s in segments]))
+            headwise_attention_ranges_triton(
+                q3, cache.all_key, cache.all_value, pool.page_start[:, layer_idx],
+                pool.kept_counts[:, layer_idx], table, host_to_device(rows, q3.device),
+                sum(s.end - s.start for s in segments), self.scale, o3,
+                chunk_base=pool.chunk_base, capacity=pool.capacity, layer_base=cache.base,
+                k_scale=cache.k_scale, v_scale=cache.v_scale)
+
+        events = DecodeEvents(store, layer_name, layer_idx, cache.key, cache.value, table,
+                              self.scale, cache.k_scale, on_event=pool.store_layer)
+        events.serve(md.event_rows, q3, qsl, attend)
 
     def _split_kv(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logical key and value views of a ``[nb, H, bs, 2D]`` cache; an fp8 cache's bytes

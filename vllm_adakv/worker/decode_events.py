@@ -32,6 +32,7 @@ from vllm_adakv import kernels
 from vllm_adakv.kernels.decode import row_table
 from vllm_adakv.methods import get_method
 from vllm_adakv.methods.base import DecodeRows
+from vllm_adakv.tensors import host_to_device, on_device
 from vllm_adakv.worker.batch import RowPlan
 from vllm_adakv.worker.compressor import (
     CompressionStore,
@@ -79,12 +80,23 @@ def segments(row: RowPlan, pages: LayerPages, start: int) -> list[Segment]:
     return out
 
 
+# Called after a layer's events with the rows, their new page starts (in the request's
+# page sequence) and counts ``[R, H]``: the CUDA backend mirrors them into its tables.
+EventHook = Callable[[list[RowPlan], int, torch.Tensor, torch.Tensor], None]
+
+
 class DecodeEvents:
-    """One layer's decode-time events within its forward (module doc)."""
+    """One layer's decode-time events within its forward (module doc).
+
+    On CUDA nothing waits for the device: the candidates are scored in place
+    (``kernels.score_decode_event``) and counted with host bounds
+    (``LayerPages.count_bound``); elsewhere they are gathered into ``DecodeRows``' dense
+    form and checked (``Method.reselect``)."""
 
     def __init__(self, store: CompressionStore, layer: str, layer_idx: int,
                  key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
-                 scale: float, k_scale: torch.Tensor | None = None) -> None:
+                 scale: float, k_scale: torch.Tensor | None = None,
+                 on_event: EventHook | None = None) -> None:
         self.store = store
         self.layer = layer
         self.layer_idx = layer_idx
@@ -93,6 +105,7 @@ class DecodeEvents:
         self.block_table = block_table
         self.scale = scale
         self.k_scale = k_scale
+        self.on_event = on_event
 
     def serve(self, rows: list[tuple[RowPlan, int]], query: torch.Tensor,
               qsl: list[int], attend: Callable[[list[Segment]], None]) -> None:
@@ -108,30 +121,46 @@ class DecodeEvents:
             attend(now)
             due = [s for s in now if s.event]
             if due:
-                self._events(due, query, qsl)
+                self.run(due, query, qsl)
         for row, _ in rows:
             self._keep_queries(row, query, qsl[row.row])
 
-    def _window(self, seg: Segment, query: torch.Tensor, qsl: list[int]) -> torch.Tensor:
+    def run(self, due: list[Segment], query: torch.Tensor | None = None,
+            qsl: list[int] | None = None) -> None:
+        """This layer's event at ``S = seg.end`` for each segment, batched by settings.
+        ``query``/``qsl``: this step's queries (None: every window query was kept before,
+        as for an event run before the step's forward)."""
+        by_row = {s.row.req_id: s for s in due}
+        for group in group_by_selection([s.row for s in due], self.store.cfg):
+            self._event_group([by_row[r.req_id] for r in group], query, qsl)
+
+    def _window(self, seg: Segment, query: torch.Tensor | None, qsl: list[int] | None
+                ) -> torch.Tensor:
         """Queries ``[w, Hq, D]`` of positions ``[S - w, S)``: this step's where it computed
         them, the kept ones before."""
         row = seg.row
-        w = row.decode.window
-        pos = torch.arange(seg.end - w, seg.end)
-        ring = self.store.requests[row.req_id].recent_queries.get(self.layer)
-        out = query.new_empty((w, *query.shape[1:]))
-        here = pos >= row.context_start
-        out[here] = query[qsl[row.row] + pos[here] - row.context_start]
-        if not bool(here.all()):
+        positions = range(seg.end - row.decode.window, seg.end)
+        kept = [p for p in positions if p < row.context_start or query is None]
+        here = [p for p in positions if p >= row.context_start and query is not None]
+        parts = []
+        if kept:
+            ring = self.store.requests[row.req_id].recent_queries.get(self.layer)
             if ring is None:
                 raise RuntimeError(f"vllm-adakv: request {row.req_id!r} has no queries "
                                    f"kept for its decode event at {seg.end}")
-            out[~here] = ring[pos[~here] % w]
-        return out
+            parts.append(ring.index_select(0, on_device([p % ring.shape[0] for p in kept],
+                                                        torch.long, ring.device)))
+        if here:
+            assert query is not None and qsl is not None
+            first = qsl[row.row] - row.context_start
+            parts.append(query.index_select(0, on_device([first + p for p in here],
+                                                         torch.long, query.device)))
+        return torch.cat(parts)
 
     def _keep_queries(self, row: RowPlan, query: torch.Tensor, offset: int) -> None:
         """Keep the last ``w`` queries of this step's generated positions (ring by
-        position modulo ``w``)."""
+        position modulo its size: ``w``, or the server's window where the backend gives
+        the ring)."""
         if row.decode is None:
             return
         w = row.decode.window
@@ -142,54 +171,78 @@ class DecodeEvents:
         ring = state.recent_queries.get(self.layer)
         if ring is None:
             ring = state.recent_queries[self.layer] = query.new_zeros((w, *query.shape[1:]))
-        pos = torch.arange(lo, row.seq_len)
-        ring[pos % w] = query[offset + pos - row.context_start]
+        pos = range(lo, row.seq_len)
+        ring.index_copy_(0, on_device([p % ring.shape[0] for p in pos], torch.long,
+                                      ring.device),
+                         query.index_select(0, on_device([offset + p - row.context_start
+                                                          for p in pos], torch.long,
+                                                         query.device)))
 
-    def _events(self, due: list[Segment], query: torch.Tensor, qsl: list[int]) -> None:
-        """This layer's event at ``S = seg.end`` for each segment, batched by settings."""
-        by_row = {s.row.req_id: s for s in due}
-        for group in group_by_selection([s.row for s in due], self.store.cfg):
-            self._event_group([by_row[r.req_id] for r in group], query, qsl)
-
-    def _event_group(self, segs: list[Segment], query: torch.Tensor, qsl: list[int]) -> None:
+    def _event_group(self, segs: list[Segment], query: torch.Tensor | None,
+                     qsl: list[int] | None) -> None:
         store, name, k = self.store, self.layer, self.k
+        dev = self.key.device
         rows = [s.row for s in segs]
         cfg = rows[0].cfg or store.cfg
+        method = get_method(cfg.method)
         w = cfg.window
         heads = self.key.shape[1]
         states = [store.requests[r.req_id] for r in rows]
         pages = [s.pages[name] for s in states]
         seq_lens = [s.end for s in segs]
         tails = [p.tail_start for p in pages]
-        table = row_table(
+        n_tail = [s - w - t for s, t in zip(seq_lens, tails, strict=True)]
+        selectable = [r.decode.layer_budgets[k] - w for r in rows]
+        table = host_to_device(row_table(
             torch.tensor([r.row for r in rows]), torch.arange(len(rows)),
             torch.zeros(len(rows)), torch.zeros(len(rows)), torch.tensor(tails),
-            torch.tensor(seq_lens)).to(self.key.device)
+            torch.tensor(seq_lens)), dev)
         local = torch.stack([p.page_start - k * capacity_of(p, s, heads)
                              for p, s in zip(pages, states, strict=True)])
         counts = torch.stack([p.counts for p in pages])
-        width = max(int(counts[i].max()) + seq_lens[i] - w - tails[i] for i in range(len(rows)))
-        keys, num_candidates, window_keys = kernels.gather_decode_candidates(
-            self.key, local, counts, self.block_table, table, w, width, k_scale=self.k_scale)
-        positions = torch.stack([
-            candidate_positions(s.positions[name], counts[i], tails[i], seq_lens[i], w, width)
-            for i, s in enumerate(states)])
         queries = torch.stack([self._window(s, query, qsl) for s in segs]).float()
-        keep = get_method(cfg.method).reselect(DecodeRows(
-            cfg=cfg, layer_idx=self.layer_idx,
-            budgets=[r.decode.layer_budgets[k] for r in rows], keys=keys,
-            num_candidates=num_candidates, positions=positions, window_keys=window_keys,
-            window_queries=queries, seq_lens=seq_lens, scale=self.scale,
-            tp_shard=store.tp_shard))
+        positions = None
+        if dev.type == "cuda":
+            # Scored in place; width from host bounds (no read of the counts).
+            width = max(p.count_bound + n for p, n in zip(pages, n_tail, strict=True))
+            num_candidates = counts.long() + on_device(n_tail, torch.long, dev)[:, None]
+            scores = None
+            if method.decode_scored:
+                scores = kernels.score_decode_event(
+                    queries, self.key, local, counts, self.block_table, table, width,
+                    self.scale, gqa_reduce=cfg.gqa_reduce, pooling=cfg.pooling,
+                    pool_kernel=cfg.pool_kernel, k_scale=self.k_scale)
+            keep = method.select_candidates(scores, num_candidates, selectable, cfg, width)
+        else:
+            width = max(int(counts[i].max()) + n_tail[i] for i in range(len(rows)))
+            keys, num_candidates, window_keys = kernels.gather_decode_candidates(
+                self.key, local, counts, self.block_table, table, w, width,
+                k_scale=self.k_scale)
+            positions = torch.stack([
+                candidate_positions(s.positions[name], counts[i], tails[i], seq_lens[i], w,
+                                    width)
+                for i, s in enumerate(states)])
+            keep = method.reselect(DecodeRows(
+                cfg=cfg, layer_idx=self.layer_idx,
+                budgets=[r.decode.layer_budgets[k] for r in rows], keys=keys,
+                num_candidates=num_candidates, positions=positions, window_keys=window_keys,
+                window_queries=queries, seq_lens=seq_lens, scale=self.scale,
+                tp_shard=store.tp_shard))
         page_start, kept, _ = kernels.compact_decode_event(
             self.key, self.value, local, counts, self.block_table, table, keep, w,
             [r.decode.page_blocks for r in rows])
+        capacity = [r.decode.page_blocks * heads for r in rows]
+        starts = page_start + k * on_device(capacity, torch.int32, dev)[:, None]
         for i, (row, state) in enumerate(zip(rows, states, strict=True)):
-            capacity = row.decode.page_blocks * heads
+            most = selectable[i] if method.uniform else heads * selectable[i]
             state.pages[name] = LayerPages(
-                page_start=page_start[i] + k * capacity, counts=kept[i], capacity=capacity,
-                tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len)
-            state.positions[name] = kept_positions(keep[i], positions[i])
+                page_start=starts[i], counts=kept[i], capacity=capacity[i],
+                tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len,
+                count_bound=min(most, pages[i].count_bound + n_tail[i]))
+            if positions is not None:
+                state.positions[name] = kept_positions(keep[i], positions[i])
+        if self.on_event is not None:
+            self.on_event(rows, self.layer_idx, starts, kept)
         store.num_decode_events += len(rows)
 
 

@@ -19,6 +19,7 @@ import torch
 from vllm_adakv.tensors import on_device
 
 if TYPE_CHECKING:
+    from vllm_adakv.worker.batch import RowPlan
     from vllm_adakv.worker.compressor import CompactedRow
 
 
@@ -71,6 +72,15 @@ class RangePool:
         self.kept_counts[index] = kept_counts.to(dev, torch.int32)
         self.chunk_base[slots] = chunk_base.to(dev, torch.int32)
         self.capacity[slots] = capacity.to(dev, torch.int32)
+
+    def store_layer(self, rows: list[RowPlan], layer: int, page_starts: torch.Tensor,
+                    kept_counts: torch.Tensor) -> None:
+        """One layer's page ranges ``[R, H]`` of ``rows`` after a decode event (their
+        chunk tables and capacity stay: ``worker/decode_events.py``)."""
+        dev = self.page_start.device
+        slots = on_device([self.slot(r.req_id) for r in rows], torch.long, dev)
+        self.page_start[slots, layer] = page_starts.to(dev, torch.int32)
+        self.kept_counts[slots, layer] = kept_counts.to(dev, torch.int32)
 
     def store_compacted(self, done: list[CompactedRow]) -> None:
         """The page ranges of a step's compacted rows, one ``store_rows`` per set of layers
