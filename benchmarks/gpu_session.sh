@@ -36,6 +36,18 @@
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C  # C, full memory: 1x/4x/16x
+#   bash benchmarks/gpu_session.sh throughput-D [BUDGETS] # issue 29, regime D: 32 x 1000 in,
+#                                               # 4000 out, 4 GiB: vanilla (+ prefill-only),
+#                                               # Ada-KV prompt 512 at decode BUDGETS (default
+#                                               # 512,1024; one engine each: ~7-8 min); then
+#                                               # `throughput-D 2048` (~5 min); file suffixed
+#                                               # -dBUDGETS
+#   bash benchmarks/gpu_session.sh throughput-B-decode # issue 29: B 6000 8 GiB, 8x (budget
+#                                               # 750) at decode budget 0 and 750 (+ vanilla,
+#                                               # prefill-only; ~6 min)
+#   bash benchmarks/gpu_session.sh throughput-C-decode [R] # issue 29: C 8 GiB, 4000 in, 2000
+#                                               # out, ratio R (default 4) at decode budget
+#                                               # 4000/R (+ vanilla, prefill-only; ~5-6 min)
 #   bash benchmarks/gpu_session.sh serving [R] [FLAGS] # vllm serve + vllm bench serve, 8x,
 #                                               # R req/s (default 1; ~8.5 min at 1, ~7.5 at 2);
 #                                               # FLAGS for both servers, e.g. "--stream-interval 8"
@@ -142,6 +154,37 @@ case "${1:?stage}" in
     timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
       --output-len 2000 --num-prompts 64 --ratios 1,4,16 --reserve-output 2000 \
       --out "$OUT" 2>&1 | tee "$OUT/C.log" | grep -v "^{" | tail -20
+    ;;
+  throughput-D)
+    # Issue 29, long generation: decode budgets $2 (default 512,1024) in one call, each in
+    # an engine of its own (decode_budget is a server setting), against vanilla in the same
+    # run. Prompt budget 512 for all (--budgets: the prompt must be compressed for its
+    # requests to be decode-compressed; at 1024/2048 the prefill releases nothing). H100
+    # estimate: two engines' ~60-80 s starts, vanilla ~100-130 s (32 x 5000 tokens in a
+    # 32k-token cache: ~6-11 at once, preemptions), each decode budget ~70 s + ~40-70 s.
+    budgets=${2:-512,1024}
+    suffix="-d${budgets//,/-}"
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime D --input-len 1000 \
+      --output-len 4000 --num-prompts 32 --budgets 512 --decode-budgets "$budgets" \
+      --kv-cache-gib 4 --reserve-output 4000 --suffix="$suffix" --out "$OUT" 2>&1 \
+      | tee "$OUT/D$suffix.log" | grep -v "^{" | tail -20
+    ;;
+  throughput-B-decode)
+    # Issue 29: B 8x (prompt budget 750) without and with decode budget 750 (interval 32),
+    # against vanilla in the same run: what compressing the generated tokens adds to B 8x.
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \
+      --output-len 500 --num-prompts 64 --ratios 8 --decode-budgets 0,750 --kv-cache-gib 8 \
+      --reserve-output 500 --suffix=-decode --out "$OUT" 2>&1 | tee "$OUT/B-decode.log" \
+      | grep -v "^{" | tail -20
+    ;;
+  throughput-C-decode)
+    # Issue 29: C at 8 GiB (as throughput-C8), ratio $2 (default 4: budget 1000) with the
+    # same decode budget; C8's 4x without decode compression ran 1.46x.
+    ratio=${2:-4}
+    timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime C --input-len 4000 \
+      --output-len 2000 --num-prompts 64 --ratios "$ratio" --decode-budgets $((4000 / ratio)) \
+      --kv-cache-gib 8 --reserve-output 2000 --suffix="-decode-$ratio" --out "$OUT" 2>&1 \
+      | tee "$OUT/C-decode-$ratio.log" | grep -v "^{" | tail -20
     ;;
   throughput-B-compare)
     timeout 580 python3 -m benchmarks.throughput --model "$MODEL" --regime B --input-len 6000 \

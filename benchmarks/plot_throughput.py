@@ -3,8 +3,9 @@
     python -m benchmarks.plot_throughput benchmarks/results/throughput-*.json \
         --out benchmarks/results/throughput-h100.png
 
-One line per (file, regime, input length): each file's points are measured against that
-file's own vanilla run, drawn dashed in the same colour (dotted: the prefill-only bound).
+One line per (file, regime, input length, method, decode budget): each file's points are
+measured against that file's own vanilla run, drawn dashed in the same colour (dotted: the
+prefill-only bound).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def load_series(paths: list[Path]) -> dict[str, dict]:
     for path in paths:
         data = json.loads(path.read_text())
         for p in data["points"]:
-            label = (f"{p['regime']} {p['input_len']} in / {p['output_len']} out, {p['method']} "
-                     f"[{path.stem.removeprefix('throughput-')}]")
+            decode = f" decode {p['decode_budget']}" if p.get("decode_budget") else ""
+            label = (f"{p['regime']} {p['input_len']} in / {p['output_len']} out, {p['method']}"
+                     f"{decode} [{path.stem.removeprefix('throughput-')}]")
             s = series.setdefault(label, {"points": {}, "vanilla": p["vanilla_out_tok_s"],
                                           "bound": p["bound_speedup"]})
             s["points"][p["ratio"]] = p["out_tok_s"]

@@ -2,6 +2,9 @@
 
     python -m benchmarks.throughput --model CONFIG_DIR --regime B --input-len 6000 \
         --output-len 500 --num-prompts 64 --ratios 1,8,64 [--kv-cache-gib 8] [--out DIR]
+    python -m benchmarks.throughput --model CONFIG_DIR --regime D --input-len 1000 \
+        --output-len 4000 --num-prompts 32 --budgets 512 --decode-budgets 512,1024,2048 \
+        --kv-cache-gib 4 --reserve-output 4000
 
 Random-token prompts, ``max_tokens = output_len`` with ``ignore_eos``, weights
 ``--load-format dummy``, bf16, default compilation (CUDA graphs on). Vanilla = vLLM
@@ -13,6 +16,27 @@ share another. ``--fresh-engines`` starts one engine per point instead. Each poi
 draws its own prompts (seeded by its index: the engines' prefix caches never hit),
 after an untimed warm-up request of ``input_len`` tokens. ``bound_speedup`` =
 T_vanilla / T_prefill: compression after prefill cannot beat it.
+Decode-time compression (issue 29): ``--decode-budgets D1,D2,...`` (default 0 = off, the
+runs above) runs every compressed point once per decode budget, on an engine of its own
+per decode budget (``decode_budget`` is a server setting, not a request's), with
+``additional_config`` ``decode_budget`` = D and ``decode_interval`` =
+``--decode-interval`` (default: the setting's, 32); a decode budget of 0 is today's
+engine, without the keys. Only a request whose prompt is compressed is decode-compressed,
+so its prompt budget must be below the prompt and compress it: ``--budgets`` gives the
+points' prompt budgets directly instead of ``--ratios`` (a point's ``ratio`` is then
+``input_len / budget``, a float). Regime D (1000 in, 4000 out) uses ``--budgets 512``: at
+decode budget 512 the prompt keeps 512 tokens like every later event; at 1024 and 2048 no
+prompt budget can equal the decode budget and still compress the 1000-token prompt, so 512
+makes the requests eligible; the decode budget's pages then cover the whole prompt, the
+prefill releases no block (``decode_plan``: ``prefill_compressed`` false) and the first
+event comes once the sequence outgrows those pages. Regimes B and C use a ratio whose
+budget equals the decode budget (B 8x: 750 + decode 750). Every point carries
+``decode_budget`` (0: off); decode points also ``decode_interval`` and
+``decode_released_blocks`` (blocks the events gave back, the manager's counter over the
+point). ``bound_speedup`` stays the prefill-only bound T_vanilla / T_prefill on every
+point: decode compression does not shorten the prefill either, so no point can beat it,
+but where the generated tokens dominate (C, D) it is far above reach: their limit is
+decoding every request at once, which is not computed.
 ``--kv-cache-dtype fp8`` puts the compressed points on an fp8 KV cache and adds a vanilla
 run on the same fp8 cache (its own engine): points then carry ``speedup`` (vs vanilla
 with the default cache) and ``speedup_vs_vanilla_fp8``; every run names its
@@ -59,6 +83,9 @@ def make_engine(spec: dict):
         kwargs["additional_config"] = {"kv_compression": {
             "method": spec["method"], "budget": spec["budget"],
             "reserve_output": spec.get("reserve_output", 0)}}
+        if spec.get("decode_budget"):
+            kwargs["additional_config"]["kv_compression"].update(
+                decode_budget=spec["decode_budget"], decode_interval=spec["decode_interval"])
     kwargs.update(spec.get("engine", {}))
     return LLM(**kwargs), kwargs
 
@@ -89,11 +116,17 @@ def run_engine(spec: dict) -> list[dict]:
     llm.generate([{"prompt_token_ids": prompts(10_000, 1)[0]}], params(8, spec.get("budget")),
                  use_tqdm=False)
     results = []
+    manager = (scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+               if spec.get("decode_budget") else None)
     for index, point in enumerate(spec["points"]):
         sp = params(point["max_tokens"], point.get("budget"))
         for i, ids in enumerate(prompts(index, spec["num_prompts"])):
             engine.add_request(f"{index}-{i}", {"prompt_token_ids": ids}, sp)
+        decode_released = manager.num_decode_released_blocks_total if manager else 0
         res = measure(engine, scheduler, pool)
+        if manager is not None:
+            res.update({"decode_interval": spec["decode_interval"], "decode_released_blocks":
+                        manager.num_decode_released_blocks_total - decode_released})
         res.update({
             "total_tok_s": (res["out_tokens"] + spec["num_prompts"] * spec["input_len"])
             / res["wall_s"], "max_num_seqs": kwargs["max_num_seqs"],
@@ -193,10 +226,12 @@ def kv_bytes_per_token(model_dir: str, kv_cache_dtype: str = "auto") -> int:
     return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * element
 
 
-def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
+def max_num_seqs(args: argparse.Namespace, budget: int, decode_budget: int = 0) -> int:
     """``--max-num-seqs`` for a compressed point; 'auto' sizes it for the end of generation:
     each request then holds its kept tokens, its output and up to two partial blocks, next
-    to one whole prompt being prefilled."""
+    to one whole prompt being prefilled. With a decode budget, a request holds at most
+    about ``max(budget, decode_budget) + window + interval`` tokens per head (the plan's
+    bound, docs/decode-compression.md), if that is less."""
     if args.max_num_seqs != "auto":
         return int(args.max_num_seqs)
     if not args.kv_cache_gib:
@@ -204,33 +239,60 @@ def max_num_seqs(args: argparse.Namespace, budget: int) -> int:
     # --kv-cache-gib is per GPU; each of the tp GPUs holds 1/tp of the KV heads.
     tokens = (int(args.kv_cache_gib * (1 << 30)) * args.tp
               // kv_bytes_per_token(args.model, args.kv_cache_dtype))
-    per_request = budget + args.output_len + 32
+    per_request = budget + args.output_len
+    if decode_budget:
+        window = setting_default("window")
+        per_request = min(per_request,
+                          max(budget, decode_budget) + window + args.decode_interval)
+    per_request += 32
     return max(1, min(256, (tokens - args.input_len) // per_request))
 
 
-def run_method(args: argparse.Namespace, base: dict, method: str, ratios: list[int],
-               add, save) -> None:
-    """The compressed points of one method: one engine for all ratios (each request
-    carries its budget), or one per ratio with ``--fresh-engines``."""
+def setting_default(field: str):
+    """The default of a compression setting (``vllm_adakv.config.SETTINGS``)."""
+    from vllm_adakv.config import SETTING_OF_FIELD
+
+    return SETTING_OF_FIELD[field].default
+
+
+def prompt_points(args: argparse.Namespace) -> list[tuple[int | float, int]]:
+    """``(ratio, budget)`` of each compressed point: ``--ratios`` (budget
+    ``input_len // ratio``) or ``--budgets`` (ratio ``input_len / budget``)."""
+    if args.budgets is not None:
+        if args.ratios is not None:
+            raise SystemExit("give --ratios or --budgets, not both")
+        return [(args.input_len / int(b), int(b)) for b in args.budgets.split(",")]
+    return [(int(r), args.input_len // int(r)) for r in (args.ratios or "1,8,64").split(",")]
+
+
+def run_method(args: argparse.Namespace, base: dict, method: str,
+               pairs: list[tuple[int | float, int]], add, save,
+               decode_budget: int = 0) -> None:
+    """The compressed points of one method (and decode budget): one engine for all
+    ``(ratio, budget)`` pairs (each request carries its budget), or one per pair with
+    ``--fresh-engines``."""
     out_len = args.output_len
     ours = {**base, "method": method, "reserve_output": args.reserve_output,
             "kv_cache_dtype": args.kv_cache_dtype,
             "engine": {**base["engine"], **json.loads(args.engine_extra)}}
+    if decode_budget:
+        ours.update(decode_budget=decode_budget, decode_interval=args.decode_interval)
     if args.fresh_engines:
-        for ratio in ratios:
-            budget = args.input_len // ratio
-            res, = spawn({**ours, "budget": budget, "max_num_seqs": max_num_seqs(args, budget),
+        for ratio, budget in pairs:
+            res, = spawn({**ours, "budget": budget,
+                          "max_num_seqs": max_num_seqs(args, budget, decode_budget),
                           "points": [{"max_tokens": out_len, "budget": budget}]})
-            add(ratio, res)
+            add(ratio, budget, res)
             save()
         return
-    budgets = [args.input_len // r for r in ratios]
-    sizing = min((b for r, b in zip(ratios, budgets, strict=True) if r > 1),
-                 default=budgets[0], key=lambda b: -b)
-    results = spawn({**ours, "budget": sizing, "max_num_seqs": max_num_seqs(args, sizing),
+    budgets = [b for _, b in pairs]
+    sizing = min((b for b in budgets if b < args.input_len), default=budgets[0],
+                 key=lambda b: -b)
+    results = spawn({**ours, "budget": sizing,
+                     "max_num_seqs": max_num_seqs(args, sizing, decode_budget),
                      "points": [{"max_tokens": out_len, "budget": b} for b in budgets]})
-    for ratio, res in zip(ratios, results, strict=True):
-        add(ratio, res)
+    for (ratio, budget), res in zip(pairs, results, strict=True):
+        add(ratio, budget, res)
     save()
 
 
@@ -238,11 +300,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--model")
-    ap.add_argument("--regime", choices=["A", "B", "C"], default="A")
+    ap.add_argument("--regime", choices=["A", "B", "C", "D"], default="A")
     ap.add_argument("--input-len", type=int, default=6000)
     ap.add_argument("--output-len", type=int, default=500)
     ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--ratios", default="1,8,64")
+    ap.add_argument("--ratios", default=None,
+                    help="compression ratios of the compressed points, prompt budget "
+                         "input_len // ratio (default 1,8,64)")
+    ap.add_argument("--budgets", default=None,
+                    help="prompt budgets of the compressed points, given directly instead "
+                         "of --ratios (ratio = input_len / budget)")
+    ap.add_argument("--decode-budgets", default="0",
+                    help="--kv-decode-budget of the compressed points, a comma list: each "
+                         "point runs once per decode budget, one engine per decode budget "
+                         "(0: off)")
+    ap.add_argument("--decode-interval", type=int, default=None,
+                    help="--kv-decode-interval of the decode points (default: the "
+                         "setting's)")
     ap.add_argument("--method", default="adakv",
                     help="compression method of the compressed points; a comma list runs "
                          "each (its own engine) against the same vanilla run")
@@ -274,6 +348,10 @@ def main() -> None:
     if args.engine:
         print("@@POINTS@@" + json.dumps(run_engine(json.loads(args.engine))), flush=True)
         return
+    pairs = prompt_points(args)
+    decode_budgets = [int(d) for d in args.decode_budgets.split(",")]
+    if args.decode_interval is None:
+        args.decode_interval = setting_default("decode_interval")
     base = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
             "num_prompts": args.num_prompts, "kv_cache_gib": args.kv_cache_gib, "tp": args.tp,
             "dtype": args.dtype, "engine": json.loads(args.all_engines_extra)}
@@ -312,18 +390,21 @@ def main() -> None:
             "command": "python -m benchmarks.throughput "
             + " ".join(sys.argv[1:]), "model_shape": Path(args.model).name,
             "kv_cache_gib": args.kv_cache_gib,
-            "engines": "one per point" if args.fresh_engines else "one per method",
+            "engines": "one per point" if args.fresh_engines else "one per method"
+            + (" and decode budget" if decode_budgets != [0] else ""),
             "vanilla": vanilla, "prefill_only": prefill, "flag_off": flag_off,
             **({f"vanilla_{args.kv_cache_dtype}": vanilla_q} if vanilla_q else {}),
             "points": points}, indent=1))
 
-    def add(method: str, ratio: int, res: dict) -> None:
+    def add(method: str, decode_budget: int, ratio: int | float, budget: int,
+            res: dict) -> None:
         if "error" in res:
             return
         point = {"regime": args.regime, "input_len": args.input_len,
                  "output_len": out_len, "num_prompts": args.num_prompts,
-                 "method": method, "ratio": ratio, "budget": args.input_len // ratio,
-                 **res, "vanilla_out_tok_s": vanilla["out_tok_s"],
+                 "method": method, "ratio": ratio, "budget": budget,
+                 "decode_budget": decode_budget, **res,
+                 "vanilla_out_tok_s": vanilla["out_tok_s"],
                  "speedup": res["out_tok_s"] / vanilla["out_tok_s"], "bound_speedup": bound}
         if vanilla_q:
             point[f"speedup_vs_vanilla_{args.kv_cache_dtype}"] = (
@@ -337,9 +418,11 @@ def main() -> None:
         if "error" not in flag_off:
             flag_off["speedup"] = flag_off["out_tok_s"] / vanilla["out_tok_s"]
         save()
-    ratios = [int(r) for r in args.ratios.split(",")]
     for method in args.method.split(","):
-        run_method(args, base, method, ratios, lambda r, res, m=method: add(m, r, res), save)
+        for decode_budget in decode_budgets:
+            run_method(args, base, method, pairs,
+                       lambda r, b, res, m=method, d=decode_budget: add(m, d, r, b, res),
+                       save, decode_budget)
     print(f"wrote {path}")
 
 

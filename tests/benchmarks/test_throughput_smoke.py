@@ -52,6 +52,7 @@ def test_shared_engine_points(tmp_path: Path) -> None:
     for point in result["points"]:
         assert point["out_tokens"] == 6 * 6
         assert point["engine_points"] == 2
+        assert point["decode_budget"] == 0 and "decode_interval" not in point
         assert point["speedup"] == pytest.approx(
             point["out_tok_s"] / result["vanilla"]["out_tok_s"])
         assert point["bound_speedup"] == pytest.approx(
