@@ -57,3 +57,86 @@ def test_rows_without_decode_plan_are_one_segment():
     row.decode = None
     assert [(s.start, s.end, s.event) for s in segments(row, _pages(), L + 40)] == [
         (L + 40, L + 41, False)]
+
+
+def _event_layout(method: str, seed: int):
+    """A store with two requests whose layer 0 holds prompt pages and a generated tail, a
+    random paged cache and block table, and the rows of their event at ``S``."""
+    import torch
+
+    from vllm_adakv.worker.compressor import CompressionStore, RequestKV
+    from vllm_adakv.worker.decode_events import Segment
+
+    gen = torch.Generator().manual_seed(seed)
+    heads, q_heads, dim, bs, w = 2, 4, 32, 16, 8
+    cfg = KVCompressionConfig(method=method, budget=64, window=w, decode_budget=48,
+                              decode_interval=10)
+    store = CompressionStore(cfg, (0,))
+    key = torch.randn(96, heads, bs, dim, generator=gen)
+    value = torch.randn(96, heads, bs, dim, generator=gen)
+    table = torch.stack([torch.randperm(95, generator=gen)[:40] + 1 for _ in range(2)])
+    due = []
+    for r, length in enumerate((300, 333)):
+        plan = plan_compression(cfg, length, heads, bs, 1)
+        decode = plan_decode(cfg, length, heads, bs, 1, interval=10, budget=48)
+        seq = length + decode.first_event + 10 * r  # a first and a second-round event
+        row = RowPlan(row=r, req_id=f"r{r}", prompt_len=length, context_start=seq,
+                      query_len=1, plan=plan, decode=decode)
+        state = store.requests[row.req_id] = RequestKV(prompt_len=length)
+        if method == "adakv":  # uneven heads within the layer's total
+            counts = torch.tensor([90, 38]) if r == 0 else torch.tensor([20, 108])
+        else:
+            counts = torch.tensor([64, 64])
+        pages = -(-counts // bs)
+        assert int(pages.sum()) <= plan.kept_blocks * heads
+        bound = 8 + heads * 56 if method == "adakv" else 64
+        state.pages["l0"] = LayerPages(
+            page_start=(torch.cumsum(pages, 0) - pages).int(), counts=counts.int(),
+            capacity=decode.page_blocks * heads, tail_start=length, count_bound=bound)
+        state.positions["l0"] = torch.stack([
+            torch.sort(torch.randperm(length, generator=gen)[:90]).values[:n]
+            if n else torch.zeros(0, dtype=torch.long) for n in counts.tolist()
+        ] if method != "adakv" else [
+            torch.nn.functional.pad(torch.sort(torch.randperm(length, generator=gen)[
+                :int(n)]).values, (0, 108 - int(n))) for n in counts])
+        state.recent_queries["l0"] = torch.randn(w, q_heads, dim, generator=gen)
+        due.append(Segment(row, seq, seq, True))
+    return store, key, value, table, due
+
+
+@pytest.mark.parametrize("method", ["adakv", "snapkv", "streamingllm"])
+def test_in_place_event_equals_the_dense_event(method):
+    """The CUDA backend's event (scores read in place, candidates sized by host bounds,
+    ``Method.select_candidates``) keeps what the dense, checked event keeps
+    (``Method.reselect`` over gathered candidates), writes the same pages and reports
+    them to the device tables: both run here on the torch references, on fresh random
+    layouts with uneven Ada-KV heads, a first event and a later one."""
+    import copy
+
+    import torch
+
+    from vllm_adakv.worker.decode_events import DecodeEvents
+
+    results = []
+    for in_place in (False, True):
+        store, key, value, table, due = _event_layout(method, seed=7)
+        store, key, value = copy.deepcopy(store), key.clone(), value.clone()
+        hooked = []
+        events = DecodeEvents(store, "l0", 0, key, value, table, 0.2,
+                              on_event=lambda *a, out=hooked: out.append(a),
+                              in_place=in_place)
+        events.run(due)
+        pages = [store.requests[f"r{r}"].pages["l0"] for r in range(2)]
+        results.append((pages, key, value, hooked))
+    (dense, dk, dv, dh), (inplace, ik, iv, ih) = results
+    for a, b in zip(dense, inplace, strict=True):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.page_start, b.page_start)
+        assert (a.tail_start, a.last_event, a.capacity) == (b.tail_start, b.last_event,
+                                                            b.capacity)
+        assert b.count_bound >= int(b.counts.max())
+    assert int(dense[0].counts.sum()) == 2 * 40  # the decode budget's selection, per layer
+    assert torch.equal(dk, ik) and torch.equal(dv, iv)
+    (rows, layer, starts, counts), = ih
+    assert layer == 0 and [r.req_id for r in rows] == ["r0", "r1"]
+    assert torch.equal(starts, torch.stack([p.page_start for p in inplace]))
+    assert torch.equal(counts, torch.stack([p.counts for p in inplace]))

@@ -96,7 +96,7 @@ class DecodeEvents:
     def __init__(self, store: CompressionStore, layer: str, layer_idx: int,
                  key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
                  scale: float, k_scale: torch.Tensor | None = None,
-                 on_event: EventHook | None = None) -> None:
+                 on_event: EventHook | None = None, in_place: bool | None = None) -> None:
         self.store = store
         self.layer = layer
         self.layer_idx = layer_idx
@@ -106,6 +106,9 @@ class DecodeEvents:
         self.scale = scale
         self.k_scale = k_scale
         self.on_event = on_event
+        # Score in place with host bounds (default: on CUDA; elsewhere the same contract
+        # runs on the torch references, which the tests compare with the dense path).
+        self.in_place = key.is_cuda if in_place is None else in_place
 
     def serve(self, rows: list[tuple[RowPlan, int]], query: torch.Tensor,
               qsl: list[int], attend: Callable[[list[Segment]], None]) -> None:
@@ -202,7 +205,7 @@ class DecodeEvents:
         counts = torch.stack([p.counts for p in pages])
         queries = torch.stack([self._window(s, query, qsl) for s in segs])
         positions = None
-        if dev.type == "cuda":
+        if self.in_place:
             # (In the model's dtype: the kernels' dots then run on tensor cores; fp32
             # queries made the scoring 6 ms per layer of 32 rows on an H100.)
             # Scored in place; width from host bounds (no read of the counts).
