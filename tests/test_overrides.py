@@ -92,7 +92,7 @@ def test_plain_server_accepts_only_opt_out():
 
 def test_keys_are_the_per_request_settings_and_the_ratio():
     assert XARG_KEYS == ("kv_compression", "kv_budget", "kv_window", "kv_scorer",
-                         "kv_gvote_p", "kv_compression_ratio")
+                         "kv_gvote_p", "kv_decode_budget", "kv_compression_ratio")
 
 
 @pytest.mark.parametrize("extra_args", [
@@ -145,3 +145,21 @@ def test_decode_server_refuses_a_larger_window_or_a_method_without_events():
     # Without decode compression both are fine.
     plain = KVCompressionConfig(method="adakv", budget=256, window=32)
     check_overrides(plain, overrides_of({"kv_window": 64, "kv_compression": "pyramidkv"}))
+
+
+def test_request_decode_budget_on_a_decode_server_only():
+    """``kv_decode_budget``: a request's own decode budget (0: off for it) where the server
+    runs with one (its workers keep the queries events need); bad values name the key."""
+    server = KVCompressionConfig(method="adakv", budget=256, window=32, decode_budget=128)
+    for value in (0, 64, 512):
+        check_overrides(server, overrides_of({"kv_decode_budget": value}))
+        assert resolve(server, overrides_of({"kv_decode_budget": value}),
+                       1000).decode_budget == value
+    for value, message in ((32, "greater than kv_window"), (-1, ">= 0"), (1.5, "int")):
+        with pytest.raises(RequestOverrideError, match=message) as exc:
+            check_overrides(server, overrides_of({"kv_decode_budget": value}))
+        assert exc.value.field == "kv_decode_budget"
+    plain = KVCompressionConfig(method="adakv", budget=256, window=32)
+    with pytest.raises(RequestOverrideError, match="without --kv-decode-budget") as exc:
+        check_overrides(plain, overrides_of({"kv_decode_budget": 128}))
+    assert exc.value.field == "kv_decode_budget"

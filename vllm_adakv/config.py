@@ -117,8 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Decode-time compression: tokens kept per KV head and layer, window included, "
             "over prompt + generated tokens, re-selected every --kv-decode-interval "
             "generated tokens (Ada-KV: mean over heads) (default: {default} = off: "
-            "generated tokens are never evicted).",
-            rule=">= 0 (tokens)", ok=lambda v: v >= 0),
+            "generated tokens are never evicted). A request may set its own (0: off for "
+            "it) on a server started with one.",
+            rule=">= 0 (tokens)", ok=lambda v: v >= 0, per_request=True),
     Setting("decode_interval", "--kv-decode-interval", int, 32,
             "Decode-time compression: generated tokens between two re-selections "
             "(default: {default}).",

@@ -113,7 +113,12 @@ def check_overrides(server: KVCompressionConfig, overrides: Overrides,
             _typed(key, given[key])
     # Validate the combination with a prompt long enough for any ratio to apply.
     cfg = resolve(server, overrides, prompt_len=1 << 30)
-    if server.decode_budget and cfg.method != "none":
+    if "kv_decode_budget" in given and not server.decode_budget:
+        raise RequestOverrideError(
+            "kv_decode_budget", "this server runs without --kv-decode-budget (its "
+            "workers keep no queries for decode events): start it with one to set a "
+            "request's own")
+    if cfg.decode_budget and cfg.method != "none":
         # Decode events keep at most the server's window of queries per request, and
         # run only the methods with an engine-side re-selection.
         if cfg.method not in DECODE_METHODS:

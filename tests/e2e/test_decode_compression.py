@@ -26,16 +26,22 @@ def test_events_that_keep_every_candidate_change_nothing(small_model):
     """A decode budget above every candidate count: each event keeps all candidates but
     still moves the generated tail into the head-pages and frees the blocks behind the
     window. Outputs equal the prompt-only compression's, token for token. (Ada-KV: its
-    per-head allocation at each event keeps every head's candidates.)"""
+    per-head allocation at each event keeps every head's candidates.) A request may set
+    its own decode budget (``kv_decode_budget``, still above its candidates here) or turn
+    it off (0): no event for that one."""
     requests = [{"len": 600, "seed": 1, "max_tokens": 120},
-                {"len": 650, "seed": 2, "max_tokens": 120}]
+                {"len": 650, "seed": 2, "max_tokens": 120},
+                {"len": 620, "seed": 3, "max_tokens": 120},
+                {"len": 610, "seed": 4, "max_tokens": 120}]
     cfg = {"method": "adakv", "budget": 128, "window": 16}
     base = {"model_dir": str(small_model), "requests": requests}
     prompt_only = run_scenario({**base, "compression": cfg})
     decoded = run_scenario({**base, "compression": {**cfg, "decode_budget": 400,
-                                                    "decode_interval": 16}})
-    # (request, layer) events: at N = 16, 32, ..., 112 for each request and layer
-    assert decoded["decode_events"] == [2 * 7 * LAYERS]
+                                                    "decode_interval": 16},
+                            "request_extra_args": {"2": {"kv_decode_budget": 0},
+                                                   "3": {"kv_decode_budget": 300}}})
+    # (request, layer) events: at N = 16, 32, ..., 112 for each request but "2" and layer
+    assert decoded["decode_events"] == [3 * 7 * LAYERS]
     assert decoded["decode_released_blocks"] > 0
     assert prompt_only["decode_events"] == [0]
     assert decoded["outputs"] == prompt_only["outputs"]
