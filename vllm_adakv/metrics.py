@@ -47,6 +47,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "histogram", "Scoring, selection and compaction time of one request, all layers."),
     "vllm_adakv:blocks_released": (
         "counter", "KV blocks handed back to vLLM's block pool after compression."),
+    "vllm_adakv:decode_blocks_released": (
+        "counter", "Of those, the blocks freed behind the window by decode-time compression."),
     "vllm_adakv:requests_compressed": (
         "counter", "Requests compressed, by method (a preempted request counts again)."),
     "vllm_adakv:requests_skipped": (
@@ -138,9 +140,12 @@ def record_compression(method: str, prompt_len: int, mean_kept_tokens: float,
         _metric("vllm_adakv:compression_ratio").observe(prompt_len / mean_kept_tokens)
 
 
-def record_released_blocks(num_blocks: int) -> None:
+def record_released_blocks(num_blocks: int, decoding: bool = False) -> None:
+    """Blocks handed back to the pool; ``decoding``: by decode-time compression."""
     if num_blocks > 0:
         _metric("vllm_adakv:blocks_released").inc(num_blocks)
+        if decoding:
+            _metric("vllm_adakv:decode_blocks_released").inc(num_blocks)
 
 
 def record_skipped() -> None:

@@ -33,6 +33,7 @@ NUM_BLOCKS = 64  # 2048 tokens of KV in all
 MAX_MODEL_LEN = 1024
 BUDGET = 128
 WINDOW = 16
+DECODE_BUDGET = 96
 
 
 def free_port() -> int:
@@ -118,7 +119,7 @@ def start_server(model: Path, log: Path, flags: list[str],
 
 @pytest.fixture(scope="session")
 def pressure_server(tmp_path_factory) -> Iterator[Server]:
-    """Compressed (adakv, budget 128) server with a 64-block KV pool."""
+    """Compressed (adakv, budget 128, decode budget 96) server with a 64-block KV pool."""
     pytest.importorskip("vllm")
     from adakv_devtools.tiny_model import make_tiny_llama
 
@@ -128,5 +129,9 @@ def pressure_server(tmp_path_factory) -> Iterator[Server]:
         model, log,
         ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(NUM_BLOCKS),
          "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
-         "--kv-compression", "adakv", "--kv-budget", str(BUDGET), "--kv-window", str(WINDOW)],
+         "--kv-compression", "adakv", "--kv-budget", str(BUDGET), "--kv-window", str(WINDOW),
+         # Decode-time compression: its first event comes after 32 generated tokens, so
+         # only the soak's longer answers reach it (P equals the prompt plan's blocks
+         # here, so the prompt's release is the same as without it).
+         "--kv-decode-budget", str(DECODE_BUDGET)],
     )

@@ -2,7 +2,8 @@
 
 Against the shared compressed server of tests/server/conftest.py (a 64-block KV
 pool, so that long prompts preempt each other; prefix caching on, as in vLLM by default,
-and half the prompts share a prefix). Checks: no 5xx, every finished
+and half the prompts share a prefix; decode-time compression on, and some requests set
+their own decode budget or turn it off). Checks: no 5xx, every finished
 response well formed, greedy outputs under load equal the same requests sent
 alone afterwards, preemption happened, and the KV pool is empty after the drain.
 """
@@ -69,9 +70,10 @@ def _jobs(seed: int = 0) -> list[Job]:
             prompt = tiny_prompt_token_ids(PREFIX_LEN, seed=shared) + prompt[PREFIX_LEN:]
         jobs.append(Job(
             idx=i, prompt=prompt,
-            max_tokens=rng.randint(8, 48), stream=abort == "close" or rng.random() < 0.3,
+            max_tokens=rng.randint(8, 80), stream=abort == "close" or rng.random() < 0.3,
             abort=abort, timeout=rng.uniform(0.05, 1.0) if abort == "timeout" else 300.0,
-            xargs=rng.choice([None, None, {"kv_budget": 200}, {"kv_compression": "none"}]),
+            xargs=rng.choice([None, None, {"kv_budget": 200}, {"kv_compression": "none"},
+                              {"kv_decode_budget": 0}, {"kv_decode_budget": 64}]),
             checked=checked))
     return jobs
 
@@ -140,6 +142,8 @@ def test_soak(pressure_server):
     _wait_idle(pressure_server)
     preemptions = pressure_server.metric("vllm:num_preemptions_total")
     released = pressure_server.metric("vllm_adakv:blocks_released_total", missing_ok=True)
+    decoded = pressure_server.metric("vllm_adakv:decode_blocks_released_total",
+                                     missing_ok=True)
     compressed = pressure_server.metric("vllm_adakv:requests_compressed_total", missing_ok=True)
     hits = pressure_server.metric("vllm:prefix_cache_hits_total", missing_ok=True)
     client = openai.OpenAI(base_url=pressure_server.url + "/v1", api_key="none",
@@ -155,6 +159,8 @@ def test_soak(pressure_server):
     assert tally.aborted >= 10 and tally.finished >= NUM_REQUESTS // 2
     assert pressure_server.metric("vllm:num_preemptions_total") > preemptions
     assert pressure_server.metric("vllm_adakv:blocks_released_total") > released
+    # answers past 32 tokens reach a decode event (server's budget or their own)
+    assert pressure_server.metric("vllm_adakv:decode_blocks_released_total") > decoded
     assert pressure_server.metric("vllm_adakv:requests_compressed_total") - compressed >= 50
     assert pressure_server.metric("vllm:prefix_cache_hits_total") > hits  # uncompressed ones
 

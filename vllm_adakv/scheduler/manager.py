@@ -261,7 +261,7 @@ class CompressedKVManager(FullAttentionManager):
         released = self.block_pool.get_num_free_blocks() - before
         if released:
             self.num_decode_released_blocks_total += released
-            metrics.record_released_blocks(released)
+            metrics.record_released_blocks(released, decoding=True)
 
     def _swap_in_targets(self, request_id: str, m: int, tail: int,
                          targets: list[KVCacheBlock]) -> None:
