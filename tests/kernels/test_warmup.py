@@ -93,11 +93,38 @@ def _attend_other_batch(q_heads: int, kv_heads: int, dim: int, dtype: torch.dtyp
                                          v_scale=v_scale, **options)
 
 
+def _decode_event_other_batch(q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                              window: int) -> None:
+    """A decode event (``--kv-decode-budget``) of three rows unlike the warm-up's one:
+    other widths, tails and lengths, queries in the model's dtype (float32 here)."""
+    from vllm_adakv.kernels.decode import row_table
+    from vllm_adakv.kernels.triton_recompact import compact_decode_event_triton
+    from vllm_adakv.kernels.triton_reselect import score_decode_event_triton
+
+    lengths = [300, 177, 250]
+    table, nb = random_block_tables(lengths, BS)
+    kv = torch.randn(nb, kv_heads, BS, 2 * dim).to(dtype)
+    keys, values = kv[..., :dim], kv[..., dim:]
+    idx = torch.arange(3)
+    tails = torch.tensor([n - window - 40 for n in lengths])
+    rows = row_table(idx, idx, idx, idx, tails, torch.tensor(lengths))
+    pages = (torch.arange(kv_heads, dtype=torch.int32) * 2).expand(3, -1).contiguous()
+    counts = torch.full_like(pages, 20)
+    width = 20 + 40 + 5
+    score_decode_event_triton(torch.randn(3, window, q_heads, dim), keys, pages, counts,
+                              table, rows, width, dim**-0.5, gqa_reduce="mean",
+                              pooling="max", pool_kernel=7, k_scale=torch.tensor(0.3))
+    keep = torch.zeros(3, kv_heads, width, dtype=torch.bool)
+    keep[..., 3:30] = True
+    compact_decode_event_triton(keys, values, pages, counts, table, rows, keep, window,
+                                [2, 2, 2])
+
+
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["model", "fp8"])
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(8, 2, 64)])
 def test_warm_up_runs_every_kernel(q_heads, kv_heads, dim, cache_dtype):
     kw = dict(window=8, gqa_reduce="mean", pooling="max", pool_kernel=7, alpha=0.2,
-              gvote_samples=3, cache_dtype=cache_dtype)
+              gvote_samples=3, cache_dtype=cache_dtype, decode_events=True)
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         seconds = warm_up(torch.device("cpu"), torch.float32, q_heads, kv_heads, dim, BS, **kw)
         assert seconds >= 0.0
@@ -125,3 +152,9 @@ def test_warm_up_runs_every_kernel(q_heads, kv_heads, dim, cache_dtype):
                                               "_headwise_reduce", "_unrotated_partial_moments"}
     missing = sorted({r["kernel"] for r in records if variant(r) not in warmed})
     assert not missing, f"variants the warm-up does not compile: {missing}"
+    with record_launches() as records:
+        _decode_event_other_batch(q_heads, kv_heads, dim, cache, kw["window"])
+    assert {r["kernel"] for r in records} == {"_event_stats", "_event_scores",
+                                              "_gather_candidates", "_scatter_pages"}
+    missing = sorted({r["kernel"] for r in records if variant(r) not in warmed})
+    assert not missing, f"decode-event variants the warm-up does not compile: {missing}"

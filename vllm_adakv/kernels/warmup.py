@@ -180,7 +180,7 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
             layer_base=layer * layer_blocks, balance_splits=DEFAULT_BALANCE_SPLITS, **scales)
     if decode_events:
         warm_up_decode_events(key_cache, value_cache, num_q_heads, window, gqa_reduce,
-                              pooling, pool_kernel, k_scale)
+                              pooling, pool_kernel, k_scale, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -188,10 +188,12 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_h
 
 def warm_up_decode_events(key_cache: torch.Tensor, value_cache: torch.Tensor,
                           num_q_heads: int, window: int, gqa_reduce: str, pooling: str,
-                          pool_kernel: int, k_scale: torch.Tensor) -> None:
+                          pool_kernel: int, k_scale: torch.Tensor,
+                          dtype: torch.dtype = torch.float32) -> None:
     """One decode event on scratch caches ``[nb, H, bs, D]`` (at least ``window + 3 bs``
-    tokens of blocks): scoring the candidates in place, then compacting a selection
-    (their widths and lengths are not specialised on)."""
+    tokens of blocks): scoring the candidates in place with window queries of the model's
+    ``dtype`` (as the events pass them), then compacting a selection (their widths and
+    lengths are not specialised on)."""
     _, heads, block_size, head_dim = key_cache.shape
     device = key_cache.device
     # One row: each head holds half a head-page (entry h: slot h of the row's first
@@ -209,7 +211,7 @@ def warm_up_decode_events(key_cache: torch.Tensor, value_cache: torch.Tensor,
     rows = row_table(zero, zero, zero, zero, torch.full((1,), tail_start),
                      torch.full((1,), seq_len)).to(device)
     width = block_size // 2 + 3
-    queries = torch.randn(1, window, num_q_heads, head_dim, device=device)
+    queries = torch.randn(1, window, num_q_heads, head_dim, device=device, dtype=dtype)
     score_decode_event_triton(queries, key_cache, page_start, counts, table, rows, width,
                               head_dim**-0.5, gqa_reduce=gqa_reduce, pooling=pooling,
                               pool_kernel=pool_kernel, k_scale=k_scale)
