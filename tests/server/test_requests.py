@@ -150,10 +150,12 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(pressure_server, body, stat
 
 def test_metrics_documented_and_exported(pressure_server):
     # Long enough to be compressed and released (blocks go once the prefill step is
-    # processed, i.e. from the second decode step on); and one opted out.
-    for xargs in (None, {"kv_compression": "none"}):
+    # processed, i.e. from the second decode step on) and, generating 72 tokens, to pass
+    # the decode event after 64, the first to free a block behind its window (the one
+    # after 32 ends inside the prompt's last block); and one opted out.
+    for xargs, tokens in ((None, 72), ({"kv_compression": "none"}, 8)):
         status, _ = pressure_server.post(
-            "/v1/completions", dict(GOOD, max_tokens=8, vllm_xargs=xargs))
+            "/v1/completions", dict(GOOD, max_tokens=tokens, vllm_xargs=xargs))
         assert status == 200
     text = pressure_server.metrics()
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
