@@ -30,7 +30,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from benchmarks.machine import device_tag
+from benchmarks.machine import current_commit, device_tag
 
 
 def _call_site() -> str:
@@ -222,7 +222,7 @@ def main() -> None:
     profiled = timed_pass("profiled", profile=True)
     table = profiled.pop("table", "")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"gpu": gpu, "date": dt.date.today().isoformat(),
+    result = {"gpu": gpu, "date": dt.date.today().isoformat(), "commit": current_commit(None),
               "command": " ".join(["python -m benchmarks.profile_steps", *sys.argv[1:]]),
               "args": vars(args), "first_pass": first, "second_pass": second,
               "profiled_pass": profiled}
