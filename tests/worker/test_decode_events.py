@@ -116,19 +116,32 @@ def test_in_place_event_equals_the_dense_event(method):
     import torch
 
     from vllm_adakv.worker.decode_events import DecodeEvents
+    from vllm_adakv.worker.query_ring import QueryRing
 
     results = []
-    for in_place in (False, True):
+    for in_place, in_ring in ((False, False), (True, False), (True, True)):
         store, key, value, table, due = _event_layout(method, seed=7)
         store, key, value = copy.deepcopy(store), key.clone(), value.clone()
         hooked = []
+        ring = slot_of = None
+        if in_ring:  # the window queries gathered from the CUDA backend's ring, slots 1, 0
+            first = store.requests["r0"].recent_queries["l0"]
+            ring = QueryRing(1, 2, first.shape[0], *first.shape[1:], first.dtype, "cpu")
+            ring.buffer.normal_()  # (what is not a window query must not be read)
+            slots = {"r0": 1, "r1": 0}
+            for req_id, slot in slots.items():
+                ring.view(0, slot).copy_(store.requests[req_id].recent_queries.pop("l0"))
+            slot_of = slots.__getitem__
         events = DecodeEvents(store, "l0", 0, key, value, table, 0.2,
                               on_event=lambda *a, out=hooked: out.append(a),
-                              in_place=in_place)
+                              in_place=in_place, ring=ring, slot_of=slot_of)
         events.run(due)
         pages = [store.requests[f"r{r}"].pages["l0"] for r in range(2)]
         results.append((pages, key, value, hooked))
-    (dense, dk, dv, dh), (inplace, ik, iv, ih) = results
+    (dense, dk, dv, dh), (inplace, ik, iv, ih), (ringed, rk, rv, rh) = results
+    for a, b in zip(inplace, ringed, strict=True):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.page_start, b.page_start)
+    assert torch.equal(ik, rk) and torch.equal(iv, rv) and len(rh) == 1
     for a, b in zip(dense, inplace, strict=True):
         assert torch.equal(a.counts, b.counts) and torch.equal(a.page_start, b.page_start)
         assert (a.tail_start, a.last_event, a.capacity) == (b.tail_start, b.last_event,

@@ -283,7 +283,8 @@ class AdaKVTritonMetadataBuilder(CompressedBuilder, TritonAttentionMetadataBuild
             key, value = layer.impl._split_kv(layer.kv_cache)
             k_scale, _ = layer_scales(layer, key)
             DecodeEvents(self.store, name, extract_layer_index(name), key, value, block_table,
-                         layer.impl.scale, k_scale, on_event=self.pool.store_layer).run(due)
+                         layer.impl.scale, k_scale, on_event=self.pool.store_layer,
+                         ring=self.ring, slot_of=self.pool.slot).run(due)
 
     def _dense_seq_lens(self, seq_lens: torch.Tensor, hidden: list[tuple[int, int]]
                         ) -> torch.Tensor:

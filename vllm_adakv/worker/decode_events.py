@@ -41,6 +41,7 @@ from vllm_adakv.worker.compressor import (
     group_by_selection,
     kept_positions,
 )
+from vllm_adakv.worker.query_ring import QueryRing
 
 
 @dataclass
@@ -96,7 +97,9 @@ class DecodeEvents:
     def __init__(self, store: CompressionStore, layer: str, layer_idx: int,
                  key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
                  scale: float, k_scale: torch.Tensor | None = None,
-                 on_event: EventHook | None = None, in_place: bool | None = None) -> None:
+                 on_event: EventHook | None = None, in_place: bool | None = None,
+                 ring: QueryRing | None = None, slot_of: Callable[[str], int] | None = None
+                 ) -> None:
         self.store = store
         self.layer = layer
         self.layer_idx = layer_idx
@@ -109,6 +112,10 @@ class DecodeEvents:
         # Score in place with host bounds (default: on CUDA; elsewhere the same contract
         # runs on the torch references, which the tests compare with the dense path).
         self.in_place = key.is_cuda if in_place is None else in_place
+        # The backend's query ring and its slots (``worker/query_ring.py``): an event run
+        # before the step's forward reads all its rows' window queries in one gather.
+        self.ring = ring if slot_of is not None else None
+        self.slot_of = slot_of
 
     def serve(self, rows: list[tuple[RowPlan, int]], query: torch.Tensor,
               qsl: list[int], attend: Callable[[list[Segment]], None]) -> None:
@@ -136,6 +143,18 @@ class DecodeEvents:
         by_row = {s.row.req_id: s for s in due}
         for group in group_by_selection([s.row for s in due], self.store.cfg):
             self._event_group([by_row[r.req_id] for r in group], query, qsl)
+
+    def _windows(self, segs: list[Segment], window: int, query: torch.Tensor | None,
+                 qsl: list[int] | None) -> torch.Tensor:
+        """Queries ``[R, w, Hq, D]`` of each segment's positions ``[S - w, S)``."""
+        if self.ring is not None and query is None:
+            ring = self.ring
+            index = [ring.index(self.slot_of(s.row.req_id), p) for s in segs
+                     for p in range(s.end - window, s.end)]
+            flat = ring.buffer[self.k].index_select(
+                0, on_device(index, torch.long, ring.buffer.device))
+            return flat.view(len(segs), window, *flat.shape[1:])
+        return torch.stack([self._window(s, query, qsl) for s in segs])
 
     def _window(self, seg: Segment, query: torch.Tensor | None, qsl: list[int] | None
                 ) -> torch.Tensor:
@@ -200,10 +219,14 @@ class DecodeEvents:
             torch.tensor([r.row for r in rows]), torch.arange(len(rows)),
             torch.zeros(len(rows)), torch.zeros(len(rows)), torch.tensor(tails),
             torch.tensor(seq_lens)), dev)
-        local = torch.stack([p.page_start - k * capacity_of(p, s, heads)
-                             for p, s in zip(pages, states, strict=True)])
+        # One upload for the rows' chunk sizes before and after the event.
+        capacity = [r.decode.page_blocks * heads for r in rows]
+        chunks = on_device([[capacity_of(p, s, heads) for p, s in zip(pages, states,
+                                                                       strict=True)],
+                            capacity], torch.int32, dev)
+        local = torch.stack([p.page_start for p in pages]) - k * chunks[0][:, None]
         counts = torch.stack([p.counts for p in pages])
-        queries = torch.stack([self._window(s, query, qsl) for s in segs])
+        queries = self._windows(segs, w, query, qsl)
         positions = None
         if self.in_place:
             # (In the model's dtype: the kernels' dots then run on tensor cores; fp32
@@ -237,12 +260,12 @@ class DecodeEvents:
         page_start, kept, _ = kernels.compact_decode_event(
             self.key, self.value, local, counts, self.block_table, table, keep, w,
             [r.decode.page_blocks for r in rows])
-        capacity = [r.decode.page_blocks * heads for r in rows]
-        starts = page_start + k * on_device(capacity, torch.int32, dev)[:, None]
-        for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        starts = page_start + k * chunks[1][:, None]
+        for i, (row, state, row_start, row_kept) in enumerate(zip(
+                rows, states, starts.unbind(0), kept.unbind(0), strict=True)):
             most = selectable[i] if method.uniform else heads * selectable[i]
             state.pages[name] = LayerPages(
-                page_start=starts[i], counts=kept[i], capacity=capacity[i],
+                page_start=row_start, counts=row_kept, capacity=capacity[i],
                 tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len,
                 count_bound=min(most, pages[i].count_bound + n_tail[i]))
             if positions is not None:

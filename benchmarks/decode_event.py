@@ -1,0 +1,248 @@
+"""One layer's decode event of many requests (issue 29): host time, device time, launches.
+
+    python -m benchmarks.decode_event [--rows 32] [--prompt 1000] [--generated 2048]
+        [--decode-budget 512] [--method adakv] [--interval 32] [--out DIR] [--smoke]
+
+Builds the state a regime-D request has after several events (Llama-3.1-8B layer: 32
+query heads, 8 KV heads, d=128, bf16, block 16; Ada-KV counts uneven over heads, their
+sum the decode budget's selection; a tail of one interval; its window queries in a
+``QueryRing``), then times ``DecodeEvents.run`` of all rows for one layer, as the CUDA
+backend runs it before a step's forward (``_decode_events_before``: every layer, one
+after the other). Reported per layer-event: the host's time to issue it (the step waits
+for this), the device's time (CUDA events around a batch of runs after a sync), and the
+profiler's kernel launches and top kernels. On the CPU (``--smoke``) the same code runs on
+the torch references: a check that the script runs, not a measurement.
+Writes ``decode-event-<gpu>-<date>[suffix].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.machine import current_commit, device_tag
+from vllm_adakv.config import KVCompressionConfig
+from vllm_adakv.decode_plan import plan_decode
+from vllm_adakv.kernels.decode import row_table
+from vllm_adakv.memory import plan_compression
+from vllm_adakv.worker.batch import RowPlan
+from vllm_adakv.worker.compressor import CompressionStore, LayerPages, RequestKV
+from vllm_adakv.worker.decode_events import DecodeEvents, Segment
+from vllm_adakv.worker.query_ring import QueryRing
+from vllm_adakv.worker.range_pool import RangePool
+
+Q_HEADS, KV_HEADS, DIM, BS, WINDOW = 32, 8, 128, 16, 32
+
+
+def event_layout(rows: int, prompt: int, generated: int, decode_budget: int, method: str,
+                 interval: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> dict:
+    """The store, caches, block table, ring and due segments of ``rows`` requests whose
+    layer 0 is due for its event at ``S = prompt + generated`` (module doc)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = KVCompressionConfig(method=method, budget=decode_budget, window=WINDOW,
+                              decode_budget=decode_budget, decode_interval=interval)
+    store = CompressionStore(cfg, (0,))
+    seq = prompt + generated
+    per_row = -(-seq // BS)
+    num_blocks = rows * per_row + 1
+    key = torch.randn(num_blocks, KV_HEADS, BS, DIM, generator=gen).to(device, dtype)
+    value = torch.randn(num_blocks, KV_HEADS, BS, DIM, generator=gen).to(device, dtype)
+    table = (torch.randperm(num_blocks - 1, generator=gen)[: rows * per_row] + 1).view(
+        rows, per_row).to(device, torch.int32)
+    ring = QueryRing(1, rows, WINDOW, Q_HEADS, DIM, dtype, device)
+    ring.buffer.normal_()
+    pool = RangePool(rows, 1, KV_HEADS, device)
+    due = []
+    for r in range(rows):
+        plan = plan_compression(cfg, prompt, KV_HEADS, BS, 1)
+        decode = plan_decode(cfg, prompt, KV_HEADS, BS, 1, interval=interval,
+                             budget=decode_budget)
+        if generated < decode.first_event + interval or generated % interval:
+            raise ValueError(f"--generated must be a multiple of --interval past the first "
+                             f"event ({decode.first_event})")
+        row = RowPlan(row=r, req_id=f"r{r}", prompt_len=prompt, context_start=seq,
+                      query_len=1, plan=plan, decode=decode)
+        state = store.requests[row.req_id] = RequestKV(prompt_len=prompt)
+        selectable = decode_budget - WINDOW
+        uniform = method != "adakv"
+        if uniform:
+            counts = torch.full((KV_HEADS,), selectable)
+        else:  # uneven heads, the layer's total
+            share = torch.distributions.Dirichlet(torch.ones(KV_HEADS)).sample()
+            counts = (share * KV_HEADS * selectable).floor().long().clamp(max=4 * selectable)
+            counts[0] += KV_HEADS * selectable - int(counts.sum())
+        pages = -(-counts // BS)
+        page_start = (torch.cumsum(pages, 0) - pages).int()
+        bound = selectable if uniform else KV_HEADS * selectable
+        state.pages["l0"] = LayerPages(
+            page_start=page_start.to(device), counts=counts.int().to(device),
+            capacity=decode.page_blocks * KV_HEADS, tail_start=seq - interval - WINDOW,
+            last_event=generated - interval, count_bound=bound)
+        state.recent_queries["l0"] = ring.view(0, pool.slot(row.req_id))
+        due.append(Segment(row, seq, seq, True))
+    return dict(store=store, key=key, value=value, table=table, due=due, pool=pool, ring=ring,
+                saved={r: s.pages["l0"] for r, s in store.requests.items()})
+
+
+def run_event(x: dict) -> None:
+    """One layer-event of every row, from the saved state."""
+    for req_id, pages in x["saved"].items():
+        x["store"].requests[req_id].pages["l0"] = pages
+    extra = {}
+    if "ring" in inspect.signature(DecodeEvents).parameters:  # (not in trees before it)
+        extra = {"ring": x["ring"], "slot_of": x["pool"].slot}
+    DecodeEvents(x["store"], "l0", 0, x["key"], x["value"], x["table"], DIM ** -0.5,
+                 on_event=x["pool"].store_layer, in_place=True, **extra).run(x["due"])
+
+
+def score_inputs(x: dict) -> tuple:
+    """The in-place scoring's arguments for the saved state (as ``DecodeEvents`` builds
+    them for layer 0: its chunk starts at entry 0)."""
+    segs, store, ring, pool = x["due"], x["store"], x["ring"], x["pool"]
+    pages = [x["saved"][s.row.req_id] for s in segs]
+    dev = x["key"].device
+    seq = [s.end for s in segs]
+    tails = [p.tail_start for p in pages]
+    table = row_table(torch.tensor([s.row.row for s in segs]), torch.arange(len(segs)),
+                      torch.zeros(len(segs)), torch.zeros(len(segs)), torch.tensor(tails),
+                      torch.tensor(seq)).to(dev)
+    index = [ring.index(pool.slot(s.row.req_id), p) for s in segs
+             for p in range(s.end - WINDOW, s.end)]
+    queries = ring.buffer[0][index].view(len(segs), WINDOW, Q_HEADS, DIM)
+    width = max(p.count_bound + s - WINDOW - t for p, s, t in zip(pages, seq, tails, strict=True))
+    local = torch.stack([p.page_start for p in pages])
+    counts = torch.stack([p.counts for p in pages])
+    del store
+    return queries, x["key"], local, counts, x["table"], table, width, DIM ** -0.5
+
+
+def score_splits(x: dict) -> list[dict]:
+    """Device time of the in-place scoring alone at each split count of its statistics
+    pass (CUDA), and the compiled event kernels' registers and spills."""
+    import triton
+
+    from benchmarks.kernels import compiled_kernel_resources
+    from vllm_adakv.kernels import triton_recompact, triton_reselect
+
+    args = score_inputs(x)
+    out = []
+    for splits in (None, 1, 2, 4, 8, 16):
+        ms = triton.testing.do_bench(lambda s=splits: triton_reselect.score_decode_event_triton(
+            *args, gqa_reduce="mean", pooling="max", pool_kernel=7, num_splits=s))
+        out.append({"num_splits": splits, "us": round(1e3 * ms, 1)})
+    for fn in (triton_reselect._event_stats, triton_reselect._event_scores,
+               triton_recompact._gather_candidates):
+        out.append({"kernel": fn.__name__ if hasattr(fn, "__name__") else str(fn),
+                    "compiled": compiled_kernel_resources(fn)})
+    return out
+
+
+def measure(x: dict, reps: int, cuda: bool) -> dict:
+    """Host and device time of one layer-event (medians over ``reps``), launches and top
+    kernels from a profiled run."""
+    for _ in range(3):
+        run_event(x)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    host, device = [], []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
+        run_event(x)
+        host.append(time.perf_counter() - t0)
+        if cuda:
+            end.record()
+            sync()
+            device.append(start.elapsed_time(end) / 1e3)
+    out = {"host_ms": 1e3 * sorted(host)[len(host) // 2]}
+    if cuda:
+        # Device time of back-to-back events without the host in the way: a graph-free
+        # lower bound is not available (the event's host work decides its launches), so
+        # this is the device time between the first and last launch of one event.
+        out["wall_ms"] = 1e3 * sorted(device)[len(device) // 2]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_event(x)
+        sync()
+    kernels: collections.Counter = collections.Counter()
+    launches = 0
+    gpu_us = 0.0
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            launches += 1
+            kernels[e.name[:80]] += e.device_time
+            gpu_us += e.device_time
+    out["launches"] = launches
+    if cuda:
+        out["kernel_ms"] = gpu_us / 1e3
+        out["score_splits"] = score_splits(x)
+        out["top_kernels"] = [{"name": n, "us": round(t, 1)} for n, t in kernels.most_common(12)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=1000)
+    ap.add_argument("--generated", type=int, default=2048)
+    ap.add_argument("--decode-budgets", default="512,1024,2048")
+    ap.add_argument("--methods", default="adakv,snapkv")
+    ap.add_argument("--interval", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--suffix", default="")
+    ap.add_argument("--smoke", action="store_true", help="small shapes on the CPU (a check)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows, prompt, generated, reps = args.rows, args.prompt, args.generated, args.reps
+    if args.smoke:
+        rows, prompt, generated, reps = 2, 300, 128, 2
+    points = []
+    budgets = [96] if args.smoke else [int(b) for b in args.decode_budgets.split(",")]
+    for method in args.methods.split(","):
+        for budget in budgets:
+            x = event_layout(rows, prompt, generated, budget, method, args.interval, device,
+                             dtype)
+            point = {"method": method, "rows": rows, "prompt": prompt,
+                     "generated": generated, "decode_budget": budget,
+                     "interval": args.interval, **measure(x, reps, cuda)}
+            points.append(point)
+            print(json.dumps(point), flush=True)
+            del x
+            if cuda:
+                torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    date = dt.date.today().isoformat()
+    result = {"gpu": gpu, "date": date, "commit": current_commit(None),
+              "command": " ".join(["python -m benchmarks.decode_event", *sys.argv[1:]]),
+              "torch": torch.__version__, "points": points}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"decode-event-{device_tag(gpu)}-{date}{args.suffix}.json").write_text(
+        json.dumps(result, indent=1))
+    for p in points:
+        print(f"{p['method']:>8} B={p['decode_budget']:>5} rows={p['rows']}: host "
+              f"{p['host_ms']:.2f} ms, device {p.get('wall_ms', float('nan')):.2f} ms, "
+              f"kernels {p.get('kernel_ms', float('nan')):.2f} ms, {p['launches']} launches "
+              "per layer-event")
+
+
+if __name__ == "__main__":
+    main()
