@@ -42,6 +42,9 @@
 #                                               # 512,1024; one engine each: ~7-8 min); then
 #                                               # `throughput-D 2048` (~5 min); file suffixed
 #                                               # -dBUDGETS
+#   bash benchmarks/gpu_session.sh decode-event [TREE] # issue 29: one layer-event of 32 D
+#                                               # requests (benchmarks/decode_event.py; TREE:
+#                                               # another checkout timed first; ~1-2 min)
 #   bash benchmarks/gpu_session.sh throughput-B-decode # issue 29: B 6000 8 GiB, 8x (budget
 #                                               # 750) at decode budget 0 and 750 (+ vanilla,
 #                                               # prefill-only; ~6 min)
@@ -168,6 +171,19 @@ case "${1:?stage}" in
       --output-len 4000 --num-prompts 32 --budgets 512 --decode-budgets "$budgets" \
       --kv-cache-gib 4 --reserve-output 4000 --suffix="$suffix" --out "$OUT" 2>&1 \
       | tee "$OUT/D$suffix.log" | grep -v "^{" | tail -20
+    ;;
+  decode-event)
+    # Issue 29: one layer's decode event of 32 regime-D requests, Ada-KV and SnapKV at
+    # decode budgets 512, 1024, 2048 (host and device time, launches, kernels; ~1 min).
+    # $2: another tree (e.g. .gpu/before, holding vllm_adakv/ and benchmarks/) timed first
+    # with this script, its file suffixed -before.
+    if [ -n "${2:-}" ]; then
+      cp benchmarks/decode_event.py "$2/benchmarks/"
+      (cd "$2" && timeout 150 python3 -m benchmarks.decode_event --suffix=-before \
+        --out "$OUT" 2>&1 | tee "$OUT/decode-event-before.log" | grep -v "^{" | tail -6)
+    fi
+    timeout 200 python3 -m benchmarks.decode_event --out "$OUT" 2>&1 \
+      | tee "$OUT/decode-event.log" | grep -v "^{" | tail -6
     ;;
   throughput-B-decode)
     # Issue 29: B 8x (prompt budget 750) without and with decode budget 750 (interval 32),
