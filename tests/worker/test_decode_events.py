@@ -147,6 +147,8 @@ def test_in_place_event_equals_the_dense_event(method):
         assert (a.tail_start, a.last_event, a.capacity) == (b.tail_start, b.last_event,
                                                             b.capacity)
         assert b.count_bound >= int(b.counts.max())
+        # The next event's widths: the counts' host copy tightens the bound.
+        assert b.known_bound() == int(b.counts.max()) and b.counts_host is None
     assert int(dense[0].counts.sum()) == 2 * 40  # the decode budget's selection, per layer
     assert torch.equal(dk, ik) and torch.equal(dv, iv)
     (rows, layer, starts, counts), = ih

@@ -63,8 +63,22 @@ class LayerPages:
     capacity: int | None = None
     tail_start: int = 0
     last_event: int = -1
-    # A host bound on ``counts`` (no device read: it sizes a decode event's candidates).
+    # A host bound on ``counts`` (no device read: it sizes a decode event's candidates),
+    # and the counts' host copy queued after a decode event (pinned, non-blocking on CUDA)
+    # with the CUDA event that marks it done: the next event tightens the bound with it
+    # once it has arrived (it arrives steps before; a late copy is not waited for).
     count_bound: int = 0
+    counts_host: torch.Tensor | None = None
+    counts_ready: torch.cuda.Event | None = None
+
+    def known_bound(self) -> int:
+        """``count_bound``, tightened to the counts' largest value once their host copy
+        is there (candidate widths only pad: the selection is the same either way)."""
+        host = self.counts_host
+        if host is not None and (self.counts_ready is None or self.counts_ready.query()):
+            self.count_bound = min(self.count_bound, int(host.max()))
+            self.counts_host = self.counts_ready = None
+        return self.count_bound
 
 
 @dataclass

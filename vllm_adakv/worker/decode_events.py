@@ -232,7 +232,7 @@ class DecodeEvents:
             # (In the model's dtype: the kernels' dots then run on tensor cores; fp32
             # queries made the scoring 6 ms per layer of 32 rows on an H100.)
             # Scored in place; width from host bounds (no read of the counts).
-            width = max(p.count_bound + n for p, n in zip(pages, n_tail, strict=True))
+            width = max(p.known_bound() + n for p, n in zip(pages, n_tail, strict=True))
             num_candidates = counts.long() + on_device(n_tail, torch.long, dev)[:, None]
             scores = None
             if method.decode_scored:
@@ -261,18 +261,34 @@ class DecodeEvents:
             self.key, self.value, local, counts, self.block_table, table, keep, w,
             [r.decode.page_blocks for r in rows])
         starts = page_start + k * chunks[1][:, None]
+        host, ready = self._counts_to_host(kept)
         for i, (row, state, row_start, row_kept) in enumerate(zip(
                 rows, states, starts.unbind(0), kept.unbind(0), strict=True)):
             most = selectable[i] if method.uniform else heads * selectable[i]
             state.pages[name] = LayerPages(
                 page_start=row_start, counts=row_kept, capacity=capacity[i],
                 tail_start=seq_lens[i] - w, last_event=seq_lens[i] - row.prompt_len,
-                count_bound=min(most, pages[i].count_bound + n_tail[i]))
+                count_bound=min(most, pages[i].count_bound + n_tail[i]),
+                counts_host=None if host is None else host[i], counts_ready=ready)
             if positions is not None:
                 state.positions[name] = kept_positions(keep[i], positions[i])
         if self.on_event is not None:
             self.on_event(rows, self.layer_idx, starts, kept)
         store.num_decode_events += len(rows)
+
+
+    def _counts_to_host(self, kept: torch.Tensor
+                        ) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+        """The event's new counts ``[R, H]`` on their way to the host, for the next
+        event's candidate widths (``LayerPages.known_bound``): on CUDA a non-blocking copy
+        into pinned memory and its CUDA event; elsewhere the counts themselves."""
+        if not kept.is_cuda:
+            return kept, None
+        host = torch.empty(kept.shape, dtype=kept.dtype, pin_memory=True)
+        host.copy_(kept, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
 
 
 def capacity_of(pages: LayerPages, state: RequestKV, heads: int) -> int:
