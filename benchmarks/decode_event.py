@@ -102,7 +102,7 @@ def run_event(x: dict) -> None:
     if "ring" in inspect.signature(DecodeEvents).parameters:  # (not in trees before it)
         extra = {"ring": x["ring"], "slot_of": x["pool"].slot}
     DecodeEvents(x["store"], "l0", 0, x["key"], x["value"], x["table"], DIM ** -0.5,
-                 on_event=x["pool"].store_layer, in_place=True, **extra).run(x["due"])
+                 on_event=x["pool"].store_events, in_place=True, **extra).run(x["due"])
 
 
 def score_inputs(x: dict) -> tuple:

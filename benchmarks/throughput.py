@@ -195,9 +195,14 @@ def step_breakdown(step_s: list[float], scheduled: list[tuple[int, int]]) -> dic
     decode = [(t, r) for t, (tok, r) in zip(step_s[:n], scheduled[:n], strict=True)
               if tok == r and r > 0]
     mixed = [t for t, (tok, r) in zip(step_s[:n], scheduled[:n], strict=True) if tok != r]
+    times = np.array([t for t, _ in decode])
+    median = float(np.median(times)) if decode else 0.0
+    slow = times[times > 3 * median] if decode else times
     return {"decode_steps": len(decode),
-            "decode_step_ms_median": float(np.median([t for t, _ in decode]) * 1e3)
-            if decode else None,
+            "decode_step_ms_median": median * 1e3 if decode else None,
+            # Decode steps over 3x the median (e.g. those that run decode events) and the
+            # seconds they took.
+            "decode_slow_steps": int(slow.size), "decode_slow_s": float(slow.sum()),
             "decode_batch_median": float(np.median([r for _, r in decode])) if decode else None,
             "mixed_steps": len(mixed),
             "mixed_step_ms_median": float(np.median(mixed) * 1e3) if mixed else None}

@@ -151,7 +151,76 @@ def test_in_place_event_equals_the_dense_event(method):
         assert b.known_bound() == int(b.counts.max()) and b.counts_host is None
     assert int(dense[0].counts.sum()) == 2 * 40  # the decode budget's selection, per layer
     assert torch.equal(dk, ik) and torch.equal(dv, iv)
-    (rows, layer, starts, counts), = ih
-    assert layer == 0 and [r.req_id for r in rows] == ["r0", "r1"]
+    (rows, layers, starts, counts), = ih
+    assert layers == [0, 0] and [r.req_id for r in rows] == ["r0", "r1"]
     assert torch.equal(starts, torch.stack([p.page_start for p in inplace]))
     assert torch.equal(counts, torch.stack([p.counts for p in inplace]))
+
+
+@pytest.mark.parametrize("method", ["adakv", "snapkv"])
+def test_events_across_layers_equal_each_layers_events(method):
+    """``DecodeEvents.across_layers`` (the CUDA backend's decode-only steps: every layer in
+    one launch set, through the view over all layers' blocks and block tables offset by
+    each layer's first block) leaves the same pages and caches as one event per layer on
+    that layer's own views, and reports every (layer, row)."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from vllm_adakv.worker.decode_events import DecodeEvents, EventLayer
+    from vllm_adakv.worker.query_ring import QueryRing
+
+    layers = []
+    for seed in (3, 4):  # each layer's own random cache and pages; the same requests
+        layers.append(_event_layout(method, seed))
+    store, _, _, table, due = layers[0]
+    store.layer_indices = (0, 1)
+    for seg in due:  # both layers get the same decode budget
+        seg.row.decode = dataclasses.replace(seg.row.decode,
+                                             layer_budgets=seg.row.decode.layer_budgets * 2)
+    capacity = store.requests["r0"].pages["l0"].capacity
+    for req_id, state in store.requests.items():
+        other = layers[1][0].requests[req_id].pages["l0"]
+        cap = capacity if req_id == "r0" else state.pages["l0"].capacity
+        state.pages["l1"] = LayerPages(  # layer 1's pages: chunk 1 of the page sequence
+            page_start=other.page_start + cap, counts=other.counts, capacity=cap,
+            tail_start=other.tail_start, count_bound=other.count_bound)
+    nb = layers[0][1].shape[0]
+    all_key = torch.cat([layers[0][1], layers[1][1]])
+    all_value = torch.cat([layers[0][2], layers[1][2]])
+    first = store.requests["r0"].recent_queries["l0"]
+    ring = QueryRing(2, 2, first.shape[0], *first.shape[1:], first.dtype, "cpu")
+    ring.buffer.normal_()
+    slots = {"r0": 1, "r1": 0}
+    for req_id, slot in slots.items():
+        for k in range(2):
+            ring.view(k, slot).copy_(layers[k][0].requests[req_id].recent_queries["l0"])
+    results = []
+    for across in (False, True):
+        s, k_all, v_all = copy.deepcopy(store), all_key.clone(), all_value.clone()
+        hooked = []
+        hook = lambda *a, out=hooked: out.append(a)  # noqa: E731
+        if across:
+            DecodeEvents.across_layers(
+                s, [EventLayer("l0", 0, 0), EventLayer("l1", 1, nb)], k_all, v_all, table,
+                0.2, ring, slots.__getitem__, on_event=hook, in_place=True).run(due)
+        else:
+            for k, name in enumerate(("l0", "l1")):
+                DecodeEvents(s, name, k, k_all[k * nb:(k + 1) * nb],
+                             v_all[k * nb:(k + 1) * nb], table, 0.2, on_event=hook,
+                             in_place=True, ring=ring, slot_of=slots.__getitem__).run(due)
+        results.append((s, k_all, v_all, hooked))
+    (one, k1, v1, h1), (both, k2, v2, h2) = results
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    for req_id in ("r0", "r1"):
+        for name in ("l0", "l1"):
+            a, b = one.requests[req_id].pages[name], both.requests[req_id].pages[name]
+            assert torch.equal(a.counts, b.counts) and torch.equal(a.page_start, b.page_start)
+            assert (a.tail_start, a.last_event, a.count_bound) == (b.tail_start,
+                                                                   b.last_event, b.count_bound)
+    assert not torch.equal(k1, all_key)  # the events moved pages
+    (rows, layer_ids, starts, counts), = h2
+    assert layer_ids == [0, 0, 1, 1] and [r.req_id for r in rows] == ["r0", "r1"] * 2
+    assert torch.equal(starts, torch.cat([h[2] for h in h1]))
+    assert torch.equal(counts, torch.cat([h[3] for h in h1]))

@@ -73,14 +73,15 @@ class RangePool:
         self.chunk_base[slots] = chunk_base.to(dev, torch.int32)
         self.capacity[slots] = capacity.to(dev, torch.int32)
 
-    def store_layer(self, rows: list[RowPlan], layer: int, page_starts: torch.Tensor,
-                    kept_counts: torch.Tensor) -> None:
-        """One layer's page ranges ``[R, H]`` of ``rows`` after a decode event (their
-        chunk tables and capacity stay: ``worker/decode_events.py``)."""
+    def store_events(self, rows: list[RowPlan], layers: list[int], page_starts: torch.Tensor,
+                     kept_counts: torch.Tensor) -> None:
+        """Page ranges ``[E, H]`` after decode events, one per (row, layer) pair of ``rows``
+        and ``layers`` (model indices); their chunk tables and capacity stay
+        (``worker/decode_events.py``)."""
         dev = self.page_start.device
-        slots = on_device([self.slot(r.req_id) for r in rows], torch.long, dev)
-        self.page_start[slots, layer] = page_starts.to(dev, torch.int32)
-        self.kept_counts[slots, layer] = kept_counts.to(dev, torch.int32)
+        index = on_device([[self.slot(r.req_id) for r in rows], layers], torch.long, dev)
+        self.page_start[index[0], index[1]] = page_starts.to(dev, torch.int32)
+        self.kept_counts[index[0], index[1]] = kept_counts.to(dev, torch.int32)
 
     def store_compacted(self, done: list[CompactedRow]) -> None:
         """The page ranges of a step's compacted rows, one ``store_rows`` per set of layers
