@@ -157,19 +157,25 @@ def test_in_place_event_equals_the_dense_event(method):
     assert torch.equal(counts, torch.stack([p.counts for p in inplace]))
 
 
-@pytest.mark.parametrize("method", ["adakv", "snapkv"])
-def test_events_across_layers_equal_each_layers_events(method):
+@pytest.mark.parametrize("method,one_per_set", [("adakv", False), ("snapkv", False),
+                                                ("adakv", True)])
+def test_events_across_layers_equal_each_layers_events(method, one_per_set, monkeypatch):
     """``DecodeEvents.across_layers`` (the CUDA backend's decode-only steps: every layer in
     one launch set, through the view over all layers' blocks and block tables offset by
-    each layer's first block) leaves the same pages and caches as one event per layer on
+    each layer's first block; or in several sets when their compaction scratch would pass
+    ``EVENT_SCRATCH_BYTES``) leaves the same pages and caches as one event per layer on
     that layer's own views, and reports every (layer, row)."""
     import copy
     import dataclasses
 
     import torch
 
+    from vllm_adakv.worker import decode_events
     from vllm_adakv.worker.decode_events import DecodeEvents, EventLayer
     from vllm_adakv.worker.query_ring import QueryRing
+
+    if one_per_set:
+        monkeypatch.setattr(decode_events, "EVENT_SCRATCH_BYTES", 1)
 
     layers = []
     for seed in (3, 4):  # each layer's own random cache and pages; the same requests
@@ -220,7 +226,8 @@ def test_events_across_layers_equal_each_layers_events(method):
             assert (a.tail_start, a.last_event, a.count_bound) == (b.tail_start,
                                                                    b.last_event, b.count_bound)
     assert not torch.equal(k1, all_key)  # the events moved pages
-    (rows, layer_ids, starts, counts), = h2
-    assert layer_ids == [0, 0, 1, 1] and [r.req_id for r in rows] == ["r0", "r1"] * 2
-    assert torch.equal(starts, torch.cat([h[2] for h in h1]))
-    assert torch.equal(counts, torch.cat([h[3] for h in h1]))
+    assert len(h2) == (2 if one_per_set else 1)
+    assert [layer for h in h2 for layer in h[1]] == [0, 0, 1, 1]
+    assert [r.req_id for h in h2 for r in h[0]] == ["r0", "r1"] * 2
+    assert torch.equal(torch.cat([h[2] for h in h2]), torch.cat([h[2] for h in h1]))
+    assert torch.equal(torch.cat([h[3] for h in h2]), torch.cat([h[3] for h in h1]))
