@@ -226,7 +226,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_model_len": args.prompt + args.generated + extra_len,
             "requests": engine_requests, "logprobs": args.task == "nll",
             "engine": {"block_size": args.block_size or (32 if args.device == "cpu" else 16)}}
+    settings: dict[str, Any] = {"method": args.method, "window": args.window,
+                                "interval": args.interval, "prompt": args.prompt}
+    if args.task == "needle":
+        settings.update(seed=args.seed, answer_tokens=args.answer_tokens,
+                        forced_tokens=[len(r["forced"]) for r in requests])
+    task = TASK_ROWS[args.task]
     runs: dict[int, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
     for budget in [0, *budgets]:
         comp = None if budget == 0 else {
             "method": args.method, "budget": budget, "window": args.window,
@@ -238,23 +245,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise RuntimeError(f"budget {budget}: not every request was compressed")
         print(f"budget {budget or 'full'}: {args.task} {score(runs[budget])[0]:.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    full, n = score(runs[0])
-    task = TASK_ROWS[args.task]
-    rows = [{"task": task, "generated": args.generated, "decode_budget": b, "n": n,
-             "value": score(runs[b])[0], "full_cache_value": full} for b in budgets]
-    settings: dict[str, Any] = {"method": args.method, "window": args.window,
-                                "interval": args.interval, "prompt": args.prompt}
-    extra = None
-    if args.task == "needle":
-        settings.update(seed=args.seed, answer_tokens=args.answer_tokens,
-                        forced_tokens=[len(r["forced"]) for r in requests])
-        extra = {"details": [
-            {"id": r["id"], "decode_budget": b, "answer": r["answer"],
-             "needle_to_question": r["needle_to_question"], "output": text, "correct": ok}
-            for b in [0, *budgets]
-            for r, (text, ok) in zip(requests, needle_answers(tokenizer, runs[b], requests),
-                                     strict=True)]}
-    return write_result(args, argv, settings, rows, extra)
+        if budget == 0:
+            continue
+        # Rewritten after every budget: an interrupted run keeps what it measured.
+        full, n = score(runs[0])
+        done = [b for b in budgets if b in runs]
+        rows = [{"task": task, "generated": args.generated, "decode_budget": b, "n": n,
+                 "value": score(runs[b])[0], "full_cache_value": full} for b in done]
+        extra = None
+        if args.task == "needle":
+            extra = {"details": [
+                {"id": r["id"], "decode_budget": b, "answer": r["answer"],
+                 "needle_to_question": r["needle_to_question"], "output": text,
+                 "correct": ok}
+                for b in [0, *done]
+                for r, (text, ok) in zip(requests, needle_answers(tokenizer, runs[b], requests),
+                                         strict=True)]}
+        out = write_result(args, argv, settings, rows, extra)
+    return out
 
 
 if __name__ == "__main__":
