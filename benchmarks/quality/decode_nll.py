@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budgets", default="128,256,512")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--interval", type=int, default=32)
+    ap.add_argument("--pool-kernel", type=int, default=None,
+                    help="--kv-pool-kernel (default: the plugin's, 7)")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--generated", type=int, default=1000,
                     help="forced tokens (needle: at most this many, question included)")
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "engine": {"block_size": args.block_size or (32 if args.device == "cpu" else 16)}}
     settings: dict[str, Any] = {"method": args.method, "window": args.window,
                                 "interval": args.interval, "prompt": args.prompt}
+    if args.pool_kernel:
+        settings["pool_kernel"] = args.pool_kernel
     if args.task == "needle":
         settings.update(seed=args.seed, answer_tokens=args.answer_tokens,
                         forced_tokens=[len(r["forced"]) for r in requests])
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for budget in [0, *budgets]:
         comp = None if budget == 0 else {
             "method": args.method, "budget": budget, "window": args.window,
-            "decode_budget": budget, "decode_interval": args.interval}
+            "decode_budget": budget, "decode_interval": args.interval,
+            **({"pool_kernel": args.pool_kernel} if args.pool_kernel else {})}
         t0 = time.perf_counter()
         runs[budget] = run_in_subprocess({**base, "compression": comp}, work,
                                          kv_space_gib=args.kv_space_gib)
