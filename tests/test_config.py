@@ -374,8 +374,6 @@ def test_expected_scorer_applies_to_scored_methods_only(method):
     ({"method": "adakv", "decode_budget": -1}, "--kv-decode-budget must be >= 0"),
     ({"method": "adakv", "decode_budget": 256, "decode_interval": 0},
      "--kv-decode-interval must be >= 1"),
-    ({"method": "pyramidkv", "decode_budget": 256}, "not supported with --kv-compression "
-     "pyramidkv"),
     ({"method": "gvote", "decode_budget": 256}, "not supported with --kv-compression gvote"),
     ({"method": "none", "decode_budget": 256}, "not supported with --kv-compression none"),
 ])

@@ -30,7 +30,8 @@ def _case(rnd: random.Random, method: str) -> dict:
     window = rnd.randint(1, 40)
     budget = window + rnd.randint(1, 200)
     return dict(cfg=KVCompressionConfig(method=method, budget=budget, window=window,
-                                        sink_tokens=min(4, budget - window)),
+                                        sink_tokens=min(4, budget - window),
+                                        decode_budget=budget),
                 prompt_len=rnd.randint(1, 600), heads=rnd.choice([1, 2, 4, 8]),
                 bs=rnd.choice([1, 4, 16, 32]), num_layers=rnd.randint(1, 6),
                 interval=rnd.randint(1, 80))
@@ -68,9 +69,8 @@ def _simulate(c: dict, steps: int) -> list[int]:
                 candidates = pages_tokens + (seq - tail) - window
                 sizes.append(min(b - window, candidates))
             if not method.measured and method.uniform:  # exact counts: they must fit
-                pages = [heads * cdiv(s, bs) for s in sizes]
-                assert min(cdiv(max(pages), heads), cdiv(sum(pages), len(pages) * heads)) \
-                    <= region
+                # each layer in its own tensor: events never pool across layers
+                assert max(cdiv(s, bs) for s in sizes) <= region
             assert all(table[:region])
             for j in range(region, (seq - window) // bs):
                 table[j] = False
@@ -128,6 +128,31 @@ def test_long_prompt_region_is_the_prompt_plan(rnd, method):
         assert plan.page_blocks == prompt.kept_blocks, f"seed={rnd.seed_value} {plan}"
         assert plan.prefill_compressed and plan.first_event == c["interval"] * cdiv(
             cfg.window, c["interval"])
+
+
+def test_decode_budget_keeps_layers_in_their_own_tensors(rnd):
+    """PyramidKV pools its prompt's head-pages across layers without a decode budget, never
+    with one (decode events compact one layer's tensor at a time); the plan then holds
+    its largest layer's pages."""
+    pooled_seen = 0
+    for _ in range(40):
+        heads, bs, layers = rnd.choice([2, 4, 8]), rnd.choice([4, 16]), rnd.randint(4, 32)
+        window = rnd.randint(1, 32)
+        budget = window + rnd.randint(1, 300)
+        length = 8 * budget + rnd.randint(0, 1000)
+        plain = KVCompressionConfig(method="pyramidkv", budget=budget, window=window)
+        decode = KVCompressionConfig(method="pyramidkv", budget=budget, window=window,
+                                     decode_budget=budget)
+        before = plan_compression(plain, length, heads, bs, layers)
+        after = plan_compression(decode, length, heads, bs, layers)
+        if before is None or after is None:
+            continue
+        pooled_seen += before.pooled
+        assert not after.pooled
+        assert after.kept_blocks == cdiv(max(heads * cdiv(b, bs) for b in after.layer_budgets),
+                                         heads)
+        assert after.kept_blocks >= before.kept_blocks
+    assert pooled_seen, "no pooled PyramidKV prompt plan drawn: the check proves nothing"
 
 
 def test_adakv_allocations_fit_the_page_region(rnd):

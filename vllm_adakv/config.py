@@ -259,10 +259,12 @@ def validate(cfg: KVCompressionConfig) -> None:
         )
 
 
-# Methods whose decode-time re-selection runs in the engine: those that keep each
-# layer's head-pages in its own tensor. PyramidKV's and GVote's pages are pooled across
-# layers, and decode events cannot compact a pooled layout yet (docs/decode-compression.md).
-DECODE_METHODS: tuple[str, ...] = ("snapkv", "adakv", "streamingllm")
+# Methods whose decode-time re-selection runs in the engine: those whose head-pages can
+# stay in each layer's own tensor (PyramidKV does so under a decode budget,
+# ``memory.plan_compression``). GVote's pages are always pooled across layers (counts
+# unknown before its vote), and decode events cannot compact a pooled layout yet
+# (docs/decode-compression.md).
+DECODE_METHODS: tuple[str, ...] = ("snapkv", "adakv", "pyramidkv", "streamingllm")
 
 
 def check_decode_applies(cfg: KVCompressionConfig) -> None:

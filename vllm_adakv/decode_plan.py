@@ -111,7 +111,8 @@ def plan_decode(cfg: KVCompressionConfig, prompt_len: int, num_kv_heads: int,
     selected = [b - window for b in budgets]
     # A head keeps at most the layer's total: the bound's per-head limit.
     pages = [max_head_pages(heads, s, heads * s, bs, method.uniform) for s in selected]
-    event_blocks, _ = blocks_for_pages(pages, heads, method.measured)
+    # Events compact each layer's own tensor (never pooled; the prompt plan agrees).
+    event_blocks, _ = blocks_for_pages(pages, heads, method.measured, pool=False)
     plan = plan_compression(cfg, prompt_len, heads, bs, num_layers, layer_indices)
     page_blocks = max(event_blocks, plan.kept_blocks if plan is not None else 0)
     prefill = plan is not None and page_blocks < prompt_len // bs

@@ -71,15 +71,17 @@ def pooled_blocks(total_pages: int, num_layers: int, num_kv_heads: int) -> int:
     return max(1, cdiv(total_pages, num_layers * num_kv_heads))
 
 
-def blocks_for_pages(pages: list[int], num_kv_heads: int, measured: bool
-                     ) -> tuple[int, bool]:
+def blocks_for_pages(pages: list[int], num_kv_heads: int, measured: bool,
+                     pool: bool = True) -> tuple[int, bool]:
     """(blocks, pooled) holding the head-pages ``pages[l]`` of the compressed layers: each
-    layer in its own tensor (``ceil(max_l pages_l / H)``) or pooled across them, whichever
-    is fewer; measured methods are always pooled, at the own-tensor count."""
+    layer in its own tensor (``ceil(max_l pages_l / H)``) or, if ``pool``, pooled across
+    them, whichever is fewer; measured methods are always pooled, at the own-tensor
+    count."""
     own = max(1, cdiv(max(pages), num_kv_heads))
     pooled = pooled_blocks(sum(pages), len(pages), num_kv_heads)
-    use_pool = measured or pooled < own
-    return (own if measured else min(own, pooled)), use_pool
+    if measured:
+        return own, True
+    return (pooled, True) if pool and pooled < own else (own, False)
 
 
 # Pure and called for every compressible row of every step: cache by its inputs.
@@ -103,7 +105,9 @@ def plan_compression(
     Kept blocks: ``max_l cdiv(pages_l, H)`` when each layer uses its own tensor; pooled
     across the K compressed layers ``cdiv(sum_l pages_l, K * H)``, used where smaller
     (per-layer budgets) and always for gvote (counts unknown before selection; planned
-    at the cap, then reported).
+    at the cap, then reported). With a decode budget the layers keep their own tensors
+    (decode events compact one layer's tensor at a time: PyramidKV then holds the blocks
+    of its largest layer budget).
     """
     method = get_method(cfg.method)
     if not method.compresses or prompt_len <= method.budget(cfg, prompt_len):
@@ -116,7 +120,8 @@ def plan_compression(
     pages = [max_head_pages(num_kv_heads, budgets[i], prompt_len, block_size, uniform)
              for i in layers]
     measured = method.measured
-    kept_blocks, use_pool = blocks_for_pages(pages, num_kv_heads, measured)
+    kept_blocks, use_pool = blocks_for_pages(pages, num_kv_heads, measured,
+                                             pool=cfg.decode_budget == 0)
     tail_block = prompt_len // block_size
     if kept_blocks >= tail_block:
         return None

@@ -146,3 +146,25 @@ def test_preempted_request_resumes_through_the_same_events(small_model):
         "no request was preempted after a decode event")
     assert pressed["outputs"] == calm["outputs"]
     assert pressed["free_end"] == pressed["free_start"]
+
+
+def test_pyramidkv_decode_events_hold_its_plan(small_model):
+    """PyramidKV under a decode budget: its layers keep their own tensors (the prompt plan
+    is not pooled), each layer re-selects to its budget of the schedule at every event,
+    and the request stays within the plan's bound while it generates; nothing leaks."""
+    length, steps = 400, 500
+    cfg = {"method": "pyramidkv", "budget": 128, "window": 16, "decode_budget": 96,
+           "decode_interval": 32}
+    requests = [{"len": length, "seed": 1, "max_tokens": steps},
+                {"len": length + 50, "seed": 2, "max_tokens": steps}]
+    res = run_scenario({"model_dir": str(small_model), "compression": cfg,
+                        "requests": requests, "held_trace": True})
+    plan = plan_decode(KVCompressionConfig(**cfg), length, HEADS, BLOCK, LAYERS,
+                       interval=32, budget=96)
+    assert len(set(plan.layer_budgets)) == LAYERS  # the schedule differs per layer
+    held = [step["0"] for step in res["held_trace"] if "0" in step]
+    assert len(res["outputs"]["0"]) == steps
+    assert max(held[plan.first_event + 1 :]) <= plan.steady_bound
+    assert res["decode_events"][0] >= 2 * LAYERS * ((steps - plan.first_event) // 32)
+    assert res["decode_released_blocks"] > 0
+    assert res["free_end"] == res["free_start"]

@@ -59,6 +59,12 @@ def test_rows_without_decode_plan_are_one_segment():
         (L + 40, L + 41, False)]
 
 
+def seg_budgets(due) -> tuple[int, ...]:
+    """The one decode budget the rows of ``_event_layout`` share."""
+    (budgets,) = {seg.row.decode.layer_budgets for seg in due}
+    return budgets
+
+
 def _event_layout(method: str, seed: int):
     """A store with two requests whose layer 0 holds prompt pages and a generated tail, a
     random paged cache and block table, and the rows of their event at ``S``."""
@@ -158,13 +164,14 @@ def test_in_place_event_equals_the_dense_event(method):
 
 
 @pytest.mark.parametrize("method,one_per_set", [("adakv", False), ("snapkv", False),
-                                                ("adakv", True)])
+                                                ("adakv", True), ("pyramidkv", False)])
 def test_events_across_layers_equal_each_layers_events(method, one_per_set, monkeypatch):
     """``DecodeEvents.across_layers`` (the CUDA backend's decode-only steps: every layer in
     one launch set, through the view over all layers' blocks and block tables offset by
     each layer's first block; or in several sets when their compaction scratch would pass
     ``EVENT_SCRATCH_BYTES``) leaves the same pages and caches as one event per layer on
-    that layer's own views, and reports every (layer, row)."""
+    that layer's own views, and reports every (layer, row). PyramidKV: each layer keeps
+    its own budget of the schedule."""
     import copy
     import dataclasses
 
@@ -182,9 +189,10 @@ def test_events_across_layers_equal_each_layers_events(method, one_per_set, monk
         layers.append(_event_layout(method, seed))
     store, _, _, table, due = layers[0]
     store.layer_indices = (0, 1)
-    for seg in due:  # both layers get the same decode budget
-        seg.row.decode = dataclasses.replace(seg.row.decode,
-                                             layer_budgets=seg.row.decode.layer_budgets * 2)
+    # Both layers get the same decode budget; PyramidKV's schedule gives them their own.
+    budgets = (56, 40) if method == "pyramidkv" else seg_budgets(due) * 2
+    for seg in due:
+        seg.row.decode = dataclasses.replace(seg.row.decode, layer_budgets=budgets)
     capacity = store.requests["r0"].pages["l0"].capacity
     for req_id, state in store.requests.items():
         other = layers[1][0].requests[req_id].pages["l0"]
@@ -226,6 +234,9 @@ def test_events_across_layers_equal_each_layers_events(method, one_per_set, monk
             assert (a.tail_start, a.last_event, a.count_bound) == (b.tail_start,
                                                                    b.last_event, b.count_bound)
     assert not torch.equal(k1, all_key)  # the events moved pages
+    for req_id in ("r0", "r1"):  # each layer keeps its budget's selection (enough candidates)
+        for name, budget in zip(("l0", "l1"), budgets, strict=True):
+            assert int(both.requests[req_id].pages[name].counts.sum()) == 2 * (budget - 8)
     assert len(h2) == (2 if one_per_set else 1)
     assert [layer for h in h2 for layer in h[1]] == [0, 0, 1, 1]
     assert [r.req_id for h in h2 for r in h[0]] == ["r0", "r1"] * 2
