@@ -36,12 +36,12 @@
 #   bash benchmarks/gpu_session.sh throughput-B-compare # B 6000 8x: vanilla, Ada-KV, GVote (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C8 # C at 8 GiB: 4000 in, 2000 out, 4x/16x (~7 min)
 #   bash benchmarks/gpu_session.sh throughput-C  # C, full memory: 1x/4x/16x
-#   bash benchmarks/gpu_session.sh throughput-D [BUDGETS] # issue 29, regime D: 32 x 1000 in,
+#   bash benchmarks/gpu_session.sh throughput-D [BUDGETS] [K] # issue 29, regime D: 32 x 1000 in,
 #                                               # 4000 out, 4 GiB: vanilla (+ prefill-only),
 #                                               # Ada-KV prompt 512 at decode BUDGETS (default
 #                                               # 512,1024; one engine each: ~7-8 min); then
 #                                               # `throughput-D 2048` (~5 min); file suffixed
-#                                               # -dBUDGETS
+#                                               # -dBUDGETS; K: decode interval (-kK)
 #   bash benchmarks/gpu_session.sh decode-event [TREE] # issue 29: one layer-event of 32 D
 #                                               # requests (benchmarks/decode_event.py; TREE:
 #                                               # another checkout timed first; ~1-2 min)
@@ -165,10 +165,12 @@ case "${1:?stage}" in
     # requests to be decode-compressed; at 1024/2048 the prefill releases nothing). H100
     # estimate: two engines' ~60-80 s starts, vanilla ~100-130 s (32 x 5000 tokens in a
     # 32k-token cache: ~6-11 at once, preemptions), each decode budget ~70 s + ~40-70 s.
+    # $3: the decode interval (default: the setting's; the file then gets -kK).
     budgets=${2:-512,1024}
-    suffix="-d${budgets//,/-}"
+    suffix="-d${budgets//,/-}${3:+-k$3}"
     timeout 590 python3 -m benchmarks.throughput --model "$MODEL" --regime D --input-len 1000 \
       --output-len 4000 --num-prompts 32 --budgets 512 --decode-budgets "$budgets" \
+      ${3:+--decode-interval "$3"} \
       --kv-cache-gib 4 --reserve-output 4000 --suffix="$suffix" --out "$OUT" 2>&1 \
       | tee "$OUT/D$suffix.log" | grep -v "^{" | tail -20
     ;;

@@ -7,7 +7,9 @@ giving an attention backend the model runner of its batch rows, sending a
 worker's numbers to the scheduler without a KV connector (patch_kept_block_reports) or
 block ids to the workers (patch_scheduler), editing a running request's worker block
 table (_place_compaction_targets), capping a request's prefix-cache hit,
-or showing an engine process's metrics on /metrics (record_metrics_to_files).
+showing an engine process's metrics on /metrics (record_metrics_to_files), or counting
+device memory a plugin allocates after the KV cache in vLLM's memory profile
+(_hold_late_memory_through_profile).
 """
 
 from __future__ import annotations
@@ -167,6 +169,45 @@ def patch_model_runner() -> None:
     GPUModelRunner.__init__ = __init__  # type: ignore[method-assign]
     _keep_prompt_steps_out_of_full_graphs(GPUModelRunner)
     _place_compaction_targets(GPUModelRunner)
+    _hold_late_memory_through_profile(GPUModelRunner)
+
+
+def _hold_late_memory_through_profile(runner_cls: Any) -> None:
+    """vLLM's memory profile counts the device memory compression takes later.
+
+    Why: vLLM sizes the KV cache from what ``profile_run`` leaves of
+    ``gpu_memory_utilization``; the query ring and the decode events' scratch are made
+    after the KV cache (by the attention metadata builders and the events), so they
+    would come out of the headroom vLLM leaves outside it. Holding their bytes
+    (``WorkerContext.late_device_bytes``) through ``profile_run`` puts them in the
+    profile's peak, so the KV cache is sized without them. No hook runs there.
+    """
+    import torch
+
+    from vllm_adakv.worker.context import context_of
+
+    orig = runner_cls.profile_run
+    if _already(orig):
+        return
+
+    @functools.wraps(orig)
+    def profile_run(self, *args: Any, **kwargs: Any):
+        ctx = context_of(self)
+        nbytes = 0
+        if ctx is not None and torch.device(self.device).type == "cuda":
+            nbytes = ctx.late_device_bytes()
+        held = None
+        if nbytes:
+            logger.info("vllm-adakv: %.2f GiB held through the memory profile (decode "
+                        "events' query ring and scratch)", nbytes / (1 << 30))
+            held = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            del held
+
+    setattr(profile_run, _MARK, True)
+    runner_cls.profile_run = profile_run
 
 
 def _place_compaction_targets(runner_cls: Any) -> None:

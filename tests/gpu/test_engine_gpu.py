@@ -94,7 +94,7 @@ def test_balanced_decode_in_an_engine(tmp_path):
     assert eager["outputs"] == compiled["outputs"]
 
 
-@pytest.mark.parametrize("method", ["adakv", "streamingllm"])
+@pytest.mark.parametrize("method", ["adakv", "streamingllm", "pyramidkv"])
 def test_decode_events_under_cuda_graphs(tmp_path, method):
     """``--kv-decode-budget`` on CUDA: decode steps replay full graphs that keep each row's
     query in the ring, and the events a decode step ends with run before the next step
@@ -119,3 +119,30 @@ def test_decode_events_under_cuda_graphs(tmp_path, method):
     eager = run_scenario({**spec, "engine": {"enforce_eager": True}})
     assert eager["decode_events"] == compiled["decode_events"]
     assert eager["outputs"] == compiled["outputs"]
+
+
+def test_decode_memory_is_in_the_memory_profile(tmp_path):
+    """With a decode budget the query ring and the events' scratch are held through
+    vLLM's memory profile (``patches._hold_late_memory_through_profile``): the KV cache
+    vLLM sizes from ``gpu_memory_utilization`` is smaller by those bytes (to vLLM's
+    logged 0.01 GiB), so they never come out of the headroom outside it."""
+    import re
+
+    model = make_tiny_llama(tmp_path, random_weights=True)
+    base = {"model_dir": str(model), "requests": [{"len": 300, "seed": 0, "max_tokens": 4}],
+            "engine": {"kv_cache_memory_bytes": None, "gpu_memory_utilization": 0.5}}
+    env = {"VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+    cfg = {"method": "adakv", "budget": 128, "window": 16}
+    logs: list[str] = []
+    run_scenario({**base, "compression": cfg}, env=env, stderr=logs)
+    run_scenario({**base, "compression": {**cfg, "decode_budget": 96}}, env=env, stderr=logs)
+
+    def gib(pattern: str, log: str) -> float:
+        found = re.findall(pattern, log)
+        assert found, f"no {pattern!r} in the engine log"
+        return float(found[-1])
+
+    available = r"Available KV cache memory: ([0-9.]+) GiB"
+    held = gib(r"([0-9.]+) GiB held through the memory profile", logs[1])
+    assert "held through the memory profile" not in logs[0]
+    assert abs(gib(available, logs[0]) - gib(available, logs[1]) - held) <= 0.03

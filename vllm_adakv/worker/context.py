@@ -49,6 +49,27 @@ class WorkerContext:
         self.prompt_free_decode_graphs = False
         self.report_role: tuple[int, bool] | None | bool = False  # patches: cached
 
+    def late_device_bytes(self) -> int:
+        """Device bytes the compression state takes after vLLM has sized the KV cache,
+        which vLLM's memory profile would not see otherwise: with a decode budget, the
+        query ring (made by the CUDA metadata builder, one slot per ``max_num_seqs``) and
+        the decode events' compaction scratch (at most ``EVENT_SCRATCH_BYTES`` per launch
+        set). ``patches`` holds this many bytes through ``profile_run``. (The range pool
+        and the builders' row tables are a few KiB.)"""
+        if not self.cfg.enabled or not self.cfg.decode_budget:
+            return 0
+        from vllm_adakv.worker.decode_events import EVENT_SCRATCH_BYTES
+        from vllm_adakv.worker.query_ring import QueryRing
+
+        vllm_config = self.runner.vllm_config
+        model = vllm_config.model_config
+        layers = len(self.full_attention_layers) or self.num_layers
+        ring = QueryRing.nbytes(
+            layers, vllm_config.scheduler_config.max_num_seqs, self.cfg.window,
+            model.get_num_attention_heads(vllm_config.parallel_config),
+            model.get_head_size(), model.dtype)
+        return ring + EVENT_SCRATCH_BYTES
+
     @property
     def runner(self) -> Any:
         runner = self._runner()

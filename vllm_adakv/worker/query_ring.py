@@ -8,9 +8,12 @@ index the builder rewrites every step), at ``slot * W + position % W``. Rows wit
 decode compression, and the rows a graph pads the batch with, write into a spare slot.
 Eager steps write the same ring through ``ring.view`` (``DecodeEvents._keep_queries``).
 
-Size: ``layers x (slots + 1) x W x Hq x D`` elements of the model's dtype, allocated
-when the engine builds its attention metadata, after vLLM sized the KV cache (e.g. 64
-slots of Llama-3.1-8B with ``W = 32``: 32 x 65 x 32 x 32 x 128 x 2 B = 545 MiB).
+Size: ``layers x (slots + 1) x W x Hq x D`` elements of the model's dtype
+(:meth:`QueryRing.nbytes`), allocated when the engine builds its attention metadata,
+after vLLM sized the KV cache (e.g. 64 slots of Llama-3.1-8B with ``W = 32``: 32 x 65 x
+32 x 32 x 128 x 2 B = 545 MiB; 256 slots: 2.1 GB). vLLM's memory profile counts it all
+the same: ``patches`` holds its bytes through ``profile_run``
+(``WorkerContext.late_device_bytes``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ class QueryRing:
         self.buffer = torch.zeros(num_layers, (num_slots + 1) * window, num_q_heads,
                                   head_size, dtype=dtype, device=device)
         self.spare = num_slots * window  # index written by rows without a ring
+
+    @staticmethod
+    def nbytes(num_layers: int, num_slots: int, window: int, num_q_heads: int,
+               head_size: int, dtype: torch.dtype) -> int:
+        """Bytes of the buffer of ``QueryRing(num_layers, num_slots, window, ...)``."""
+        return (num_layers * (num_slots + 1) * window * num_q_heads * head_size
+                * dtype.itemsize)
 
     @property
     def shape(self) -> tuple[int, ...]:
