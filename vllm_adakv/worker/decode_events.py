@@ -84,8 +84,8 @@ def segments(row: RowPlan, pages: LayerPages, start: int) -> list[Segment]:
 # Most bytes of compaction scratch one launch set of events across layers takes (each
 # event's head-pages of K and V, gathered before they are written back): the layers of a
 # step's events are split into sets within it. vLLM's memory profile counts it
-# (``WorkerContext.late_device_bytes``). 32 rows of Llama-3.1-8B (prompt 1000) take 66 MiB per layer at decode budget
-# 512 (sets of 7 layers), 254 MiB at 2048 (sets of 2).
+# (``WorkerContext.late_device_bytes``). 32 rows of Llama-3.1-8B (prompt 1000) take
+# 66 MiB per layer at decode budget 512 (sets of 7 layers), 254 MiB at 2048 (sets of 2).
 EVENT_SCRATCH_BYTES = 512 << 20
 
 # Called after the events with one entry per (layer, row) event: the rows, the layers'
